@@ -1,0 +1,142 @@
+//! The tape: reverse-mode autodiff. Ops push a backward closure keyed by their output's id; the
+//! backward pass runs them in reverse order and sums gradients by tensor id.
+
+use crate::error::{Error, Result};
+use crate::tensor::{fmt_shape, Tensor, TensorId};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// A backward closure: given the gradient of the op's output, accumulate its inputs' gradients.
+pub type BackwardFn = Box<dyn FnOnce(&Tensor, &mut Gradients) -> Result<()>>;
+
+struct Node {
+    output: TensorId,
+    backward: BackwardFn,
+}
+
+/// Records the backward closures of a forward pass. A no-grad tape records nothing.
+pub struct Tape {
+    nodes: RefCell<Vec<Node>>,
+    enabled: bool,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Tape::new()
+    }
+}
+
+impl Tape {
+    /// A tape that records.
+    pub fn new() -> Tape {
+        Tape { nodes: RefCell::new(Vec::new()), enabled: true }
+    }
+
+    /// A tape for evaluation: records nothing, so no activation is kept alive.
+    pub fn no_grad() -> Tape {
+        Tape { nodes: RefCell::new(Vec::new()), enabled: false }
+    }
+
+    /// Whether this tape records.
+    pub fn is_recording(&self) -> bool {
+        self.enabled
+    }
+
+    /// Whether an op with these inputs must record: recording, and some input needs a gradient.
+    pub fn tracks(&self, inputs: &[&Tensor]) -> bool {
+        self.enabled && inputs.iter().any(|t| t.requires_grad())
+    }
+
+    /// Records `backward` for `output` when any of `inputs` needs a gradient; returns the output
+    /// marked accordingly.
+    pub fn record(
+        &self,
+        output: Tensor,
+        inputs: &[&Tensor],
+        backward: impl FnOnce(&Tensor, &mut Gradients) -> Result<()> + 'static,
+    ) -> Tensor {
+        if !self.tracks(inputs) {
+            return output;
+        }
+        let output = output.set_requires_grad(true);
+        self.nodes.borrow_mut().push(Node { output: output.id(), backward: Box::new(backward) });
+        output
+    }
+
+    /// Number of recorded ops.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs the backward pass from a scalar `loss` (seeded with 1), consuming the tape.
+    pub fn backward(self, loss: &Tensor) -> Result<Gradients> {
+        if loss.numel() != 1 {
+            return Err(Error::shape(format!("backward needs a scalar loss, got shape {}", fmt_shape(loss.shape()))));
+        }
+        let seed = Tensor::full(loss.shape(), 1.0);
+        self.backward_with(loss, seed)
+    }
+
+    /// Runs the backward pass seeded with `grad` as the gradient of `output`.
+    pub fn backward_with(self, output: &Tensor, grad: Tensor) -> Result<Gradients> {
+        output.same_shape(&grad, "backward seed")?;
+        let mut grads = Gradients::default();
+        grads.accumulate(output.id(), grad)?;
+        let nodes = self.nodes.into_inner();
+        for node in nodes.into_iter().rev() {
+            // An output nobody used (or whose users took no gradient) passes nothing back.
+            if let Some(g) = grads.map.remove(&node.output) {
+                (node.backward)(&g, &mut grads)?;
+            }
+        }
+        Ok(grads)
+    }
+}
+
+/// Gradients by tensor id.
+#[derive(Default)]
+pub struct Gradients {
+    map: HashMap<TensorId, Tensor>,
+}
+
+impl Gradients {
+    /// Adds `grad` into the gradient of tensor `id`.
+    pub fn accumulate(&mut self, id: TensorId, grad: Tensor) -> Result<()> {
+        match self.map.get_mut(&id) {
+            None => {
+                self.map.insert(id, grad.detach());
+            }
+            Some(acc) => {
+                acc.same_shape(&grad, "gradient accumulation")?;
+                let g = grad.data()?;
+                for (a, b) in acc.data_mut()?.iter_mut().zip(g) {
+                    *a += b;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `grad` to `t`'s gradient if `t` needs one.
+    pub fn add_to(&mut self, t: &Tensor, grad: Tensor) -> Result<()> {
+        if t.requires_grad() {
+            self.accumulate(t.id(), grad)?;
+        }
+        Ok(())
+    }
+
+    /// The gradient of `t`, if any reached it.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.map.get(&t.id())
+    }
+
+    /// Removes and returns the gradient of `t`.
+    pub fn take(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.map.remove(&t.id())
+    }
+}

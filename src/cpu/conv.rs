@@ -1,0 +1,287 @@
+//! 2-d convolution (NCHW, OIHW weights, no bias) as im2col + GEMM, parallel over images.
+
+use super::gemm::{sgemm, Mat};
+use rayon::prelude::*;
+
+/// Geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels.
+    pub ci: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub co: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes).
+    pub pad: usize,
+}
+
+impl ConvShape {
+    /// Output height.
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.kh) / self.stride + 1
+    }
+    /// Output width.
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.kw) / self.stride + 1
+    }
+    /// Rows of the im2col matrix (ci * kh * kw).
+    pub fn k(&self) -> usize {
+        self.ci * self.kh * self.kw
+    }
+    /// Output pixels per channel.
+    pub fn p(&self) -> usize {
+        self.ho() * self.wo()
+    }
+    /// Whether the input itself is the im2col matrix (1x1, stride 1, no padding).
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.n * self.co * self.p() * self.k()
+    }
+}
+
+/// Writes the im2col matrix [ci*kh*kw, ho*wo] of one image `x` [ci, h, w] into `col`.
+pub fn im2col(s: &ConvShape, x: &[f32], col: &mut [f32]) {
+    let (ho, wo) = (s.ho(), s.wo());
+    let p = ho * wo;
+    for c in 0..s.ci {
+        let xc = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
+        for i in 0..s.kh {
+            for j in 0..s.kw {
+                let row = &mut col[((c * s.kh + i) * s.kw + j) * p..][..p];
+                for oy in 0..ho {
+                    let iy = (oy * s.stride + i) as isize - s.pad as isize;
+                    let dst = &mut row[oy * wo..(oy + 1) * wo];
+                    if iy < 0 || iy >= s.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &xc[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    if s.stride == 1 {
+                        // Contiguous run: the valid output columns map to a slice of the row.
+                        let off = j as isize - s.pad as isize;
+                        let lo = (-off).clamp(0, wo as isize) as usize;
+                        let hi = ((s.w as isize - off).clamp(0, wo as isize)) as usize;
+                        dst[..lo].fill(0.0);
+                        if hi > lo {
+                            let start = (lo as isize + off) as usize;
+                            dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                        }
+                        dst[hi.max(lo)..].fill(0.0);
+                    } else {
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            let ix = (ox * s.stride + j) as isize - s.pad as isize;
+                            *d = if ix < 0 || ix >= s.w as isize { 0.0 } else { src[ix as usize] };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the im2col-shaped gradient `col` back into the image gradient `dx` [ci, h, w].
+pub fn col2im_add(s: &ConvShape, col: &[f32], dx: &mut [f32]) {
+    let (ho, wo) = (s.ho(), s.wo());
+    let p = ho * wo;
+    for c in 0..s.ci {
+        let dxc = &mut dx[c * s.h * s.w..(c + 1) * s.h * s.w];
+        for i in 0..s.kh {
+            for j in 0..s.kw {
+                let row = &col[((c * s.kh + i) * s.kw + j) * p..][..p];
+                for oy in 0..ho {
+                    let iy = (oy * s.stride + i) as isize - s.pad as isize;
+                    if iy < 0 || iy >= s.h as isize {
+                        continue;
+                    }
+                    let dst = &mut dxc[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    let src = &row[oy * wo..(oy + 1) * wo];
+                    for (ox, g) in src.iter().enumerate() {
+                        let ix = (ox * s.stride + j) as isize - s.pad as isize;
+                        if ix >= 0 && ix < s.w as isize {
+                            dst[ix as usize] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits the batch across threads when there are enough images; otherwise one image at a time
+/// with the GEMM itself threaded.
+fn plan(n: usize) -> (usize, usize) {
+    let t = super::threads();
+    if n >= t {
+        (n.div_ceil(t), 1)
+    } else {
+        (1, t)
+    }
+}
+
+/// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]).
+pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let (k, p) = (s.k(), s.p());
+    let (min_len, gemm_threads) = plan(s.n);
+    y.par_chunks_mut(s.co * p).zip(x.par_chunks(s.ci * s.h * s.w)).with_min_len(min_len).for_each_init(
+        || if s.is_pointwise() { Vec::new() } else { vec![0.0f32; k * p] },
+        |col, (yn, xn)| {
+            let colref: &[f32] = if s.is_pointwise() {
+                xn
+            } else {
+                im2col(s, xn, col);
+                col
+            };
+            sgemm(s.co, p, k, Mat::n(w), Mat::n(colref), yn, false, gemm_threads);
+        },
+    );
+}
+
+/// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
+/// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
+pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    let (k, p) = (s.k(), s.p());
+    let (min_len, gemm_threads) = plan(s.n);
+    let img = s.ci * s.h * s.w;
+    let need_dx = dx.is_some();
+    let mut dx_store = Vec::new();
+    let dx: &mut [f32] = match dx {
+        Some(d) => d,
+        None => &mut dx_store,
+    };
+    let dx_base = SyncPtr(dx.as_mut_ptr());
+    // Each worker sums its images' weight gradients into its own buffer; the few buffers are
+    // added at the end, so the reduction order is fixed by the split, not by scheduling.
+    let partials: Vec<Vec<f32>> = (0..s.n)
+        .into_par_iter()
+        .with_min_len(min_len)
+        .fold(
+            || (vec![0.0f32; s.co * k], Vec::new(), Vec::new(), false),
+            |(mut dwp, mut col, mut dcol, mut started), n| {
+                let xn = &x[n * img..(n + 1) * img];
+                let dyn_ = &dy[n * s.co * p..(n + 1) * s.co * p];
+                let colref: &[f32] = if s.is_pointwise() {
+                    xn
+                } else {
+                    col.resize(k * p, 0.0);
+                    im2col(s, xn, &mut col);
+                    &col
+                };
+                sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut dwp, started, gemm_threads);
+                started = true;
+                if need_dx {
+                    dcol.resize(k * p, 0.0);
+                    sgemm(k, p, s.co, Mat::t(w), Mat::n(dyn_), &mut dcol, false, gemm_threads);
+                    // SAFETY: image n's slice of dx is written by this task only, and dx
+                    // outlives the parallel loop.
+                    let dxn = unsafe { dx_base.slice(n * img, img) };
+                    if s.is_pointwise() {
+                        dxn.copy_from_slice(&dcol);
+                    } else {
+                        dxn.fill(0.0);
+                        col2im_add(s, &dcol, dxn);
+                    }
+                }
+                (dwp, col, dcol, started)
+            },
+        )
+        .map(|(dwp, ..)| dwp)
+        .collect();
+    dw.fill(0.0);
+    for part in &partials {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+}
+
+/// A batch buffer shared by parallel tasks that each write a disjoint slice of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: users only form disjoint slices from it (see `slice`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// A mutable view of `len` elements at `offset`.
+    ///
+    /// # Safety
+    /// No two live views overlap, and the buffer outlives the view.
+    pub(crate) unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
+}
+
+/// Direct convolution by loops in f64: the reference for tests.
+pub fn conv2d_naive(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ho, wo) = (s.ho(), s.wo());
+    let mut y = vec![0.0f32; s.n * s.co * ho * wo];
+    for n in 0..s.n {
+        for o in 0..s.co {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut acc = 0.0f64;
+                    for c in 0..s.ci {
+                        for i in 0..s.kh {
+                            for j in 0..s.kw {
+                                let iy = (oy * s.stride + i) as isize - s.pad as isize;
+                                let ix = (ox * s.stride + j) as isize - s.pad as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
+                                    acc += x[((n * s.ci + c) * s.h + iy as usize) * s.w + ix as usize] as f64
+                                        * w[((o * s.ci + c) * s.kh + i) * s.kw + j] as f64;
+                                }
+                            }
+                        }
+                    }
+                    y[((n * s.co + o) * ho + oy) * wo + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed, 0);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    #[test]
+    fn forward_matches_direct_convolution() {
+        for &(n, ci, h, w, co, kk, stride, pad) in &[
+            (3, 2, 7, 6, 4, 3, 1, 1),
+            (2, 3, 8, 8, 5, 3, 2, 1),
+            (1, 4, 5, 5, 3, 1, 1, 0),
+            (2, 4, 6, 6, 3, 1, 2, 0),
+            (2, 2, 6, 5, 3, 3, 1, 0),
+        ] {
+            let s = ConvShape { n, ci, h, w, co, kh: kk, kw: kk, stride, pad };
+            let x = rand(n * ci * h * w, 1);
+            let wt = rand(co * s.k(), 2);
+            let mut y = vec![0.0; n * co * s.p()];
+            conv2d_forward(&s, &x, &wt, &mut y);
+            let r = conv2d_naive(&s, &x, &wt);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-4, "{s:?}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Errors as values: every failure a user can cause is an `Error` with a one-line message.
+
+use std::fmt;
+
+/// What went wrong, which decides the process exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A value that can never be valid (bad CLI argument, impossible size): exit code 2.
+    Usage,
+    /// Tensor shapes that do not fit an op.
+    Shape,
+    /// A file that cannot be read or written.
+    Io,
+    /// A file whose contents are corrupt or of the wrong format.
+    Format,
+    /// A device that is missing or failed (no GPU, CUDA error).
+    Device,
+    /// A loss or gradient became NaN or infinite.
+    NonFinite,
+}
+
+/// The crate's error: a kind and a message naming the file, argument or shape at fault.
+#[derive(Debug, Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A new error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error { kind, message: message.into() }
+    }
+    /// A value that can never be valid.
+    pub fn usage(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Usage, message)
+    }
+    /// Shapes that do not fit.
+    pub fn shape(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Shape, message)
+    }
+    /// A corrupt or foreign file.
+    pub fn format(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Format, message)
+    }
+    /// An I/O failure on `path`.
+    pub fn io(path: &std::path::Path, err: std::io::Error) -> Error {
+        Error::new(ErrorKind::Io, format!("{}: {err}", path.display()))
+    }
+    /// A device failure.
+    pub fn device(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Device, message)
+    }
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    /// The message without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// The process exit code for this error: 2 for a value that can never be valid, else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Usage => 2,
+            _ => 1,
+        }
+    }
+    /// The same error with `context: ` put in front of the message.
+    pub fn context(self, context: impl fmt::Display) -> Error {
+        Error { kind: self.kind, message: format!("{context}: {}", self.message) }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Returns early with an error of the given kind and a formatted message.
+#[macro_export]
+macro_rules! bail {
+    ($ctor:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::$ctor(format!($($arg)*)))
+    };
+}

@@ -1,0 +1,20 @@
+//! `muscle`: semi-supervised image classification with MUSCLE (mutual-information maximisation
+//! between two augmented views, added to a supervised or MixMatch objective).
+//!
+//! Layers, bottom up: [`tensor`] and [`device`]; CPU kernels in [`cpu`]; [`ops`] (forward and
+//! backward of each op family, dispatching to a device's kernels); the [`autograd`] tape;
+//! [`nn`] layers and models; [`optim`] optimizers and schedules.
+
+pub mod autograd;
+pub mod cpu;
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod rng;
+pub mod tensor;
+pub mod testing;
+
+pub use autograd::{Gradients, Tape};
+pub use device::Device;
+pub use error::{Error, ErrorKind, Result};
+pub use tensor::Tensor;

@@ -1,0 +1,37 @@
+//! Ops: one file per family, forward and backward side by side. Each checks shapes (an `Err`
+//! naming both shapes, never a panic), runs the device's kernel, and records its backward on the
+//! tape when an input needs a gradient.
+
+mod activation;
+mod arith;
+mod batchnorm;
+mod conv;
+mod dropout;
+mod linear;
+mod loss;
+mod pool;
+mod shape;
+mod softmax;
+
+pub use activation::{leaky_relu, relu};
+pub use arith::{add, scale};
+pub use batchnorm::{batch_norm_eval, batch_norm_train};
+pub use conv::{conv2d, Conv2dParams};
+pub use dropout::dropout;
+pub use linear::{linear, matmul};
+pub use loss::{cross_entropy, cross_entropy_soft, mse};
+pub use pool::{global_avg_pool, max_pool2d};
+pub use shape::{concat_rows, flatten, narrow_rows, reshape};
+pub use softmax::{log_softmax, softmax};
+
+use crate::error::{Error, Result};
+use crate::tensor::{fmt_shape, Tensor};
+
+/// Checks that `x` is a matrix (n x c) and returns (n, c).
+pub(crate) fn rows_cols(x: &Tensor, what: &str) -> Result<(usize, usize)> {
+    let [n, c] = x.dims::<2>(what)?;
+    if c == 0 {
+        return Err(Error::shape(format!("{what}: zero columns in shape {}", fmt_shape(x.shape()))));
+    }
+    Ok((n, c))
+}
