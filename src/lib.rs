@@ -7,9 +7,12 @@
 
 pub mod autograd;
 pub mod cpu;
+pub mod data;
 pub mod device;
 pub mod error;
+pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod tensor;
 pub mod testing;

@@ -5,6 +5,8 @@ pub mod activation;
 pub mod batchnorm;
 pub mod conv;
 pub mod gemm;
+pub mod mutual_info;
+pub mod optim;
 pub mod pool;
 pub mod softmax;
 
