@@ -1,1 +1,528 @@
-//! (in progress)
+//! The IIC mutual-information loss (METHOD.md, "The IIC mutual-information loss (exact)") on
+//! plain slices: a fused softmax + joint reduction, the O(C^2) scalar work in f64, and the
+//! backward as two n x C by C x C products followed by a row-wise softmax backward.
+//!
+//! Semantics of the clamp, as IIC's `IID_losses.py` gets them from PyTorch autograd: P and the
+//! marginals m are computed unclamped; then P_cd < EPS is replaced by the constant EPS and m_c < EPS
+//! by the constant EPS. A replaced entry therefore passes no gradient on its direct path (neither
+//! through `P ln P` nor through the `P ln m` factor), but it still feeds the unclamped marginals,
+//! which pass gradient back to every entry of their row and column. With
+//! r_c = sum_d P'_cd (row sums of the clamped P') and k_c = lambda r_c / m_c (0 when m_c is
+//! clamped), the exact gradient with respect to the unclamped P is
+//!
+//! ```text
+//! G_cd = [P_cd >= EPS] (-ln P_cd - 1 + lambda ln m'_c + lambda ln m'_d) + k_c + k_d
+//! ```
+//!
+//! which is METHOD.md's G = -ln P + lambda ln m_c + lambda ln m_d + (2 lambda - 1) whenever nothing
+//! is clamped (then r = m and k = lambda). The clamped cases differ from that formula only by
+//! terms whose effect on the logits is below EPS-scale, but the kernels follow the exact form.
+
+use super::gemm::{sgemm, Mat};
+use super::softmax::softmax_forward;
+use rayon::prelude::*;
+
+/// The clamp floor of P and of the marginals: f64 machine epsilon, as in IIC.
+pub const EPS: f64 = f64::EPSILON;
+
+/// Rows per parallel work item: each item runs the softmax of its rows and a thin f32 GEMM.
+const CHUNK_ROWS: usize = 1024;
+
+/// Upper bound on the f32 elements held by the partial C x C products before their f64 sum.
+const MAX_PARTIAL_ELEMS: usize = 1 << 22;
+
+/// What the forward pass computes and the backward pass needs.
+#[derive(Debug, Clone)]
+pub struct MiForward {
+    /// L_mi(lambda) = -sum_cd P'_cd (ln P'_cd - lambda ln m'_c - lambda ln m'_d), P', m' clamped.
+    pub loss: f32,
+    /// H(P') = -sum_cd P'_cd ln P'_cd over the clamped joint.
+    pub joint_entropy: f64,
+    /// -sum_c r_c ln m'_c with r the row sums of P' (= H(m) when nothing is clamped), so that
+    /// `loss = joint_entropy - 2 lambda marginal_entropy` holds exactly.
+    pub marginal_entropy: f64,
+    /// The sum of the symmetrised joint counts S (= n up to rounding) that P is normalised by.
+    pub s: f64,
+    /// softmax(logits_a), n x C.
+    pub z: Vec<f32>,
+    /// softmax(logits_b), n x C.
+    pub w: Vec<f32>,
+    /// The joint P = S / s before the clamp, C x C.
+    pub p: Vec<f64>,
+    /// G - (2 lambda - 1), C x C: -ln P_cd + lambda ln m_c + lambda ln m_d with the clamp applied as
+    /// described in the module docs (a clamped entry keeps only its marginal-path gradient).
+    pub g0: Vec<f32>,
+    /// G^ = G - <P, G> (= g0 - <P, g0>), C x C: dL/dS * s. The backward multiplies by this centred
+    /// matrix; the constant shift cancels in the softmax backward but centring keeps the f32 products
+    /// small when G is nearly constant (uniform outputs).
+    pub g_hat: Vec<f32>,
+    /// How many entries of P were below EPS.
+    pub clamped: usize,
+    /// How many marginals were below EPS.
+    pub clamped_marginals: usize,
+}
+
+/// Rows per partial product in the forward: a function of (n, c) only, so the f64 reduction order,
+/// and with it the result, does not depend on the thread count.
+fn forward_chunk_rows(n: usize, c: usize) -> usize {
+    let max_parts = (MAX_PARTIAL_ELEMS / (c * c)).max(1);
+    CHUNK_ROWS.max(n.div_ceil(max_parts))
+}
+
+/// Loss and everything the backward needs, from the logits of both views (n x C each, row-major).
+pub fn forward(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f32) -> MiForward {
+    debug_assert!(n >= 1 && c >= 1);
+    debug_assert!(logits_a.len() == n * c && logits_b.len() == n * c);
+    let (mut z, mut w) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+    let step = forward_chunk_rows(n, c) * c;
+    // Each chunk's softmax is written and immediately reduced while its rows are in cache; the
+    // partial J = Z_chunk^T W_chunk are summed in f64 in chunk order.
+    let partials: Vec<Vec<f32>> = z
+        .par_chunks_mut(step)
+        .zip(w.par_chunks_mut(step))
+        .zip(logits_a.par_chunks(step).zip(logits_b.par_chunks(step)))
+        .map(|((zc, wc), (ac, bc))| {
+            softmax_forward(ac, c, zc);
+            softmax_forward(bc, c, wc);
+            let mut j = vec![0.0f32; c * c];
+            sgemm(c, c, zc.len() / c, Mat::t(zc), Mat::n(wc), &mut j, false, 1);
+            j
+        })
+        .collect();
+    let mut j = vec![0.0f64; c * c];
+    for part in &partials {
+        for (acc, &v) in j.iter_mut().zip(part) {
+            *acc += v as f64;
+        }
+    }
+    let mut out = joint_terms(&j, c, lambda as f64);
+    out.z = z;
+    out.w = w;
+    out
+}
+
+/// The O(C^2) part of the forward, from the f64 joint counts J (C x C).
+fn joint_terms(j: &[f64], c: usize, lambda: f64) -> MiForward {
+    // S = (J + J^T) / 2 is exactly symmetric: both halves add the same two numbers.
+    let mut p = vec![0.0f64; c * c];
+    let mut s = 0.0f64;
+    for x in 0..c {
+        for y in 0..c {
+            let v = 0.5 * (j[x * c + y] + j[y * c + x]);
+            p[x * c + y] = v;
+            s += v;
+        }
+    }
+    p.iter_mut().for_each(|v| *v /= s);
+    // Marginals from P before the clamp.
+    let m: Vec<f64> = p.chunks(c).map(|r| r.iter().sum()).collect();
+    let pc: Vec<f64> = p.iter().map(|&v| if v < EPS { EPS } else { v }).collect();
+    let ln_m: Vec<f64> = m.iter().map(|&v| if v < EPS { EPS.ln() } else { v.ln() }).collect();
+    let r: Vec<f64> = pc.chunks(c).map(|row| row.iter().sum()).collect();
+    let joint_entropy = -pc.iter().map(|&v| v * v.ln()).sum::<f64>();
+    let marginal_entropy = -r.iter().zip(&ln_m).map(|(&rc, &l)| rc * l).sum::<f64>();
+    let loss = joint_entropy - 2.0 * lambda * marginal_entropy;
+    // Marginal path: dL/dm_c = lambda r_c / m_c from the row factor; the column factor gives the
+    // same by symmetry. A clamped marginal is a constant and passes nothing.
+    let k: Vec<f64> = m.iter().zip(&r).map(|(&mc, &rc)| if mc < EPS { 0.0 } else { lambda * rc / mc }).collect();
+    let mut g = vec![0.0f64; c * c];
+    for x in 0..c {
+        for y in 0..c {
+            let pv = p[x * c + y];
+            let direct = if pv < EPS { 0.0 } else { -pv.ln() - 1.0 + lambda * (ln_m[x] + ln_m[y]) };
+            g[x * c + y] = direct + k[x] + k[y];
+        }
+    }
+    let pg: f64 = p.iter().zip(&g).map(|(a, b)| a * b).sum();
+    let shift = 2.0 * lambda - 1.0;
+    MiForward {
+        loss: loss as f32,
+        joint_entropy,
+        marginal_entropy,
+        s,
+        z: Vec::new(),
+        w: Vec::new(),
+        g0: g.iter().map(|&v| (v - shift) as f32).collect(),
+        g_hat: g.iter().map(|&v| (v - pg) as f32).collect(),
+        clamped: p.iter().filter(|&&v| v < EPS).count(),
+        clamped_marginals: m.iter().filter(|&&v| v < EPS).count(),
+        p,
+    }
+}
+
+/// One view's logit gradient: grad_i = scale * p_i * (u_i - <p_i, u_i>) with u = q G^, where p is
+/// this view's softmax and q the other view's (G^ is symmetric, so q G^ = q G^^T).
+fn view_backward(p: &[f32], q: &[f32], g_hat: &[f32], c: usize, scale: f32, grad: &mut [f32]) {
+    let step = CHUNK_ROWS * c;
+    grad.par_chunks_mut(step).zip(p.par_chunks(step).zip(q.par_chunks(step))).for_each(|(gc, (pc, qc))| {
+        sgemm(gc.len() / c, c, c, Mat::n(qc), Mat::n(g_hat), gc, false, 1);
+        for (gr, pr) in gc.chunks_mut(c).zip(pc.chunks(c)) {
+            let dot: f32 = gr.iter().zip(pr).map(|(a, b)| a * b).sum();
+            for (gv, &pv) in gr.iter_mut().zip(pr) {
+                *gv = scale * pv * (*gv - dot);
+            }
+        }
+    });
+}
+
+/// Gradients of `upstream * L` with respect to both views' logits (n x C each, overwritten):
+/// dL/da_i = (1/s) z_i * (G^ w_i - (z_i^T G^ w_i) 1), and the same for b with z and w swapped.
+pub fn backward(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [f32], grad_b: &mut [f32]) {
+    debug_assert!(grad_a.len() == n * c && grad_b.len() == n * c && fwd.z.len() == n * c);
+    let scale = (upstream as f64 / fwd.s) as f32;
+    view_backward(&fwd.z, &fwd.w, &fwd.g_hat, c, scale, grad_a);
+    view_backward(&fwd.w, &fwd.z, &fwd.g_hat, c, scale, grad_b);
+}
+
+/// Row softmax in f64 (max subtracted).
+fn softmax_f64(x: &[f64], c: usize) -> Vec<f64> {
+    let mut y = vec![0.0f64; x.len()];
+    for (xr, yr) in x.chunks(c).zip(y.chunks_mut(c)) {
+        let mx = xr.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0.0;
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = (v - mx).exp();
+            sum += *o;
+        }
+        yr.iter_mut().for_each(|o| *o /= sum);
+    }
+    y
+}
+
+/// Reference in f64 by plain loops: returns (L_mi(lambda), dL/d logits_a, dL/d logits_b).
+///
+/// Independent of `forward`/`backward`: it evaluates the defining sum
+/// L = -sum_cd P'_cd (ln P'_cd - lambda ln m'_c - lambda ln m'_d) with separate row and column
+/// marginals, and differentiates it by hand in reverse through every step: the clamp (a clamped P
+/// or m is a constant), the marginals, P = S / s (which gives dL/dS = (G - <P, G>) / s = G^ / s),
+/// S = (J + J^T) / 2, J = Z^T W, and the general softmax backward z * (g - <z, g>).
+pub fn mi_loss_f64(logits_a: &[f64], logits_b: &[f64], n: usize, c: usize, lambda: f64) -> (f64, Vec<f64>, Vec<f64>) {
+    debug_assert!(logits_a.len() == n * c && logits_b.len() == n * c);
+    let z = softmax_f64(logits_a, c);
+    let w = softmax_f64(logits_b, c);
+    let mut j = vec![0.0f64; c * c];
+    for i in 0..n {
+        for x in 0..c {
+            for y in 0..c {
+                j[x * c + y] += z[i * c + x] * w[i * c + y];
+            }
+        }
+    }
+    let mut sm = vec![0.0f64; c * c];
+    for x in 0..c {
+        for y in 0..c {
+            sm[x * c + y] = 0.5 * (j[x * c + y] + j[y * c + x]);
+        }
+    }
+    let s: f64 = sm.iter().sum();
+    let p: Vec<f64> = sm.iter().map(|v| v / s).collect();
+    let mut m_row = vec![0.0f64; c];
+    let mut m_col = vec![0.0f64; c];
+    for x in 0..c {
+        for y in 0..c {
+            m_row[x] += p[x * c + y];
+            m_col[y] += p[x * c + y];
+        }
+    }
+    let clamp = |v: f64| if v < EPS { EPS } else { v };
+    let mut loss = 0.0f64;
+    for x in 0..c {
+        for y in 0..c {
+            let pv = clamp(p[x * c + y]);
+            loss -= pv * (pv.ln() - lambda * clamp(m_row[x]).ln() - lambda * clamp(m_col[y]).ln());
+        }
+    }
+    // Reverse: dL/dP on the direct path (unclamped entries only), then the marginal paths.
+    let mut dp = vec![0.0f64; c * c];
+    let mut dm_row = vec![0.0f64; c];
+    let mut dm_col = vec![0.0f64; c];
+    for x in 0..c {
+        for y in 0..c {
+            let pv = clamp(p[x * c + y]);
+            if p[x * c + y] >= EPS {
+                dp[x * c + y] = -(pv.ln() + 1.0) + lambda * clamp(m_row[x]).ln() + lambda * clamp(m_col[y]).ln();
+            }
+            if m_row[x] >= EPS {
+                dm_row[x] += lambda * pv / m_row[x];
+            }
+            if m_col[y] >= EPS {
+                dm_col[y] += lambda * pv / m_col[y];
+            }
+        }
+    }
+    for x in 0..c {
+        for y in 0..c {
+            dp[x * c + y] += dm_row[x] + dm_col[y];
+        }
+    }
+    let pg: f64 = dp.iter().zip(&p).map(|(a, b)| a * b).sum();
+    let ds: Vec<f64> = dp.iter().map(|g| (g - pg) / s).collect();
+    let mut dj = vec![0.0f64; c * c];
+    for x in 0..c {
+        for y in 0..c {
+            dj[x * c + y] = 0.5 * (ds[x * c + y] + ds[y * c + x]);
+        }
+    }
+    let mut dz = vec![0.0f64; n * c];
+    let mut dw = vec![0.0f64; n * c];
+    for i in 0..n {
+        for x in 0..c {
+            for y in 0..c {
+                dz[i * c + x] += dj[x * c + y] * w[i * c + y];
+                dw[i * c + y] += dj[x * c + y] * z[i * c + x];
+            }
+        }
+    }
+    let softmax_back = |y: &[f64], dy: &[f64]| -> Vec<f64> {
+        let mut dx = vec![0.0f64; y.len()];
+        for ((yr, gr), dr) in y.chunks(c).zip(dy.chunks(c)).zip(dx.chunks_mut(c)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((d, &pv), &g) in dr.iter_mut().zip(yr).zip(gr) {
+                *d = pv * (g - dot);
+            }
+        }
+        dx
+    };
+    (loss, softmax_back(&z, &dz), softmax_back(&w, &dw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn randn(len: usize, std: f32, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed, 11);
+        (0..len).map(|_| std * r.normal()).collect()
+    }
+
+    fn run(a: &[f32], b: &[f32], n: usize, c: usize, lambda: f32) -> (MiForward, Vec<f32>, Vec<f32>) {
+        let f = forward(a, b, n, c, lambda);
+        let (mut ga, mut gb) = (vec![0.0; n * c], vec![0.0; n * c]);
+        backward(&f, n, c, 1.0, &mut ga, &mut gb);
+        (f, ga, gb)
+    }
+
+    fn max_abs(v: &[f32]) -> f32 {
+        v.iter().fold(0.0f32, |a, &b| a.max(b.abs()))
+    }
+
+    /// Logits `scale` * one-hot of `class(i)` for each row i.
+    fn one_hot(n: usize, c: usize, scale: f32, class: impl Fn(usize) -> usize) -> Vec<f32> {
+        let mut v = vec![0.0; n * c];
+        for i in 0..n {
+            v[i * c + class(i)] = scale;
+        }
+        v
+    }
+
+    /// Asserts the f32 kernels agree with the f64 reference: loss to 1e-5 (relative above 1),
+    /// gradients to 1e-4 of their largest entry.
+    fn assert_matches_reference(a: &[f32], b: &[f32], n: usize, c: usize, lambda: f32, what: &str) {
+        let (f, ga, gb) = run(a, b, n, c, lambda);
+        let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        let (loss, ra, rb) = mi_loss_f64(&a64, &b64, n, c, lambda as f64);
+        assert!(
+            (f.loss as f64 - loss).abs() <= 1e-5 * loss.abs().max(1.0),
+            "{what}: loss {} vs reference {loss}",
+            f.loss
+        );
+        for (name, got, want) in [("a", &ga, &ra), ("b", &gb, &rb)] {
+            assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite gradient {name}");
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            // A near-stationary case (e.g. two nearly equal views at n = 1) would test nothing.
+            assert!(scale > 1e-6, "{what}: degenerate case, gradient {name} at most {scale:.3e}");
+            let err = got.iter().zip(want.iter()).fold(0.0f64, |m, (g, r)| m.max((*g as f64 - r).abs()));
+            assert!(err <= 1e-4 * scale, "{what}: gradient {name} off by {err:.3e} (max {scale:.3e})");
+        }
+    }
+
+    #[test]
+    fn uniform_outputs_give_2_1_minus_lambda_ln_c_and_zero_gradient() {
+        let (n, c) = (24, 10);
+        let a = vec![0.7f32; n * c];
+        let b = vec![-1.3f32; n * c];
+        for lambda in [1.0f32, 1.5] {
+            let (f, ga, gb) = run(&a, &b, n, c, lambda);
+            let want = 2.0 * (1.0 - lambda as f64) * (c as f64).ln();
+            assert!((f.loss as f64 - want).abs() < 1e-6, "lambda {lambda}: loss {} vs {want}", f.loss);
+            assert!(max_abs(&ga) < 1e-6 && max_abs(&gb) < 1e-6, "lambda {lambda}: {} {}", max_abs(&ga), max_abs(&gb));
+            assert_eq!(f.clamped, 0);
+            assert!((f.s - n as f64).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn p_identity_over_c_gives_1_minus_2_lambda_ln_c() {
+        let (n, c) = (30, 10);
+        let a = one_hot(n, c, 80.0, |i| i % c);
+        for lambda in [1.0f32, 1.5] {
+            let (f, ga, gb) = run(&a, &a, n, c, lambda);
+            let want = (1.0 - 2.0 * lambda as f64) * (c as f64).ln();
+            assert!((f.loss as f64 - want).abs() < 1e-5, "lambda {lambda}: loss {} vs {want}", f.loss);
+            // Every off-diagonal entry of P is exp(-80)-small and clamped.
+            assert_eq!(f.clamped, c * c - c);
+            assert!(ga.iter().chain(&gb).all(|v| v.is_finite()));
+        }
+        let f = forward(&a, &a, n, c, 1.0);
+        assert!((f.loss + std::f32::consts::LN_10).abs() < 1e-5, "C = 10, lambda = 1: {}", f.loss);
+    }
+
+    #[test]
+    fn every_image_on_one_class_earns_nothing() {
+        let (n, c) = (16, 7);
+        let a = one_hot(n, c, 80.0, |_| 3);
+        for lambda in [1.0f32, 1.5] {
+            let (f, ga, gb) = run(&a, &a, n, c, lambda);
+            assert!(f.loss.abs() < 1e-6, "lambda {lambda}: loss {}", f.loss);
+            assert_eq!(f.clamped_marginals, c - 1);
+            assert!(max_abs(&ga) < 1e-6 && max_abs(&gb) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn swapping_views_swaps_gradients_and_keeps_the_loss() {
+        let (n, c) = (37, 6);
+        let a = randn(n * c, 2.0, 1);
+        let b = randn(n * c, 2.0, 2);
+        for lambda in [1.0f32, 1.5] {
+            let (f1, ga1, gb1) = run(&a, &b, n, c, lambda);
+            let (f2, ga2, gb2) = run(&b, &a, n, c, lambda);
+            assert!((f1.loss - f2.loss).abs() < 1e-6, "{} vs {}", f1.loss, f2.loss);
+            let scale = max_abs(&ga1).max(max_abs(&gb1));
+            for (x, y) in ga1.iter().zip(&gb2).chain(gb1.iter().zip(&ga2)) {
+                assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_f64_reference_on_random_logits() {
+        let cases = [(1, 2), (1, 3), (5, 3), (64, 10), (1000, 10), (40, 100), (1000, 100), (2500, 7)];
+        for (k, &(n, c)) in cases.iter().enumerate() {
+            let a = randn(n * c, 2.0, 100 + k as u64);
+            let b = randn(n * c, 2.0, 500 + k as u64);
+            for lambda in [1.0f32, 1.5] {
+                assert_matches_reference(&a, &b, n, c, lambda, &format!("n {n} C {c} lambda {lambda}"));
+            }
+        }
+    }
+
+    #[test]
+    fn clamp_active_stays_finite_and_matches_reference() {
+        // Classes 0..2 are ordinary; classes 3, 4, 5 sit at logits -40, -25, -12, so P entries
+        // among them underflow below EPS (clamped, with the marginal of class 3 clamped too) while
+        // entries pairing class 4 or 5 with 0..2, and the marginals of 4 and 5, stay above EPS.
+        let (n, c) = (12, 6);
+        let mut r = Rng::new(5, 3);
+        let mut make = || -> Vec<f32> {
+            let mut v = vec![0.0f32; n * c];
+            for i in 0..n {
+                for x in 0..c {
+                    let bias = [0.0, 0.0, 0.0, -40.0, -25.0, -12.0][x];
+                    let lead = if x == i % 3 { 2.0 } else { 0.0 };
+                    v[i * c + x] = bias + lead + 1.5 * r.normal();
+                }
+            }
+            v
+        };
+        let a = make();
+        let b = make();
+        for lambda in [1.0f32, 1.5] {
+            let (f, ga, gb) = run(&a, &b, n, c, lambda);
+            assert!(f.loss.is_finite() && ga.iter().chain(&gb).all(|v| v.is_finite()));
+            assert!(f.clamped > 0 && f.clamped < c * c, "clamped {}", f.clamped);
+            assert!(f.clamped_marginals >= 1 && f.clamped_marginals < c, "clamped marginals {}", f.clamped_marginals);
+            assert_matches_reference(&a, &b, n, c, lambda, &format!("clamped, lambda {lambda}"));
+        }
+    }
+
+    #[test]
+    fn entropies_and_g0_follow_their_definitions() {
+        let (n, c) = (50, 8);
+        let a = randn(n * c, 1.5, 7);
+        let b = randn(n * c, 1.5, 8);
+        let lambda = 1.5f32;
+        let f = forward(&a, &b, n, c, lambda);
+        assert_eq!(f.clamped, 0);
+        let l = lambda as f64;
+        let m: Vec<f64> = f.p.chunks(c).map(|r| r.iter().sum()).collect();
+        let h_m = -m.iter().map(|v| v * v.ln()).sum::<f64>();
+        let h_p = -f.p.iter().map(|v| v * v.ln()).sum::<f64>();
+        assert!((f.joint_entropy - h_p).abs() < 1e-12 && (f.marginal_entropy - h_m).abs() < 1e-12);
+        assert!((f.loss as f64 - (h_p - 2.0 * l * h_m)).abs() < 1e-6);
+        for x in 0..c {
+            for y in 0..c {
+                let want = -f.p[x * c + y].ln() + l * m[x].ln() + l * m[y].ln();
+                assert!((f.g0[x * c + y] as f64 - want).abs() < 1e-5, "g0[{x},{y}] {} vs {want}", f.g0[x * c + y]);
+            }
+        }
+        // The lambda = 1 loss is -I(z; z'), in [-ln C, 0].
+        let f1 = forward(&a, &b, n, c, 1.0);
+        assert!(f1.loss <= 0.0 && f1.loss as f64 >= -(c as f64).ln());
+    }
+
+    #[test]
+    fn upstream_scales_the_gradients() {
+        let (n, c) = (9, 4);
+        let a = randn(n * c, 2.0, 3);
+        let b = randn(n * c, 2.0, 4);
+        let f = forward(&a, &b, n, c, 1.0);
+        let (mut ga, mut gb) = (vec![0.0; n * c], vec![0.0; n * c]);
+        let (mut ha, mut hb) = (vec![0.0; n * c], vec![0.0; n * c]);
+        backward(&f, n, c, 1.0, &mut ga, &mut gb);
+        backward(&f, n, c, -2.5, &mut ha, &mut hb);
+        for (x, y) in ga.iter().chain(&gb).zip(ha.iter().chain(&hb)) {
+            assert!((-2.5 * x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{x} {y}");
+        }
+    }
+
+    #[test]
+    fn f64_reference_matches_its_central_differences() {
+        let mut r = Rng::new(9, 1);
+        for &(n, c, lambda) in &[(12usize, 5usize, 1.0f64), (12, 5, 1.5), (3, 4, 1.0), (1, 3, 2.0)] {
+            let a: Vec<f64> = (0..n * c).map(|_| 2.0 * r.normal() as f64).collect();
+            let b: Vec<f64> = (0..n * c).map(|_| 2.0 * r.normal() as f64).collect();
+            let (_, ga, gb) = mi_loss_f64(&a, &b, n, c, lambda);
+            let scale = ga.iter().chain(&gb).fold(0.0f64, |m, v| m.max(v.abs()));
+            let h = 1e-5;
+            for (which, analytic) in [(0, &ga), (1, &gb)] {
+                for k in 0..n * c {
+                    let (mut a2, mut b2) = (a.clone(), b.clone());
+                    let target = if which == 0 { &mut a2 } else { &mut b2 };
+                    target[k] += h;
+                    let up = mi_loss_f64(&a2, &b2, n, c, lambda).0;
+                    let target = if which == 0 { &mut a2 } else { &mut b2 };
+                    target[k] -= 2.0 * h;
+                    let down = mi_loss_f64(&a2, &b2, n, c, lambda).0;
+                    let numeric = (up - down) / (2.0 * h);
+                    assert!(
+                        (numeric - analytic[k]).abs() <= 1e-6 * scale,
+                        "n {n} C {c} lambda {lambda} view {which} [{k}]: {} vs numeric {numeric}",
+                        analytic[k]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn result_does_not_depend_on_the_thread_count() {
+        // Several work items: their partial products are summed in a fixed order, so one thread
+        // and two give the same bits.
+        let (n, c) = (3 * CHUNK_ROWS + 17, 5);
+        let a = randn(n * c, 2.0, 21);
+        let b = randn(n * c, 2.0, 22);
+        let on = |t: usize| match rayon::ThreadPoolBuilder::new().num_threads(t).build() {
+            Ok(pool) => pool.install(|| run(&a, &b, n, c, 1.5)),
+            Err(e) => panic!("thread pool: {e}"),
+        };
+        let ((f1, ga1, gb1), (f2, ga2, gb2)) = (on(1), on(2));
+        assert_eq!(f1.loss.to_bits(), f2.loss.to_bits());
+        assert!(ga1 == ga2 && gb1 == gb2);
+        assert_matches_reference(&a, &b, n, c, 1.5, "several chunks");
+        assert_eq!(forward_chunk_rows(n, c), CHUNK_ROWS);
+        assert_eq!(forward_chunk_rows(262_144, 1000), 65_536);
+    }
+}
