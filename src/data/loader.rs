@@ -1,0 +1,419 @@
+//! Batches: `gather` (parallel over images), the prefetching training `Loader`, and evaluation
+//! batches.
+//!
+//! Every random draw is keyed by (seed, purpose, step, position in the batch), so a batch is a
+//! pure function of those: the same at any thread count, and the same when a run resumes at step t.
+
+use super::augment::{render, Augment, Draw};
+use super::split::{below, Split};
+use super::Dataset;
+use crate::error::{Error, ErrorKind, Result};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// RNG purpose of the per-step index sampling.
+const PURPOSE_SAMPLE: u64 = u64::from_be_bytes(*b"dat:samp");
+/// RNG purpose of the labeled batch's augmentation.
+const PURPOSE_LABELED: u64 = u64::from_be_bytes(*b"dat:labl");
+/// RNG purpose of unlabeled view k is this plus k.
+const PURPOSE_VIEW: u64 = u64::from_be_bytes(*b"dat:vw\0\0");
+
+/// Images `idx` of `ds` as a normalised [B, C, H, W] tensor and their labels.
+///
+/// With `augment: Some((seed, purpose, step))` image b is augmented with draws from
+/// `Rng::keyed(seed, &[purpose, step, b])`; with None it is only normalised.
+pub fn gather(
+    ds: &Dataset,
+    idx: &[usize],
+    aug: &Augment,
+    augment: Option<(u64, u64, u64)>,
+) -> Result<(Tensor, Vec<usize>)> {
+    if idx.is_empty() {
+        return Err(Error::usage(format!("an empty batch of {} was requested", ds.name)));
+    }
+    let chw = ds.image_size();
+    if chw == 0 {
+        return Err(Error::shape(format!("{}: images of zero size", ds.name)));
+    }
+    aug.check(ds)?;
+    let lut = aug.lut();
+    let labels = idx.iter().map(|&i| ds.label(i)).collect::<Result<Vec<usize>>>()?;
+    let mut data = vec![0f32; idx.len() * chw];
+    data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate().try_for_each(|(b, (out, &i))| {
+        let d = match augment {
+            Some((seed, purpose, step)) => Draw::sample(aug, &mut Rng::keyed(seed, &[purpose, step, b as u64])),
+            None => Draw::identity(aug),
+        };
+        render(ds, i, aug, &lut, d, out)
+    })?;
+    let t = Tensor::from_vec(data, &[idx.len(), ds.channels, ds.height, ds.width])?;
+    Ok((t, labels))
+}
+
+/// One training step's data.
+#[derive(Debug, Clone)]
+pub struct StepBatch {
+    /// The step this batch belongs to.
+    pub step: u64,
+    /// Augmented labeled images, [labeled_batch, C, H, W] (0 rows when labeled_batch is 0).
+    pub labeled: Tensor,
+    /// Labels of `labeled`.
+    pub labels: Vec<usize>,
+    /// Independent augmented views of the same unlabeled images, each [unlabeled_batch, C, H, W].
+    pub views: Vec<Tensor>,
+    /// Training-set indices of the labeled images.
+    pub labeled_idx: Vec<usize>,
+    /// Training-set indices of the unlabeled images (their labels are for diagnostics only).
+    pub unlabeled_idx: Vec<usize>,
+}
+
+/// What the worker needs to build the batch of any step.
+struct Plan {
+    train: Arc<Dataset>,
+    labeled: Vec<usize>,
+    unlabeled: Vec<usize>,
+    aug: Augment,
+    seed: u64,
+    labeled_batch: usize,
+    unlabeled_batch: usize,
+    views: usize,
+}
+
+impl Plan {
+    /// The batch of step `t`: indices drawn uniformly with replacement, then augmented.
+    fn batch(&self, t: u64) -> Result<StepBatch> {
+        let mut rng = Rng::keyed(self.seed, &[PURPOSE_SAMPLE, t]);
+        let labeled_idx: Vec<usize> =
+            (0..self.labeled_batch).map(|_| self.labeled[below(&mut rng, self.labeled.len())]).collect();
+        let n_unl = if self.views > 0 { self.unlabeled_batch } else { 0 };
+        let unlabeled_idx: Vec<usize> =
+            (0..n_unl).map(|_| self.unlabeled[below(&mut rng, self.unlabeled.len())]).collect();
+        let ds = &*self.train;
+        let (labeled, labels) = if labeled_idx.is_empty() {
+            (Tensor::zeros(&[0, ds.channels, ds.height, ds.width]), Vec::new())
+        } else {
+            gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)))?
+        };
+        let views = (0..self.views as u64)
+            .map(|k| gather(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k, t))).map(|(v, _)| v))
+            .collect::<Result<Vec<Tensor>>>()?;
+        Ok(StepBatch { step: t, labeled, labels, views, labeled_idx, unlabeled_idx })
+    }
+}
+
+/// Training batches for steps start_step, start_step + 1, ..., built one step ahead on a
+/// background thread (a bounded channel keeps at most two batches in flight).
+pub struct Loader {
+    rx: Option<Receiver<Result<StepBatch>>>,
+    worker: Option<JoinHandle<()>>,
+    step: u64,
+}
+
+impl Loader {
+    /// A loader over `train` with `split`'s labeled and unlabeled indices; step t's batch depends
+    /// only on (data, split, aug, seed, sizes, t), so a run resumed at `start_step` sees the same
+    /// batches as one that never stopped. `views` = 0 draws no unlabeled images (supervised), and
+    /// `labeled_batch` = 0 gives an empty labeled tensor (unsupervised pre-training); both 0 is a
+    /// usage error, as is `unlabeled_batch` = 0 with views.
+    #[allow(clippy::too_many_arguments)] // the trainer's call site names each size; a struct would only wrap them
+    pub fn new(
+        train: Arc<Dataset>,
+        split: &Split,
+        aug: Augment,
+        seed: u64,
+        labeled_batch: usize,
+        unlabeled_batch: usize,
+        views: usize,
+        start_step: u64,
+    ) -> Result<Loader> {
+        train.validate()?;
+        aug.check(&train)?;
+        if views > 0 && unlabeled_batch == 0 {
+            return Err(Error::usage("--unlabeled-batch 0: the unlabeled views need at least one image"));
+        }
+        if labeled_batch == 0 && views == 0 {
+            return Err(Error::usage("--batch 0 with no unlabeled views: a step would have no images"));
+        }
+        if labeled_batch > 0 && split.labeled.is_empty() {
+            return Err(Error::usage("the split has no labeled images to draw a labeled batch from"));
+        }
+        if views > 0 && split.unlabeled.is_empty() {
+            return Err(Error::usage("the split has no unlabeled images to draw the views from"));
+        }
+        if let Some(&i) = split.labeled.iter().chain(&split.unlabeled).find(|&&i| i >= train.len()) {
+            return Err(Error::usage(format!(
+                "split index {i} out of range for {} ({} images)",
+                train.name,
+                train.len()
+            )));
+        }
+        let plan = Plan {
+            train,
+            labeled: split.labeled.clone(),
+            unlabeled: split.unlabeled.clone(),
+            aug,
+            seed,
+            labeled_batch,
+            unlabeled_batch,
+            views,
+        };
+        let (tx, rx) = sync_channel(1);
+        let worker = std::thread::Builder::new()
+            .name("muscle-loader".into())
+            .spawn(move || {
+                let mut t = start_step;
+                loop {
+                    let b = plan.batch(t);
+                    let failed = b.is_err();
+                    // A send error means the Loader was dropped: stop.
+                    if tx.send(b).is_err() || failed {
+                        break;
+                    }
+                    t += 1;
+                }
+            })
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start the data loader thread: {e}")))?;
+        Ok(Loader { rx: Some(rx), worker: Some(worker), step: start_step })
+    }
+
+    /// The batch of the next step (waits only if the worker has not finished it yet).
+    #[allow(clippy::should_implement_trait)] // an endless stream of fallible batches: Option adds nothing
+    pub fn next(&mut self) -> Result<StepBatch> {
+        let rx = self.rx.as_ref().ok_or_else(|| Error::usage("the data loader stopped after an error"))?;
+        match rx.recv() {
+            Ok(Ok(b)) => {
+                self.step += 1;
+                Ok(b)
+            }
+            Ok(Err(e)) => {
+                self.rx = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.rx = None;
+                Err(Error::new(ErrorKind::Io, "the data loader thread stopped unexpectedly"))
+            }
+        }
+    }
+
+    /// The step whose batch `next` returns.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the channel first makes the worker's pending send fail, so join returns.
+        self.rx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Batches of `batch` images of `ds` (all of them, or `idx`), normalised and unaugmented, in order.
+pub fn eval_batches<'a>(ds: &'a Dataset, idx: Option<&'a [usize]>, aug: &'a Augment, batch: usize) -> EvalBatches<'a> {
+    EvalBatches { ds, idx, aug, batch, pos: 0, done: false }
+}
+
+/// Iterator returned by [`eval_batches`]; yields one usage error and stops when `batch` is 0.
+pub struct EvalBatches<'a> {
+    ds: &'a Dataset,
+    idx: Option<&'a [usize]>,
+    aug: &'a Augment,
+    batch: usize,
+    pos: usize,
+    done: bool,
+}
+
+impl EvalBatches<'_> {
+    fn total(&self) -> usize {
+        self.idx.map_or(self.ds.len(), <[usize]>::len)
+    }
+}
+
+impl Iterator for EvalBatches<'_> {
+    type Item = Result<(Tensor, Vec<usize>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.batch == 0 {
+            self.done = true;
+            return Some(Err(Error::usage("evaluation batch size 0: must be at least 1")));
+        }
+        let total = self.total();
+        if self.pos >= total {
+            self.done = true;
+            return None;
+        }
+        let end = total.min(self.pos + self.batch);
+        let chunk: Vec<usize> = match self.idx {
+            Some(idx) => idx[self.pos..end].to_vec(),
+            None => (self.pos..end).collect(),
+        };
+        self.pos = end;
+        let r = gather(self.ds, &chunk, self.aug, None);
+        if r.is_err() {
+            self.done = true;
+        }
+        Some(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::split::split;
+    use super::super::tests::emb;
+    use super::super::{augment_into, normalize_into, DatasetKind};
+    use super::*;
+
+    fn setup() -> (Arc<Dataset>, Split, Augment) {
+        let tr = Arc::new(emb().train.clone());
+        let s = split(&tr, 100, 0, 1.0, 4).unwrap();
+        let aug = Augment::for_dataset(DatasetKind::FashionMnist, &tr);
+        (tr, s, aug)
+    }
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
+    }
+
+    #[test]
+    fn gather_is_independent_of_the_thread_count() {
+        let tr = &emb().train;
+        let aug = Augment::for_dataset(DatasetKind::FashionMnist, tr);
+        let idx: Vec<usize> = (0..300).map(|k| (k * 37) % tr.len()).collect();
+        let run = |n| pool(n).install(|| gather(tr, &idx, &aug, Some((9, 1, 5))).unwrap());
+        let (a, la) = run(1);
+        let (b, lb) = run(2);
+        assert_eq!(a.shape(), [300, 1, 28, 28]);
+        assert_eq!(a.data().unwrap(), b.data().unwrap());
+        assert_eq!(la, lb);
+        assert_eq!(la[0], tr.labels[0] as usize);
+        // Row b is augment_into with the stream keyed by (seed, [purpose, step, b]).
+        let mut row = vec![0.0; 784];
+        for b in [0usize, 1, 299] {
+            augment_into(tr, idx[b], &aug, &mut Rng::keyed(9, &[1, 5, b as u64]), &mut row).unwrap();
+            assert_eq!(&a.data().unwrap()[b * 784..(b + 1) * 784], &row[..]);
+        }
+        // Another step or seed gives other draws.
+        let (c, _) = gather(tr, &idx, &aug, Some((9, 1, 6))).unwrap();
+        assert_ne!(a.data().unwrap(), c.data().unwrap());
+        // Bad indices and empty batches are errors, not panics.
+        assert!(gather(tr, &[tr.len()], &aug, None).is_err());
+        assert_eq!(gather(tr, &[], &aug, None).unwrap_err().kind(), ErrorKind::Usage);
+    }
+
+    #[test]
+    fn loader_batches_have_the_right_shape_and_distinct_views() {
+        let (tr, s, aug) = setup();
+        let mut l = Loader::new(tr.clone(), &s, aug, 1, 64, 256, 3, 0).unwrap();
+        let b = l.next().unwrap();
+        assert_eq!((b.step, l.step()), (0, 1));
+        assert_eq!(b.labeled.shape(), [64, 1, 28, 28]);
+        assert_eq!(b.views.len(), 3);
+        assert!(b.views.iter().all(|v| v.shape() == [256, 1, 28, 28]));
+        assert!(b.labeled_idx.iter().all(|i| s.labeled.binary_search(i).is_ok()));
+        assert_eq!(b.labels, b.labeled_idx.iter().map(|&i| tr.labels[i] as usize).collect::<Vec<_>>());
+        assert_eq!(b.unlabeled_idx.len(), 256);
+        // The views are of the same images but differ as augmentations.
+        assert_ne!(b.views[0].data().unwrap(), b.views[1].data().unwrap());
+        assert_ne!(b.views[1].data().unwrap(), b.views[2].data().unwrap());
+        // Per image, each view is some crop/flip of that image: its mean of the raw pixels inside
+        // the crop is close; a cheap check that the views belong to the same images.
+        let v0 = b.views[0].data().unwrap();
+        let v1 = b.views[1].data().unwrap();
+        let mut diff = 0usize;
+        for k in 0..256 {
+            let (a, c) = (&v0[k * 784..(k + 1) * 784], &v1[k * 784..(k + 1) * 784]);
+            diff += (a != c) as usize;
+            let (ma, mc) = (a.iter().sum::<f32>() / 784.0, c.iter().sum::<f32>() / 784.0);
+            assert!((ma - mc).abs() < 0.5, "image {k}: view means {ma} and {mc}");
+        }
+        assert!(diff > 200, "only {diff} of 256 images differ between views");
+        // Uniform with replacement: over a few steps the labeled draws cover most of the 100.
+        let mut seen = vec![false; tr.len()];
+        for _ in 0..5 {
+            for i in l.next().unwrap().labeled_idx {
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().filter(|&&s| s).count() > 80);
+    }
+
+    #[test]
+    fn a_loader_started_at_step_t_gives_the_same_batch() {
+        let (tr, s, aug) = setup();
+        let mut a = Loader::new(tr.clone(), &s, aug.clone(), 5, 16, 32, 2, 0).unwrap();
+        let mut at3 = None;
+        for _ in 0..5 {
+            let b = a.next().unwrap();
+            if b.step == 3 {
+                at3 = Some(b);
+            }
+        }
+        let at3 = at3.unwrap();
+        let b3 = Loader::new(tr.clone(), &s, aug.clone(), 5, 16, 32, 2, 3).unwrap().next().unwrap();
+        assert_eq!(b3.step, 3);
+        assert_eq!(at3.labeled_idx, b3.labeled_idx);
+        assert_eq!(at3.unlabeled_idx, b3.unlabeled_idx);
+        assert_eq!(at3.labels, b3.labels);
+        assert_eq!(at3.labeled.data().unwrap(), b3.labeled.data().unwrap());
+        for k in 0..2 {
+            assert_eq!(at3.views[k].data().unwrap(), b3.views[k].data().unwrap());
+        }
+        // Another seed draws other images.
+        let o = Loader::new(tr, &s, aug, 6, 16, 32, 2, 3).unwrap().next().unwrap();
+        assert_ne!(o.unlabeled_idx, b3.unlabeled_idx);
+    }
+
+    #[test]
+    fn zero_sizes_and_bad_splits_are_usage_errors() {
+        let (tr, s, aug) = setup();
+        for (lb, ub, v) in [(0, 0, 0), (0, 256, 0), (64, 0, 2), (0, 0, 2)] {
+            let e = Loader::new(tr.clone(), &s, aug.clone(), 0, lb, ub, v, 0).err().unwrap();
+            assert_eq!(e.kind(), ErrorKind::Usage, "({lb}, {ub}, {v}): {e}");
+        }
+        // Supervised (no views) and unsupervised (no labeled batch) loaders work.
+        let b = Loader::new(tr.clone(), &s, aug.clone(), 0, 8, 0, 0, 0).unwrap().next().unwrap();
+        assert!(b.views.is_empty() && b.unlabeled_idx.is_empty());
+        let b = Loader::new(tr.clone(), &s, aug.clone(), 0, 0, 8, 2, 0).unwrap().next().unwrap();
+        assert_eq!(b.labeled.shape(), [0, 1, 28, 28]);
+        let mut bad = s.clone();
+        bad.unlabeled.push(tr.len());
+        assert!(Loader::new(tr.clone(), &bad, aug.clone(), 0, 8, 8, 2, 0).is_err());
+        let empty = Split { labeled: vec![], unlabeled: s.unlabeled.clone(), val: vec![] };
+        assert!(Loader::new(tr, &empty, aug, 0, 8, 8, 2, 0).is_err());
+    }
+
+    #[test]
+    fn eval_batches_cover_the_set_in_order() {
+        let te = &emb().test;
+        let aug = Augment::for_dataset(DatasetKind::FashionMnist, te);
+        let batches: Vec<_> = eval_batches(te, None, &aug, 300).collect::<Result<Vec<_>>>().unwrap();
+        assert_eq!(batches.len(), 7);
+        assert_eq!(batches[6].0.shape(), [200, 1, 28, 28]);
+        let labels: Vec<usize> = batches.iter().flat_map(|(_, l)| l.clone()).collect();
+        assert_eq!(labels, te.labels.iter().map(|&l| l as usize).collect::<Vec<_>>());
+        let mut one = vec![0.0; 784];
+        normalize_into(te, 1234, &aug, &mut one).unwrap();
+        assert_eq!(&batches[4].0.data().unwrap()[34 * 784..35 * 784], &one[..]);
+        let idx = [5usize, 3, 1999];
+        let sub: Vec<_> = eval_batches(te, Some(&idx), &aug, 2).collect();
+        assert_eq!(sub.len(), 2);
+        assert_eq!(sub[1].as_ref().unwrap().1, vec![te.labels[1999] as usize]);
+        let zero: Vec<_> = eval_batches(te, None, &aug, 0).collect();
+        assert_eq!(zero.len(), 1);
+        assert_eq!(zero[0].as_ref().unwrap_err().kind(), ErrorKind::Usage);
+        let bad = [1usize, 5000];
+        let r: Vec<_> = eval_batches(te, Some(&bad), &aug, 8).collect();
+        assert!(r.len() == 1 && r[0].is_err());
+    }
+}
