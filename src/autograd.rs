@@ -99,7 +99,7 @@ impl Tape {
 }
 
 /// Gradients by tensor id.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Gradients {
     map: HashMap<TensorId, Tensor>,
 }

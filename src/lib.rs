@@ -6,6 +6,7 @@
 //! [`nn`] layers and models; [`optim`] optimizers and schedules.
 
 pub mod autograd;
+pub mod bench;
 pub mod cpu;
 pub mod data;
 pub mod device;
@@ -13,11 +14,26 @@ pub mod error;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod rng;
+pub mod ssl;
 pub mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use autograd::{Gradients, Tape};
 pub use device::Device;
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::Tensor;
+
+/// The cargo features this binary was built with.
+pub fn build_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    if cfg!(feature = "cudnn") {
+        f.push("cudnn");
+    }
+    f
+}

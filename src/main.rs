@@ -1,10 +1,18 @@
-//! The `muscle` command line.
+//! The `muscle` command line: argument parsing, progress display, printing. Everything else lives
+//! in the library.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use muscle::data::{self, Augment, DatasetKind};
+use muscle::nn::ModelKind;
+use muscle::ssl::Method;
+use muscle::train::{self, OptimizerKind, Progress, TrainConfig};
+use muscle::{Device, Error, Result};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "muscle", version, about = "MUSCLE semi-supervised training engine")]
+#[command(name = "muscle", version, about = "MUSCLE: semi-supervised training with mutual-information maximisation")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -12,13 +20,198 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a classifier (defaults: MUSCLE, convnet, 40 labels of the embedded Fashion-MNIST subset).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint written by `muscle train` on a data set's test split.
+    Eval(EvalArgs),
+    /// Time training steps (median ms/step, images/s) of a model and method.
+    Bench(BenchArgs),
     /// Print build features, devices and threads.
     Info,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// Architecture: convnet (embedded real data), wrn-28-2 or cnn13 (synthetic 32x32x3 images).
+    #[arg(long, default_value = "convnet")]
+    model: String,
+    /// Objective: supervised or muscle.
+    #[arg(long, default_value = "muscle")]
+    method: String,
+    /// Labeled images per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Unlabeled images per step (two views each).
+    #[arg(long = "unlabeled-batch", default_value_t = 256)]
+    unlabeled_batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print one JSON object per case instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also print where the time went, by op (same as MUSCLE_PROFILE=1).
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Data set format: fashion-mnist, mnist, cifar10, cifar100, folder.
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    /// Folder with the full data set; without it, the embedded Fashion-MNIST subset
+    /// (10,000 train / 2,000 test images) is used.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Image folders: resize every image to S x S.
+    #[arg(long)]
+    resize: Option<usize>,
+    /// Image folders: convert to 1 (grey) or 3 (colour) channels.
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Objective: supervised or muscle.
+    #[arg(long, default_value = "muscle")]
+    method: String,
+    /// Architecture: convnet, wrn-28-2, cnn13.
+    #[arg(long, default_value = "convnet")]
+    model: String,
+    /// convnet base width.
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+    /// Number of labeled images (class-balanced, drawn by --seed).
+    #[arg(long, default_value_t = 40)]
+    labels: usize,
+    /// Class-balanced validation images held out of the labeled and unlabeled sets.
+    #[arg(long, default_value_t = 0)]
+    val: usize,
+    /// Largest / smallest per-class label count (1 = balanced).
+    #[arg(long = "label-imbalance", default_value_t = 1.0)]
+    imbalance: f64,
+    /// Seed of the split, initialisation, batches, augmentation and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Labeled images per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Unlabeled images per step (each forwarded in two augmented views).
+    #[arg(long = "unlabeled-batch", default_value_t = 256)]
+    unlabeled_batch: usize,
+    /// Base learning rate (cosine-decayed to 0 unless --constant-lr).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f32,
+    /// Keep the learning rate constant.
+    #[arg(long = "constant-lr")]
+    constant_lr: bool,
+    /// Optimizer: adamw, adam, sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Weight decay (AdamW: decoupled, times the lr).
+    #[arg(long = "weight-decay", default_value_t = 5e-4)]
+    weight_decay: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Maximum weight of the MI term.
+    #[arg(long = "w-mi", default_value_t = 1.0)]
+    w_mi: f32,
+    /// IIC lambda (1: mutual information; > 1 favours balanced predictions).
+    #[arg(long, default_value_t = 1.0)]
+    lambda: f32,
+    /// Fraction of the steps over which the MI weight ramps up linearly.
+    #[arg(long, default_value_t = 0.2)]
+    ramp: f64,
+    /// EMA decay of the evaluated weights (ramped as min(ema, (1+t)/(10+t))).
+    #[arg(long, default_value_t = 0.999)]
+    ema: f32,
+    /// Evaluate (raw and EMA weights) every this many steps, and at the end.
+    #[arg(long = "eval-every", default_value_t = 200)]
+    eval_every: u64,
+    /// Worker threads for GEMM, convolution, BN and augmentation (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device: cpu, or cuda[:N] in a build with the cuda feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output folder: config.json, metrics.jsonl, checkpoints, summary.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// checkpoint.safetensors written by `muscle train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Data set format (as for train).
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    /// Folder with the data set; without it, the embedded Fashion-MNIST test images.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut model: ModelKind = self.model.parse()?;
+        if let ModelKind::ConvNet { width } = &mut model {
+            *width = self.width;
+        }
+        let d = TrainConfig::default();
+        Ok(TrainConfig {
+            dataset: self.dataset.parse()?,
+            data: self.data.clone(),
+            resize: self.resize,
+            channels: self.channels,
+            method: self.method.parse()?,
+            model,
+            labels: self.labels,
+            val: self.val,
+            imbalance: self.imbalance,
+            seed: self.seed,
+            steps: self.steps,
+            batch: self.batch,
+            unlabeled_batch: self.unlabeled_batch,
+            lr: self.lr,
+            optimizer: self.optimizer.parse::<OptimizerKind>()?,
+            weight_decay: self.weight_decay,
+            momentum: self.momentum,
+            cosine: !self.constant_lr,
+            w_mi: self.w_mi,
+            lambda: self.lambda,
+            ramp: self.ramp,
+            ema: self.ema,
+            eval_every: self.eval_every,
+            eval_batch: d.eval_batch,
+            threads: self.threads.unwrap_or(d.threads),
+            device: self.device.parse::<Device>()?,
+            out: self.out.clone(),
+        })
+    }
+}
+
 fn main() -> ExitCode {
+    muscle::profile::init_from_env();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => run_train(&a),
+        Command::Eval(a) => run_eval(&a),
+        Command::Bench(a) => run_bench(&a),
         Command::Info => info(),
     };
     match result {
@@ -30,10 +223,137 @@ fn main() -> ExitCode {
     }
 }
 
-fn info() -> muscle::Result<()> {
+/// A one-line progress bar on a terminal; plain log lines (every 50 steps and at evaluations)
+/// otherwise.
+fn show(p: &Progress, tty: bool) {
+    let eta = p.train_seconds / p.step as f64 * (p.steps - p.step) as f64;
+    let text = format!(
+        "step {}/{} loss {:.4} (sup {:.4}, mi {:.4}) {:.0} img/s eta {:.0}s",
+        p.step, p.steps, p.loss, p.sup, p.mi, p.images_per_second, eta
+    );
+    if tty {
+        let filled = (30 * p.step / p.steps.max(1)) as usize;
+        print!("\r[{}{}] {text}   ", "#".repeat(filled), ".".repeat(30 - filled));
+        if let Some((raw, ema)) = p.eval {
+            println!("\n  eval at step {}: test accuracy {:.4}, EMA {:.4}", p.step, raw, ema);
+        }
+        let _ = std::io::stdout().flush();
+    } else if let Some((raw, ema)) = p.eval {
+        println!("{text} | test accuracy {raw:.4}, EMA {ema:.4}");
+    } else if p.step.is_multiple_of(50) {
+        println!("{text}");
+    }
+}
+
+fn run_train(a: &TrainArgs) -> Result<()> {
+    let cfg = a.config()?;
+    let tty = std::io::stdout().is_terminal();
+    let s = train::train(&cfg, &mut |p| show(p, tty))?;
+    println!(
+        "final: {} on {} ({} labels, {} steps, seed {}): test accuracy {:.4}, EMA {:.4}; {:.1} s, {:.0} train img/s",
+        s.method,
+        s.dataset,
+        s.labels,
+        s.steps,
+        s.seed,
+        s.test_accuracy,
+        s.test_accuracy_ema,
+        s.wall_seconds,
+        s.train_images_per_second
+    );
+    Ok(())
+}
+
+fn run_eval(a: &EvalArgs) -> Result<()> {
+    muscle::cpu::set_threads(a.threads.unwrap_or_else(|| TrainConfig::default().threads))?;
+    let (mut model, info) = train::model_from_checkpoint(&a.checkpoint)?;
+    let kind: DatasetKind = a.dataset.parse()?;
+    let test = match &a.data {
+        None => data::embedded()?.test,
+        Some(dir) => data::load(kind, dir, None, None)?.test,
+    };
+    if (test.channels, test.height, test.width, test.classes)
+        != (info.spec.in_channels, info.spec.height, info.spec.width, info.spec.classes)
+    {
+        return Err(Error::usage(format!(
+            "{}: the checkpoint's model takes {}x{}x{} images and {} classes; {} has {}x{}x{} and {}",
+            a.checkpoint.display(),
+            info.spec.in_channels,
+            info.spec.height,
+            info.spec.width,
+            info.spec.classes,
+            test.name,
+            test.channels,
+            test.height,
+            test.width,
+            test.classes
+        )));
+    }
+    let aug = Augment::normalize_only(info.mean.clone(), info.std.clone());
+    let r = train::evaluate(&mut model, &test, None, &aug, 500)?;
+    println!(
+        "{}",
+        serde_json::json!({"checkpoint": a.checkpoint.display().to_string(), "dataset": test.name, "images": r.images, "test_accuracy": r.accuracy, "per_class_accuracy": r.per_class_accuracy})
+    );
+    Ok(())
+}
+
+fn run_bench(a: &BenchArgs) -> Result<()> {
+    let mut model: ModelKind = a.model.parse()?;
+    if let ModelKind::ConvNet { width } = &mut model {
+        *width = 32;
+    }
+    let d = TrainConfig::default();
+    let cfg = TrainConfig {
+        model,
+        method: a.method.parse()?,
+        batch: a.batch,
+        unlabeled_batch: a.unlabeled_batch,
+        threads: a.threads.unwrap_or(d.threads),
+        device: a.device.parse()?,
+        steps: (a.steps + a.warmup).max(1) as u64,
+        ..d
+    };
+    if a.steps == 0 {
+        return Err(Error::usage("--steps: must be positive"));
+    }
+    if a.profile {
+        muscle::profile::enable();
+    }
+    let r = muscle::bench::bench_training(&cfg, a.warmup, a.steps)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
+    } else {
+        println!(
+            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s ({} threads, {}{})",
+            r.model,
+            r.method,
+            r.batch,
+            r.unlabeled_batch,
+            r.ms_per_step,
+            r.images_per_second,
+            r.threads,
+            r.device,
+            if r.synthetic { ", synthetic data" } else { "" }
+        );
+    }
+    if muscle::profile::enabled() {
+        let rows = muscle::profile::report();
+        let timed = a.steps as f64;
+        eprintln!("{:<18} {:>8} {:>12}", "op", "calls", "ms/step");
+        for (name, calls, secs) in rows {
+            eprintln!("{name:<18} {calls:>8} {:>12.2}", secs * 1e3 / timed);
+        }
+    }
+    Ok(())
+}
+
+fn info() -> Result<()> {
     println!("muscle {}", env!("CARGO_PKG_VERSION"));
-    println!("features: {}", if cfg!(feature = "cuda") { "cuda" } else { "cpu-only" });
-    println!("threads: {}", muscle::cpu::threads());
-    println!("devices: cpu");
+    let f = muscle::build_features();
+    println!("features: {}", if f.is_empty() { "cpu-only".to_string() } else { f.join(",") });
+    println!("threads: {} (default for --threads)", TrainConfig::default().threads);
+    println!("devices: cpu{}", if cfg!(feature = "cuda") { ", cuda (probe with --device cuda)" } else { "" });
+    println!("methods: {}", Method::ALL.join(", "));
     Ok(())
 }

@@ -76,7 +76,7 @@ pub fn check_gradients(
         }
         let norm = norm2.sqrt();
         let rel_error = diff2.sqrt() / norm.max(1e-6);
-        if !(rel_error <= tol) {
+        if rel_error.is_nan() || rel_error > tol {
             return Err(Error::shape(format!(
                 "gradient check failed for input {i} {:?}: relative error {rel_error:.3e} > {tol:.1e} \
                  (numeric norm {norm:.3e})",

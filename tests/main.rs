@@ -1,1 +1,7 @@
+//! The one integration-test binary (each tests/*.rs file would be a separate link).
 
+mod common;
+mod errors;
+mod gradients;
+mod learning;
+mod models;

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod gemm;
 pub mod mutual_info;
 pub mod optim;
+pub mod peak;
 pub mod pool;
 pub mod softmax;
 

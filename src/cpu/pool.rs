@@ -15,8 +15,8 @@ pub fn maxpool_forward(x: &[f32], planes: usize, h: usize, w: usize, k: usize, y
                     for i in 0..k {
                         for j in 0..k {
                             let v = xp[(oy * k + i) * w + ox * k + j];
-                            // `!(v <= best)` also lets a NaN win, so NaN propagates as in PyTorch.
-                            if !(v <= best) {
+                            // A NaN wins too, so NaN propagates as in PyTorch.
+                            if v > best || v.is_nan() {
                                 best = v;
                                 at = (i * k + j) as u8;
                             }

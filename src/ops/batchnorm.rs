@@ -30,6 +30,7 @@ pub fn batch_norm_train(
     eps: f32,
 ) -> Result<(Tensor, BatchStats)> {
     let (n, c, hw) = check(x, &[gamma, beta])?;
+    let _p = crate::profile::scope("batch_norm.fwd");
     if n * hw < 2 {
         return Err(Error::shape(format!(
             "batch_norm: training needs more than one value per channel, got input {}",
@@ -42,6 +43,7 @@ pub fn batch_norm_train(
     let saved = Arc::new(stats.clone());
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
     let out = tape.record(out, &[x, gamma, beta], move |g, grads| {
+        let _p = crate::profile::scope("batch_norm.bwd");
         let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
         k::backward_train(xc.data()?, g.data()?, n, c, hw, gc.data()?, &saved, dx.as_deref_mut(), &mut dg, &mut db);

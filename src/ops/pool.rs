@@ -7,6 +7,7 @@ use crate::tensor::{fmt_shape, Tensor};
 
 /// k x k max-pool with stride k (floor), NCHW.
 pub fn max_pool2d(tape: &Tape, x: &Tensor, size: usize) -> Result<Tensor> {
+    let _p = crate::profile::scope("max_pool.fwd");
     let [n, c, h, w] = x.dims::<4>("max_pool2d input")?;
     if size == 0 || size > h || size > w || size > 15 {
         return Err(Error::shape(format!("max_pool2d: window {size} does not fit input {}", fmt_shape(x.shape()))));
@@ -18,6 +19,7 @@ pub fn max_pool2d(tape: &Tape, x: &Tensor, size: usize) -> Result<Tensor> {
     let out = Tensor::cpu(y, vec![n, c, ho, wo]);
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
+        let _p = crate::profile::scope("max_pool.bwd");
         let mut dx = vec![0.0; xc.numel()];
         k::maxpool_backward(g.data()?, &arg, n * c, h, w, size, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))

@@ -24,6 +24,7 @@ pub fn concat_rows(tape: &Tape, parts: &[&Tensor]) -> Result<Tensor> {
     if first.shape().is_empty() {
         return Err(Error::shape("concat_rows: a 0-d tensor has no rows"));
     }
+    let _p = crate::profile::scope("concat_rows");
     let tail = &first.shape()[1..];
     let mut rows = 0;
     let mut data = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());

@@ -1,0 +1,109 @@
+//! `muscle bench`: the median time of real training steps (fresh augmented batches each step,
+//! the same `Trainer` as `muscle train`), on the embedded data or, for shapes it lacks, generated
+//! images marked synthetic.
+
+use crate::data::{self, Augment, Dataset, DatasetKind, Loader};
+use crate::error::Result;
+use crate::nn::{Model, ModelKind, ModelSpec};
+use crate::rng::Rng;
+use crate::train::{TrainConfig, Trainer};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One benchmark case's result (`--json` prints it as one object).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    /// Architecture.
+    pub model: String,
+    /// Objective.
+    pub method: String,
+    /// Labeled images per step.
+    pub batch: usize,
+    /// Unlabeled images per step (two views each for MUSCLE).
+    pub unlabeled_batch: usize,
+    /// Device.
+    pub device: String,
+    /// Threads.
+    pub threads: usize,
+    /// Whether the images were generated rather than real.
+    pub synthetic: bool,
+    /// Median milliseconds per step.
+    pub ms_per_step: f64,
+    /// Images forwarded per second at the median step time.
+    pub images_per_second: f64,
+    /// Steps timed.
+    pub steps: usize,
+}
+
+/// Random images of the shape a model needs (for models the embedded set cannot feed).
+fn synthetic(channels: usize, side: usize, n: usize, classes: usize) -> Dataset {
+    let mut r = Rng::new(0xbe9c, 0);
+    Dataset {
+        name: format!("synthetic-{channels}x{side}x{side}"),
+        images: (0..n * channels * side * side).map(|_| r.below(256) as u8).collect(),
+        labels: (0..n).map(|i| (i % classes) as u16).collect(),
+        channels,
+        height: side,
+        width: side,
+        classes,
+        class_names: (0..classes).map(|c| c.to_string()).collect(),
+    }
+}
+
+/// Times `steps` training steps after `warmup` untimed ones.
+pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<BenchResult> {
+    cfg.validate()?;
+    cfg.device.check_available()?;
+    crate::cpu::set_threads(cfg.threads)?;
+    let (train, is_synthetic) = match cfg.model {
+        ModelKind::ConvNet { .. } => (data::embedded()?.train, false),
+        _ => (synthetic(3, 32, 2048, 10), true),
+    };
+    let split = data::split(&train, cfg.labels.max(train.classes), 0, 1.0, cfg.seed)?;
+    let aug = if is_synthetic {
+        Augment::for_dataset(DatasetKind::Cifar10, &train)
+    } else {
+        Augment::for_dataset(DatasetKind::FashionMnist, &train)
+    };
+    let spec = ModelSpec {
+        kind: cfg.model,
+        in_channels: train.channels,
+        height: train.height,
+        width: train.width,
+        classes: train.classes,
+    };
+    let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
+    let views = if cfg.method.uses_unlabeled() { 2 } else { 0 };
+    let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch, cfg.unlabeled_batch, views, 0)?;
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..(warmup + steps) {
+        if step == warmup {
+            crate::profile::reset();
+        }
+        let t = Instant::now();
+        let batch = {
+            let _p = crate::profile::scope("loader wait");
+            loader.next()?
+        };
+        trainer.step(&batch, step as u64)?;
+        if step >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let images = cfg.batch + views * cfg.unlabeled_batch;
+    Ok(BenchResult {
+        model: cfg.model.to_string(),
+        method: cfg.method.to_string(),
+        batch: cfg.batch,
+        unlabeled_batch: if views > 0 { cfg.unlabeled_batch } else { 0 },
+        device: cfg.device.to_string(),
+        threads: cfg.threads,
+        synthetic: is_synthetic,
+        ms_per_step: median * 1e3,
+        images_per_second: images as f64 / median,
+        steps,
+    })
+}

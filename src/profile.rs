@@ -1,0 +1,70 @@
+//! A switchable wall-clock profile by op name: `MUSCLE_PROFILE=1` (or `profile::enable`) makes
+//! every instrumented op add its time to a table that `report` prints. Off, a scope costs one
+//! relaxed atomic load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+fn table() -> &'static Mutex<HashMap<&'static str, (u64, f64)>> {
+    static T: OnceLock<Mutex<HashMap<&'static str, (u64, f64)>>> = OnceLock::new();
+    T.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Turns profiling on (also done by `MUSCLE_PROFILE=1` at the first `init`).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Reads `MUSCLE_PROFILE` once.
+pub fn init_from_env() {
+    if std::env::var("MUSCLE_PROFILE").map(|v| v != "0" && !v.is_empty()).unwrap_or(false) {
+        enable();
+    }
+}
+
+/// Whether profiling is on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Times a scope under `name` when profiling is on.
+pub struct Scope {
+    name: &'static str,
+    start: Option<Instant>,
+}
+
+/// Starts timing `name`; the time is recorded when the returned guard drops.
+pub fn scope(name: &'static str) -> Scope {
+    Scope { name, start: enabled().then(Instant::now) }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if let Some(s) = self.start {
+            let dt = s.elapsed().as_secs_f64();
+            if let Ok(mut t) = table().lock() {
+                let e = t.entry(self.name).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += dt;
+            }
+        }
+    }
+}
+
+/// The table, largest total first: (name, calls, seconds).
+pub fn report() -> Vec<(&'static str, u64, f64)> {
+    let mut v: Vec<_> = table().lock().map(|t| t.iter().map(|(k, v)| (*k, v.0, v.1)).collect()).unwrap_or_default();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
+}
+
+/// Clears the table.
+pub fn reset() {
+    if let Ok(mut t) = table().lock() {
+        t.clear();
+    }
+}

@@ -1,0 +1,37 @@
+//! Stand-alone MUSCLE: L = L_sup + w_mi(t) * L_mi, with L_mi the IIC loss between the model's
+//! predictions on two augmented views of each unlabeled image.
+
+use super::{LossTerms, ObjectiveConfig};
+use crate::autograd::Tape;
+use crate::data::StepBatch;
+use crate::error::{Error, Result};
+use crate::nn::{ForwardCtx, Model};
+use crate::ops;
+use crate::optim::ramp;
+
+/// One forward over [labeled, view 1, view 2] so batch-norm statistics cover every image, then
+/// the supervised term on the labeled rows and the IIC term between the two views' rows.
+pub fn muscle_loss(
+    cfg: &ObjectiveConfig,
+    model: &mut Model,
+    tape: &Tape,
+    batch: &StepBatch,
+    step: u64,
+    seed: u64,
+) -> Result<LossTerms> {
+    let [v1, v2] = match batch.views.as_slice() {
+        [a, b, ..] => [a, b],
+        _ => return Err(Error::usage("muscle needs two unlabeled views per step")),
+    };
+    let nl = batch.labels.len();
+    let nu = v1.shape()[0];
+    let x = ops::concat_rows(tape, &[&batch.labeled, v1, v2])?;
+    let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
+    let sup = ops::cross_entropy(tape, &ops::narrow_rows(tape, &logits, 0, nl)?, &batch.labels)?;
+    let za = ops::narrow_rows(tape, &logits, nl, nu)?;
+    let zb = ops::narrow_rows(tape, &logits, nl + nu, nu)?;
+    let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
+    let w = ramp(cfg.w_mi, step, cfg.ramp_steps);
+    let total = ops::add(tape, &sup, &ops::scale(tape, &mi, w)?)?;
+    Ok(LossTerms { sup: sup.item()?, mi: mi.item()?, w_mi: w, total })
+}

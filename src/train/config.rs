@@ -1,0 +1,215 @@
+//! Everything a training run depends on, as one value (written to config.json).
+
+use crate::data::DatasetKind;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::nn::ModelKind;
+use crate::ssl::Method;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Which optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// Adam with L2 decay in the gradient.
+    Adam,
+    /// Adam with decoupled weight decay (the default recipe).
+    AdamW,
+    /// SGD with momentum (Nesterov optional).
+    Sgd,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adam" => Ok(OptimizerKind::Adam),
+            "adamw" => Ok(OptimizerKind::AdamW),
+            "sgd" => Ok(OptimizerKind::Sgd),
+            _ => Err(Error::usage(format!("--optimizer: unknown optimizer '{s}' (expected adam, adamw or sgd)"))),
+        }
+    }
+}
+
+/// Options of `muscle train` (METHOD.md's default recipe unless told otherwise).
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Data set format.
+    pub dataset: DatasetKind,
+    /// Folder with the full data; None: the embedded Fashion-MNIST subset.
+    pub data: Option<PathBuf>,
+    /// Resize image-folder images to S x S.
+    pub resize: Option<usize>,
+    /// Convert image-folder images to this many channels.
+    pub channels: Option<usize>,
+    /// Objective.
+    pub method: Method,
+    /// Architecture.
+    pub model: ModelKind,
+    /// Number of labeled images.
+    pub labels: usize,
+    /// Held-out validation images (class-balanced).
+    pub val: usize,
+    /// Label imbalance ratio R (1 = balanced).
+    pub imbalance: f64,
+    /// Seed of the split, initialisation, batches, augmentation and dropout.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Labeled images per step.
+    pub batch: usize,
+    /// Unlabeled images per step (each seen in two views).
+    pub unlabeled_batch: usize,
+    /// Base learning rate.
+    pub lr: f32,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Weight decay (decoupled for AdamW, multiplied by the lr as PyTorch does).
+    pub weight_decay: f32,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// Cosine learning-rate schedule over the run (else constant).
+    pub cosine: bool,
+    /// Maximum weight of the MI term.
+    pub w_mi: f32,
+    /// IIC lambda.
+    pub lambda: f32,
+    /// Fraction of the steps over which unsupervised weights ramp up linearly.
+    pub ramp: f64,
+    /// EMA decay (the schedule's maximum).
+    pub ema: f32,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: u64,
+    /// Images per evaluation batch.
+    pub eval_batch: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Compute device.
+    pub device: Device,
+    /// Output folder.
+    pub out: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            dataset: DatasetKind::FashionMnist,
+            data: None,
+            resize: None,
+            channels: None,
+            method: Method::Muscle,
+            model: ModelKind::ConvNet { width: 32 },
+            labels: 40,
+            val: 0,
+            imbalance: 1.0,
+            seed: 0,
+            steps: 1000,
+            batch: 64,
+            unlabeled_batch: 256,
+            lr: 2e-3,
+            optimizer: OptimizerKind::AdamW,
+            weight_decay: 5e-4,
+            momentum: 0.9,
+            cosine: true,
+            w_mi: 1.0,
+            lambda: 1.0,
+            ramp: 0.2,
+            ema: 0.999,
+            eval_every: 200,
+            eval_batch: 500,
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            device: Device::Cpu,
+            out: None,
+        }
+    }
+}
+
+fn positive(name: &str, ok: bool) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!("{name}: must be positive")))
+    }
+}
+
+impl TrainConfig {
+    /// Rejects values that can never be valid, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        positive("--steps", self.steps > 0)?;
+        positive("--batch", self.batch > 0)?;
+        positive("--labels", self.labels > 0)?;
+        positive("--eval-every", self.eval_every > 0)?;
+        positive("--eval-batch", self.eval_batch > 0)?;
+        positive("--threads", self.threads > 0)?;
+        positive("--lr", self.lr.is_finite() && self.lr > 0.0)?;
+        positive("--lambda", self.lambda.is_finite() && self.lambda > 0.0)?;
+        if self.method.uses_unlabeled() {
+            positive("--unlabeled-batch", self.unlabeled_batch > 0)?;
+        }
+        if !(self.imbalance.is_finite() && self.imbalance >= 1.0) {
+            return Err(Error::usage("--label-imbalance: must be at least 1"));
+        }
+        if !(self.w_mi.is_finite() && self.w_mi >= 0.0) {
+            return Err(Error::usage("--w-mi: must be a finite value >= 0"));
+        }
+        if !(0.0..=1.0).contains(&self.ramp) {
+            return Err(Error::usage("--ramp: must be a fraction in [0, 1]"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::usage("--weight-decay: must be a finite value >= 0"));
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            return Err(Error::usage("--ema: must be in [0, 1)"));
+        }
+        if let ModelKind::ConvNet { width: 0 } = self.model {
+            return Err(Error::usage("--width: must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Steps of the unsupervised weights' ramp-up.
+    pub fn ramp_steps(&self) -> u64 {
+        (self.ramp * self.steps as f64).round() as u64
+    }
+
+    /// Every option's value, for config.json.
+    pub fn to_json(&self) -> Value {
+        let width = match self.model {
+            ModelKind::ConvNet { width } => Some(width),
+            _ => None,
+        };
+        json!({
+            "dataset": self.dataset.name(),
+            "data": self.data.as_ref().map(|p| p.display().to_string()),
+            "resize": self.resize,
+            "channels": self.channels,
+            "method": self.method.to_string(),
+            "model": self.model.to_string(),
+            "width": width,
+            "labels": self.labels,
+            "val": self.val,
+            "label_imbalance": self.imbalance,
+            "seed": self.seed,
+            "steps": self.steps,
+            "batch": self.batch,
+            "unlabeled_batch": self.unlabeled_batch,
+            "lr": self.lr,
+            "optimizer": format!("{:?}", self.optimizer).to_lowercase(),
+            "weight_decay": self.weight_decay,
+            "momentum": self.momentum,
+            "schedule": if self.cosine { "cosine" } else { "constant" },
+            "w_mi": self.w_mi,
+            "lambda": self.lambda,
+            "ramp": self.ramp,
+            "ema": self.ema,
+            "eval_every": self.eval_every,
+            "eval_batch": self.eval_batch,
+            "threads": self.threads,
+            "device": self.device.to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "git_commit": option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown"),
+            "features": crate::build_features(),
+        })
+    }
+}

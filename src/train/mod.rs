@@ -1,0 +1,331 @@
+//! The training loop: batches -> objective on the tape -> backward -> optimizer + EMA, evaluation
+//! every K steps, and the run's files (config.json, metrics.jsonl, checkpoints, summary.json).
+
+pub mod checkpoint;
+mod config;
+mod eval;
+mod state;
+
+pub use config::{OptimizerKind, TrainConfig};
+pub use eval::{argmax_rows, evaluate, EvalResult};
+pub use state::{checkpoint_of, model_from_checkpoint, CheckpointInfo};
+
+use crate::autograd::Tape;
+use crate::data::{self, Augment, Dataset, Loader, StepBatch, TrainTest};
+use crate::error::{Error, ErrorKind, Result};
+use crate::nn::{Model, ModelSpec};
+use crate::optim::{Adam, AdamConfig, Ema, EmaDecay, Optimizer, Schedule, Sgd, SgdConfig};
+use crate::ssl::{step_loss, ObjectiveConfig};
+use serde::Serialize;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the loop reports after each step, for a progress display.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Steps done.
+    pub step: u64,
+    /// Steps in the run.
+    pub steps: u64,
+    /// Total loss of the last step.
+    pub loss: f32,
+    /// Supervised term.
+    pub sup: f32,
+    /// MI term (unweighted).
+    pub mi: f32,
+    /// Training images per second so far (evaluation excluded).
+    pub images_per_second: f64,
+    /// Seconds of training so far.
+    pub train_seconds: f64,
+    /// The evaluation done at this step, if any: (raw accuracy, EMA accuracy).
+    pub eval: Option<(f64, f64)>,
+}
+
+/// The end of a run (summary.json).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Objective.
+    pub method: String,
+    /// Data set name.
+    pub dataset: String,
+    /// Architecture.
+    pub model: String,
+    /// Labeled images.
+    pub labels: usize,
+    /// Steps run.
+    pub steps: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Device.
+    pub device: String,
+    /// Threads.
+    pub threads: usize,
+    /// Test accuracy of the raw weights.
+    pub test_accuracy: f64,
+    /// Test accuracy of the EMA weights (the headline).
+    pub test_accuracy_ema: f64,
+    /// Validation accuracy of the EMA weights, when there is a validation split.
+    pub val_accuracy_ema: Option<f64>,
+    /// Per-class test accuracy of the EMA weights.
+    pub per_class_accuracy: Vec<f64>,
+    /// Test confusion matrix of the EMA weights, [true][predicted].
+    pub confusion_matrix: Vec<Vec<u64>>,
+    /// Wall time of the whole run, evaluation included.
+    pub wall_seconds: f64,
+    /// Training images per second (labeled + every unlabeled view), evaluation excluded.
+    pub train_images_per_second: f64,
+}
+
+/// Loads the data a config names: the embedded subset, or the full set from `--data`.
+pub fn load_data(cfg: &TrainConfig) -> Result<TrainTest> {
+    match &cfg.data {
+        None if cfg.dataset == data::DatasetKind::FashionMnist => data::embedded(),
+        None => Err(Error::usage(format!(
+            "--dataset {}: needs --data DIR (only Fashion-MNIST is embedded)",
+            cfg.dataset.name()
+        ))),
+        Some(dir) => data::load(cfg.dataset, dir, cfg.resize, cfg.channels),
+    }
+}
+
+fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
+    Ok(match cfg.optimizer {
+        OptimizerKind::AdamW => Box::new(Adam::new(AdamConfig::adamw(cfg.lr, cfg.weight_decay))?),
+        OptimizerKind::Adam => {
+            Box::new(Adam::new(AdamConfig { weight_decay: cfg.weight_decay, ..AdamConfig::adam(cfg.lr) })?)
+        }
+        OptimizerKind::Sgd => {
+            let mut s = SgdConfig::new(cfg.lr);
+            s.momentum = cfg.momentum;
+            s.weight_decay = cfg.weight_decay;
+            Box::new(Sgd::new(s)?)
+        }
+    })
+}
+
+/// The run's output folder and its files.
+struct RunFiles {
+    dir: PathBuf,
+    metrics: std::fs::File,
+}
+
+impl RunFiles {
+    fn create(dir: &Path, cfg: &TrainConfig) -> Result<RunFiles> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let config = serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::format(e.to_string()))?;
+        checkpoint::write_atomic(&dir.join("config.json"), format!("{config}\n").as_bytes())?;
+        let path = dir.join("metrics.jsonl");
+        let metrics = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(RunFiles { dir: dir.to_path_buf(), metrics })
+    }
+
+    fn metric(&mut self, line: &serde_json::Value) -> Result<()> {
+        let path = self.dir.join("metrics.jsonl");
+        writeln!(self.metrics, "{line}").and_then(|_| self.metrics.flush()).map_err(|e| Error::io(&path, e))
+    }
+}
+
+/// Trains as `cfg` says, calling `progress` after every step; returns the summary.
+pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+    let started = Instant::now();
+    cfg.validate()?;
+    cfg.device.check_available()?;
+    crate::cpu::set_threads(cfg.threads)?;
+    let TrainTest { train, test } = load_data(cfg)?;
+    let split = data::split(&train, cfg.labels, cfg.val, cfg.imbalance, cfg.seed)?;
+    let aug = Augment::for_dataset(cfg.dataset, &train);
+    let spec = ModelSpec {
+        kind: cfg.model,
+        in_channels: train.channels,
+        height: train.height,
+        width: train.width,
+        classes: train.classes,
+    };
+    let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
+    let views = if cfg.method.uses_unlabeled() { 2 } else { 0 };
+    let train = Arc::new(train);
+    let mut loader =
+        Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch, cfg.unlabeled_batch, views, 0)?;
+    let mut files = cfg.out.as_deref().map(|d| RunFiles::create(d, cfg)).transpose()?;
+    let eval_aug = Augment::normalize_only(aug.mean.clone(), aug.std.clone());
+    let images_per_step = cfg.batch + views * cfg.unlabeled_batch;
+
+    let mut train_seconds = 0.0f64;
+    let mut ema_model = trainer.model.clone();
+    let mut last_eval = None;
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        let batch = loader.next()?;
+        let StepStats { loss, sup, mi, w_mi, lr } = trainer.step(&batch, step)?;
+        train_seconds += t0.elapsed().as_secs_f64();
+        let model = &mut trainer.model;
+
+        let done = step + 1;
+        let mut report = Progress {
+            step: done,
+            steps: cfg.steps,
+            loss,
+            sup,
+            mi,
+            images_per_second: (done as usize * images_per_step) as f64 / train_seconds.max(1e-9),
+            train_seconds,
+            eval: None,
+        };
+        if done % cfg.eval_every == 0 || done == cfg.steps {
+            trainer.ema.apply_to(&mut ema_model)?;
+            let raw = evaluate(model, &test, None, &eval_aug, cfg.eval_batch)?;
+            let avg = evaluate(&mut ema_model, &test, None, &eval_aug, cfg.eval_batch)?;
+            let val = if split.val.is_empty() {
+                None
+            } else {
+                Some(evaluate(&mut ema_model, &train, Some(&split.val), &eval_aug, cfg.eval_batch)?.accuracy)
+            };
+            report.eval = Some((raw.accuracy, avg.accuracy));
+            if let Some(f) = files.as_mut() {
+                f.metric(&json!({
+                    "step": done, "loss": loss, "loss_supervised": sup, "loss_mi": mi,
+                    "w_mi": w_mi, "lr": lr, "test_accuracy": raw.accuracy,
+                    "test_accuracy_ema": avg.accuracy, "val_accuracy_ema": val,
+                    "images_per_second": report.images_per_second,
+                }))?;
+                save_checkpoints(&f.dir, model, &ema_model, trainer.optimizer.as_ref(), done, cfg, &train, &aug)?;
+            }
+            last_eval = Some((raw, avg, val));
+        }
+        progress(&report);
+    }
+    let (raw, avg, val) = last_eval.ok_or_else(|| Error::usage("--steps: no evaluation ran"))?;
+    let summary = Summary {
+        method: cfg.method.to_string(),
+        dataset: train.name.clone(),
+        model: cfg.model.to_string(),
+        labels: split.labeled.len(),
+        steps: cfg.steps,
+        seed: cfg.seed,
+        device: cfg.device.to_string(),
+        threads: cfg.threads,
+        test_accuracy: raw.accuracy,
+        test_accuracy_ema: avg.accuracy,
+        val_accuracy_ema: val,
+        per_class_accuracy: avg.per_class_accuracy,
+        confusion_matrix: avg.confusion_matrix,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        train_images_per_second: (cfg.steps as usize * images_per_step) as f64 / train_seconds.max(1e-9),
+    };
+    if let Some(f) = &files {
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::format(e.to_string()))?;
+        checkpoint::write_atomic(&f.dir.join("summary.json"), format!("{text}\n").as_bytes())?;
+    }
+    Ok(summary)
+}
+
+/// The scalars of one training step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    /// Total loss.
+    pub loss: f32,
+    /// Supervised term.
+    pub sup: f32,
+    /// MI term (unweighted).
+    pub mi: f32,
+    /// MI weight this step.
+    pub w_mi: f32,
+    /// Learning rate this step.
+    pub lr: f32,
+}
+
+/// The model with everything that updates it: objective, optimizer, schedule, EMA.
+pub struct Trainer {
+    /// The trained (raw) model.
+    pub model: Model,
+    /// Its optimizer.
+    pub optimizer: Box<dyn Optimizer>,
+    /// The EMA of its weights.
+    pub ema: Ema,
+    schedule: Schedule,
+    objective: ObjectiveConfig,
+    base_lr: f32,
+    seed: u64,
+}
+
+impl Trainer {
+    /// A trainer for `model` configured by `cfg`.
+    pub fn new(cfg: &TrainConfig, model: Model) -> Result<Trainer> {
+        Ok(Trainer {
+            optimizer: make_optimizer(cfg)?,
+            ema: Ema::new(&model, EmaDecay::Warmup { max: cfg.ema }, false)?,
+            schedule: if cfg.cosine { Schedule::cosine(cfg.steps, 0)? } else { Schedule::constant() },
+            objective: ObjectiveConfig {
+                method: cfg.method,
+                w_mi: cfg.w_mi,
+                lambda: cfg.lambda,
+                ramp_steps: cfg.ramp_steps(),
+            },
+            base_lr: cfg.lr,
+            seed: cfg.seed,
+            model,
+        })
+    }
+
+    /// One step: loss on the tape, backward, optimizer update, EMA update. A non-finite loss
+    /// stops with an error naming the step and the term.
+    pub fn step(&mut self, batch: &StepBatch, step: u64) -> Result<StepStats> {
+        let tape = Tape::new();
+        let terms = {
+            let _p = crate::profile::scope("forward");
+            step_loss(&self.objective, &mut self.model, &tape, batch, step, self.seed)?
+        };
+        let loss = terms.total.item()?;
+        for (name, v) in [("total", loss), ("supervised", terms.sup), ("mi", terms.mi)] {
+            if !v.is_finite() {
+                return Err(Error::new(ErrorKind::NonFinite, format!("step {step}: the {name} loss is {v}; stopping")));
+            }
+        }
+        let grads = {
+            let _p = crate::profile::scope("backward");
+            tape.backward(&terms.total)?
+        };
+        let lr = self.schedule.lr(self.base_lr, step);
+        {
+            let _p = crate::profile::scope("optimizer");
+            self.optimizer.step(&mut self.model, &grads, lr)?;
+        }
+        drop(grads);
+        let _p = crate::profile::scope("ema");
+        self.ema.update(&self.model, step)?;
+        Ok(StepStats { loss, sup: terms.sup, mi: terms.mi, w_mi: terms.w_mi, lr })
+    }
+}
+
+/// Writes resume.safetensors (first) and checkpoint.safetensors, each atomically.
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoints(
+    dir: &Path,
+    model: &Model,
+    ema_model: &Model,
+    optimizer: &dyn Optimizer,
+    step: u64,
+    cfg: &TrainConfig,
+    train: &Dataset,
+    aug: &Augment,
+) -> Result<()> {
+    let info = CheckpointInfo::new(train, aug, step, cfg);
+    let mut resume = checkpoint_of(model, &info)?;
+    for e in resume.entries.iter_mut() {
+        e.name = format!("model.{}", e.name);
+    }
+    let mut ema_entries = checkpoint_of(ema_model, &info)?.entries;
+    for e in ema_entries.iter_mut() {
+        e.name = format!("ema.{}", e.name);
+    }
+    resume.entries.extend(ema_entries);
+    for (name, t) in optimizer.state_tensors() {
+        resume.entries.push(checkpoint::Entry::f32(format!("optim.{name}"), &t)?);
+    }
+    resume.metadata.insert("config".into(), cfg.to_json().to_string());
+    resume.save(&dir.join("resume.safetensors"))?;
+    checkpoint_of(ema_model, &info)?.save(&dir.join("checkpoint.safetensors"))
+}

@@ -1,0 +1,58 @@
+//! Bad shapes are errors that name both shapes, never panics.
+
+use muscle::ops::{self, Conv2dParams};
+use muscle::testing::randn;
+use muscle::{ErrorKind, Tape};
+
+fn expect_shape_err<T: std::fmt::Debug>(r: muscle::Result<T>, needles: &[&str]) {
+    let e = r.expect_err("must be an error");
+    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    for n in needles {
+        assert!(e.message().contains(n), "message '{e}' does not name {n}");
+    }
+}
+
+#[test]
+fn every_op_rejects_mismatched_shapes() {
+    let t = Tape::new();
+    expect_shape_err(ops::matmul(&t, &randn(&[3, 4], 1), &randn(&[5, 2], 2)), &["[3, 4]", "[5, 2]"]);
+    expect_shape_err(ops::add(&t, &randn(&[3, 4], 1), &randn(&[4, 3], 2)), &["[3, 4]", "[4, 3]"]);
+    expect_shape_err(ops::linear(&t, &randn(&[2, 5], 1), &randn(&[3, 4], 2), None), &["[2, 5]", "[3, 4]"]);
+    expect_shape_err(
+        ops::conv2d(&t, &randn(&[1, 3, 8, 8], 1), &randn(&[4, 2, 3, 3], 2), Conv2dParams { stride: 1, pad: 1 }),
+        &["[1, 3, 8, 8]", "[4, 2, 3, 3]"],
+    );
+    expect_shape_err(
+        ops::conv2d(&t, &randn(&[1, 2, 2, 2], 1), &randn(&[4, 2, 3, 3], 2), Conv2dParams { stride: 1, pad: 0 }),
+        &["[1, 2, 2, 2]", "[4, 2, 3, 3]"],
+    );
+    expect_shape_err(
+        ops::conv2d(&t, &randn(&[3, 8, 8], 1), &randn(&[4, 3, 3, 3], 2), Conv2dParams { stride: 1, pad: 1 }),
+        &["[3, 8, 8]"],
+    );
+    expect_shape_err(
+        ops::batch_norm_train(&t, &randn(&[2, 3, 4, 4], 1), &randn(&[4], 2), &randn(&[3], 3), 1e-5),
+        &["[4]", "[2, 3, 4, 4]"],
+    );
+    expect_shape_err(ops::max_pool2d(&t, &randn(&[1, 1, 1, 1], 1), 2), &["[1, 1, 1, 1]"]);
+    expect_shape_err(ops::cross_entropy(&t, &randn(&[3, 4], 1), &[0, 1]), &["[3, 4]"]);
+    expect_shape_err(ops::cross_entropy(&t, &randn(&[2, 4], 1), &[0, 4]), &["label 4"]);
+    expect_shape_err(ops::cross_entropy_soft(&t, &randn(&[3, 4], 1), &randn(&[3, 5], 2)), &["[3, 4]", "[3, 5]"]);
+    expect_shape_err(ops::mse(&t, &randn(&[3, 4], 1), &randn(&[4, 3], 2)), &["[3, 4]", "[4, 3]"]);
+    expect_shape_err(ops::concat_rows(&t, &[&randn(&[2, 3], 1), &randn(&[2, 4], 2)]), &["[2, 3]", "[2, 4]"]);
+    expect_shape_err(ops::narrow_rows(&t, &randn(&[2, 3], 1), 1, 2), &["[2, 3]"]);
+    expect_shape_err(ops::softmax(&t, &randn(&[2, 3, 4], 1)), &["[2, 3, 4]"]);
+    expect_shape_err(muscle::Tensor::from_vec(vec![0.0; 5], &[2, 3]), &["[2, 3]"]);
+    expect_shape_err(t.backward(&randn(&[2], 1)), &["[2]"]);
+}
+
+#[test]
+fn a_model_rejects_the_wrong_image_size() {
+    use muscle::nn::{ForwardCtx, Model, ModelKind, ModelSpec};
+    let spec = ModelSpec { kind: ModelKind::ConvNet { width: 4 }, in_channels: 1, height: 28, width: 28, classes: 10 };
+    let mut m = Model::new(spec, 0).expect("model");
+    expect_shape_err(
+        m.forward(&Tape::no_grad(), &randn(&[2, 3, 28, 28], 1), &ForwardCtx::eval()),
+        &["[2, 3, 28, 28]", "1x28x28"],
+    );
+}

@@ -1,0 +1,124 @@
+//! Every op's backward against central finite differences on random inputs. The tolerance is
+//! relative (||analytic - numeric|| / ||numeric||): a sign error or a dropped term gives O(1).
+
+use crate::common::distinct;
+use muscle::ops::{self, Conv2dParams};
+use muscle::testing::{check_gradients, rand_uniform, randn};
+use muscle::{Result, Tape, Tensor};
+
+const EPS: f32 = 1e-2;
+const TOL: f64 = 1e-2;
+const PROBES: usize = 60;
+
+fn check(f: &dyn Fn(&Tape, &[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) {
+    let report = check_gradients(f, inputs, EPS, TOL, PROBES).expect("gradient check");
+    for r in &report {
+        assert!(r.norm > 1e-4, "input {} got a vanishing test gradient: the check proves nothing", r.input);
+    }
+}
+
+#[test]
+fn matmul() {
+    check(&|t, x| ops::matmul(t, &x[0], &x[1]), &[randn(&[3, 4], 1), randn(&[4, 5], 2)]);
+}
+
+#[test]
+fn linear() {
+    check(&|t, x| ops::linear(t, &x[0], &x[1], Some(&x[2])), &[randn(&[4, 6], 1), randn(&[3, 6], 2), randn(&[3], 3)]);
+}
+
+#[test]
+fn conv2d_stride_and_padding() {
+    for &(stride, pad, k) in &[(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 0, 1), (1, 0, 1)] {
+        let p = Conv2dParams { stride, pad };
+        check(&|t, x| ops::conv2d(t, &x[0], &x[1], p), &[randn(&[3, 2, 6, 5], 1), randn(&[4, 2, k, k], 2)]);
+    }
+}
+
+#[test]
+fn batch_norm_train_and_eval() {
+    let gamma = randn(&[3], 3);
+    check(
+        &|t, x| Ok(ops::batch_norm_train(t, &x[0], &x[1], &x[2], 1e-5)?.0),
+        &[randn(&[4, 3, 3, 2], 1), gamma.clone(), randn(&[3], 4)],
+    );
+    let (mean, var) = (randn(&[3], 5), rand_uniform(&[3], 0.5, 2.0, 6));
+    check(
+        &|t, x| ops::batch_norm_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5),
+        &[randn(&[2, 3, 3, 3], 1), gamma, randn(&[3], 4)],
+    );
+}
+
+#[test]
+fn relu_and_leaky_relu() {
+    check(&|t, x| ops::relu(t, &x[0]), &[distinct(&[2, 3, 4], 1)]);
+    check(&|t, x| ops::leaky_relu(t, &x[0], 0.1), &[distinct(&[2, 3, 4], 2)]);
+}
+
+#[test]
+fn pooling() {
+    check(&|t, x| ops::max_pool2d(t, &x[0], 2), &[distinct(&[2, 3, 5, 4], 1)]);
+    check(&|t, x| ops::global_avg_pool(t, &x[0]), &[randn(&[2, 3, 3, 4], 2)]);
+}
+
+#[test]
+fn dropout_with_a_fixed_mask() {
+    check(&|t, x| ops::dropout(t, &x[0], 0.3, 7, 11), &[randn(&[4, 10], 1)]);
+}
+
+#[test]
+fn add_scale_and_shapes() {
+    check(&|t, x| ops::add(t, &x[0], &x[1]), &[randn(&[3, 4], 1), randn(&[3, 4], 2)]);
+    check(&|t, x| ops::scale(t, &x[0], -1.7), &[randn(&[3, 4], 1)]);
+    check(&|t, x| ops::flatten(t, &x[0]), &[randn(&[2, 3, 2, 2], 1)]);
+    check(&|t, x| ops::concat_rows(t, &[&x[0], &x[1]]), &[randn(&[2, 3], 1), randn(&[4, 3], 2)]);
+    check(&|t, x| ops::narrow_rows(t, &x[0], 1, 2), &[randn(&[4, 3], 1)]);
+}
+
+#[test]
+fn a_tensor_used_twice_gets_the_sum() {
+    // y = x + lrelu(x) + x*... : two paths from x must both contribute.
+    check(&|t, x| ops::add(t, &x[0], &ops::leaky_relu(t, &x[0], 0.1)?), &[distinct(&[3, 4], 1)]);
+    check(&|t, x| ops::matmul(t, &x[0], &x[0]), &[randn(&[4, 4], 3)]);
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    check(&|t, x| ops::softmax(t, &x[0]), &[randn(&[4, 7], 1)]);
+    check(&|t, x| ops::log_softmax(t, &x[0]), &[randn(&[4, 7], 2)]);
+}
+
+#[test]
+fn cross_entropies_and_mse() {
+    let labels = [0usize, 3, 6, 2, 2];
+    check(&|t, x| ops::cross_entropy(t, &x[0], &labels), &[randn(&[5, 7], 1)]);
+    let q = ops::softmax(&Tape::no_grad(), &randn(&[5, 7], 9)).expect("softmax");
+    check(&|t, x| ops::cross_entropy_soft(t, &x[0], &q), &[randn(&[5, 7], 2)]);
+    check(&|t, x| ops::mse(t, &ops::softmax(t, &x[0])?, &q), &[randn(&[5, 7], 3)]);
+}
+
+#[test]
+fn a_small_network_end_to_end() {
+    // conv -> BN(train) -> LReLU -> max-pool -> GAP -> linear -> CE: the tape chains them all.
+    let labels = [1usize, 0, 2];
+    let f = |t: &Tape, x: &[Tensor]| -> Result<Tensor> {
+        let h = ops::conv2d(t, &x[0], &x[1], Conv2dParams { stride: 1, pad: 1 })?;
+        let (h, _) = ops::batch_norm_train(t, &h, &x[2], &x[3], 1e-5)?;
+        let h = ops::leaky_relu(t, &h, 0.1)?;
+        let h = ops::max_pool2d(t, &h, 2)?;
+        let h = ops::global_avg_pool(t, &h)?;
+        let h = ops::linear(t, &h, &x[4], Some(&x[5]))?;
+        ops::cross_entropy(t, &h, &labels)
+    };
+    check(
+        &f,
+        &[
+            randn(&[3, 2, 6, 6], 1),
+            randn(&[4, 2, 3, 3], 2),
+            randn(&[4], 3),
+            randn(&[4], 4),
+            randn(&[3, 4], 5),
+            randn(&[3], 6),
+        ],
+    );
+}
