@@ -14,6 +14,7 @@ pub mod error;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod pool;
 pub mod profile;
 pub mod rng;
 pub mod ssl;

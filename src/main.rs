@@ -207,7 +207,10 @@ impl TrainArgs {
 
 fn main() -> ExitCode {
     muscle::profile::init_from_env();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return clap_error(e),
+    };
     let result = match cli.command {
         Command::Train(a) => run_train(&a),
         Command::Eval(a) => run_eval(&a),
@@ -221,6 +224,19 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// Help and version print as clap formats them; every parse error becomes one line, exit 2.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as K;
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.to_string();
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid arguments");
+    eprintln!("error: {} (see --help)", first.trim_start_matches("error: ").trim_end_matches('.'));
+    ExitCode::from(2)
 }
 
 /// A one-line progress bar on a terminal; plain log lines (every 50 steps and at evaluations)

@@ -20,10 +20,30 @@ impl TensorId {
 }
 
 /// Where a tensor's elements are stored.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Storage {
     /// Host memory, f32, contiguous row-major (NCHW for images).
     Cpu(Vec<f32>),
+}
+
+impl Clone for Storage {
+    fn clone(&self) -> Storage {
+        match self {
+            Storage::Cpu(v) => {
+                let mut c = crate::pool::take(v.len());
+                c.copy_from_slice(v);
+                Storage::Cpu(c)
+            }
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        match self {
+            Storage::Cpu(v) => crate::pool::give(std::mem::take(v)),
+        }
+    }
 }
 
 /// An f32 tensor, contiguous, row-major.
@@ -71,8 +91,9 @@ impl Tensor {
 
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: f32) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::cpu(vec![value; n], shape.to_vec())
+        let mut v = crate::pool::take(shape.iter().product());
+        v.fill(value);
+        Tensor::cpu(v, shape.to_vec())
     }
 
     /// A 0-dimensional tensor.

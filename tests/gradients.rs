@@ -11,7 +11,11 @@ const TOL: f64 = 1e-2;
 const PROBES: usize = 60;
 
 fn check(f: &dyn Fn(&Tape, &[Tensor]) -> Result<Tensor>, inputs: &[Tensor]) {
-    let report = check_gradients(f, inputs, EPS, TOL, PROBES).expect("gradient check");
+    check_eps(f, inputs, EPS)
+}
+
+fn check_eps(f: &dyn Fn(&Tape, &[Tensor]) -> Result<Tensor>, inputs: &[Tensor], eps: f32) {
+    let report = check_gradients(f, inputs, eps, TOL, PROBES).expect("gradient check");
     for r in &report {
         assert!(r.norm > 1e-4, "input {} got a vanishing test gradient: the check proves nothing", r.input);
     }
@@ -47,6 +51,44 @@ fn batch_norm_train_and_eval() {
         &|t, x| ops::batch_norm_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5),
         &[randn(&[2, 3, 3, 3], 1), gamma, randn(&[3], 4)],
     );
+}
+
+#[test]
+fn fused_batch_norm_leaky_relu() {
+    // Shifted mean and spread so both sides of the kink and the one-pass variance are exercised.
+    let x = || ops::scale(&Tape::no_grad(), &randn(&[4, 3, 3, 3], 1), 3.0).expect("scale");
+    let (gamma, beta) = (randn(&[3], 3), randn(&[3], 4));
+    // A gamma step moves every z of a channel, so a small step keeps the differences off the
+    // activation's kink.
+    let f = |t: &Tape, x: &[Tensor]| Ok(ops::batch_norm_act_train(t, &x[0], &x[1], &x[2], 1e-5, Some(0.1))?.0);
+    check_eps(&f, &[x(), gamma.clone(), beta.clone()], 1e-3);
+    let (mean, var) = (randn(&[3], 5), rand_uniform(&[3], 0.5, 2.0, 6));
+    check_eps(
+        &|t, x| ops::batch_norm_act_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5, Some(0.1)),
+        &[x(), gamma.clone(), beta.clone()],
+        1e-3,
+    );
+    // The fused op equals BN followed by LeakyReLU, forward and backward.
+    let run = |fused: bool| {
+        let ps: Vec<Tensor> = [x(), gamma.clone(), beta.clone()].into_iter().map(|t| t.into_param()).collect();
+        let tape = Tape::new();
+        let y = if fused {
+            ops::batch_norm_act_train(&tape, &ps[0], &ps[1], &ps[2], 1e-5, Some(0.1)).expect("fused").0
+        } else {
+            let (z, _) = ops::batch_norm_train(&tape, &ps[0], &ps[1], &ps[2], 1e-5).expect("bn");
+            ops::leaky_relu(&tape, &z, 0.1).expect("lrelu")
+        };
+        let proj = randn(y.shape(), 8);
+        let g = tape.backward_with(&y, proj).expect("backward");
+        let mut out = y.to_vec().expect("cpu");
+        for p in &ps {
+            out.extend(g.get(p).expect("grad").to_vec().expect("cpu"));
+        }
+        out
+    };
+    for (a, b) in run(true).iter().zip(run(false)) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "fused {a} vs composed {b}");
+    }
 }
 
 #[test]

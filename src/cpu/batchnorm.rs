@@ -1,4 +1,8 @@
-//! Batch normalisation over (N, H, W) per channel, NCHW, parallel over channels.
+//! Batch normalisation over (N, H, W) per channel, NCHW, parallel over channels, with an
+//! optional fused LeakyReLU: y = act(gamma * (x - mean) / sqrt(var + eps) + beta).
+//!
+//! Fusing the activation saves a full read and write of the activation tensor in each direction;
+//! the backward recomputes the activation's mask from x instead of storing it.
 
 use super::conv::SyncPtr;
 use rayon::prelude::*;
@@ -14,13 +18,53 @@ pub struct BatchStats {
     pub invstd: Vec<f32>,
 }
 
-/// Runs `f(c, &channel_view)` for every channel in parallel; the view yields the channel's
-/// `n` planes of `hw` elements.
-fn planes(x: &[f32], n: usize, c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[f32]> {
-    (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
+/// Lanes of the explicit accumulators: independent partial sums let the compiler vectorise
+/// (a plain f32 `sum()` is sequential because float addition is not associative).
+const LANES: usize = 16;
+
+/// Sums of (v - k) and (v - k)^2 over a slice, in f32 lanes, returned in f64.
+#[inline]
+fn shifted_sums(xs: &[f32], k: f32) -> (f64, f64) {
+    let mut s = [0.0f32; LANES];
+    let mut q = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let d = c[l] - k;
+            s[l] += d;
+            q[l] += d * d;
+        }
+    }
+    let (mut s1, mut q1) = (0.0f64, 0.0f64);
+    for &v in chunks.remainder() {
+        let d = (v - k) as f64;
+        s1 += d;
+        q1 += d * d;
+    }
+    (s1 + s.iter().map(|&v| v as f64).sum::<f64>(), q1 + q.iter().map(|&v| v as f64).sum::<f64>())
 }
 
-/// Training forward: normalise with the batch statistics; returns them.
+/// The activation's derivative factor given the pre-activation z.
+#[inline(always)]
+fn act_grad(z: f32, slope: f32) -> f32 {
+    if z > 0.0 {
+        1.0
+    } else {
+        slope
+    }
+}
+
+#[inline(always)]
+fn act(z: f32, slope: f32) -> f32 {
+    if z > 0.0 {
+        z
+    } else {
+        slope * z
+    }
+}
+
+/// Training forward: normalise with the batch statistics (then LeakyReLU with `slope` when
+/// given); returns the statistics.
 pub fn forward_train(
     x: &[f32],
     n: usize,
@@ -29,6 +73,7 @@ pub fn forward_train(
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
+    slope: Option<f32>,
     y: &mut [f32],
 ) -> BatchStats {
     let m = (n * hw) as f64;
@@ -36,12 +81,18 @@ pub fn forward_train(
     let stats: Vec<(f32, f32, f32)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            // Two passes in f64: the one-pass formula loses digits when |mean| >> std.
-            let sum: f64 = planes(x, n, c, hw, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
-            let mean = sum / m;
-            let ss: f64 =
-                planes(x, n, c, hw, ch).map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum();
-            let var = ss / m;
+            // Shifting by one sample of the channel keeps the one-pass variance accurate even
+            // when |mean| >> std.
+            let k = x[ch * hw];
+            let (mut s, mut q) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let (a, b) = shifted_sums(&x[(i * c + ch) * hw..(i * c + ch + 1) * hw], k);
+                s += a;
+                q += b;
+            }
+            let mean_k = s / m;
+            let var = (q / m - mean_k * mean_k).max(0.0);
+            let mean = mean_k + k as f64;
             let invstd = 1.0 / (var + eps as f64).sqrt();
             let scale = (gamma[ch] as f64 * invstd) as f32;
             let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
@@ -49,8 +100,10 @@ pub fn forward_train(
                 let off = (i * c + ch) * hw;
                 // SAFETY: each (image, channel) plane is written by one task only.
                 let dst = unsafe { yp.slice(off, hw) };
-                for (d, &v) in dst.iter_mut().zip(&x[off..off + hw]) {
-                    *d = v * scale + shift;
+                let src = &x[off..off + hw];
+                match slope {
+                    Some(a) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v * scale + shift, a)),
+                    None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale + shift),
                 }
             }
             (mean as f32, var as f32, invstd as f32)
@@ -63,10 +116,9 @@ pub fn forward_train(
     }
 }
 
-/// Evaluation forward: normalise with running statistics.
+/// Evaluation forward: normalise with running statistics (then LeakyReLU when given).
 pub fn forward_eval(
     x: &[f32],
-    n: usize,
     c: usize,
     hw: usize,
     gamma: &[f32],
@@ -74,6 +126,7 @@ pub fn forward_eval(
     mean: &[f32],
     var: &[f32],
     eps: f32,
+    slope: Option<f32>,
     y: &mut [f32],
 ) {
     y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (dst, src))| {
@@ -81,14 +134,15 @@ pub fn forward_eval(
         let invstd = 1.0 / (var[ch] + eps).sqrt();
         let scale = gamma[ch] * invstd;
         let shift = beta[ch] - mean[ch] * scale;
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = v * scale + shift;
+        match slope {
+            Some(a) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v * scale + shift, a)),
+            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale + shift),
         }
     });
-    debug_assert_eq!(x.len(), n * c * hw);
 }
 
-/// Training backward: dx (overwritten, when given), and dgamma, dbeta (overwritten).
+/// Training backward: dx (overwritten, when given), and dgamma, dbeta (overwritten). With
+/// `slope`, `dy` is the gradient of the activation's output.
 pub fn backward_train(
     x: &[f32],
     dy: &[f32],
@@ -96,6 +150,8 @@ pub fn backward_train(
     c: usize,
     hw: usize,
     gamma: &[f32],
+    beta: &[f32],
+    slope: Option<f32>,
     stats: &BatchStats,
     dx: Option<&mut [f32]>,
     dgamma: &mut [f32],
@@ -107,29 +163,49 @@ pub fn backward_train(
         .into_par_iter()
         .map(|ch| {
             let (mean, invstd) = (stats.mean[ch], stats.invstd[ch]);
-            let mut sdy = 0.0f64;
-            let mut sdyx = 0.0f64;
+            let (g, b) = (gamma[ch], beta[ch]);
+            let a = slope.unwrap_or(1.0);
+            // dz = dy * act'(z), z = g * xhat + b; sums of dz and dz * xhat in f32 lanes.
+            let (mut sdz, mut sdzx) = (0.0f64, 0.0f64);
             for i in 0..n {
                 let off = (i * c + ch) * hw;
-                for (&g, &v) in dy[off..off + hw].iter().zip(&x[off..off + hw]) {
-                    sdy += g as f64;
-                    sdyx += g as f64 * ((v - mean) * invstd) as f64;
+                let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+                let (gs, xs) = (&dy[off..off + hw], &x[off..off + hw]);
+                let mut cg = gs.chunks_exact(LANES);
+                let mut cx = xs.chunks_exact(LANES);
+                for (gc, xc) in (&mut cg).zip(&mut cx) {
+                    for l in 0..LANES {
+                        let xh = (xc[l] - mean) * invstd;
+                        let dz = gc[l] * act_grad(g * xh + b, a);
+                        s1[l] += dz;
+                        s2[l] += dz * xh;
+                    }
                 }
+                for (&gv, &xv) in cg.remainder().iter().zip(cx.remainder()) {
+                    let xh = (xv - mean) * invstd;
+                    let dz = gv * act_grad(g * xh + b, a);
+                    s1[0] += dz;
+                    s2[0] += dz * xh;
+                }
+                sdz += s1.iter().map(|&v| v as f64).sum::<f64>();
+                sdzx += s2.iter().map(|&v| v as f64).sum::<f64>();
             }
             if let Some(dxp) = dxp {
-                let k = gamma[ch] * invstd;
-                let a = (sdy / m) as f32;
-                let b = (sdyx / m) as f32;
+                let k = g * invstd;
+                let ma = (sdz / m) as f32;
+                let mb = (sdzx / m) as f32;
                 for i in 0..n {
                     let off = (i * c + ch) * hw;
                     // SAFETY: each (image, channel) plane is written by one task only.
                     let dst = unsafe { dxp.slice(off, hw) };
-                    for ((d, &g), &v) in dst.iter_mut().zip(&dy[off..off + hw]).zip(&x[off..off + hw]) {
-                        *d = k * (g - a - (v - mean) * invstd * b);
+                    for ((d, &gv), &xv) in dst.iter_mut().zip(&dy[off..off + hw]).zip(&x[off..off + hw]) {
+                        let xh = (xv - mean) * invstd;
+                        let dz = gv * act_grad(g * xh + b, a);
+                        *d = k * (dz - ma - xh * mb);
                     }
                 }
             }
-            (sdyx as f32, sdy as f32)
+            (sdzx as f32, sdz as f32)
         })
         .collect();
     for (ch, (g, b)) in sums.into_iter().enumerate() {
@@ -142,36 +218,36 @@ pub fn backward_train(
 pub fn backward_eval(
     x: &[f32],
     dy: &[f32],
-    n: usize,
     c: usize,
     hw: usize,
     gamma: &[f32],
+    beta: &[f32],
     mean: &[f32],
     var: &[f32],
     eps: f32,
+    slope: Option<f32>,
     dx: Option<&mut [f32]>,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    let a = slope.unwrap_or(1.0);
     dgamma.fill(0.0);
     dbeta.fill(0.0);
-    for i in 0..n {
-        for ch in 0..c {
-            let off = (i * c + ch) * hw;
-            let invstd = 1.0 / (var[ch] + eps).sqrt();
-            for (&g, &v) in dy[off..off + hw].iter().zip(&x[off..off + hw]) {
-                dgamma[ch] += g * (v - mean[ch]) * invstd;
-                dbeta[ch] += g;
+    let mut dx = dx;
+    for (plane, (gs, xs)) in dy.chunks(hw).zip(x.chunks(hw)).enumerate() {
+        let ch = plane % c;
+        let invstd = 1.0 / (var[ch] + eps).sqrt();
+        let (mut sg, mut sb) = (0.0f64, 0.0f64);
+        for (j, (&gv, &xv)) in gs.iter().zip(xs).enumerate() {
+            let xh = (xv - mean[ch]) * invstd;
+            let dz = gv * act_grad(gamma[ch] * xh + beta[ch], a);
+            sg += (dz * xh) as f64;
+            sb += dz as f64;
+            if let Some(d) = dx.as_deref_mut() {
+                d[plane * hw + j] = dz * gamma[ch] * invstd;
             }
         }
-    }
-    if let Some(dx) = dx {
-        for (plane, (d, g)) in dx.chunks_mut(hw).zip(dy.chunks(hw)).enumerate() {
-            let ch = plane % c;
-            let k = gamma[ch] / (var[ch] + eps).sqrt();
-            for (a, &b) in d.iter_mut().zip(g) {
-                *a = k * b;
-            }
-        }
+        dgamma[ch] += sg as f32;
+        dbeta[ch] += sb as f32;
     }
 }

@@ -150,6 +150,48 @@ pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     );
 }
 
+/// The input-gradient convolution of a stride-1 conv: dX = conv(dY, W'), with W' the weights
+/// flipped spatially and with in/out channels swapped, and padding k - 1 - pad. It turns the
+/// scatter-add (col2im) of the textbook backward into one more well-shaped forward GEMM.
+fn transposed_shape(s: &ConvShape) -> Option<ConvShape> {
+    (s.stride == 1 && s.pad < s.kh && s.pad < s.kw && s.kh == s.kw && !s.is_pointwise()).then(|| ConvShape {
+        n: s.n,
+        ci: s.co,
+        h: s.ho(),
+        w: s.wo(),
+        co: s.ci,
+        kh: s.kh,
+        kw: s.kw,
+        stride: 1,
+        pad: s.kh - 1 - s.pad,
+    })
+}
+
+/// W'[ci, co, i, j] = W[co, ci, k-1-i, k-1-j].
+fn flip_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
+    let (kh, kw) = (s.kh, s.kw);
+    let mut out = vec![0.0f32; w.len()];
+    for o in 0..s.co {
+        for c in 0..s.ci {
+            for i in 0..kh {
+                for j in 0..kw {
+                    out[((c * s.co + o) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
+                        w[((o * s.ci + c) * kh + i) * kw + j];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Scratch buffers of one backward worker.
+struct Scratch {
+    dw: Vec<f32>,
+    col: Vec<f32>,
+    col2: Vec<f32>,
+    started: bool,
+}
+
 /// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
 /// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
 pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
@@ -163,42 +205,51 @@ pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut
         None => &mut dx_store,
     };
     let dx_base = SyncPtr(dx.as_mut_ptr());
+    let tr = transposed_shape(s);
+    let w_flip = match (&tr, need_dx) {
+        (Some(_), true) => flip_weights(s, w),
+        _ => Vec::new(),
+    };
     // Each worker sums its images' weight gradients into its own buffer; the few buffers are
     // added at the end, so the reduction order is fixed by the split, not by scheduling.
     let partials: Vec<Vec<f32>> = (0..s.n)
         .into_par_iter()
         .with_min_len(min_len)
         .fold(
-            || (vec![0.0f32; s.co * k], Vec::new(), Vec::new(), false),
-            |(mut dwp, mut col, mut dcol, mut started), n| {
+            || Scratch { dw: vec![0.0f32; s.co * k], col: Vec::new(), col2: Vec::new(), started: false },
+            |mut sc, n| {
                 let xn = &x[n * img..(n + 1) * img];
                 let dyn_ = &dy[n * s.co * p..(n + 1) * s.co * p];
                 let colref: &[f32] = if s.is_pointwise() {
                     xn
                 } else {
-                    col.resize(k * p, 0.0);
-                    im2col(s, xn, &mut col);
-                    &col
+                    sc.col.resize(k * p, 0.0);
+                    im2col(s, xn, &mut sc.col);
+                    &sc.col
                 };
-                sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut dwp, started, gemm_threads);
-                started = true;
+                sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut sc.dw, sc.started, gemm_threads);
+                sc.started = true;
                 if need_dx {
-                    dcol.resize(k * p, 0.0);
-                    sgemm(k, p, s.co, Mat::t(w), Mat::n(dyn_), &mut dcol, false, gemm_threads);
                     // SAFETY: image n's slice of dx is written by this task only, and dx
                     // outlives the parallel loop.
                     let dxn = unsafe { dx_base.slice(n * img, img) };
-                    if s.is_pointwise() {
-                        dxn.copy_from_slice(&dcol);
+                    if let Some(t) = &tr {
+                        sc.col2.resize(t.k() * t.p(), 0.0);
+                        im2col(t, dyn_, &mut sc.col2);
+                        sgemm(t.co, t.p(), t.k(), Mat::n(&w_flip), Mat::n(&sc.col2), dxn, false, gemm_threads);
+                    } else if s.is_pointwise() {
+                        sgemm(k, p, s.co, Mat::t(w), Mat::n(dyn_), dxn, false, gemm_threads);
                     } else {
+                        sc.col2.resize(k * p, 0.0);
+                        sgemm(k, p, s.co, Mat::t(w), Mat::n(dyn_), &mut sc.col2, false, gemm_threads);
                         dxn.fill(0.0);
-                        col2im_add(s, &dcol, dxn);
+                        col2im_add(s, &sc.col2, dxn);
                     }
                 }
-                (dwp, col, dcol, started)
+                sc
             },
         )
-        .map(|(dwp, ..)| dwp)
+        .map(|sc| sc.dw)
         .collect();
     dw.fill(0.0);
     for part in &partials {
@@ -216,6 +267,11 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
+    /// The base pointer (a method, so closures capture the whole Sync wrapper).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+
     /// A mutable view of `len` elements at `offset`.
     ///
     /// # Safety

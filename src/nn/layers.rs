@@ -96,8 +96,13 @@ impl BatchNorm2d {
 
     /// Normalises; in training mode also updates the running statistics.
     pub fn forward(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_act(tape, x, ctx, None)
+    }
+
+    /// Normalises, then applies LeakyReLU(`slope`) in the same pass when given.
+    pub fn forward_act(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx, slope: Option<f32>) -> Result<Tensor> {
         if !ctx.train {
-            return ops::batch_norm_eval(
+            return ops::batch_norm_act_eval(
                 tape,
                 x,
                 &self.weight,
@@ -105,9 +110,10 @@ impl BatchNorm2d {
                 &self.running_mean,
                 &self.running_var,
                 self.eps,
+                slope,
             );
         }
-        let (y, stats) = ops::batch_norm_train(tape, x, &self.weight, &self.bias, self.eps)?;
+        let (y, stats) = ops::batch_norm_act_train(tape, x, &self.weight, &self.bias, self.eps, slope)?;
         let m = (x.numel() / stats.mean.len()) as f32;
         let unbias = m / (m - 1.0);
         let mom = self.momentum;

@@ -68,10 +68,22 @@ impl Sequential {
     /// Forward to logits [n, classes].
     pub fn forward(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut h = x.clone();
-        for (i, layer) in self.features.iter_mut().enumerate() {
-            h = match layer {
+        let mut fused_next = false;
+        for i in 0..self.features.len() {
+            if std::mem::take(&mut fused_next) {
+                continue;
+            }
+            let next_slope = match self.features.get(i + 1) {
+                Some(Layer::LeakyRelu(s)) => Some(*s),
+                _ => None,
+            };
+            h = match &mut self.features[i] {
                 Layer::Conv(c) => c.forward(tape, &h)?,
-                Layer::Bn(b) => b.forward(tape, &h, ctx)?,
+                // BN followed by LeakyReLU runs as one fused pass.
+                Layer::Bn(b) => {
+                    fused_next = next_slope.is_some();
+                    b.forward_act(tape, &h, ctx, next_slope)?
+                }
                 Layer::LeakyRelu(s) => ops::leaky_relu(tape, &h, *s)?,
                 Layer::MaxPool(k) => ops::max_pool2d(tape, &h, *k)?,
                 Layer::Dropout(p) if ctx.train => {

@@ -43,18 +43,18 @@ impl BasicBlock {
     fn forward(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let (residual_in, conv_in) = match &self.shortcut {
             None => {
-                let a = ops::leaky_relu(tape, &self.bn1.forward(tape, x, ctx)?, SLOPE)?;
+                let a = self.bn1.forward_act(tape, x, ctx, Some(SLOPE))?;
                 (x.clone(), a)
             }
             Some(_) if self.activate_before_residual => {
-                let a = ops::leaky_relu(tape, &self.bn1.forward(tape, x, ctx)?, SLOPE)?;
+                let a = self.bn1.forward_act(tape, x, ctx, Some(SLOPE))?;
                 (a.clone(), a)
             }
             // The ports compute bn1 here and never use it: skip the dead work, keep the weights.
             Some(_) => (x.clone(), x.clone()),
         };
         let h = self.conv1.forward(tape, &conv_in)?;
-        let h = ops::leaky_relu(tape, &self.bn2.forward(tape, &h, ctx)?, SLOPE)?;
+        let h = self.bn2.forward_act(tape, &h, ctx, Some(SLOPE))?;
         let h = self.conv2.forward(tape, &h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(tape, &residual_in)?,
@@ -122,7 +122,7 @@ impl WideResNet {
                 h = b.forward(tape, &h, ctx)?;
             }
         }
-        let h = ops::leaky_relu(tape, &self.bn1.forward(tape, &h, ctx)?, SLOPE)?;
+        let h = self.bn1.forward_act(tape, &h, ctx, Some(SLOPE))?;
         let h = ops::global_avg_pool(tape, &h)?;
         self.fc.forward(tape, &h)
     }

@@ -8,7 +8,7 @@ use crate::tensor::Tensor;
 /// a + b (same shapes).
 pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.same_shape(b, "add")?;
-    let mut y = vec![0.0; a.numel()];
+    let mut y = crate::pool::take(a.numel());
     k::add(a.data()?, b.data()?, &mut y);
     let out = Tensor::cpu(y, a.shape().to_vec());
     let (ac, bc) = (a.clone(), b.clone());
@@ -20,12 +20,12 @@ pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// s * x.
 pub fn scale(tape: &Tape, x: &Tensor, s: f32) -> Result<Tensor> {
-    let mut y = vec![0.0; x.numel()];
+    let mut y = crate::pool::take(x.numel());
     k::scale(x.data()?, s, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = vec![0.0; g.numel()];
+        let mut dx = crate::pool::take(g.numel());
         k::scale(g.data()?, s, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))

@@ -1,4 +1,5 @@
-//! Batch normalisation of NCHW tensors over (N, H, W).
+//! Batch normalisation of NCHW tensors over (N, H, W), optionally fused with the LeakyReLU that
+//! follows it in every model here.
 
 use crate::autograd::Tape;
 use crate::cpu::batchnorm::{self as k, BatchStats};
@@ -29,24 +30,49 @@ pub fn batch_norm_train(
     beta: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, BatchStats)> {
-    let (n, c, hw) = check(x, &[gamma, beta])?;
+    batch_norm_act_train(tape, x, gamma, beta, eps, None)
+}
+
+/// Training mode with LeakyReLU(`slope`) fused when given: act(BN(x)).
+pub fn batch_norm_act_train(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    slope: Option<f32>,
+) -> Result<(Tensor, BatchStats)> {
     let _p = crate::profile::scope("batch_norm.fwd");
+    let (n, c, hw) = check(x, &[gamma, beta])?;
     if n * hw < 2 {
         return Err(Error::shape(format!(
             "batch_norm: training needs more than one value per channel, got input {}",
             fmt_shape(x.shape())
         )));
     }
-    let mut y = vec![0.0; x.numel()];
-    let stats = k::forward_train(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, &mut y);
+    let mut y = crate::pool::take(x.numel());
+    let stats = k::forward_train(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let saved = Arc::new(stats.clone());
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
     let out = tape.record(out, &[x, gamma, beta], move |g, grads| {
         let _p = crate::profile::scope("batch_norm.bwd");
-        let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
+        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::backward_train(xc.data()?, g.data()?, n, c, hw, gc.data()?, &saved, dx.as_deref_mut(), &mut dg, &mut db);
+        k::backward_train(
+            xc.data()?,
+            g.data()?,
+            n,
+            c,
+            hw,
+            gc.data()?,
+            bc.data()?,
+            slope,
+            &saved,
+            dx.as_deref_mut(),
+            &mut dg,
+            &mut db,
+        );
         if let Some(dx) = dx {
             grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
         }
@@ -66,24 +92,40 @@ pub fn batch_norm_eval(
     var: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
-    let (n, c, hw) = check(x, &[gamma, beta, mean, var])?;
-    let mut y = vec![0.0; x.numel()];
-    k::forward_eval(x.data()?, n, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, &mut y);
+    batch_norm_act_eval(tape, x, gamma, beta, mean, var, eps, None)
+}
+
+/// Evaluation mode with LeakyReLU(`slope`) fused when given.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_act_eval(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f32,
+    slope: Option<f32>,
+) -> Result<Tensor> {
+    let (_, c, hw) = check(x, &[gamma, beta, mean, var])?;
+    let mut y = crate::pool::take(x.numel());
+    k::forward_eval(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(out, &[x, gamma, beta], move |g, grads| {
-        let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
+        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
         k::backward_eval(
             xc.data()?,
             g.data()?,
-            n,
             c,
             hw,
             gc.data()?,
+            bc.data()?,
             mc.data()?,
             vc.data()?,
             eps,
+            slope,
             dx.as_deref_mut(),
             &mut dg,
             &mut db,

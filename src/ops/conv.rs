@@ -43,14 +43,14 @@ pub(crate) fn conv_shape(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Conv
 pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     let s = conv_shape(x, w, p)?;
     let _p = crate::profile::scope("conv2d.fwd");
-    let mut y = vec![0.0; s.n * s.co * s.p()];
+    let mut y = crate::pool::take(s.n * s.co * s.p());
     conv2d_forward(&s, x.data()?, w.data()?, &mut y);
     let out = Tensor::cpu(y, vec![s.n, s.co, s.ho(), s.wo()]);
     let (xc, wc) = (x.clone(), w.clone());
     Ok(tape.record(out, &[x, w], move |g, grads| {
         let _p = crate::profile::scope("conv2d.bwd");
-        let mut dw = vec![0.0; wc.numel()];
-        let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
+        let mut dw = crate::pool::take(wc.numel());
+        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         conv2d_backward(&s, xc.data()?, wc.data()?, g.data()?, &mut dw, dx.as_deref_mut());
         if let Some(dx) = dx {
             grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;

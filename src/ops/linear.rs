@@ -18,19 +18,19 @@ pub fn matmul(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             fmt_shape(b.shape())
         )));
     }
-    let mut y = vec![0.0; m * n];
+    let mut y = crate::pool::take(m * n);
     sgemm(m, n, k, Mat::n(a.data()?), Mat::n(b.data()?), &mut y, false, threads());
     let out = Tensor::cpu(y, vec![m, n]);
     let (ac, bc) = (a.clone(), b.clone());
     Ok(tape.record(out, &[a, b], move |g, grads| {
         let g = g.data()?;
         if ac.requires_grad() {
-            let mut da = vec![0.0; m * k];
+            let mut da = crate::pool::take(m * k);
             sgemm(m, k, n, Mat::n(g), Mat::t(bc.data()?), &mut da, false, threads());
             grads.add_to(&ac, Tensor::cpu(da, vec![m, k]))?;
         }
         if bc.requires_grad() {
-            let mut db = vec![0.0; k * n];
+            let mut db = crate::pool::take(k * n);
             sgemm(k, n, m, Mat::t(ac.data()?), Mat::n(g), &mut db, false, threads());
             grads.add_to(&bc, Tensor::cpu(db, vec![k, n]))?;
         }
@@ -58,7 +58,7 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
             )));
         }
     }
-    let mut y = vec![0.0; n * fout];
+    let mut y = crate::pool::take(n * fout);
     if let Some(b) = b {
         let bd = b.data()?;
         y.chunks_mut(fout).for_each(|r| r.copy_from_slice(bd));
@@ -71,12 +71,12 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
     Ok(tape.record(out, &inputs, move |g, grads| {
         let g = g.data()?;
         if xc.requires_grad() {
-            let mut dx = vec![0.0; n * fin];
+            let mut dx = crate::pool::take(n * fin);
             sgemm(n, fin, fout, Mat::n(g), Mat::n(wc.data()?), &mut dx, false, threads());
             grads.add_to(&xc, Tensor::cpu(dx, vec![n, fin]))?;
         }
         if wc.requires_grad() {
-            let mut dw = vec![0.0; fout * fin];
+            let mut dw = crate::pool::take(fout * fin);
             sgemm(fout, fin, n, Mat::t(g), Mat::n(xc.data()?), &mut dw, false, threads());
             grads.add_to(&wc, Tensor::cpu(dw, vec![fout, fin]))?;
         }

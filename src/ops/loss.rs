@@ -30,7 +30,7 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, labels: &[usize]) -> Result<T
     if let Some(&bad) = labels.iter().find(|&&y| y >= c) {
         return Err(Error::shape(format!("cross_entropy: label {bad} out of range for {c} classes")));
     }
-    let mut grad = vec![0.0; n * c];
+    let mut grad = crate::pool::take(n * c);
     let loss = k::cross_entropy_hard(logits.data()?, labels, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
 }
@@ -42,7 +42,7 @@ pub fn cross_entropy_soft(tape: &Tape, logits: &Tensor, targets: &Tensor) -> Res
     if n == 0 {
         return Err(Error::shape("cross_entropy_soft: no rows"));
     }
-    let mut grad = vec![0.0; n * c];
+    let mut grad = crate::pool::take(n * c);
     let loss = k::cross_entropy_soft(logits.data()?, targets.data()?, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
 }

@@ -16,7 +16,7 @@ mod softmax;
 
 pub use activation::{leaky_relu, relu};
 pub use arith::{add, scale};
-pub use batchnorm::{batch_norm_eval, batch_norm_train};
+pub use batchnorm::{batch_norm_act_eval, batch_norm_act_train, batch_norm_eval, batch_norm_train};
 pub use conv::{conv2d, Conv2dParams};
 pub use dropout::dropout;
 pub use linear::{linear, matmul};

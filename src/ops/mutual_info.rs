@@ -53,7 +53,7 @@ pub fn mutual_info_loss_with_stats(
     let out = Tensor::scalar(fwd.loss);
     let (ac, bc) = (logits_a.clone(), logits_b.clone());
     let out = tape.record(out, &[logits_a, logits_b], move |g, grads| {
-        let (mut ga, mut gb) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+        let (mut ga, mut gb) = (crate::pool::take(n * c), crate::pool::take(n * c));
         k::backward(&fwd, n, c, g.item()?, &mut ga, &mut gb);
         grads.add_to(&ac, Tensor::cpu(ga, vec![n, c]))?;
         grads.add_to(&bc, Tensor::cpu(gb, vec![n, c]))

@@ -13,14 +13,14 @@ pub fn max_pool2d(tape: &Tape, x: &Tensor, size: usize) -> Result<Tensor> {
         return Err(Error::shape(format!("max_pool2d: window {size} does not fit input {}", fmt_shape(x.shape()))));
     }
     let (ho, wo) = (h / size, w / size);
-    let mut y = vec![0.0; n * c * ho * wo];
+    let mut y = crate::pool::take(n * c * ho * wo);
     let mut arg = vec![0u8; y.len()];
     k::maxpool_forward(x.data()?, n * c, h, w, size, &mut y, &mut arg);
     let out = Tensor::cpu(y, vec![n, c, ho, wo]);
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
         let _p = crate::profile::scope("max_pool.bwd");
-        let mut dx = vec![0.0; xc.numel()];
+        let mut dx = crate::pool::take(xc.numel());
         k::maxpool_backward(g.data()?, &arg, n * c, h, w, size, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))
@@ -32,12 +32,12 @@ pub fn global_avg_pool(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     if h * w == 0 {
         return Err(Error::shape(format!("global_avg_pool: empty planes in {}", fmt_shape(x.shape()))));
     }
-    let mut y = vec![0.0; n * c];
+    let mut y = crate::pool::take(n * c);
     k::avgpool_forward(x.data()?, h * w, &mut y);
     let out = Tensor::cpu(y, vec![n, c]);
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = vec![0.0; xc.numel()];
+        let mut dx = crate::pool::take(xc.numel());
         k::avgpool_backward(g.data()?, h * w, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))

@@ -27,7 +27,8 @@ pub fn concat_rows(tape: &Tape, parts: &[&Tensor]) -> Result<Tensor> {
     let _p = crate::profile::scope("concat_rows");
     let tail = &first.shape()[1..];
     let mut rows = 0;
-    let mut data = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());
+    let mut data = crate::pool::take(parts.iter().map(|p| p.numel()).sum());
+    let mut at = 0;
     for p in parts {
         if p.shape().is_empty() || &p.shape()[1..] != tail {
             return Err(Error::shape(format!(
@@ -37,7 +38,8 @@ pub fn concat_rows(tape: &Tape, parts: &[&Tensor]) -> Result<Tensor> {
             )));
         }
         rows += p.shape()[0];
-        data.extend_from_slice(p.data()?);
+        data[at..at + p.numel()].copy_from_slice(p.data()?);
+        at += p.numel();
     }
     let mut shape = first.shape().to_vec();
     shape[0] = rows;
@@ -48,7 +50,9 @@ pub fn concat_rows(tape: &Tape, parts: &[&Tensor]) -> Result<Tensor> {
         let mut off = 0;
         for p in &kept {
             let n = p.numel();
-            grads.add_to(p, Tensor::cpu(gd[off..off + n].to_vec(), p.shape().to_vec()))?;
+            let mut part = crate::pool::take(n);
+            part.copy_from_slice(&gd[off..off + n]);
+            grads.add_to(p, Tensor::cpu(part, p.shape().to_vec()))?;
             off += n;
         }
         Ok(())
@@ -68,10 +72,12 @@ pub fn narrow_rows(tape: &Tape, x: &Tensor, start: usize, len: usize) -> Result<
     let row = x.numel() / rows.max(1);
     let mut shape = x.shape().to_vec();
     shape[0] = len;
-    let out = Tensor::cpu(x.data()?[start * row..(start + len) * row].to_vec(), shape);
+    let mut data = crate::pool::take(len * row);
+    data.copy_from_slice(&x.data()?[start * row..(start + len) * row]);
+    let out = Tensor::cpu(data, shape);
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = vec![0.0; xc.numel()];
+        let mut dx = crate::pool::zeros(xc.numel());
         dx[start * row..(start + len) * row].copy_from_slice(g.data()?);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))

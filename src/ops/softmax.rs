@@ -9,12 +9,12 @@ use crate::tensor::Tensor;
 /// Softmax of each row.
 pub fn softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     let (_, c) = rows_cols(x, "softmax input")?;
-    let mut y = vec![0.0; x.numel()];
+    let mut y = crate::pool::take(x.numel());
     k::softmax_forward(x.data()?, c, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, yc) = (x.clone(), out.clone());
     Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = vec![0.0; xc.numel()];
+        let mut dx = crate::pool::take(xc.numel());
         k::softmax_backward(yc.data()?, g.data()?, c, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))
@@ -23,12 +23,12 @@ pub fn softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 /// Log-softmax of each row.
 pub fn log_softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     let (_, c) = rows_cols(x, "log_softmax input")?;
-    let mut y = vec![0.0; x.numel()];
+    let mut y = crate::pool::take(x.numel());
     k::log_softmax_forward(x.data()?, c, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, yc) = (x.clone(), out.clone());
     Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = vec![0.0; xc.numel()];
+        let mut dx = crate::pool::take(xc.numel());
         k::log_softmax_backward(yc.data()?, g.data()?, c, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))

@@ -1,0 +1,130 @@
+//! The `muscle` binary as users' scripts see it: files, exit codes, one-line errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn muscle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_muscle")).args(args).output().expect("run muscle")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh, empty folder under the target dir.
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// Asserts exit code `code`, a one-line error naming `needle`, no panic, no backtrace.
+fn expect_error(args: &[&str], code: i32, needle: &str) {
+    let o = muscle(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(code), "{args:?}: stderr {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+    assert!(err.contains(needle), "{args:?}: '{err}' does not name {needle}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
+#[test]
+fn bad_arguments_exit_2_and_name_the_argument() {
+    expect_error(&["train", "--method", "nope"], 2, "--method");
+    expect_error(&["train", "--model", "resnet"], 2, "--model");
+    expect_error(&["train", "--dataset", "imagenet"], 2, "--dataset");
+    expect_error(&["train", "--steps", "0"], 2, "--steps");
+    expect_error(&["train", "--batch", "0"], 2, "--batch");
+    expect_error(&["train", "--lr=-1"], 2, "--lr");
+    expect_error(&["train", "--lr", "fast"], 2, "--lr");
+    expect_error(&["train", "--no-such-flag"], 2, "--no-such-flag");
+    expect_error(&["frobnicate"], 2, "frobnicate");
+    expect_error(&["train", "--labels", "7"], 2, "7");
+    expect_error(&["train", "--labels", "20000"], 2, "20000");
+    expect_error(&["train", "--threads", "0"], 2, "--threads");
+    expect_error(&["train", "--device", "tpu"], 2, "--device");
+    expect_error(&["train", "--dataset", "cifar10"], 2, "--data");
+}
+
+#[test]
+fn missing_or_corrupt_files_exit_1_and_name_the_file() {
+    let d = scratch("cli-corrupt");
+    expect_error(&["train", "--data", "/nonexistent/fashion"], 1, "/nonexistent/fashion");
+    // A truncated IDX file: copy the embedded set's labels and cut the images file.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-10k");
+    for f in ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+        std::fs::copy(src.join(f), d.join(f)).expect("copy");
+    }
+    let img = std::fs::read(src.join("train-images-idx3-ubyte.gz")).expect("read");
+    std::fs::write(d.join("train-images-idx3-ubyte.gz"), &img[..img.len() / 2]).expect("write");
+    expect_error(&["train", "--data", d.to_str().expect("utf8")], 1, "train-images-idx3-ubyte");
+    expect_error(&["eval", "--checkpoint", "/nonexistent/ck.safetensors"], 1, "/nonexistent/ck.safetensors");
+    let junk = d.join("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint at all").expect("write");
+    expect_error(&["eval", "--checkpoint", junk.to_str().expect("utf8")], 1, "junk.safetensors");
+    expect_error(&["train", "--device", "cuda", "--steps", "1"], 1, "cuda");
+}
+
+#[test]
+fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
+    let d = scratch("cli-run");
+    let out = d.join("run");
+    let o = muscle(&[
+        "train",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--batch",
+        "16",
+        "--unlabeled-batch",
+        "32",
+        "--width",
+        "8",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["config.json", "metrics.jsonl", "checkpoint.safetensors", "resume.safetensors", "summary.json"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    for key in [
+        "method",
+        "dataset",
+        "model",
+        "labels",
+        "steps",
+        "seed",
+        "device",
+        "test_accuracy",
+        "test_accuracy_ema",
+        "per_class_accuracy",
+        "confusion_matrix",
+        "wall_seconds",
+        "train_images_per_second",
+    ] {
+        assert!(summary.get(key).is_some(), "summary.json lacks {key}");
+    }
+    let ema = summary["test_accuracy_ema"].as_f64().expect("number");
+    assert!((0.0..=1.0).contains(&ema));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
+    assert_eq!(config["steps"], 6);
+    assert_eq!(config["method"], "muscle");
+
+    // The checkpoint alone rebuilds the model: the same EMA accuracy, from another directory.
+    let ck = out.join("checkpoint.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .args(["eval", "--checkpoint", ck.to_str().expect("utf8")])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("eval");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("eval json");
+    assert_eq!(r["test_accuracy"].as_f64(), Some(ema), "eval {r} vs summary {ema}");
+}
