@@ -74,8 +74,7 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         classes: train.classes,
     };
     let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
-    let views = if cfg.method.uses_unlabeled() { 2 } else { 0 };
-    let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch, cfg.unlabeled_batch, views, 0)?;
+    let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
     let mut times = Vec::with_capacity(steps);
     for step in 0..(warmup + steps) {
         if step == warmup {
@@ -93,12 +92,12 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let images = cfg.batch + views * cfg.unlabeled_batch;
+    let images = cfg.images_per_step();
     Ok(BenchResult {
         model: cfg.model.to_string(),
         method: cfg.method.to_string(),
         batch: cfg.batch,
-        unlabeled_batch: if views > 0 { cfg.unlabeled_batch } else { 0 },
+        unlabeled_batch: if cfg.method.uses_unlabeled() { cfg.unlabeled_batch } else { 0 },
         device: cfg.device.to_string(),
         threads: cfg.threads,
         synthetic: is_synthetic,

@@ -130,6 +130,9 @@ struct TrainArgs {
     /// IIC lambda (1: mutual information; > 1 favours balanced predictions).
     #[arg(long, default_value_t = 1.0)]
     lambda: f32,
+    /// Also feed two augmented views of the labeled images into the MI term.
+    #[arg(long = "mi-labeled")]
+    mi_labeled: bool,
     /// Fraction of the steps over which the MI weight ramps up linearly.
     #[arg(long, default_value_t = 0.2)]
     ramp: f64,
@@ -194,6 +197,7 @@ impl TrainArgs {
             cosine: !self.constant_lr,
             w_mi: self.w_mi,
             lambda: self.lambda,
+            mi_labeled: self.mi_labeled,
             ramp: self.ramp,
             ema: self.ema,
             eval_every: self.eval_every,

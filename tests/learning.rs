@@ -37,3 +37,40 @@ fn convnet_memorises_random_labels() {
     assert!(accuracy >= 0.99, "training accuracy {accuracy} after {steps} steps");
     println!("memorised 64 random labels in {steps} Adam steps");
 }
+
+#[test]
+fn mi_on_labeled_views_pairs_the_right_rows() {
+    use muscle::data::StepBatch;
+    use muscle::ssl::{step_loss, Method, ObjectiveConfig};
+    let spec = ModelSpec { kind: ModelKind::ConvNet { width: 4 }, in_channels: 1, height: 8, width: 8, classes: 5 };
+    let (l1, l2, v1, v2) =
+        (randn(&[3, 1, 8, 8], 1), randn(&[3, 1, 8, 8], 2), randn(&[4, 1, 8, 8], 3), randn(&[4, 1, 8, 8], 4));
+    let batch = StepBatch {
+        step: 0,
+        labeled: l1.clone(),
+        labels: vec![0, 1, 2],
+        views: vec![v1.clone(), v2.clone()],
+        labeled_view2: Some(l2.clone()),
+        labeled_idx: vec![0, 1, 2],
+        unlabeled_idx: vec![0, 1, 2, 3],
+    };
+    let cfg =
+        |mi_labeled| ObjectiveConfig { method: Method::Muscle, w_mi: 1.0, lambda: 1.0, ramp_steps: 0, mi_labeled };
+    let mi = |on: bool| {
+        let mut m = Model::new(spec, 0).expect("model");
+        step_loss(&cfg(on), &mut m, &Tape::new(), &batch, 0, 0).expect("loss").mi
+    };
+    // Reference: one forward of [l1, l2, v1, v2] (BN statistics over all 14), then IIC between
+    // rows [l1; v1] and [l2; v2].
+    let mut m = Model::new(spec, 0).expect("model");
+    let t = Tape::new();
+    let x = ops::concat_rows(&t, &[&l1, &l2, &v1, &v2]).expect("concat");
+    let z = m.forward(&t, &x, &ForwardCtx::train(0, 0)).expect("forward");
+    let rows = |a, n| ops::narrow_rows(&t, &z, a, n).expect("rows");
+    let za = ops::concat_rows(&t, &[&rows(0, 3), &rows(6, 4)]).expect("za");
+    let zb = ops::concat_rows(&t, &[&rows(3, 3), &rows(10, 4)]).expect("zb");
+    let want = ops::mutual_info_loss(&t, &za, &zb, 1.0).expect("mi").item().expect("scalar");
+    assert!((mi(true) - want).abs() < 1e-6, "{} vs {want}", mi(true));
+    let off = mi(false);
+    assert!((off - want).abs() > 1e-3 * want.abs().max(1e-6), "the option changed nothing: {off} vs {want}");
+}

@@ -21,6 +21,28 @@ const PURPOSE_SAMPLE: u64 = u64::from_be_bytes(*b"dat:samp");
 const PURPOSE_LABELED: u64 = u64::from_be_bytes(*b"dat:labl");
 /// RNG purpose of unlabeled view k is this plus k.
 const PURPOSE_VIEW: u64 = u64::from_be_bytes(*b"dat:vw\0\0");
+/// RNG purpose of the labeled batch's second view.
+const PURPOSE_LABELED_2: u64 = u64::from_be_bytes(*b"dat:lab2");
+
+/// What one step draws: batch sizes and views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// Labeled images per step (0: none, for unsupervised pre-training).
+    pub labeled: usize,
+    /// Unlabeled images per step.
+    pub unlabeled: usize,
+    /// Augmented views of each unlabeled image (0: no unlabeled images, supervised).
+    pub views: usize,
+    /// Also draw a second, independent view of the labeled batch (for MI on labeled images).
+    pub labeled_second_view: bool,
+}
+
+impl BatchPlan {
+    /// `labeled` labeled and `unlabeled` unlabeled images in `views` views, no second labeled view.
+    pub fn new(labeled: usize, unlabeled: usize, views: usize) -> BatchPlan {
+        BatchPlan { labeled, unlabeled, views, labeled_second_view: false }
+    }
+}
 
 /// Images `idx` of `ds` as a normalised [B, C, H, W] tensor and their labels.
 ///
@@ -65,6 +87,8 @@ pub struct StepBatch {
     pub labels: Vec<usize>,
     /// Independent augmented views of the same unlabeled images, each [unlabeled_batch, C, H, W].
     pub views: Vec<Tensor>,
+    /// A second augmented view of the labeled images, when the plan asks for it.
+    pub labeled_view2: Option<Tensor>,
     /// Training-set indices of the labeled images.
     pub labeled_idx: Vec<usize>,
     /// Training-set indices of the unlabeled images (their labels are for diagnostics only).
@@ -81,6 +105,7 @@ struct Plan {
     labeled_batch: usize,
     unlabeled_batch: usize,
     views: usize,
+    labeled_second_view: bool,
 }
 
 impl Plan {
@@ -101,7 +126,12 @@ impl Plan {
         let views = (0..self.views as u64)
             .map(|k| gather(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k, t))).map(|(v, _)| v))
             .collect::<Result<Vec<Tensor>>>()?;
-        Ok(StepBatch { step: t, labeled, labels, views, labeled_idx, unlabeled_idx })
+        let labeled_view2 = if self.labeled_second_view && !labeled_idx.is_empty() {
+            Some(gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED_2, t)))?.0)
+        } else {
+            None
+        };
+        Ok(StepBatch { step: t, labeled, labels, views, labeled_view2, labeled_idx, unlabeled_idx })
     }
 }
 
@@ -119,17 +149,15 @@ impl Loader {
     /// batches as one that never stopped. `views` = 0 draws no unlabeled images (supervised), and
     /// `labeled_batch` = 0 gives an empty labeled tensor (unsupervised pre-training); both 0 is a
     /// usage error, as is `unlabeled_batch` = 0 with views.
-    #[allow(clippy::too_many_arguments)] // the trainer's call site names each size; a struct would only wrap them
     pub fn new(
         train: Arc<Dataset>,
         split: &Split,
         aug: Augment,
         seed: u64,
-        labeled_batch: usize,
-        unlabeled_batch: usize,
-        views: usize,
+        plan: BatchPlan,
         start_step: u64,
     ) -> Result<Loader> {
+        let BatchPlan { labeled: labeled_batch, unlabeled: unlabeled_batch, views, labeled_second_view } = plan;
         train.validate()?;
         aug.check(&train)?;
         if views > 0 && unlabeled_batch == 0 {
@@ -160,6 +188,7 @@ impl Loader {
             labeled_batch,
             unlabeled_batch,
             views,
+            labeled_second_view,
         };
         let (tx, rx) = sync_channel(1);
         let worker = std::thread::Builder::new()
@@ -314,7 +343,7 @@ mod tests {
     #[test]
     fn loader_batches_have_the_right_shape_and_distinct_views() {
         let (tr, s, aug) = setup();
-        let mut l = Loader::new(tr.clone(), &s, aug, 1, 64, 256, 3, 0).unwrap();
+        let mut l = Loader::new(tr.clone(), &s, aug, 1, BatchPlan::new(64, 256, 3), 0).unwrap();
         let b = l.next().unwrap();
         assert_eq!((b.step, l.step()), (0, 1));
         assert_eq!(b.labeled.shape(), [64, 1, 28, 28]);
@@ -351,7 +380,7 @@ mod tests {
     #[test]
     fn a_loader_started_at_step_t_gives_the_same_batch() {
         let (tr, s, aug) = setup();
-        let mut a = Loader::new(tr.clone(), &s, aug.clone(), 5, 16, 32, 2, 0).unwrap();
+        let mut a = Loader::new(tr.clone(), &s, aug.clone(), 5, BatchPlan::new(16, 32, 2), 0).unwrap();
         let mut at3 = None;
         for _ in 0..5 {
             let b = a.next().unwrap();
@@ -360,7 +389,7 @@ mod tests {
             }
         }
         let at3 = at3.unwrap();
-        let b3 = Loader::new(tr.clone(), &s, aug.clone(), 5, 16, 32, 2, 3).unwrap().next().unwrap();
+        let b3 = Loader::new(tr.clone(), &s, aug.clone(), 5, BatchPlan::new(16, 32, 2), 3).unwrap().next().unwrap();
         assert_eq!(b3.step, 3);
         assert_eq!(at3.labeled_idx, b3.labeled_idx);
         assert_eq!(at3.unlabeled_idx, b3.unlabeled_idx);
@@ -370,7 +399,7 @@ mod tests {
             assert_eq!(at3.views[k].data().unwrap(), b3.views[k].data().unwrap());
         }
         // Another seed draws other images.
-        let o = Loader::new(tr, &s, aug, 6, 16, 32, 2, 3).unwrap().next().unwrap();
+        let o = Loader::new(tr, &s, aug, 6, BatchPlan::new(16, 32, 2), 3).unwrap().next().unwrap();
         assert_ne!(o.unlabeled_idx, b3.unlabeled_idx);
     }
 
@@ -378,19 +407,19 @@ mod tests {
     fn zero_sizes_and_bad_splits_are_usage_errors() {
         let (tr, s, aug) = setup();
         for (lb, ub, v) in [(0, 0, 0), (0, 256, 0), (64, 0, 2), (0, 0, 2)] {
-            let e = Loader::new(tr.clone(), &s, aug.clone(), 0, lb, ub, v, 0).err().unwrap();
+            let e = Loader::new(tr.clone(), &s, aug.clone(), 0, BatchPlan::new(lb, ub, v), 0).err().unwrap();
             assert_eq!(e.kind(), ErrorKind::Usage, "({lb}, {ub}, {v}): {e}");
         }
         // Supervised (no views) and unsupervised (no labeled batch) loaders work.
-        let b = Loader::new(tr.clone(), &s, aug.clone(), 0, 8, 0, 0, 0).unwrap().next().unwrap();
+        let b = Loader::new(tr.clone(), &s, aug.clone(), 0, BatchPlan::new(8, 0, 0), 0).unwrap().next().unwrap();
         assert!(b.views.is_empty() && b.unlabeled_idx.is_empty());
-        let b = Loader::new(tr.clone(), &s, aug.clone(), 0, 0, 8, 2, 0).unwrap().next().unwrap();
+        let b = Loader::new(tr.clone(), &s, aug.clone(), 0, BatchPlan::new(0, 8, 2), 0).unwrap().next().unwrap();
         assert_eq!(b.labeled.shape(), [0, 1, 28, 28]);
         let mut bad = s.clone();
         bad.unlabeled.push(tr.len());
-        assert!(Loader::new(tr.clone(), &bad, aug.clone(), 0, 8, 8, 2, 0).is_err());
+        assert!(Loader::new(tr.clone(), &bad, aug.clone(), 0, BatchPlan::new(8, 8, 2), 0).is_err());
         let empty = Split { labeled: vec![], unlabeled: s.unlabeled.clone(), val: vec![] };
-        assert!(Loader::new(tr, &empty, aug, 0, 8, 8, 2, 0).is_err());
+        assert!(Loader::new(tr, &empty, aug, 0, BatchPlan::new(8, 8, 2), 0).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod split;
 
 pub use augment::{augment_into, normalize_into, Augment};
 pub use cifar::{CIFAR100_CLASSES, CIFAR10_CLASSES};
-pub use loader::{eval_batches, gather, EvalBatches, Loader, StepBatch};
+pub use loader::{eval_batches, gather, BatchPlan, EvalBatches, Loader, StepBatch};
 pub use split::{biased_counts, label_counts, split, Split};
 
 use crate::error::{Error, Result};

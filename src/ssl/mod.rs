@@ -65,6 +65,8 @@ pub struct ObjectiveConfig {
     pub lambda: f32,
     /// Steps of the linear ramp-up of the unsupervised weights.
     pub ramp_steps: u64,
+    /// Also feed the labeled images' two views into the MI term.
+    pub mi_labeled: bool,
 }
 
 /// The loss of one step: the total to differentiate and its terms (for logging).

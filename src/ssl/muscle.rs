@@ -25,11 +25,28 @@ pub fn muscle_loss(
     };
     let nl = batch.labels.len();
     let nu = v1.shape()[0];
-    let x = ops::concat_rows(tape, &[&batch.labeled, v1, v2])?;
-    let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
-    let sup = ops::cross_entropy(tape, &ops::narrow_rows(tape, &logits, 0, nl)?, &batch.labels)?;
-    let za = ops::narrow_rows(tape, &logits, nl, nu)?;
-    let zb = ops::narrow_rows(tape, &logits, nl + nu, nu)?;
+    let ctx = ForwardCtx::train(seed, step);
+    let (sup, za, zb) = match (&batch.labeled_view2, cfg.mi_labeled) {
+        (Some(l2), true) => {
+            // [labeled, labeled view 2, view 1, view 2]: the MI term pairs (labeled, view 1)
+            // rows with (labeled view 2, view 2) rows.
+            let x = ops::concat_rows(tape, &[&batch.labeled, l2, v1, v2])?;
+            let logits = model.forward(tape, &x, &ctx)?;
+            let l1 = ops::narrow_rows(tape, &logits, 0, nl)?;
+            let sup = ops::cross_entropy(tape, &l1, &batch.labels)?;
+            let za = ops::concat_rows(tape, &[&l1, &ops::narrow_rows(tape, &logits, 2 * nl, nu)?])?;
+            let zb = ops::narrow_rows(tape, &logits, nl, nl)?;
+            let zb = ops::concat_rows(tape, &[&zb, &ops::narrow_rows(tape, &logits, 2 * nl + nu, nu)?])?;
+            (sup, za, zb)
+        }
+        (None, true) => return Err(Error::usage("--mi-labeled: the batch has no second labeled view")),
+        _ => {
+            let x = ops::concat_rows(tape, &[&batch.labeled, v1, v2])?;
+            let logits = model.forward(tape, &x, &ctx)?;
+            let sup = ops::cross_entropy(tape, &ops::narrow_rows(tape, &logits, 0, nl)?, &batch.labels)?;
+            (sup, ops::narrow_rows(tape, &logits, nl, nu)?, ops::narrow_rows(tape, &logits, nl + nu, nu)?)
+        }
+    };
     let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
     let w = ramp(cfg.w_mi, step, cfg.ramp_steps);
     let total = ops::add(tape, &sup, &ops::scale(tape, &mi, w)?)?;

@@ -1,6 +1,6 @@
 //! Everything a training run depends on, as one value (written to config.json).
 
-use crate::data::DatasetKind;
+use crate::data::{BatchPlan, DatasetKind};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::ModelKind;
@@ -75,6 +75,8 @@ pub struct TrainConfig {
     pub w_mi: f32,
     /// IIC lambda.
     pub lambda: f32,
+    /// Also feed two views of the labeled images into the MI term.
+    pub mi_labeled: bool,
     /// Fraction of the steps over which unsupervised weights ramp up linearly.
     pub ramp: f64,
     /// EMA decay (the schedule's maximum).
@@ -114,6 +116,7 @@ impl Default for TrainConfig {
             cosine: true,
             w_mi: 1.0,
             lambda: 1.0,
+            mi_labeled: false,
             ramp: 0.2,
             ema: 0.999,
             eval_every: 200,
@@ -168,6 +171,23 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// What the loader draws each step.
+    pub fn batch_plan(&self) -> BatchPlan {
+        let views = if self.method.uses_unlabeled() { 2 } else { 0 };
+        BatchPlan {
+            labeled: self.batch,
+            unlabeled: self.unlabeled_batch,
+            views,
+            labeled_second_view: self.mi_labeled && self.method.uses_unlabeled(),
+        }
+    }
+
+    /// Images forwarded per step.
+    pub fn images_per_step(&self) -> usize {
+        let p = self.batch_plan();
+        p.labeled * (1 + p.labeled_second_view as usize) + p.views * p.unlabeled
+    }
+
     /// Steps of the unsupervised weights' ramp-up.
     pub fn ramp_steps(&self) -> u64 {
         (self.ramp * self.steps as f64).round() as u64
@@ -201,6 +221,7 @@ impl TrainConfig {
             "schedule": if self.cosine { "cosine" } else { "constant" },
             "w_mi": self.w_mi,
             "lambda": self.lambda,
+            "mi_labeled": self.mi_labeled,
             "ramp": self.ramp,
             "ema": self.ema,
             "eval_every": self.eval_every,

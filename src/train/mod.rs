@@ -145,13 +145,11 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
         classes: train.classes,
     };
     let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
-    let views = if cfg.method.uses_unlabeled() { 2 } else { 0 };
     let train = Arc::new(train);
-    let mut loader =
-        Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch, cfg.unlabeled_batch, views, 0)?;
+    let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch_plan(), 0)?;
     let mut files = cfg.out.as_deref().map(|d| RunFiles::create(d, cfg)).transpose()?;
     let eval_aug = Augment::normalize_only(aug.mean.clone(), aug.std.clone());
-    let images_per_step = cfg.batch + views * cfg.unlabeled_batch;
+    let images_per_step = cfg.images_per_step();
 
     let mut train_seconds = 0.0f64;
     let mut ema_model = trainer.model.clone();
@@ -263,6 +261,7 @@ impl Trainer {
                 w_mi: cfg.w_mi,
                 lambda: cfg.lambda,
                 ramp_steps: cfg.ramp_steps(),
+                mi_labeled: cfg.mi_labeled,
             },
             base_lr: cfg.lr,
             seed: cfg.seed,
