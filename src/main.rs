@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a classifier (defaults: MUSCLE, convnet, 40 labels of the embedded Fashion-MNIST subset).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint written by `muscle train` on a data set's test split.
     Eval(EvalArgs),
     /// Time training steps (median ms/step, images/s) of a model and method.
@@ -79,7 +79,7 @@ struct TrainArgs {
     /// Image folders: convert to 1 (grey) or 3 (colour) channels.
     #[arg(long)]
     channels: Option<usize>,
-    /// Objective: supervised or muscle.
+    /// Objective: supervised, muscle, mixmatch, mixmatch-muscle.
     #[arg(long, default_value = "muscle")]
     method: String,
     /// Architecture: convnet, wrn-28-2, cnn13.
@@ -133,7 +133,16 @@ struct TrainArgs {
     /// Also feed two augmented views of the labeled images into the MI term.
     #[arg(long = "mi-labeled")]
     mi_labeled: bool,
-    /// Fraction of the steps over which the MI weight ramps up linearly.
+    /// MixMatch: maximum weight of the unlabeled loss L_U (75 for CIFAR-10, 150 for CIFAR-100).
+    #[arg(long = "w-u", default_value_t = 75.0)]
+    w_u: f32,
+    /// MixMatch: sharpening temperature of the guessed labels.
+    #[arg(long, default_value_t = 0.5)]
+    temperature: f32,
+    /// MixMatch: MixUp coefficient mu ~ Beta(alpha, alpha).
+    #[arg(long = "mixup-alpha", default_value_t = 0.75)]
+    mixup_alpha: f32,
+    /// Fraction of the steps over which the MI (and MixMatch's L_U) weight ramps up linearly.
     #[arg(long, default_value_t = 0.2)]
     ramp: f64,
     /// EMA decay of the evaluated weights (ramped as min(ema, (1+t)/(10+t))).
@@ -198,6 +207,9 @@ impl TrainArgs {
             w_mi: self.w_mi,
             lambda: self.lambda,
             mi_labeled: self.mi_labeled,
+            w_host: self.w_u,
+            temperature: self.temperature,
+            mixup_alpha: self.mixup_alpha,
             ramp: self.ramp,
             ema: self.ema,
             eval_every: self.eval_every,

@@ -54,8 +54,16 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         labeled_idx: vec![0, 1, 2],
         unlabeled_idx: vec![0, 1, 2, 3],
     };
-    let cfg =
-        |mi_labeled| ObjectiveConfig { method: Method::Muscle, w_mi: 1.0, lambda: 1.0, ramp_steps: 0, mi_labeled };
+    let cfg = |mi_labeled| ObjectiveConfig {
+        method: Method::Muscle,
+        w_mi: 1.0,
+        lambda: 1.0,
+        ramp_steps: 0,
+        mi_labeled,
+        w_host: 75.0,
+        temperature: 0.5,
+        mixup_alpha: 0.75,
+    };
     let mi = |on: bool| {
         let mut m = Model::new(spec, 0).expect("model");
         step_loss(&cfg(on), &mut m, &Tape::new(), &batch, 0, 0).expect("loss").mi
@@ -73,4 +81,45 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
     assert!((mi(true) - want).abs() < 1e-6, "{} vs {want}", mi(true));
     let off = mi(false);
     assert!((off - want).abs() > 1e-3 * want.abs().max(1e-6), "the option changed nothing: {off} vs {want}");
+}
+
+#[test]
+fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
+    use muscle::data::StepBatch;
+    use muscle::ssl::{step_loss, Method, ObjectiveConfig};
+    let spec = ModelSpec { kind: ModelKind::ConvNet { width: 4 }, in_channels: 1, height: 8, width: 8, classes: 5 };
+    let batch = StepBatch {
+        step: 0,
+        labeled: randn(&[3, 1, 8, 8], 1),
+        labels: vec![0, 4, 2],
+        views: vec![randn(&[6, 1, 8, 8], 3), randn(&[6, 1, 8, 8], 4)],
+        labeled_view2: None,
+        labeled_idx: vec![0, 1, 2],
+        unlabeled_idx: (0..6).collect(),
+    };
+    let run = |method| {
+        let cfg = ObjectiveConfig {
+            method,
+            w_mi: 0.7,
+            lambda: 1.0,
+            ramp_steps: 0,
+            mi_labeled: false,
+            w_host: 75.0,
+            temperature: 0.5,
+            mixup_alpha: 0.75,
+        };
+        let mut m = Model::new(spec, 0).expect("model");
+        let tape = Tape::new();
+        let t = step_loss(&cfg, &mut m, &tape, &batch, 5, 9).expect("loss");
+        let nodes = tape.len();
+        (t.total.item().expect("scalar"), t.mi, t.w_mi, t.host, nodes)
+    };
+    let (plain, mi0, _, host0, nodes_plain) = run(Method::MixMatch);
+    let (with, mi, w, host, nodes_with) = run(Method::MixMatchMuscle);
+    assert_eq!(mi0, 0.0);
+    assert!(mi.abs() > 0.0 && (w - 0.7).abs() < 1e-7);
+    assert_eq!(host0, host, "the same draws give the same L_U");
+    assert!((with - (plain + w * mi)).abs() < 1e-5, "{with} vs {plain} + {w} * {mi}");
+    // Without the MI term the guessing forward is not recorded at all.
+    assert!(nodes_with > nodes_plain + 10, "{nodes_with} vs {nodes_plain}");
 }

@@ -1,9 +1,11 @@
 //! Training objectives: the loss of one step for each method. They see batches of tensors and a
 //! model, never a data format.
 
+mod mixmatch;
 mod muscle;
 mod supervised;
 
+pub use mixmatch::{mixmatch_loss, mixup_draw, sharpen};
 pub use muscle::muscle_loss;
 pub use supervised::supervised_loss;
 
@@ -22,11 +24,15 @@ pub enum Method {
     Supervised,
     /// Stand-alone MUSCLE: supervised loss + w_mi * IIC loss between two views of unlabeled images.
     Muscle,
+    /// MixMatch: label guessing, sharpening, MixUp, L_X + w_u L_U.
+    MixMatch,
+    /// MixMatch + w_mi * IIC loss between the two label-guessing views (the paper's "incorporated").
+    MixMatchMuscle,
 }
 
 impl Method {
     /// Every method, as the CLI spells them.
-    pub const ALL: [&'static str; 2] = ["supervised", "muscle"];
+    pub const ALL: [&'static str; 4] = ["supervised", "muscle", "mixmatch", "mixmatch-muscle"];
 
     /// Whether the method reads unlabeled batches.
     pub fn uses_unlabeled(self) -> bool {
@@ -40,6 +46,8 @@ impl FromStr for Method {
         match s {
             "supervised" => Ok(Method::Supervised),
             "muscle" => Ok(Method::Muscle),
+            "mixmatch" => Ok(Method::MixMatch),
+            "mixmatch-muscle" => Ok(Method::MixMatchMuscle),
             _ => Err(Error::usage(format!("--method: unknown method '{s}' (expected {})", Method::ALL.join(", ")))),
         }
     }
@@ -50,6 +58,8 @@ impl fmt::Display for Method {
         f.write_str(match self {
             Method::Supervised => "supervised",
             Method::Muscle => "muscle",
+            Method::MixMatch => "mixmatch",
+            Method::MixMatchMuscle => "mixmatch-muscle",
         })
     }
 }
@@ -67,6 +77,12 @@ pub struct ObjectiveConfig {
     pub ramp_steps: u64,
     /// Also feed the labeled images' two views into the MI term.
     pub mi_labeled: bool,
+    /// MixMatch's maximum unlabeled-loss weight w_u (75 for CIFAR-10).
+    pub w_host: f32,
+    /// MixMatch's sharpening temperature T.
+    pub temperature: f32,
+    /// MixMatch's Beta(alpha, alpha) for MixUp.
+    pub mixup_alpha: f32,
 }
 
 /// The loss of one step: the total to differentiate and its terms (for logging).
@@ -79,6 +95,10 @@ pub struct LossTerms {
     pub mi: f32,
     /// Weight applied to the MI term this step.
     pub w_mi: f32,
+    /// The host method's unsupervised term (MixMatch's L_U; 0 otherwise).
+    pub host: f32,
+    /// Weight applied to the host term this step.
+    pub w_host: f32,
 }
 
 /// The loss of `method` at `step` for one batch, recorded on `tape`.
@@ -93,5 +113,6 @@ pub fn step_loss(
     match cfg.method {
         Method::Supervised => supervised_loss(model, tape, batch, step, seed),
         Method::Muscle => muscle_loss(cfg, model, tape, batch, step, seed),
+        Method::MixMatch | Method::MixMatchMuscle => mixmatch_loss(cfg, model, tape, batch, step, seed),
     }
 }

@@ -77,6 +77,12 @@ pub struct TrainConfig {
     pub lambda: f32,
     /// Also feed two views of the labeled images into the MI term.
     pub mi_labeled: bool,
+    /// MixMatch: maximum weight of L_U.
+    pub w_host: f32,
+    /// MixMatch: sharpening temperature.
+    pub temperature: f32,
+    /// MixMatch: MixUp's Beta parameter.
+    pub mixup_alpha: f32,
     /// Fraction of the steps over which unsupervised weights ramp up linearly.
     pub ramp: f64,
     /// EMA decay (the schedule's maximum).
@@ -117,6 +123,9 @@ impl Default for TrainConfig {
             w_mi: 1.0,
             lambda: 1.0,
             mi_labeled: false,
+            w_host: 75.0,
+            temperature: 0.5,
+            mixup_alpha: 0.75,
             ramp: 0.2,
             ema: 0.999,
             eval_every: 200,
@@ -156,6 +165,11 @@ impl TrainConfig {
         if !(self.w_mi.is_finite() && self.w_mi >= 0.0) {
             return Err(Error::usage("--w-mi: must be a finite value >= 0"));
         }
+        if !(self.w_host.is_finite() && self.w_host >= 0.0) {
+            return Err(Error::usage("--w-u: must be a finite value >= 0"));
+        }
+        positive("--temperature", self.temperature.is_finite() && self.temperature > 0.0)?;
+        positive("--mixup-alpha", self.mixup_alpha.is_finite() && self.mixup_alpha > 0.0)?;
         if !(0.0..=1.0).contains(&self.ramp) {
             return Err(Error::usage("--ramp: must be a fraction in [0, 1]"));
         }
@@ -222,6 +236,9 @@ impl TrainConfig {
             "w_mi": self.w_mi,
             "lambda": self.lambda,
             "mi_labeled": self.mi_labeled,
+            "w_u": self.w_host,
+            "temperature": self.temperature,
+            "mixup_alpha": self.mixup_alpha,
             "ramp": self.ramp,
             "ema": self.ema,
             "eval_every": self.eval_every,

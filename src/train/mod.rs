@@ -157,7 +157,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
     for step in 0..cfg.steps {
         let t0 = Instant::now();
         let batch = loader.next()?;
-        let StepStats { loss, sup, mi, w_mi, lr } = trainer.step(&batch, step)?;
+        let StepStats { loss, sup, mi, w_mi, host, lr } = trainer.step(&batch, step)?;
         train_seconds += t0.elapsed().as_secs_f64();
         let model = &mut trainer.model;
 
@@ -185,7 +185,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
             if let Some(f) = files.as_mut() {
                 f.metric(&json!({
                     "step": done, "loss": loss, "loss_supervised": sup, "loss_mi": mi,
-                    "w_mi": w_mi, "lr": lr, "test_accuracy": raw.accuracy,
+                    "w_mi": w_mi, "loss_host": host, "lr": lr, "test_accuracy": raw.accuracy,
                     "test_accuracy_ema": avg.accuracy, "val_accuracy_ema": val,
                     "images_per_second": report.images_per_second,
                 }))?;
@@ -231,6 +231,8 @@ pub struct StepStats {
     pub mi: f32,
     /// MI weight this step.
     pub w_mi: f32,
+    /// Host method's unsupervised term (MixMatch's L_U).
+    pub host: f32,
     /// Learning rate this step.
     pub lr: f32,
 }
@@ -262,6 +264,9 @@ impl Trainer {
                 lambda: cfg.lambda,
                 ramp_steps: cfg.ramp_steps(),
                 mi_labeled: cfg.mi_labeled,
+                w_host: cfg.w_host,
+                temperature: cfg.temperature,
+                mixup_alpha: cfg.mixup_alpha,
             },
             base_lr: cfg.lr,
             seed: cfg.seed,
@@ -278,7 +283,7 @@ impl Trainer {
             step_loss(&self.objective, &mut self.model, &tape, batch, step, self.seed)?
         };
         let loss = terms.total.item()?;
-        for (name, v) in [("total", loss), ("supervised", terms.sup), ("mi", terms.mi)] {
+        for (name, v) in [("total", loss), ("supervised", terms.sup), ("mi", terms.mi), ("host", terms.host)] {
             if !v.is_finite() {
                 return Err(Error::new(ErrorKind::NonFinite, format!("step {step}: the {name} loss is {v}; stopping")));
             }
@@ -295,7 +300,7 @@ impl Trainer {
         drop(grads);
         let _p = crate::profile::scope("ema");
         self.ema.update(&self.model, step)?;
-        Ok(StepStats { loss, sup: terms.sup, mi: terms.mi, w_mi: terms.w_mi, lr })
+        Ok(StepStats { loss, sup: terms.sup, mi: terms.mi, w_mi: terms.w_mi, host: terms.host, lr })
     }
 }
 
