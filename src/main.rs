@@ -160,6 +160,10 @@ struct TrainArgs {
     /// Output folder: config.json, metrics.jsonl, checkpoints, summary.json.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint, with the options of its
+    /// config.json (the other options are ignored).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -278,9 +282,11 @@ fn show(p: &Progress, tty: bool) {
 }
 
 fn run_train(a: &TrainArgs) -> Result<()> {
-    let cfg = a.config()?;
     let tty = std::io::stdout().is_terminal();
-    let s = train::train(&cfg, &mut |p| show(p, tty))?;
+    let s = match &a.resume {
+        Some(dir) => train::resume(dir, &mut |p| show(p, tty))?,
+        None => train::train(&a.config()?, &mut |p| show(p, tty))?,
+    };
     println!(
         "final: {} on {} ({} labels, {} steps, seed {}): test accuracy {:.4}, EMA {:.4}; {:.1} s, {:.0} train img/s",
         s.method,

@@ -6,3 +6,4 @@ mod errors;
 mod gradients;
 mod learning;
 mod models;
+mod reliability;

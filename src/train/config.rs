@@ -207,6 +207,56 @@ impl TrainConfig {
         (self.ramp * self.steps as f64).round() as u64
     }
 
+    /// The config a run wrote to its config.json (`path` names the file in errors).
+    pub fn from_json(v: &Value, path: &std::path::Path) -> Result<TrainConfig> {
+        let bad = |key: &str| Error::format(format!("{}: '{key}' is missing or invalid", path.display()));
+        let s = |key: &str| v.get(key).and_then(Value::as_str).ok_or_else(|| bad(key));
+        let u = |key: &str| v.get(key).and_then(Value::as_u64).ok_or_else(|| bad(key));
+        let f = |key: &str| v.get(key).and_then(Value::as_f64).ok_or_else(|| bad(key));
+        let b = |key: &str| v.get(key).and_then(Value::as_bool).ok_or_else(|| bad(key));
+        let opt_u = |key: &str| v.get(key).and_then(Value::as_u64).map(|x| x as usize);
+        let ctx = |e: Error| Error::format(format!("{}: {e}", path.display()));
+        let mut model: ModelKind = s("model")?.parse().map_err(ctx)?;
+        if let ModelKind::ConvNet { width } = &mut model {
+            *width = u("width")? as usize;
+        }
+        let cfg = TrainConfig {
+            dataset: s("dataset")?.parse().map_err(ctx)?,
+            data: v.get("data").and_then(Value::as_str).map(PathBuf::from),
+            resize: opt_u("resize"),
+            channels: opt_u("channels"),
+            method: s("method")?.parse().map_err(ctx)?,
+            model,
+            labels: u("labels")? as usize,
+            val: u("val")? as usize,
+            imbalance: f("label_imbalance")?,
+            seed: u("seed")?,
+            steps: u("steps")?,
+            batch: u("batch")? as usize,
+            unlabeled_batch: u("unlabeled_batch")? as usize,
+            lr: f("lr")? as f32,
+            optimizer: s("optimizer")?.parse().map_err(ctx)?,
+            weight_decay: f("weight_decay")? as f32,
+            momentum: f("momentum")? as f32,
+            cosine: s("schedule")? == "cosine",
+            w_mi: f("w_mi")? as f32,
+            lambda: f("lambda")? as f32,
+            mi_labeled: b("mi_labeled")?,
+            w_host: f("w_u")? as f32,
+            temperature: f("temperature")? as f32,
+            mixup_alpha: f("mixup_alpha")? as f32,
+            ramp: f("ramp")?,
+            ema: f("ema")? as f32,
+            eval_every: u("eval_every")?,
+            eval_batch: u("eval_batch")? as usize,
+            threads: u("threads")? as usize,
+            device: s("device")?.parse().map_err(ctx)?,
+            out: v.get("out").and_then(Value::as_str).map(PathBuf::from),
+        };
+        cfg.validate().map_err(ctx)?;
+        Ok(cfg)
+    }
+
     /// Every option's value, for config.json.
     pub fn to_json(&self) -> Value {
         let width = match self.model {
@@ -245,6 +295,7 @@ impl TrainConfig {
             "eval_batch": self.eval_batch,
             "threads": self.threads,
             "device": self.device.to_string(),
+            "out": self.out.as_ref().map(|p| p.display().to_string()),
             "version": env!("CARGO_PKG_VERSION"),
             "git_commit": option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown"),
             "features": crate::build_features(),

@@ -16,6 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nn::{Model, ModelSpec};
 use crate::optim::{Adam, AdamConfig, Ema, EmaDecay, Optimizer, Schedule, Sgd, SgdConfig};
 use crate::ssl::{step_loss, ObjectiveConfig};
+use crate::tensor::Tensor;
 use serde::Serialize;
 use serde_json::json;
 use std::io::Write;
@@ -122,6 +123,30 @@ impl RunFiles {
         Ok(RunFiles { dir: dir.to_path_buf(), metrics })
     }
 
+    /// Reopens a run's folder at `step`: metrics.jsonl keeps only the lines up to that step
+    /// (rewritten atomically), then grows again from there.
+    fn reopen(dir: &Path, step: u64) -> Result<RunFiles> {
+        let path = dir.join("metrics.jsonl");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        checkpoint::write_atomic(&path, kept.as_bytes())?;
+        let metrics = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(RunFiles { dir: dir.to_path_buf(), metrics })
+    }
+
     fn metric(&mut self, line: &serde_json::Value) -> Result<()> {
         let path = self.dir.join("metrics.jsonl");
         writeln!(self.metrics, "{line}").and_then(|_| self.metrics.flush()).map_err(|e| Error::io(&path, e))
@@ -130,6 +155,55 @@ impl RunFiles {
 
 /// Trains as `cfg` says, calling `progress` after every step; returns the summary.
 pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+    run(cfg, None, progress)
+}
+
+/// Continues the run in `dir` from its last checkpoint (resume.safetensors), or from its start
+/// when it was stopped before the first one, with the options in its config.json.
+pub fn resume(dir: &Path, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+    let mut cfg = TrainConfig::from_json(&json, &path)?;
+    cfg.out = Some(dir.to_path_buf());
+    let state = dir.join("resume.safetensors");
+    let state = if state.exists() { Some(checkpoint::Checkpoint::load(&state)?) } else { None };
+    run(&cfg, Some(state), progress)
+}
+
+/// Named tensors.
+type Named = Vec<(String, Tensor)>;
+
+/// Splits a resume checkpoint into (step, model, EMA, optimizer) tensors.
+fn resume_parts(ck: &checkpoint::Checkpoint, path: &Path) -> Result<(u64, Named, Named, Named)> {
+    let step: u64 = ck
+        .meta("step", path)?
+        .parse()
+        .map_err(|_| Error::format(format!("{}: metadata 'step' is not a step count", path.display())))?;
+    let (mut model, mut ema, mut optim) = (Vec::new(), Vec::new(), Vec::new());
+    for e in &ck.entries {
+        let t = e.to_tensor()?;
+        if let Some(n) = e.name.strip_prefix("model.") {
+            model.push((n.to_string(), t));
+        } else if let Some(n) = e.name.strip_prefix("ema.") {
+            ema.push((n.to_string(), t));
+        } else if let Some(n) = e.name.strip_prefix("optim.") {
+            optim.push((n.to_string(), t));
+        } else {
+            return Err(Error::format(format!("{}: unexpected tensor '{}'", path.display(), e.name)));
+        }
+    }
+    Ok((step, model, ema, optim))
+}
+
+/// The loop; `resume`: None for a new run, Some(None) to restart a run that has no checkpoint
+/// yet, Some(Some(state)) to continue from a checkpoint.
+fn run(
+    cfg: &TrainConfig,
+    resume: Option<Option<checkpoint::Checkpoint>>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Summary> {
     let started = Instant::now();
     cfg.validate()?;
     cfg.device.check_available()?;
@@ -145,16 +219,33 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
         classes: train.classes,
     };
     let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
+    let mut start = 0;
+    if let Some(Some(ck)) = &resume {
+        let path = cfg.out.as_deref().unwrap_or(Path::new(".")).join("resume.safetensors");
+        let (step, model, ema, optim) = resume_parts(ck, &path)?;
+        let ctx = |e: Error| Error::format(format!("{}: {e}", path.display()));
+        crate::nn::load_named(&mut trainer.model, &model).map_err(ctx)?;
+        trainer.ema.load_tensors(&ema).map_err(ctx)?;
+        trainer.optimizer.load_state_tensors(&trainer.model, &optim).map_err(ctx)?;
+        if step >= cfg.steps {
+            return Err(Error::usage(format!("{}: the run already finished ({step} steps)", path.display())));
+        }
+        start = step;
+    }
     let train = Arc::new(train);
-    let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch_plan(), 0)?;
-    let mut files = cfg.out.as_deref().map(|d| RunFiles::create(d, cfg)).transpose()?;
+    let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch_plan(), start)?;
+    let mut files = match (cfg.out.as_deref(), &resume) {
+        (Some(d), Some(_)) => Some(RunFiles::reopen(d, start)?),
+        (Some(d), None) => Some(RunFiles::create(d, cfg)?),
+        (None, _) => None,
+    };
     let eval_aug = Augment::normalize_only(aug.mean.clone(), aug.std.clone());
     let images_per_step = cfg.images_per_step();
 
     let mut train_seconds = 0.0f64;
     let mut ema_model = trainer.model.clone();
     let mut last_eval = None;
-    for step in 0..cfg.steps {
+    for step in start..cfg.steps {
         let t0 = Instant::now();
         let batch = loader.next()?;
         let StepStats { loss, sup, mi, w_mi, host, lr } = trainer.step(&batch, step)?;
@@ -168,7 +259,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
             loss,
             sup,
             mi,
-            images_per_second: (done as usize * images_per_step) as f64 / train_seconds.max(1e-9),
+            images_per_second: ((done - start) as usize * images_per_step) as f64 / train_seconds.max(1e-9),
             train_seconds,
             eval: None,
         };
@@ -189,7 +280,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
                     "test_accuracy_ema": avg.accuracy, "val_accuracy_ema": val,
                     "images_per_second": report.images_per_second,
                 }))?;
-                save_checkpoints(&f.dir, model, &ema_model, trainer.optimizer.as_ref(), done, cfg, &train, &aug)?;
+                save_checkpoints(&f.dir, &trainer, &ema_model, done, cfg, &train, &aug)?;
             }
             last_eval = Some((raw, avg, val));
         }
@@ -211,7 +302,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
         per_class_accuracy: avg.per_class_accuracy,
         confusion_matrix: avg.confusion_matrix,
         wall_seconds: started.elapsed().as_secs_f64(),
-        train_images_per_second: (cfg.steps as usize * images_per_step) as f64 / train_seconds.max(1e-9),
+        train_images_per_second: ((cfg.steps - start) as usize * images_per_step) as f64 / train_seconds.max(1e-9),
     };
     if let Some(f) = &files {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::format(e.to_string()))?;
@@ -308,28 +399,25 @@ impl Trainer {
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoints(
     dir: &Path,
-    model: &Model,
+    trainer: &Trainer,
     ema_model: &Model,
-    optimizer: &dyn Optimizer,
     step: u64,
     cfg: &TrainConfig,
     train: &Dataset,
     aug: &Augment,
 ) -> Result<()> {
     let info = CheckpointInfo::new(train, aug, step, cfg);
-    let mut resume = checkpoint_of(model, &info)?;
+    let mut resume = checkpoint_of(&trainer.model, &info)?;
     for e in resume.entries.iter_mut() {
         e.name = format!("model.{}", e.name);
     }
-    let mut ema_entries = checkpoint_of(ema_model, &info)?.entries;
-    for e in ema_entries.iter_mut() {
-        e.name = format!("ema.{}", e.name);
+    // The EMA's own state (not the evaluated copy), so a resumed average continues exactly.
+    for (name, t) in trainer.ema.tensors() {
+        resume.entries.push(checkpoint::Entry::f32(format!("ema.{name}"), &t)?);
     }
-    resume.entries.extend(ema_entries);
-    for (name, t) in optimizer.state_tensors() {
+    for (name, t) in trainer.optimizer.state_tensors() {
         resume.entries.push(checkpoint::Entry::f32(format!("optim.{name}"), &t)?);
     }
-    resume.metadata.insert("config".into(), cfg.to_json().to_string());
     resume.save(&dir.join("resume.safetensors"))?;
     checkpoint_of(ema_model, &info)?.save(&dir.join("checkpoint.safetensors"))
 }

@@ -1,0 +1,146 @@
+//! Crash safety, resume and determinism of `muscle train`.
+
+use muscle::rng::Rng;
+use muscle::train::checkpoint::Checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SMALL: &[&str] = &[
+    "train",
+    "--steps",
+    "16",
+    "--eval-every",
+    "2",
+    "--batch",
+    "16",
+    "--unlabeled-batch",
+    "32",
+    "--width",
+    "8",
+    "--threads",
+    "2",
+];
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn muscle() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_muscle"));
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn run_to_end(args: &[&str], out: &Path) {
+    let o = muscle().args(args).arg("--out").arg(out).output().expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// metrics.jsonl without the timing field, which legitimately differs between runs.
+fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            v.as_object_mut().expect("object").remove("images_per_second");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn same_seed_and_threads_give_identical_metrics_and_checkpoints() {
+    let d = scratch("determinism");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let args =
+        ["train", "--steps", "6", "--eval-every", "2", "--batch", "16", "--unlabeled-batch", "32", "--width", "8"];
+    run_to_end(&args, &a);
+    run_to_end(&args, &b);
+    assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
+    for f in ["checkpoint.safetensors", "resume.safetensors"] {
+        assert!(std::fs::read(a.join(f)).expect("a") == std::fs::read(b.join(f)).expect("b"), "{f} differs");
+    }
+}
+
+#[test]
+fn killed_runs_always_leave_a_loadable_checkpoint_and_resume_to_identical_bytes() {
+    let d = scratch("sigkill");
+    let reference = d.join("reference");
+    let t = Instant::now();
+    run_to_end(SMALL, &reference);
+    // Kill moments are drawn across the run's own duration, so some attempts get past start-up
+    // and checkpoint while others die before or during a write, on a fast or a loaded machine.
+    let run_ms = t.elapsed().as_millis() as u32;
+    let want = std::fs::read(reference.join("checkpoint.safetensors")).expect("reference checkpoint");
+
+    let out = d.join("killed");
+    let mut rng = Rng::new(20261128, 0);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_millis(120 * run_ms as u64).max(Duration::from_secs(300));
+    loop {
+        assert!(Instant::now() < deadline, "the kill loop did not finish in time");
+        let mut cmd = muscle();
+        if out.join("config.json").exists() {
+            cmd.arg("train").arg("--resume").arg(&out);
+        } else {
+            cmd.args(SMALL).arg("--out").arg(&out);
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        let wait_ms = (run_ms / 10 + rng.below(run_ms)) as u64;
+        let t = Instant::now();
+        let mut finished = None;
+        while t.elapsed() < Duration::from_millis(wait_ms) {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                finished = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match finished {
+            Some(status) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                if status.success() {
+                    if kills >= 20 {
+                        break;
+                    }
+                    // Finished before 20 kills: start the whole run again.
+                    std::fs::remove_dir_all(&out).expect("clear");
+                    continue;
+                }
+                panic!("run failed without being killed: {err}");
+            }
+            None => {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reap");
+                kills += 1;
+            }
+        }
+        // Whatever exists after a kill is complete and loadable.
+        for f in ["checkpoint.safetensors", "resume.safetensors"] {
+            let p = out.join(f);
+            if p.exists() {
+                Checkpoint::load(&p).unwrap_or_else(|e| panic!("after kill {kills}: {e}"));
+            }
+        }
+        if out.join("config.json").exists() {
+            let text = std::fs::read_to_string(out.join("config.json")).expect("config");
+            serde_json::from_str::<serde_json::Value>(&text).expect("config.json is complete JSON");
+        }
+    }
+    assert!(kills >= 20);
+    let got = std::fs::read(out.join("checkpoint.safetensors")).expect("final checkpoint");
+    assert!(got == want, "the resumed run's final checkpoint differs from the uninterrupted run's");
+    // metrics.jsonl was cut back at each resume: one line per evaluation, in order.
+    let steps: Vec<u64> = metrics_without_timing(&out).iter().map(|v| v["step"].as_u64().expect("step")).collect();
+    assert_eq!(steps, (1..=8).map(|i| 2 * i).collect::<Vec<u64>>());
+    println!("{kills} kills survived");
+}
