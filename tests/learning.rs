@@ -140,3 +140,45 @@ fn a_short_muscle_run_on_the_embedded_set_clears_an_accuracy_floor() {
     println!("short MUSCLE run: EMA test accuracy {:.4} in {:.1} s", s.test_accuracy_ema, s.wall_seconds);
     assert!(s.test_accuracy_ema >= 0.50, "EMA test accuracy {}", s.test_accuracy_ema);
 }
+
+#[test]
+fn pretraining_then_fine_tuning_from_its_checkpoint() {
+    use muscle::nn::Module;
+    use muscle::ssl::Method;
+    use muscle::train::{init_from_checkpoint, train, TrainConfig};
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pretrain");
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = TrainConfig {
+        steps: 4,
+        eval_every: 4,
+        batch: 16,
+        unlabeled_batch: 32,
+        model: ModelKind::ConvNet { width: 8 },
+        ..Default::default()
+    };
+    let pre = TrainConfig { method: Method::Pretrain, overcluster: 2, out: Some(dir.clone()), ..base.clone() };
+    let s = train(&pre, &mut |_| {}).expect("pretrain");
+    assert!((0.0..=1.0).contains(&s.test_accuracy_ema));
+    let ck = dir.join("checkpoint.safetensors");
+
+    // The 20-cluster head is re-initialised for 10 classes; every conv weight comes from the file.
+    let spec = ModelSpec { kind: ModelKind::ConvNet { width: 8 }, in_channels: 1, height: 28, width: 28, classes: 10 };
+    let mut m = Model::new(spec, 99).expect("model");
+    init_from_checkpoint(&mut m, &ck).expect("init");
+    let stored = muscle::train::checkpoint::Checkpoint::load(&ck).expect("load");
+    m.visit(&mut |name, _, t| {
+        let e = stored.get(name).expect("tensor in checkpoint");
+        if name.starts_with("fc.") {
+            assert_ne!(e.shape, t.shape(), "{name}: the head has another size");
+        } else {
+            assert_eq!(e.to_tensor().expect("tensor").to_vec().expect("cpu"), t.to_vec().expect("cpu"), "{name}");
+        }
+    });
+    let fine = TrainConfig { init: Some(ck.clone()), ..base };
+    train(&fine, &mut |_| {}).expect("fine-tune");
+
+    // A checkpoint of another architecture is refused with the file named.
+    let spec = ModelSpec { kind: ModelKind::Wrn28x2, in_channels: 1, height: 28, width: 28, classes: 10 };
+    let e = init_from_checkpoint(&mut Model::new(spec, 0).expect("wrn"), &ck).expect_err("must refuse");
+    assert!(e.message().contains("checkpoint.safetensors"), "{e}");
+}

@@ -3,10 +3,12 @@
 
 mod mixmatch;
 mod muscle;
+mod pretrain;
 mod supervised;
 
 pub use mixmatch::{mixmatch_loss, mixup_draw, sharpen};
 pub use muscle::muscle_loss;
+pub use pretrain::pretrain_loss;
 pub use supervised::supervised_loss;
 
 use crate::autograd::Tape;
@@ -28,6 +30,8 @@ pub enum Method {
     MixMatch,
     /// MixMatch + w_mi * IIC loss between the two label-guessing views (the paper's "incorporated").
     MixMatchMuscle,
+    /// Unsupervised pre-training: the IIC loss alone (`muscle pretrain`).
+    Pretrain,
 }
 
 impl Method {
@@ -48,6 +52,7 @@ impl FromStr for Method {
             "muscle" => Ok(Method::Muscle),
             "mixmatch" => Ok(Method::MixMatch),
             "mixmatch-muscle" => Ok(Method::MixMatchMuscle),
+            "pretrain" => Ok(Method::Pretrain),
             _ => Err(Error::usage(format!("--method: unknown method '{s}' (expected {})", Method::ALL.join(", ")))),
         }
     }
@@ -60,6 +65,7 @@ impl fmt::Display for Method {
             Method::Muscle => "muscle",
             Method::MixMatch => "mixmatch",
             Method::MixMatchMuscle => "mixmatch-muscle",
+            Method::Pretrain => "pretrain",
         })
     }
 }
@@ -114,5 +120,6 @@ pub fn step_loss(
         Method::Supervised => supervised_loss(model, tape, batch, step, seed),
         Method::Muscle => muscle_loss(cfg, model, tape, batch, step, seed),
         Method::MixMatch | Method::MixMatchMuscle => mixmatch_loss(cfg, model, tape, batch, step, seed),
+        Method::Pretrain => pretrain_loss(cfg, model, tape, batch, step, seed),
     }
 }

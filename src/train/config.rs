@@ -97,6 +97,10 @@ pub struct TrainConfig {
     pub device: Device,
     /// Output folder.
     pub out: Option<PathBuf>,
+    /// Start from this checkpoint's weights (fine-tuning); a head of another size is re-initialised.
+    pub init: Option<PathBuf>,
+    /// Outputs per class of the model (pre-training's over-clustering; 1 otherwise).
+    pub overcluster: usize,
 }
 
 impl Default for TrainConfig {
@@ -133,6 +137,8 @@ impl Default for TrainConfig {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             device: Device::Cpu,
             out: None,
+            init: None,
+            overcluster: 1,
         }
     }
 }
@@ -149,6 +155,7 @@ impl TrainConfig {
     /// Rejects values that can never be valid, naming the option.
     pub fn validate(&self) -> Result<()> {
         positive("--steps", self.steps > 0)?;
+        positive("--overcluster", self.overcluster > 0)?;
         positive("--batch", self.batch > 0)?;
         positive("--labels", self.labels > 0)?;
         positive("--eval-every", self.eval_every > 0)?;
@@ -189,7 +196,7 @@ impl TrainConfig {
     pub fn batch_plan(&self) -> BatchPlan {
         let views = if self.method.uses_unlabeled() { 2 } else { 0 };
         BatchPlan {
-            labeled: self.batch,
+            labeled: if self.method == Method::Pretrain { 0 } else { self.batch },
             unlabeled: self.unlabeled_batch,
             views,
             labeled_second_view: self.mi_labeled && self.method.uses_unlabeled(),
@@ -252,6 +259,8 @@ impl TrainConfig {
             threads: u("threads")? as usize,
             device: s("device")?.parse().map_err(ctx)?,
             out: v.get("out").and_then(Value::as_str).map(PathBuf::from),
+            init: v.get("init").and_then(Value::as_str).map(PathBuf::from),
+            overcluster: opt_u("overcluster").unwrap_or(1),
         };
         cfg.validate().map_err(ctx)?;
         Ok(cfg)
@@ -296,6 +305,8 @@ impl TrainConfig {
             "threads": self.threads,
             "device": self.device.to_string(),
             "out": self.out.as_ref().map(|p| p.display().to_string()),
+            "init": self.init.as_ref().map(|p| p.display().to_string()),
+            "overcluster": self.overcluster,
             "version": env!("CARGO_PKG_VERSION"),
             "git_commit": option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown"),
             "features": crate::build_features(),

@@ -4,11 +4,13 @@
 pub mod checkpoint;
 mod config;
 mod eval;
+mod hungarian;
 mod state;
 
 pub use config::{OptimizerKind, TrainConfig};
 pub use eval::{argmax_rows, evaluate, EvalResult};
-pub use state::{checkpoint_of, model_from_checkpoint, CheckpointInfo};
+pub use hungarian::{clustering_accuracy, max_weight_assignment};
+pub use state::{checkpoint_of, init_from_checkpoint, model_from_checkpoint, CheckpointInfo};
 
 use crate::autograd::Tape;
 use crate::data::{self, Augment, Dataset, Loader, StepBatch, TrainTest};
@@ -216,9 +218,13 @@ fn run(
         in_channels: train.channels,
         height: train.height,
         width: train.width,
-        classes: train.classes,
+        classes: train.classes * cfg.overcluster,
     };
-    let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
+    let mut model = Model::new(spec, cfg.seed)?;
+    if let Some(init) = &cfg.init {
+        state::init_from_checkpoint(&mut model, init)?;
+    }
+    let mut trainer = Trainer::new(cfg, model)?;
     let mut start = 0;
     if let Some(Some(ck)) = &resume {
         let path = cfg.out.as_deref().unwrap_or(Path::new(".")).join("resume.safetensors");
@@ -265,8 +271,13 @@ fn run(
         };
         if done % cfg.eval_every == 0 || done == cfg.steps {
             trainer.ema.apply_to(&mut ema_model)?;
-            let raw = evaluate(model, &test, None, &eval_aug, cfg.eval_batch)?;
-            let avg = evaluate(&mut ema_model, &test, None, &eval_aug, cfg.eval_batch)?;
+            let mut raw = evaluate(model, &test, None, &eval_aug, cfg.eval_batch)?;
+            let mut avg = evaluate(&mut ema_model, &test, None, &eval_aug, cfg.eval_batch)?;
+            if cfg.method == crate::ssl::Method::Pretrain {
+                // Clusters have no class names: score the best one-to-one matching.
+                raw.accuracy = clustering_accuracy(&raw.confusion_matrix);
+                avg.accuracy = clustering_accuracy(&avg.confusion_matrix);
+            }
             let val = if split.val.is_empty() {
                 None
             } else {

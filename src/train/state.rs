@@ -85,6 +85,46 @@ fn parse<T: serde::de::DeserializeOwned>(ck: &Checkpoint, key: &str, path: &Path
     })
 }
 
+/// Loads a checkpoint's weights into `model` for fine-tuning: every tensor must be present with
+/// the same shape, except the classifier head (`fc.*`), which keeps its fresh initialisation when
+/// its size differs (a pre-training head with another number of clusters).
+pub fn init_from_checkpoint(model: &mut Model, path: &Path) -> Result<()> {
+    let ck = Checkpoint::load(path)?;
+    let kind = ck.meta("model", path)?;
+    if kind != model.spec().kind.to_string() {
+        return Err(Error::format(format!(
+            "{}: a checkpoint of model '{kind}' cannot initialise a '{}'",
+            path.display(),
+            model.spec().kind
+        )));
+    }
+    let mut named = Vec::new();
+    let mut err = None;
+    model.visit(&mut |name, _, t| {
+        let found = ck.get(name);
+        match found {
+            Some(e) if e.shape == t.shape() => match e.to_tensor() {
+                Ok(v) => named.push((name.to_string(), v)),
+                Err(x) => err = Some(x),
+            },
+            Some(_) | None if name.starts_with("fc.") => named.push((name.to_string(), t.clone())),
+            Some(e) => {
+                err = Some(Error::format(format!(
+                    "{}: tensor '{name}' has shape {:?}, the model needs {:?}",
+                    path.display(),
+                    e.shape,
+                    t.shape()
+                )))
+            }
+            None => err = Some(Error::format(format!("{}: no tensor '{name}'", path.display()))),
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    load_named(model, &named)
+}
+
 /// Rebuilds the model a checkpoint file holds (weights loaded) and its metadata.
 pub fn model_from_checkpoint(path: &Path) -> Result<(Model, CheckpointInfo)> {
     let ck = Checkpoint::load(path)?;

@@ -1,0 +1,31 @@
+//! Unsupervised pre-training: the IIC loss alone between two views of unlabeled images (IIC's
+//! clustering objective), optionally with more outputs than classes (over-clustering).
+
+use super::{LossTerms, ObjectiveConfig};
+use crate::autograd::Tape;
+use crate::data::StepBatch;
+use crate::error::{Error, Result};
+use crate::nn::{ForwardCtx, Model};
+use crate::ops;
+
+/// L = L_mi(f(A(u)), f(A'(u))), one forward over both views.
+pub fn pretrain_loss(
+    cfg: &ObjectiveConfig,
+    model: &mut Model,
+    tape: &Tape,
+    batch: &StepBatch,
+    step: u64,
+    seed: u64,
+) -> Result<LossTerms> {
+    let [v1, v2] = match batch.views.as_slice() {
+        [a, b, ..] => [a, b],
+        _ => return Err(Error::usage("pre-training needs two unlabeled views per step")),
+    };
+    let nu = v1.shape()[0];
+    let x = ops::concat_rows(tape, &[v1, v2])?;
+    let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
+    let za = ops::narrow_rows(tape, &logits, 0, nu)?;
+    let zb = ops::narrow_rows(tape, &logits, nu, nu)?;
+    let total = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
+    Ok(LossTerms { sup: 0.0, mi: total.item()?, w_mi: 1.0, host: 0.0, w_host: 0.0, total })
+}
