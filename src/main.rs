@@ -330,7 +330,7 @@ fn run_pretrain(a: &PretrainArgs) -> Result<()> {
     println!(
         "final: pretrain on {} ({} clusters, {} steps, seed {}): clustering accuracy {:.4}, EMA {:.4}; {:.1} s",
         s.dataset,
-        cfg.overcluster * s.per_class_accuracy.len(),
+        s.per_class_accuracy.len(),
         s.steps,
         s.seed,
         s.test_accuracy,
