@@ -351,7 +351,7 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
     if (test.channels, test.height, test.width, test.classes)
         != (info.spec.in_channels, info.spec.height, info.spec.width, info.spec.classes)
     {
-        return Err(Error::usage(format!(
+        return Err(Error::format(format!(
             "{}: the checkpoint's model takes {}x{}x{} images and {} classes; {} has {}x{}x{} and {}",
             a.checkpoint.display(),
             info.spec.in_channels,

@@ -1,0 +1,237 @@
+//! The table of bad inputs (the reliability issue): each gives a one-line error naming the
+//! argument or file, the right exit code, no panic, and leaves nothing half-written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A copy of the embedded IDX set in `dir` with `file` replaced by `bytes`.
+fn idx_set_with(dir: &Path, file: &str, bytes: Option<Vec<u8>>) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-10k");
+    std::fs::create_dir_all(dir).expect("dir");
+    for f in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
+        if f == file {
+            if let Some(b) = &bytes {
+                std::fs::write(dir.join(f), b).expect("write");
+            }
+        } else {
+            std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+        }
+    }
+    dir.to_str().expect("utf8").to_string()
+}
+
+fn gz(raw: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(raw).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+#[test]
+fn every_bad_input_gives_one_line_and_the_right_exit_code() {
+    let d = scratch("bad-inputs");
+    let s = |p: PathBuf| p.to_str().expect("utf8").to_string();
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-10k/train-labels-idx1-ubyte.gz");
+    let labels = {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(real).expect("labels")).read_to_end(&mut raw).expect("gunzip");
+        raw
+    };
+    let mut bad_label = labels.clone();
+    bad_label[8 + 17] = 10;
+    let mut bad_magic = labels.clone();
+    bad_magic[3] = 3;
+    let mut bad_dims = labels.clone();
+    bad_dims[7] ^= 0x40;
+
+    // Checkpoints of other models: a WRN (for --init into a convnet) and a 20-cluster convnet
+    // (for eval on 10-class data).
+    let wrn_dir = d.join("wrn");
+    let clusters_dir = d.join("clusters");
+    for (args, dir) in [
+        (vec!["train", "--model", "wrn-28-2", "--method", "supervised", "--labels", "10", "--batch", "8"], &wrn_dir),
+        (vec!["pretrain", "--overcluster", "2", "--width", "4", "--unlabeled-batch", "8"], &clusters_dir),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_muscle"))
+            .args(args)
+            .args(["--steps", "1", "--eval-every", "1", "--out", &s(dir.clone())])
+            .output()
+            .expect("run");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    std::fs::create_dir_all(d.join("full")).expect("dir");
+    std::os::unix::fs::symlink("/dev/full", d.join("full/metrics.jsonl")).expect("symlink");
+    std::fs::write(d.join("empty.safetensors"), b"").expect("write");
+
+    let rows: Vec<(&str, Vec<String>, i32, String)> = vec![
+        ("unknown method", vec!["train".into(), "--method".into(), "x".into()], 2, "--method".into()),
+        ("unknown model", vec!["train".into(), "--model".into(), "x".into()], 2, "--model".into()),
+        ("unknown dataset", vec!["train".into(), "--dataset".into(), "x".into()], 2, "--dataset".into()),
+        ("zero steps", vec!["train".into(), "--steps".into(), "0".into()], 2, "--steps".into()),
+        ("negative steps", vec!["train".into(), "--steps=-5".into()], 2, "--steps".into()),
+        ("zero batch", vec!["train".into(), "--batch".into(), "0".into()], 2, "--batch".into()),
+        (
+            "zero unlabeled batch",
+            vec!["train".into(), "--unlabeled-batch".into(), "0".into()],
+            2,
+            "--unlabeled-batch".into(),
+        ),
+        ("labels not balanced", vec!["train".into(), "--labels".into(), "15".into()], 2, "15".into()),
+        ("labels larger than the data", vec!["train".into(), "--labels".into(), "20000".into()], 2, "20000".into()),
+        (
+            "imbalance below 1",
+            vec!["train".into(), "--label-imbalance".into(), "0.5".into()],
+            2,
+            "--label-imbalance".into(),
+        ),
+        ("bad device", vec!["train".into(), "--device".into(), "tpu".into()], 2, "--device".into()),
+        ("cuda in a CPU build", vec!["train".into(), "--device".into(), "cuda".into()], 1, "cuda".into()),
+        (
+            "missing data dir",
+            vec!["train".into(), "--data".into(), "/nonexistent/d".into()],
+            1,
+            "/nonexistent/d".into(),
+        ),
+        (
+            "empty IDX file",
+            vec![
+                "train".into(),
+                "--data".into(),
+                idx_set_with(&d.join("empty"), "train-labels-idx1-ubyte.gz", Some(vec![])),
+            ],
+            1,
+            "train-labels-idx1-ubyte".into(),
+        ),
+        (
+            "missing IDX file",
+            vec!["train".into(), "--data".into(), idx_set_with(&d.join("missing"), "t10k-labels-idx1-ubyte.gz", None)],
+            1,
+            "t10k-labels-idx1-ubyte".into(),
+        ),
+        (
+            "truncated IDX",
+            vec![
+                "train".into(),
+                "--data".into(),
+                idx_set_with(&d.join("trunc"), "train-labels-idx1-ubyte.gz", Some(gz(&labels[..5000]))),
+            ],
+            1,
+            "train-labels-idx1-ubyte".into(),
+        ),
+        (
+            "wrong IDX magic",
+            vec![
+                "train".into(),
+                "--data".into(),
+                idx_set_with(&d.join("magic"), "train-labels-idx1-ubyte.gz", Some(gz(&bad_magic))),
+            ],
+            1,
+            "train-labels-idx1-ubyte".into(),
+        ),
+        (
+            "wrong IDX dimensions",
+            vec![
+                "train".into(),
+                "--data".into(),
+                idx_set_with(&d.join("dims"), "train-labels-idx1-ubyte.gz", Some(gz(&bad_dims))),
+            ],
+            1,
+            "train-labels-idx1-ubyte".into(),
+        ),
+        (
+            "label out of range",
+            vec![
+                "train".into(),
+                "--data".into(),
+                idx_set_with(&d.join("label"), "train-labels-idx1-ubyte.gz", Some(gz(&bad_label))),
+            ],
+            1,
+            "train-labels-idx1-ubyte".into(),
+        ),
+        (
+            "missing checkpoint",
+            vec!["eval".into(), "--checkpoint".into(), "/nonexistent/c.safetensors".into()],
+            1,
+            "/nonexistent/c.safetensors".into(),
+        ),
+        (
+            "empty checkpoint",
+            vec!["eval".into(), "--checkpoint".into(), s(d.join("empty.safetensors"))],
+            1,
+            "empty.safetensors".into(),
+        ),
+        (
+            "checkpoint for other data",
+            vec!["eval".into(), "--checkpoint".into(), s(clusters_dir.join("checkpoint.safetensors"))],
+            1,
+            "checkpoint.safetensors".into(),
+        ),
+        (
+            "init from another model",
+            vec![
+                "train".into(),
+                "--steps".into(),
+                "1".into(),
+                "--init".into(),
+                s(wrn_dir.join("checkpoint.safetensors")),
+            ],
+            1,
+            "checkpoint.safetensors".into(),
+        ),
+        (
+            "unwritable --out",
+            vec!["train".into(), "--steps".into(), "1".into(), "--out".into(), "/proc/muscle-out".into()],
+            1,
+            "/proc/muscle-out".into(),
+        ),
+        (
+            "write error in --out",
+            vec![
+                "train".into(),
+                "--steps".into(),
+                "1".into(),
+                "--width".into(),
+                "4".into(),
+                "--out".into(),
+                s(d.join("full")),
+            ],
+            1,
+            "metrics.jsonl".into(),
+        ),
+        (
+            "resume without a run",
+            vec!["train".into(), "--resume".into(), s(d.join("nothing"))],
+            1,
+            "config.json".into(),
+        ),
+    ];
+    assert!(rows.len() >= 20);
+    for (what, args, code, needle) in &rows {
+        let o = Command::new(env!("CARGO_BIN_EXE_muscle")).args(args).output().expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(*code), "{what}: {args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: not one line: {err}");
+        assert!(err.contains(needle.as_str()), "{what}: '{err}' does not name {needle}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+    // The write failure left no temporary files behind.
+    let leftovers: Vec<_> = std::fs::read_dir(d.join("full"))
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
