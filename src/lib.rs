@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod nn;
+pub mod npy;
 pub mod ops;
 pub mod optim;
 pub mod pool;

@@ -29,8 +29,27 @@ enum Command {
     Eval(EvalArgs),
     /// Time training steps (median ms/step, images/s) of a model and method.
     Bench(BenchArgs),
+    /// Reference IIC loss and gradients in f64 for two n x C logit matrices (.npy or
+    /// .safetensors, f32 or f64), to check other implementations against.
+    Mi(MiArgs),
     /// Print build features, devices and threads.
     Info,
+}
+
+#[derive(Args)]
+struct MiArgs {
+    /// Logits of the first view, n x C.
+    #[arg(long = "logits-a")]
+    logits_a: PathBuf,
+    /// Logits of the second view, n x C.
+    #[arg(long = "logits-b")]
+    logits_b: PathBuf,
+    /// IIC lambda (1: mutual information).
+    #[arg(long, default_value_t = 1.0)]
+    lambda: f64,
+    /// Write the gradients (grad_a, grad_b, f64) to this .safetensors file.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -254,6 +273,7 @@ fn main() -> ExitCode {
         Command::Pretrain(a) => run_pretrain(&a),
         Command::Eval(a) => run_eval(&a),
         Command::Bench(a) => run_bench(&a),
+        Command::Mi(a) => run_mi(&a),
         Command::Info => info(),
     };
     match result {
@@ -421,6 +441,64 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
             eprintln!("{name:<18} {calls:>8} {:>12.2}", secs * 1e3 / timed);
         }
     }
+    Ok(())
+}
+
+/// Reads an n x C matrix from .npy, or from the single tensor of a .safetensors file.
+fn read_logits(path: &std::path::Path) -> Result<muscle::npy::Matrix> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        return muscle::npy::read_npy(path);
+    }
+    let ck = muscle::train::checkpoint::Checkpoint::load(path)?;
+    let [e] = ck.entries.as_slice() else {
+        return Err(Error::format(format!(
+            "{}: expected exactly one tensor, found {}",
+            path.display(),
+            ck.entries.len()
+        )));
+    };
+    let [rows, cols] = e.shape[..] else {
+        return Err(Error::format(format!(
+            "{}: tensor '{}' of shape {:?} is not 2-d",
+            path.display(),
+            e.name,
+            e.shape
+        )));
+    };
+    let data = match &e.values {
+        muscle::train::checkpoint::Values::F64(v) => v.clone(),
+        muscle::train::checkpoint::Values::F32(v) => v.iter().map(|&x| x as f64).collect(),
+        _ => return Err(Error::format(format!("{}: tensor '{}' is not f32 or f64", path.display(), e.name))),
+    };
+    Ok(muscle::npy::Matrix { rows, cols, data })
+}
+
+fn run_mi(a: &MiArgs) -> Result<()> {
+    use muscle::train::checkpoint::{Checkpoint, Entry, Values};
+    if !(a.lambda.is_finite() && a.lambda > 0.0) {
+        return Err(Error::usage("--lambda: must be a finite value > 0"));
+    }
+    let (za, zb) = (read_logits(&a.logits_a)?, read_logits(&a.logits_b)?);
+    if (za.rows, za.cols) != (zb.rows, zb.cols) || za.rows == 0 || za.cols < 2 {
+        return Err(Error::usage(format!(
+            "--logits-a ({} x {}) and --logits-b ({} x {}) must have the same shape, n >= 1 rows and C >= 2 columns",
+            za.rows, za.cols, zb.rows, zb.cols
+        )));
+    }
+    let (loss, ga, gb) = muscle::cpu::mutual_info::mi_loss_f64(&za.data, &zb.data, za.rows, za.cols, a.lambda);
+    if let Some(out) = &a.out {
+        let shape = vec![za.rows, za.cols];
+        let ck = Checkpoint {
+            entries: vec![
+                Entry { name: "grad_a".into(), shape: shape.clone(), values: Values::F64(ga) },
+                Entry { name: "grad_b".into(), shape, values: Values::F64(gb) },
+            ],
+            metadata: [("loss".to_string(), format!("{loss:e}")), ("lambda".to_string(), format!("{}", a.lambda))]
+                .into(),
+        };
+        ck.save(out)?;
+    }
+    println!("{}", serde_json::json!({"loss": loss, "rows": za.rows, "classes": za.cols, "lambda": a.lambda}));
     Ok(())
 }
 

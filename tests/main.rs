@@ -6,5 +6,6 @@ mod common;
 mod errors;
 mod gradients;
 mod learning;
+mod mi_reference;
 mod models;
 mod reliability;

@@ -14,6 +14,8 @@ pub enum Values {
     F32(Vec<f32>),
     /// 64-bit integers (BN's num_batches_tracked, counters).
     I64(Vec<i64>),
+    /// 64-bit floats (reference computations).
+    F64(Vec<f64>),
 }
 
 /// A named tensor of a checkpoint.
@@ -42,6 +44,7 @@ impl Entry {
         let data = match &self.values {
             Values::F32(v) => v.clone(),
             Values::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            Values::F64(v) => v.iter().map(|&x| x as f32).collect(),
         };
         Tensor::from_vec(data, &self.shape)
     }
@@ -82,6 +85,7 @@ impl Checkpoint {
             let (dtype, bytes) = match &e.values {
                 Values::F32(v) => ("F32", v.len() * 4),
                 Values::I64(v) => ("I64", v.len() * 8),
+                Values::F64(v) => ("F64", v.len() * 8),
             };
             let name = serde_json::to_string(&e.name).unwrap_or_else(|_| "\"?\"".into());
             header.push_str(&format!(
@@ -104,6 +108,7 @@ impl Checkpoint {
             match &e.values {
                 Values::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
                 Values::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                Values::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             }
         }
         out
@@ -132,7 +137,14 @@ impl Checkpoint {
                         .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                         .collect(),
                 ),
-                other => return Err(bad(&format!("tensor '{name}' has dtype {other:?}; only F32 and I64 are read"))),
+                safetensors::Dtype::F64 => Values::F64(
+                    data.chunks_exact(8)
+                        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                        .collect(),
+                ),
+                other => {
+                    return Err(bad(&format!("tensor '{name}' has dtype {other:?}; only F32, F64 and I64 are read")))
+                }
             };
             entries.push(Entry { name, shape: view.shape().to_vec(), values });
         }
