@@ -19,6 +19,7 @@ pub mod pool;
 pub mod profile;
 pub mod rng;
 pub mod ssl;
+pub mod sweep;
 pub mod tensor;
 pub mod testing;
 pub mod train;

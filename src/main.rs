@@ -25,6 +25,9 @@ enum Command {
     /// Unsupervised pre-training with the IIC loss alone; reports clustering accuracy (Hungarian
     /// matching of clusters to classes) on the test set. Fine-tune with `train --init`.
     Pretrain(Box<PretrainArgs>),
+    /// Run a grid of trainings (methods x labels x seeds x imbalance), resumably, into one folder
+    /// with results.csv and results.md (mean +- std over seeds).
+    Sweep(Box<SweepArgs>),
     /// Evaluate a checkpoint written by `muscle train` on a data set's test split.
     Eval(EvalArgs),
     /// Time training steps (median ms/step, images/s) of a model and method.
@@ -193,6 +196,24 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct SweepArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Methods, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "supervised,muscle")]
+    methods: Vec<String>,
+    /// Label counts, comma-separated.
+    #[arg(long = "label-counts", value_delimiter = ',', default_value = "40,250")]
+    label_counts: Vec<usize>,
+    /// Seeds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Label imbalance ratios, comma-separated.
+    #[arg(long = "imbalances", value_delimiter = ',', default_value = "1")]
+    imbalances: Vec<f64>,
+}
+
+#[derive(Args)]
 struct PretrainArgs {
     #[command(flatten)]
     train: TrainArgs,
@@ -271,6 +292,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => run_train(&a),
         Command::Pretrain(a) => run_pretrain(&a),
+        Command::Sweep(a) => run_sweep(&a),
         Command::Eval(a) => run_eval(&a),
         Command::Bench(a) => run_bench(&a),
         Command::Mi(a) => run_mi(&a),
@@ -338,6 +360,26 @@ fn run_train(a: &TrainArgs) -> Result<()> {
         s.wall_seconds,
         s.train_images_per_second
     );
+    Ok(())
+}
+
+fn run_sweep(a: &SweepArgs) -> Result<()> {
+    let base = a.train.config()?;
+    let dir = base.out.clone().ok_or_else(|| Error::usage("sweep: --out DIR is required"))?;
+    let grid = muscle::sweep::Grid {
+        methods: a.methods.iter().map(|m| m.parse()).collect::<Result<_>>()?,
+        labels: a.label_counts.clone(),
+        seeds: a.seeds.clone(),
+        imbalance: a.imbalances.clone(),
+    };
+    let tty = std::io::stdout().is_terminal();
+    muscle::sweep::sweep(&base, &grid, &dir, &mut |cell, p| {
+        if p.eval.is_some() || p.step == p.steps {
+            print!("{cell}: ");
+        }
+        show(p, tty)
+    })?;
+    print!("{}", std::fs::read_to_string(dir.join("results.md")).map_err(|e| Error::io(&dir, e))?);
     Ok(())
 }
 

@@ -9,3 +9,4 @@ mod learning;
 mod mi_reference;
 mod models;
 mod reliability;
+mod sweep;

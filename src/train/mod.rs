@@ -48,7 +48,7 @@ pub struct Progress {
 }
 
 /// The end of a run (summary.json).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Objective.
     pub method: String,
