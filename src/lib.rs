@@ -11,6 +11,8 @@ pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod nn;
 pub mod npy;
 pub mod ops;

@@ -144,3 +144,29 @@ fn killed_runs_always_leave_a_loadable_checkpoint_and_resume_to_identical_bytes(
     assert_eq!(steps, (1..=8).map(|i| 2 * i).collect::<Vec<u64>>());
     println!("{kills} kills survived");
 }
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_term_and_keeps_its_last_good_checkpoint() {
+    let d = scratch("diverge");
+    let o = muscle()
+        .args(["train", "--lr", "1e6", "--steps", "40", "--eval-every", "2", "--width", "4", "--batch", "16"])
+        .args(["--unlabeled-batch", "32"])
+        .arg("--out")
+        .arg(&d)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("step ") && (err.contains("loss is") || err.contains("gradient of")), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let failed_at: u64 = err
+        .split("step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.parse().ok())
+        .expect("step in message");
+    let ck = Checkpoint::load(&d.join("checkpoint.safetensors")).expect("last good checkpoint");
+    let saved: u64 = ck.metadata["step"].parse().expect("step");
+    assert!(saved <= failed_at, "checkpoint at {saved}, failure at {failed_at}");
+    assert!(!d.join("summary.json").exists());
+}

@@ -5,9 +5,9 @@
 //! batch, so a data set costs a quarter of its f32 size and augmentation reads the original pixels.
 
 mod augment;
-mod cifar;
-mod folder;
-mod idx;
+pub(crate) mod cifar;
+pub(crate) mod folder;
+pub(crate) mod idx;
 mod loader;
 mod split;
 

@@ -15,7 +15,7 @@ pub use state::{checkpoint_of, init_from_checkpoint, model_from_checkpoint, Chec
 use crate::autograd::Tape;
 use crate::data::{self, Augment, Dataset, Loader, StepBatch, TrainTest};
 use crate::error::{Error, ErrorKind, Result};
-use crate::nn::{Model, ModelSpec};
+use crate::nn::{Model, ModelSpec, Module};
 use crate::optim::{Adam, AdamConfig, Ema, EmaDecay, Optimizer, Schedule, Sgd, SgdConfig};
 use crate::ssl::{step_loss, ObjectiveConfig};
 use crate::tensor::Tensor;
@@ -385,7 +385,8 @@ impl Trainer {
             step_loss(&self.objective, &mut self.model, &tape, batch, step, self.seed)?
         };
         let loss = terms.total.item()?;
-        for (name, v) in [("total", loss), ("supervised", terms.sup), ("mi", terms.mi), ("host", terms.host)] {
+        // The terms first, so the message names the one that went bad.
+        for (name, v) in [("supervised", terms.sup), ("mi", terms.mi), ("host", terms.host), ("total", loss)] {
             if !v.is_finite() {
                 return Err(Error::new(ErrorKind::NonFinite, format!("step {step}: the {name} loss is {v}; stopping")));
             }
@@ -394,6 +395,22 @@ impl Trainer {
             let _p = crate::profile::scope("backward");
             tape.backward(&terms.total)?
         };
+        let mut bad = None;
+        self.model.visit(&mut |name, role, t| {
+            if bad.is_none() && role.is_trainable() {
+                if let Some(g) = grads.get(t) {
+                    if !g.all_finite().unwrap_or(false) {
+                        bad = Some(name.to_string());
+                    }
+                }
+            }
+        });
+        if let Some(name) = bad {
+            return Err(Error::new(
+                ErrorKind::NonFinite,
+                format!("step {step}: the gradient of '{name}' is not finite; stopping"),
+            ));
+        }
         let lr = self.schedule.lr(self.base_lr, step);
         {
             let _p = crate::profile::scope("optimizer");
