@@ -149,6 +149,9 @@ struct TrainArgs {
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f32,
+    /// Decay only conv and dense kernels, not biases and BN parameters (MixMatch's choice).
+    #[arg(long = "decay-kernels-only")]
+    decay_kernels_only: bool,
     /// Maximum weight of the MI term.
     #[arg(long = "w-mi", default_value_t = 1.0)]
     w_mi: f32,
@@ -263,6 +266,7 @@ impl TrainArgs {
             optimizer: self.optimizer.parse::<OptimizerKind>()?,
             weight_decay: self.weight_decay,
             momentum: self.momentum,
+            decay_kernels_only: self.decay_kernels_only,
             cosine: !self.constant_lr,
             w_mi: self.w_mi,
             lambda: self.lambda,

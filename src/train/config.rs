@@ -69,6 +69,8 @@ pub struct TrainConfig {
     pub weight_decay: f32,
     /// SGD momentum.
     pub momentum: f32,
+    /// Decay only conv and dense kernels (MixMatch), not biases and BN parameters.
+    pub decay_kernels_only: bool,
     /// Cosine learning-rate schedule over the run (else constant).
     pub cosine: bool,
     /// Maximum weight of the MI term.
@@ -123,6 +125,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerKind::AdamW,
             weight_decay: 5e-4,
             momentum: 0.9,
+            decay_kernels_only: false,
             cosine: true,
             w_mi: 1.0,
             lambda: 1.0,
@@ -245,6 +248,7 @@ impl TrainConfig {
             optimizer: s("optimizer")?.parse().map_err(ctx)?,
             weight_decay: f("weight_decay")? as f32,
             momentum: f("momentum")? as f32,
+            decay_kernels_only: v.get("decay_kernels_only").and_then(Value::as_bool).unwrap_or(false),
             cosine: s("schedule")? == "cosine",
             w_mi: f("w_mi")? as f32,
             lambda: f("lambda")? as f32,
@@ -291,6 +295,7 @@ impl TrainConfig {
             "optimizer": format!("{:?}", self.optimizer).to_lowercase(),
             "weight_decay": self.weight_decay,
             "momentum": self.momentum,
+            "decay_kernels_only": self.decay_kernels_only,
             "schedule": if self.cosine { "cosine" } else { "constant" },
             "w_mi": self.w_mi,
             "lambda": self.lambda,

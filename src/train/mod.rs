@@ -16,7 +16,7 @@ use crate::autograd::Tape;
 use crate::data::{self, Augment, Dataset, Loader, StepBatch, TrainTest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nn::{Model, ModelSpec, Module};
-use crate::optim::{Adam, AdamConfig, Ema, EmaDecay, Optimizer, Schedule, Sgd, SgdConfig};
+use crate::optim::{Adam, AdamConfig, DecayScope, Ema, EmaDecay, Optimizer, Schedule, Sgd, SgdConfig};
 use crate::ssl::{step_loss, ObjectiveConfig};
 use crate::tensor::Tensor;
 use serde::Serialize;
@@ -95,15 +95,19 @@ pub fn load_data(cfg: &TrainConfig) -> Result<TrainTest> {
 }
 
 fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
+    let decay_scope = if cfg.decay_kernels_only { DecayScope::KernelsOnly } else { DecayScope::All };
     Ok(match cfg.optimizer {
-        OptimizerKind::AdamW => Box::new(Adam::new(AdamConfig::adamw(cfg.lr, cfg.weight_decay))?),
+        OptimizerKind::AdamW => {
+            Box::new(Adam::new(AdamConfig { decay_scope, ..AdamConfig::adamw(cfg.lr, cfg.weight_decay) })?)
+        }
         OptimizerKind::Adam => {
-            Box::new(Adam::new(AdamConfig { weight_decay: cfg.weight_decay, ..AdamConfig::adam(cfg.lr) })?)
+            Box::new(Adam::new(AdamConfig { weight_decay: cfg.weight_decay, decay_scope, ..AdamConfig::adam(cfg.lr) })?)
         }
         OptimizerKind::Sgd => {
             let mut s = SgdConfig::new(cfg.lr);
             s.momentum = cfg.momentum;
             s.weight_decay = cfg.weight_decay;
+            s.decay_scope = decay_scope;
             Box::new(Sgd::new(s)?)
         }
     })
