@@ -41,6 +41,16 @@ impl Device {
     pub fn check_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let gpu = crate::cuda::device::probe_ordinal(i).map_err(|e| e.context(format!("--device cuda:{i}")))?;
+                Err(Error::device(format!(
+                    "--device cuda:{i}: found {} (compute {}.{}), but training on the GPU is not wired \
+                     to the ops yet; the CUDA kernels are tested by tests/gpu.rs",
+                    gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
+                )))
+            }
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::device(
                 "--device cuda: this binary was built without the `cuda` feature \
                  (rebuild with --features cuda,cudnn)",

@@ -553,7 +553,20 @@ fn info() -> Result<()> {
     let f = muscle::build_features();
     println!("features: {}", if f.is_empty() { "cpu-only".to_string() } else { f.join(",") });
     println!("threads: {} (default for --threads)", TrainConfig::default().threads);
-    println!("devices: cpu{}", if cfg!(feature = "cuda") { ", cuda (probe with --device cuda)" } else { "" });
+    println!("devices: cpu");
+    #[cfg(feature = "cuda")]
+    match muscle::cuda::device::probe() {
+        Ok(g) => println!(
+            "cuda:0: {} (compute {}.{}, driver {}.{}, {:.1} GiB)",
+            g.name,
+            g.compute_capability.0,
+            g.compute_capability.1,
+            g.driver_version / 1000,
+            g.driver_version % 1000 / 10,
+            g.total_memory as f64 / (1u64 << 30) as f64
+        ),
+        Err(e) => println!("cuda: {e}"),
+    }
     println!("methods: {}", Method::ALL.join(", "));
     Ok(())
 }

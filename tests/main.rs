@@ -4,6 +4,7 @@ mod bad_inputs;
 mod cli;
 mod common;
 mod errors;
+mod gpu;
 mod gradients;
 mod learning;
 mod mi_reference;
