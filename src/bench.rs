@@ -34,6 +34,9 @@ pub struct BenchResult {
     pub images_per_second: f64,
     /// Steps timed.
     pub steps: usize,
+    /// Allocations of 64 KiB or more per timed step (None when the counting allocator is not
+    /// installed, as in library use; the `muscle` binary installs it).
+    pub large_allocations_per_step: Option<f64>,
 }
 
 /// Random images of the shape a model needs (for models the embedded set cannot feed).
@@ -76,9 +79,11 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
     let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
     let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
     let mut times = Vec::with_capacity(steps);
+    let mut allocs_at_warmup = crate::alloc_count::large_allocations();
     for step in 0..(warmup + steps) {
         if step == warmup {
             crate::profile::reset();
+            allocs_at_warmup = crate::alloc_count::large_allocations();
         }
         let t = Instant::now();
         let batch = {
@@ -104,5 +109,8 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         ms_per_step: median * 1e3,
         images_per_second: images as f64 / median,
         steps,
+        large_allocations_per_step: crate::alloc_count::large_allocations()
+            .zip(allocs_at_warmup)
+            .map(|(end, start)| (end - start) as f64 / steps as f64),
     })
 }

@@ -5,6 +5,7 @@
 //! backward of each op family, dispatching to a device's kernels); the [`autograd`] tape;
 //! [`nn`] layers and models; [`optim`] optimizers and schedules.
 
+pub mod alloc_count;
 pub mod autograd;
 pub mod bench;
 pub mod cpu;

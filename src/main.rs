@@ -11,6 +11,10 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Counts large allocations so that `muscle bench` can report them per step.
+#[global_allocator]
+static ALLOC: muscle::alloc_count::CountingAlloc = muscle::alloc_count::CountingAlloc;
+
 #[derive(Parser)]
 #[command(name = "muscle", version, about = "MUSCLE: semi-supervised training with mutual-information maximisation")]
 struct Cli {
@@ -467,13 +471,14 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
     } else {
         println!(
-            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s ({} threads, {}{})",
+            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s, {:.1} large allocations/step ({} threads, {}{})",
             r.model,
             r.method,
             r.batch,
             r.unlabeled_batch,
             r.ms_per_step,
             r.images_per_second,
+            r.large_allocations_per_step.unwrap_or(f64::NAN),
             r.threads,
             r.device,
             if r.synthetic { ", synthetic data" } else { "" }
