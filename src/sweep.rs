@@ -45,17 +45,9 @@ pub fn sweep(base: &TrainConfig, grid: &Grid, dir: &Path, progress: &mut dyn FnM
                     }
                     let mut report = |p: &Progress| progress(&name, p);
                     if cell.join("config.json").exists() {
-                        match train::resume(&cell, &mut report) {
-                            // Killed after its last checkpoint but before summary.json: start over.
-                            Err(e) if e.message().contains("already finished") => {
-                                std::fs::remove_dir_all(&cell).map_err(|e| Error::io(&cell, e))?;
-                            }
-                            r => {
-                                r?;
-                                write_tables(dir)?;
-                                continue;
-                            }
-                        }
+                        train::resume(&cell, &mut report)?;
+                        write_tables(dir)?;
+                        continue;
                     }
                     let cfg = TrainConfig { method, labels, imbalance, seed, out: Some(cell.clone()), ..base.clone() };
                     train::train(&cfg, &mut report)?;

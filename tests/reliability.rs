@@ -170,3 +170,19 @@ fn a_diverging_run_stops_with_the_step_and_term_and_keeps_its_last_good_checkpoi
     assert!(saved <= failed_at, "checkpoint at {saved}, failure at {failed_at}");
     assert!(!d.join("summary.json").exists());
 }
+
+#[test]
+fn a_run_killed_after_its_final_checkpoint_resumes_to_its_summary() {
+    let d = scratch("final-checkpoint");
+    let args =
+        ["train", "--steps", "4", "--eval-every", "2", "--batch", "16", "--unlabeled-batch", "32", "--width", "8"];
+    run_to_end(&args, &d);
+    let summary = std::fs::read_to_string(d.join("summary.json")).expect("summary");
+    std::fs::remove_file(d.join("summary.json")).expect("remove");
+    let o = muscle().arg("train").arg("--resume").arg(&d).output().expect("resume");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let field =
+        |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("json")["test_accuracy_ema"].clone();
+    assert_eq!(field(&std::fs::read_to_string(d.join("summary.json")).expect("summary again")), field(&summary));
+    assert_eq!(metrics_without_timing(&d).len(), 2);
+}

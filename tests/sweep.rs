@@ -31,9 +31,10 @@ fn a_grid_writes_tables_and_a_rerun_only_redoes_missing_cells() {
     let md = std::fs::read_to_string(dir.join("results.md")).expect("md");
     assert_eq!(md.lines().filter(|l| l.ends_with("| 2 |")).count(), 4, "{md}");
 
-    // A lost cell is redone; the others are kept as they are.
+    // A lost cell is redone from its config; the others are kept as they are.
     let lost = dir.join(cell_name(Method::Muscle, 20, 1.0, 1));
     std::fs::remove_file(lost.join("summary.json")).expect("remove");
+    std::fs::remove_file(lost.join("resume.safetensors")).expect("remove");
     let kept = dir.join(cell_name(Method::Supervised, 10, 1.0, 0)).join("summary.json");
     let before = std::fs::read(&kept).expect("kept");
     let mut reran = Vec::new();

@@ -237,9 +237,15 @@ fn run(
         crate::nn::load_named(&mut trainer.model, &model).map_err(ctx)?;
         trainer.ema.load_tensors(&ema).map_err(ctx)?;
         trainer.optimizer.load_state_tensors(&trainer.model, &optim).map_err(ctx)?;
-        if step >= cfg.steps {
-            return Err(Error::usage(format!("{}: the run already finished ({step} steps)", path.display())));
+        if step > cfg.steps {
+            return Err(Error::format(format!(
+                "{}: checkpoint at step {step} is past the run's {} steps",
+                path.display(),
+                cfg.steps
+            )));
         }
+        // At step == steps the run was killed between its final checkpoint and summary.json:
+        // the loop below runs no step, and the final evaluation is redone for the summary.
         start = step;
     }
     let train = Arc::new(train);
@@ -260,7 +266,6 @@ fn run(
         let batch = loader.next()?;
         let StepStats { loss, sup, mi, w_mi, host, lr } = trainer.step(&batch, step)?;
         train_seconds += t0.elapsed().as_secs_f64();
-        let model = &mut trainer.model;
 
         let done = step + 1;
         let mut report = Progress {
@@ -274,19 +279,8 @@ fn run(
             eval: None,
         };
         if done % cfg.eval_every == 0 || done == cfg.steps {
-            trainer.ema.apply_to(&mut ema_model)?;
-            let mut raw = evaluate(model, &test, None, &eval_aug, cfg.eval_batch)?;
-            let mut avg = evaluate(&mut ema_model, &test, None, &eval_aug, cfg.eval_batch)?;
-            if cfg.method == crate::ssl::Method::Pretrain {
-                // Clusters have no class names: score the best one-to-one matching.
-                raw.accuracy = clustering_accuracy(&raw.confusion_matrix);
-                avg.accuracy = clustering_accuracy(&avg.confusion_matrix);
-            }
-            let val = if split.val.is_empty() {
-                None
-            } else {
-                Some(evaluate(&mut ema_model, &train, Some(&split.val), &eval_aug, cfg.eval_batch)?.accuracy)
-            };
+            let (raw, avg, val) =
+                evaluate_run(cfg, &mut trainer, &mut ema_model, &test, &train, &split.val, &eval_aug)?;
             report.eval = Some((raw.accuracy, avg.accuracy));
             if let Some(f) = files.as_mut() {
                 f.metric(&json!({
@@ -301,7 +295,10 @@ fn run(
         }
         progress(&report);
     }
-    let (raw, avg, val) = last_eval.ok_or_else(|| Error::usage("--steps: no evaluation ran"))?;
+    let (raw, avg, val) = match last_eval {
+        Some(e) => e,
+        None => evaluate_run(cfg, &mut trainer, &mut ema_model, &test, &train, &split.val, &eval_aug)?,
+    };
     let summary = Summary {
         method: cfg.method.to_string(),
         dataset: train.name.clone(),
@@ -324,6 +321,33 @@ fn run(
         checkpoint::write_atomic(&f.dir.join("summary.json"), format!("{text}\n").as_bytes())?;
     }
     Ok(summary)
+}
+
+/// Test accuracy of the raw and EMA weights (clustering accuracy when pre-training), and the
+/// EMA's validation accuracy when there is a validation split.
+fn evaluate_run(
+    cfg: &TrainConfig,
+    trainer: &mut Trainer,
+    ema_model: &mut Model,
+    test: &Dataset,
+    train: &Dataset,
+    val_idx: &[usize],
+    aug: &Augment,
+) -> Result<(EvalResult, EvalResult, Option<f64>)> {
+    trainer.ema.apply_to(ema_model)?;
+    let mut raw = evaluate(&mut trainer.model, test, None, aug, cfg.eval_batch)?;
+    let mut avg = evaluate(ema_model, test, None, aug, cfg.eval_batch)?;
+    if cfg.method == crate::ssl::Method::Pretrain {
+        // Clusters have no class names: score the best one-to-one matching.
+        raw.accuracy = clustering_accuracy(&raw.confusion_matrix);
+        avg.accuracy = clustering_accuracy(&avg.confusion_matrix);
+    }
+    let val = if val_idx.is_empty() {
+        None
+    } else {
+        Some(evaluate(ema_model, train, Some(val_idx), aug, cfg.eval_batch)?.accuracy)
+    };
+    Ok((raw, avg, val))
 }
 
 /// The scalars of one training step.
