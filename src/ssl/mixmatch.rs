@@ -10,7 +10,7 @@
 use super::{LossTerms, ObjectiveConfig};
 use crate::autograd::Tape;
 use crate::data::StepBatch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nn::{ForwardCtx, Model};
 use crate::ops;
 use crate::optim::ramp;
@@ -71,10 +71,7 @@ pub fn mixmatch_loss(
     step: u64,
     seed: u64,
 ) -> Result<LossTerms> {
-    let [u1, u2] = match batch.views.as_slice() {
-        [a, b, ..] => [a, b],
-        _ => return Err(Error::usage("mixmatch needs two unlabeled views per step")),
-    };
+    let [u1, u2] = super::two_views(batch, "mixmatch")?;
     let with_mi = cfg.method == super::Method::MixMatchMuscle;
     let (nl, nu) = (batch.labels.len(), u1.shape()[0]);
     let classes = model.spec().classes;

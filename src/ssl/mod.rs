@@ -107,6 +107,14 @@ pub struct LossTerms {
     pub w_host: f32,
 }
 
+/// The first two unlabeled views of a batch, or a usage error naming `method`.
+fn two_views<'a>(batch: &'a StepBatch, method: &str) -> Result<[&'a Tensor; 2]> {
+    match batch.views.as_slice() {
+        [a, b, ..] => Ok([a, b]),
+        _ => Err(Error::usage(format!("{method} needs two unlabeled views per step"))),
+    }
+}
+
 /// The loss of `method` at `step` for one batch, recorded on `tape`.
 pub fn step_loss(
     cfg: &ObjectiveConfig,

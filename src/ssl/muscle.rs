@@ -19,10 +19,7 @@ pub fn muscle_loss(
     step: u64,
     seed: u64,
 ) -> Result<LossTerms> {
-    let [v1, v2] = match batch.views.as_slice() {
-        [a, b, ..] => [a, b],
-        _ => return Err(Error::usage("muscle needs two unlabeled views per step")),
-    };
+    let [v1, v2] = super::two_views(batch, "muscle")?;
     let nl = batch.labels.len();
     let nu = v1.shape()[0];
     let ctx = ForwardCtx::train(seed, step);

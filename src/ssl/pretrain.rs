@@ -4,7 +4,7 @@
 use super::{LossTerms, ObjectiveConfig};
 use crate::autograd::Tape;
 use crate::data::StepBatch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nn::{ForwardCtx, Model};
 use crate::ops;
 
@@ -17,10 +17,7 @@ pub fn pretrain_loss(
     step: u64,
     seed: u64,
 ) -> Result<LossTerms> {
-    let [v1, v2] = match batch.views.as_slice() {
-        [a, b, ..] => [a, b],
-        _ => return Err(Error::usage("pre-training needs two unlabeled views per step")),
-    };
+    let [v1, v2] = super::two_views(batch, "pre-training")?;
     let nu = v1.shape()[0];
     let x = ops::concat_rows(tape, &[v1, v2])?;
     let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
