@@ -103,6 +103,7 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
         "device",
         "test_accuracy",
         "test_accuracy_ema",
+        "test_accuracy_ema_median_last20",
         "per_class_accuracy",
         "confusion_matrix",
         "wall_seconds",
@@ -112,6 +113,15 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
     }
     let ema = summary["test_accuracy_ema"].as_f64().expect("number");
     assert!((0.0..=1.0).contains(&ema));
+    // Two evaluations: the median of the last 20 is their mean.
+    let accs: Vec<f64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["test_accuracy_ema"].as_f64().expect("acc")
+        })
+        .collect();
+    let median = summary["test_accuracy_ema_median_last20"].as_f64().expect("number");
+    assert!((median - (accs[0] + accs[1]) / 2.0).abs() < 1e-12, "{median} vs {accs:?}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
     assert_eq!(config["steps"], 6);

@@ -70,6 +70,10 @@ pub struct Summary {
     pub test_accuracy: f64,
     /// Test accuracy of the EMA weights (the headline).
     pub test_accuracy_ema: f64,
+    /// Median EMA test accuracy over the last 20 evaluations (MixMatch's protocol; over all of
+    /// them when there were fewer).
+    #[serde(default)]
+    pub test_accuracy_ema_median_last20: f64,
     /// Validation accuracy of the EMA weights, when there is a validation split.
     pub val_accuracy_ema: Option<f64>,
     /// Per-class test accuracy of the EMA weights.
@@ -130,8 +134,9 @@ impl RunFiles {
     }
 
     /// Reopens a run's folder at `step`: metrics.jsonl keeps only the lines up to that step
-    /// (rewritten atomically), then grows again from there.
-    fn reopen(dir: &Path, step: u64) -> Result<RunFiles> {
+    /// (rewritten atomically), then grows again from there. Also returns the kept lines' EMA
+    /// test accuracies.
+    fn reopen(dir: &Path, step: u64) -> Result<(RunFiles, Vec<f64>)> {
         let path = dir.join("metrics.jsonl");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -149,8 +154,12 @@ impl RunFiles {
             .map(|l| format!("{l}\n"))
             .collect();
         checkpoint::write_atomic(&path, kept.as_bytes())?;
+        let history = kept
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("test_accuracy_ema")?.as_f64())
+            .collect();
         let metrics = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(RunFiles { dir: dir.to_path_buf(), metrics })
+        Ok((RunFiles { dir: dir.to_path_buf(), metrics }, history))
     }
 
     fn metric(&mut self, line: &serde_json::Value) -> Result<()> {
@@ -250,8 +259,13 @@ fn run(
     }
     let train = Arc::new(train);
     let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch_plan(), start)?;
+    let mut ema_history = Vec::new();
     let mut files = match (cfg.out.as_deref(), &resume) {
-        (Some(d), Some(_)) => Some(RunFiles::reopen(d, start)?),
+        (Some(d), Some(_)) => {
+            let (f, h) = RunFiles::reopen(d, start)?;
+            ema_history = h;
+            Some(f)
+        }
         (Some(d), None) => Some(RunFiles::create(d, cfg)?),
         (None, _) => None,
     };
@@ -282,6 +296,7 @@ fn run(
             let (raw, avg, val) =
                 evaluate_run(cfg, &mut trainer, &mut ema_model, &test, &train, &split.val, &eval_aug)?;
             report.eval = Some((raw.accuracy, avg.accuracy));
+            ema_history.push(avg.accuracy);
             if let Some(f) = files.as_mut() {
                 f.metric(&json!({
                     "step": done, "loss": loss, "loss_supervised": sup, "loss_mi": mi,
@@ -310,6 +325,7 @@ fn run(
         threads: cfg.threads,
         test_accuracy: raw.accuracy,
         test_accuracy_ema: avg.accuracy,
+        test_accuracy_ema_median_last20: median_of_last(&ema_history, 20).unwrap_or(avg.accuracy),
         val_accuracy_ema: val,
         per_class_accuracy: avg.per_class_accuracy,
         confusion_matrix: avg.confusion_matrix,
@@ -348,6 +364,32 @@ fn evaluate_run(
         Some(evaluate(ema_model, train, Some(val_idx), aug, cfg.eval_batch)?.accuracy)
     };
     Ok((raw, avg, val))
+}
+
+/// Median of the last `k` values (the mean of the two middle ones for an even count).
+pub fn median_of_last(values: &[f64], k: usize) -> Option<f64> {
+    let mut v = values[values.len().saturating_sub(k)..].to_vec();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_of_last;
+
+    #[test]
+    fn median_of_the_last_k_evaluations() {
+        assert_eq!(median_of_last(&[], 20), None);
+        assert_eq!(median_of_last(&[0.3], 20), Some(0.3));
+        assert_eq!(median_of_last(&[0.9, 0.1, 0.5], 20), Some(0.5));
+        assert_eq!(median_of_last(&[0.9, 0.1, 0.5, 0.7], 20), Some(0.6));
+        // Only the last k count: 0.0 and 1.0 fall outside.
+        assert_eq!(median_of_last(&[0.0, 1.0, 0.2, 0.4, 0.3], 3), Some(0.3));
+    }
 }
 
 /// The scalars of one training step.
