@@ -12,7 +12,6 @@ const MIN_LEN: usize = 1 << 14;
 const MAX_POOLED_BYTES: usize = 6 << 30;
 
 static POOLED_BYTES: AtomicUsize = AtomicUsize::new(0);
-static FRESH: AtomicUsize = AtomicUsize::new(0);
 
 fn pool() -> &'static Mutex<HashMap<usize, Vec<Vec<f32>>>> {
     static P: OnceLock<Mutex<HashMap<usize, Vec<Vec<f32>>>>> = OnceLock::new();
@@ -31,12 +30,7 @@ fn reuse(len: usize) -> Option<Vec<f32>> {
 /// A buffer of `len` elements whose contents are arbitrary (stale values of an earlier tensor):
 /// for kernels that overwrite every element.
 pub fn take(len: usize) -> Vec<f32> {
-    reuse(len).unwrap_or_else(|| {
-        if len >= MIN_LEN {
-            FRESH.fetch_add(1, Ordering::Relaxed);
-        }
-        vec![0.0; len]
-    })
+    reuse(len).unwrap_or_else(|| vec![0.0; len])
 }
 
 /// A buffer of `len` zeros.
@@ -66,14 +60,4 @@ pub fn give(v: Vec<f32>) {
             POOLED_BYTES.fetch_sub(len * 4, Ordering::Relaxed);
         }
     }
-}
-
-/// Large buffers allocated fresh (not reused) since the process started: flat after warm-up.
-pub fn fresh_allocations() -> usize {
-    FRESH.load(Ordering::Relaxed)
-}
-
-/// Bytes idle in the pool.
-pub fn pooled_bytes() -> usize {
-    POOLED_BYTES.load(Ordering::Relaxed)
 }

@@ -21,8 +21,7 @@ pub use conv::{conv2d, Conv2dParams};
 pub use dropout::dropout;
 pub use linear::{linear, matmul};
 pub use loss::{cross_entropy, cross_entropy_soft, mse};
-#[allow(unused_imports)]
-pub use mutual_info::*;
+pub use mutual_info::{mutual_info_loss, mutual_info_loss_with_stats, MiStats};
 pub use pool::{global_avg_pool, max_pool2d};
 pub use shape::{concat_rows, flatten, narrow_rows, reshape};
 pub use softmax::{log_softmax, softmax};
