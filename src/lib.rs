@@ -8,6 +8,7 @@
 pub mod alloc_count;
 pub mod autograd;
 pub mod bench;
+pub mod bench_op;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

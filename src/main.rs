@@ -91,6 +91,26 @@ struct BenchArgs {
     /// Also print where the time went, by op (same as MUSCLE_PROFILE=1).
     #[arg(long)]
     profile: bool,
+    /// Time one kernel instead of training steps: mi, softmax-ce, conv (the convnet's layers at
+    /// --batch images) or gemm; prints time, GB/s or GFLOP/s and the fraction of the ceiling
+    /// (copy bandwidth or FMA peak) measured by the same command.
+    #[arg(long)]
+    op: Option<String>,
+    /// Rows (images) for --op mi and softmax-ce.
+    #[arg(long, default_value_t = 262_144)]
+    rows: usize,
+    /// Classes for --op mi and softmax-ce.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// GEMM rows of the output, for --op gemm.
+    #[arg(long, default_value_t = 1024)]
+    m: usize,
+    /// GEMM columns of the output, for --op gemm.
+    #[arg(long, default_value_t = 1024)]
+    n: usize,
+    /// GEMM inner dimension, for --op gemm.
+    #[arg(long, default_value_t = 1024)]
+    k: usize,
 }
 
 #[derive(Args)]
@@ -445,6 +465,9 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
 }
 
 fn run_bench(a: &BenchArgs) -> Result<()> {
+    if let Some(op) = &a.op {
+        return run_bench_op(a, op.parse()?);
+    }
     let mut model: ModelKind = a.model.parse()?;
     if let ModelKind::ConvNet { width } = &mut model {
         *width = 32;
@@ -491,6 +514,49 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
         for (name, calls, secs) in rows {
             eprintln!("{name:<18} {calls:>8} {:>12.2}", secs * 1e3 / timed);
         }
+    }
+    Ok(())
+}
+
+/// `muscle bench --op`: one kernel against the measured ceiling.
+fn run_bench_op(a: &BenchArgs, op: muscle::bench_op::Op) -> Result<()> {
+    let device: muscle::Device = a.device.parse()?;
+    if device != muscle::Device::Cpu {
+        device.check_available()?;
+        return Err(Error::device(format!("--op with --device {device}: not wired yet; the CUDA kernels are timed by the GPU tests in scripts/gpu-check.sh")));
+    }
+    if let Some(t) = a.threads {
+        muscle::cpu::set_threads(t)?;
+    }
+    let b = muscle::bench_op::OpBench {
+        op,
+        rows: a.rows,
+        classes: a.classes,
+        mnk: (a.m, a.n, a.k),
+        batch: a.batch,
+        reps: a.steps,
+    };
+    for r in muscle::bench_op::run(&b)? {
+        if a.json {
+            println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
+            continue;
+        }
+        let (rate, unit) = match (r.gflops, r.gbs) {
+            (Some(g), _) => (g, "GFLOP/s"),
+            (None, Some(b)) => (b, "GB/s"),
+            _ => (f64::NAN, ""),
+        };
+        println!(
+            "{}: {:.3} ms, {:.1} {unit}, {:.1}% of {:.1} {unit} ceiling (floor {:.3} ms, {:.1}x it; {} threads)",
+            r.case,
+            r.ms,
+            rate,
+            100.0 * r.fraction,
+            r.ceiling,
+            r.floor_ms,
+            r.ms / r.floor_ms,
+            r.threads
+        );
     }
     Ok(())
 }

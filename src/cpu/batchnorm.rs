@@ -5,7 +5,97 @@
 //! the backward recomputes the activation's mask from x instead of storing it.
 
 use super::conv::SyncPtr;
+use crate::multiversion;
 use rayon::prelude::*;
+
+multiversion! {
+    /// Shifted sums (sum of x - k, sum of (x - k)^2) of channel `ch` over the batch.
+    fn channel_sums(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, k: f32) -> (f64, f64) {
+        let (mut s, mut q) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let (a, b) = shifted_sums(&x[(i * c + ch) * hw..(i * c + ch + 1) * hw], k);
+            s += a;
+            q += b;
+        }
+        (s, q)
+    }
+}
+
+multiversion! {
+    /// dst = act(src * scale + shift) over one plane.
+    fn normalize_plane(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, slope: Option<f32>) {
+        match slope {
+            Some(a) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v * scale + shift, a)),
+            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale + shift),
+        }
+    }
+}
+
+multiversion! {
+    /// Sums of dz and dz * xhat over channel `ch`, with dz = dy * act'(g * xhat + b).
+    fn backward_sums(
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+        c: usize,
+        hw: usize,
+        ch: usize,
+        mean: f32,
+        invstd: f32,
+        g: f32,
+        b: f32,
+        a: f32,
+    ) -> (f64, f64) {
+        let (mut sdz, mut sdzx) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let off = (i * c + ch) * hw;
+            let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+            let (gs, xs) = (&dy[off..off + hw], &x[off..off + hw]);
+            let mut cg = gs.chunks_exact(LANES);
+            let mut cx = xs.chunks_exact(LANES);
+            for (gc, xc) in (&mut cg).zip(&mut cx) {
+                for l in 0..LANES {
+                    let xh = (xc[l] - mean) * invstd;
+                    let dz = gc[l] * act_grad(g * xh + b, a);
+                    s1[l] += dz;
+                    s2[l] += dz * xh;
+                }
+            }
+            for (&gv, &xv) in cg.remainder().iter().zip(cx.remainder()) {
+                let xh = (xv - mean) * invstd;
+                let dz = gv * act_grad(g * xh + b, a);
+                s1[0] += dz;
+                s2[0] += dz * xh;
+            }
+            sdz += s1.iter().map(|&v| v as f64).sum::<f64>();
+            sdzx += s2.iter().map(|&v| v as f64).sum::<f64>();
+        }
+        (sdz, sdzx)
+    }
+}
+
+multiversion! {
+    /// dx = k * (dz - ma - xhat * mb) over one plane.
+    fn backward_plane(
+        x: &[f32],
+        dy: &[f32],
+        dst: &mut [f32],
+        mean: f32,
+        invstd: f32,
+        g: f32,
+        b: f32,
+        a: f32,
+        k: f32,
+        ma: f32,
+        mb: f32,
+    ) {
+        for ((d, &gv), &xv) in dst.iter_mut().zip(dy).zip(x) {
+            let xh = (xv - mean) * invstd;
+            let dz = gv * act_grad(g * xh + b, a);
+            *d = k * (dz - ma - xh * mb);
+        }
+    }
+}
 
 /// Per-channel batch statistics saved by the training forward for the backward.
 #[derive(Clone, Debug)]
@@ -84,12 +174,7 @@ pub fn forward_train(
             // Shifting by one sample of the channel keeps the one-pass variance accurate even
             // when |mean| >> std.
             let k = x[ch * hw];
-            let (mut s, mut q) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let (a, b) = shifted_sums(&x[(i * c + ch) * hw..(i * c + ch + 1) * hw], k);
-                s += a;
-                q += b;
-            }
+            let (s, q) = channel_sums(x, n, c, hw, ch, k);
             let mean_k = s / m;
             let var = (q / m - mean_k * mean_k).max(0.0);
             let mean = mean_k + k as f64;
@@ -100,11 +185,7 @@ pub fn forward_train(
                 let off = (i * c + ch) * hw;
                 // SAFETY: each (image, channel) plane is written by one task only.
                 let dst = unsafe { yp.slice(off, hw) };
-                let src = &x[off..off + hw];
-                match slope {
-                    Some(a) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v * scale + shift, a)),
-                    None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale + shift),
-                }
+                normalize_plane(&x[off..off + hw], dst, scale, shift, slope);
             }
             (mean as f32, var as f32, invstd as f32)
         })
@@ -134,10 +215,7 @@ pub fn forward_eval(
         let invstd = 1.0 / (var[ch] + eps).sqrt();
         let scale = gamma[ch] * invstd;
         let shift = beta[ch] - mean[ch] * scale;
-        match slope {
-            Some(a) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v * scale + shift, a)),
-            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale + shift),
-        }
+        normalize_plane(src, dst, scale, shift, slope);
     });
 }
 
@@ -166,30 +244,7 @@ pub fn backward_train(
             let (g, b) = (gamma[ch], beta[ch]);
             let a = slope.unwrap_or(1.0);
             // dz = dy * act'(z), z = g * xhat + b; sums of dz and dz * xhat in f32 lanes.
-            let (mut sdz, mut sdzx) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let off = (i * c + ch) * hw;
-                let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
-                let (gs, xs) = (&dy[off..off + hw], &x[off..off + hw]);
-                let mut cg = gs.chunks_exact(LANES);
-                let mut cx = xs.chunks_exact(LANES);
-                for (gc, xc) in (&mut cg).zip(&mut cx) {
-                    for l in 0..LANES {
-                        let xh = (xc[l] - mean) * invstd;
-                        let dz = gc[l] * act_grad(g * xh + b, a);
-                        s1[l] += dz;
-                        s2[l] += dz * xh;
-                    }
-                }
-                for (&gv, &xv) in cg.remainder().iter().zip(cx.remainder()) {
-                    let xh = (xv - mean) * invstd;
-                    let dz = gv * act_grad(g * xh + b, a);
-                    s1[0] += dz;
-                    s2[0] += dz * xh;
-                }
-                sdz += s1.iter().map(|&v| v as f64).sum::<f64>();
-                sdzx += s2.iter().map(|&v| v as f64).sum::<f64>();
-            }
+            let (sdz, sdzx) = backward_sums(x, dy, n, c, hw, ch, mean, invstd, g, b, a);
             if let Some(dxp) = dxp {
                 let k = g * invstd;
                 let ma = (sdz / m) as f32;
@@ -198,11 +253,7 @@ pub fn backward_train(
                     let off = (i * c + ch) * hw;
                     // SAFETY: each (image, channel) plane is written by one task only.
                     let dst = unsafe { dxp.slice(off, hw) };
-                    for ((d, &gv), &xv) in dst.iter_mut().zip(&dy[off..off + hw]).zip(&x[off..off + hw]) {
-                        let xh = (xv - mean) * invstd;
-                        let dz = gv * act_grad(g * xh + b, a);
-                        *d = k * (dz - ma - xh * mb);
-                    }
+                    backward_plane(&x[off..off + hw], &dy[off..off + hw], dst, mean, invstd, g, b, a, k, ma, mb);
                 }
             }
             (sdzx as f32, sdz as f32)

@@ -9,6 +9,7 @@ pub mod mutual_info;
 pub mod optim;
 pub mod peak;
 pub mod pool;
+pub mod simd;
 pub mod softmax;
 
 /// Sets the number of worker threads used by GEMM and the conv/BN kernels (once per process;

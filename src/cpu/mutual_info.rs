@@ -1,6 +1,6 @@
 //! The IIC mutual-information loss (METHOD.md, "The IIC mutual-information loss (exact)") on
-//! plain slices: a fused softmax + joint reduction, the O(C^2) scalar work in f64, and the
-//! backward as two n x C by C x C products followed by a row-wise softmax backward.
+//! plain slices: one pass of fused softmax + joint reduction, the O(C^2) scalar work in f64, and
+//! one pass of backward (both views' C x C products and softmax backward per row).
 //!
 //! Semantics of the clamp, as IIC's `IID_losses.py` gets them from PyTorch autograd: P and the
 //! marginals m are computed unclamped; then P_cd < EPS is replaced by the constant EPS and m_c < EPS
@@ -18,14 +18,14 @@
 //! is clamped (then r = m and k = lambda). The clamped cases differ from that formula only by
 //! terms whose effect on the logits is below EPS-scale, but the kernels follow the exact form.
 
-use super::gemm::{sgemm, Mat};
-use super::softmax::softmax_forward;
+use super::simd;
+use crate::multiversion;
 use rayon::prelude::*;
 
 /// The clamp floor of P and of the marginals: f64 machine epsilon, as in IIC.
 pub const EPS: f64 = f64::EPSILON;
 
-/// Rows per parallel work item: each item runs the softmax of its rows and a thin f32 GEMM.
+/// Rows per parallel work item of the backward and (at least) of the forward.
 const CHUNK_ROWS: usize = 1024;
 
 /// Upper bound on the f32 elements held by the partial C x C products before their f64 sum.
@@ -62,6 +62,14 @@ pub struct MiForward {
     pub clamped_marginals: usize,
 }
 
+impl Drop for MiForward {
+    /// The n x C softmax buffers go back to the pool: a training step reuses them next time.
+    fn drop(&mut self) {
+        crate::pool::give(std::mem::take(&mut self.z));
+        crate::pool::give(std::mem::take(&mut self.w));
+    }
+}
+
 /// Rows per partial product in the forward: a function of (n, c) only, so the f64 reduction order,
 /// and with it the result, does not depend on the thread count.
 fn forward_chunk_rows(n: usize, c: usize) -> usize {
@@ -73,19 +81,17 @@ fn forward_chunk_rows(n: usize, c: usize) -> usize {
 pub fn forward(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f32) -> MiForward {
     debug_assert!(n >= 1 && c >= 1);
     debug_assert!(logits_a.len() == n * c && logits_b.len() == n * c);
-    let (mut z, mut w) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+    let (mut z, mut w) = (crate::pool::take(n * c), crate::pool::take(n * c));
     let step = forward_chunk_rows(n, c) * c;
-    // Each chunk's softmax is written and immediately reduced while its rows are in cache; the
-    // partial J = Z_chunk^T W_chunk are summed in f64 in chunk order.
+    // One pass: each chunk's softmax is written and reduced into its partial J = Z^T W while its
+    // rows are in cache; the partials are summed in f64 in chunk order.
     let partials: Vec<Vec<f32>> = z
         .par_chunks_mut(step)
         .zip(w.par_chunks_mut(step))
         .zip(logits_a.par_chunks(step).zip(logits_b.par_chunks(step)))
         .map(|((zc, wc), (ac, bc))| {
-            softmax_forward(ac, c, zc);
-            softmax_forward(bc, c, wc);
             let mut j = vec![0.0f32; c * c];
-            sgemm(c, c, zc.len() / c, Mat::t(zc), Mat::n(wc), &mut j, false, 1);
+            forward_chunk(ac, bc, c, zc, wc, &mut j);
             j
         })
         .collect();
@@ -99,6 +105,51 @@ pub fn forward(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f
     out.z = z;
     out.w = w;
     out
+}
+
+/// Lanes of the padded fast path: rows of up to this many classes live in one AVX-512 register.
+const LANES: usize = simd::LANES;
+
+multiversion! {
+    /// Softmax of one chunk of both views into `z`, `w`, and their joint counts sum_i z_i w_i^T
+    /// added to `j` (C x C).
+    fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+        softmax_rows(a, c, z);
+        softmax_rows(b, c, w);
+        if c <= LANES {
+            // Padded rows: each row of J is one 16-lane FMA per image.
+            let mut acc = [[0.0f32; LANES]; LANES];
+            for (zr, wr) in z.chunks_exact(c).zip(w.chunks_exact(c)) {
+                let mut wp = [0.0f32; LANES];
+                wp[..c].copy_from_slice(wr);
+                for (row, &zx) in acc.iter_mut().zip(zr) {
+                    for (a, &wy) in row.iter_mut().zip(&wp) {
+                        *a += zx * wy;
+                    }
+                }
+            }
+            for (jr, row) in j.chunks_exact_mut(c).zip(&acc) {
+                jr.copy_from_slice(&row[..c]);
+            }
+        } else {
+            for (zr, wr) in z.chunks_exact(c).zip(w.chunks_exact(c)) {
+                for (jr, &zx) in j.chunks_exact_mut(c).zip(zr) {
+                    for (a, &wy) in jr.iter_mut().zip(wr) {
+                        *a += zx * wy;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row softmax with the vectorisable exp (inlined into the multiversioned callers).
+#[inline(always)]
+fn softmax_rows(x: &[f32], c: usize, y: &mut [f32]) {
+    for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+        let inv = 1.0 / simd::exp_shifted(xr, simd::max(xr), yr);
+        yr.iter_mut().for_each(|o| *o *= inv);
+    }
 }
 
 /// The O(C^2) part of the forward, from the f64 joint counts J (C x C).
@@ -150,19 +201,57 @@ fn joint_terms(j: &[f64], c: usize, lambda: f64) -> MiForward {
     }
 }
 
-/// One view's logit gradient: grad_i = scale * p_i * (u_i - <p_i, u_i>) with u = q G^, where p is
-/// this view's softmax and q the other view's (G^ is symmetric, so q G^ = q G^^T).
-fn view_backward(p: &[f32], q: &[f32], g_hat: &[f32], c: usize, scale: f32, grad: &mut [f32]) {
-    let step = CHUNK_ROWS * c;
-    grad.par_chunks_mut(step).zip(p.par_chunks(step).zip(q.par_chunks(step))).for_each(|(gc, (pc, qc))| {
-        sgemm(gc.len() / c, c, c, Mat::n(qc), Mat::n(g_hat), gc, false, 1);
-        for (gr, pr) in gc.chunks_mut(c).zip(pc.chunks(c)) {
-            let dot: f32 = gr.iter().zip(pr).map(|(a, b)| a * b).sum();
-            for (gv, &pv) in gr.iter_mut().zip(pr) {
-                *gv = scale * pv * (*gv - dot);
+multiversion! {
+    /// Both views' logit gradients for one chunk of rows: with u = G^ w_i (G^ is symmetric),
+    /// grad_a_i = scale * z_i * (u - <z_i, u>), and the same for b with z and w swapped.
+    fn backward_chunk(z: &[f32], w: &[f32], g_hat: &[f32], c: usize, scale: f32, ga: &mut [f32], gb: &mut [f32]) {
+        let rows = z.chunks_exact(c).zip(w.chunks_exact(c)).zip(ga.chunks_exact_mut(c).zip(gb.chunks_exact_mut(c)));
+        if c <= LANES {
+            let mut g = [[0.0f32; LANES]; LANES];
+            for (gr, src) in g.iter_mut().zip(g_hat.chunks_exact(c)) {
+                gr[..c].copy_from_slice(src);
+            }
+            for ((zr, wr), (gar, gbr)) in rows {
+                let (mut zp, mut wp) = ([0.0f32; LANES], [0.0f32; LANES]);
+                zp[..c].copy_from_slice(zr);
+                wp[..c].copy_from_slice(wr);
+                let (mut ua, mut ub) = ([0.0f32; LANES], [0.0f32; LANES]);
+                for (gy, (&wy, &zy)) in g.iter().zip(wp.iter().zip(&zp)).take(c) {
+                    for l in 0..LANES {
+                        ua[l] += wy * gy[l];
+                        ub[l] += zy * gy[l];
+                    }
+                }
+                let (da, db) = (simd::dot(&zp, &ua), simd::dot(&wp, &ub));
+                for l in 0..LANES {
+                    ua[l] = scale * zp[l] * (ua[l] - da);
+                    ub[l] = scale * wp[l] * (ub[l] - db);
+                }
+                gar.copy_from_slice(&ua[..c]);
+                gbr.copy_from_slice(&ub[..c]);
+            }
+        } else {
+            let mut ua = vec![0.0f32; c];
+            let mut ub = vec![0.0f32; c];
+            for ((zr, wr), (gar, gbr)) in rows {
+                ua.fill(0.0);
+                ub.fill(0.0);
+                for (gy, (&wy, &zy)) in g_hat.chunks_exact(c).zip(wr.iter().zip(zr)) {
+                    for ((a, b), &gv) in ua.iter_mut().zip(ub.iter_mut()).zip(gy) {
+                        *a += wy * gv;
+                        *b += zy * gv;
+                    }
+                }
+                let (da, db) = (simd::dot(zr, &ua), simd::dot(wr, &ub));
+                for ((o, &p), &u) in gar.iter_mut().zip(zr).zip(&ua) {
+                    *o = scale * p * (u - da);
+                }
+                for ((o, &p), &u) in gbr.iter_mut().zip(wr).zip(&ub) {
+                    *o = scale * p * (u - db);
+                }
             }
         }
-    });
+    }
 }
 
 /// Gradients of `upstream * L` with respect to both views' logits (n x C each, overwritten):
@@ -170,8 +259,13 @@ fn view_backward(p: &[f32], q: &[f32], g_hat: &[f32], c: usize, scale: f32, grad
 pub fn backward(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [f32], grad_b: &mut [f32]) {
     debug_assert!(grad_a.len() == n * c && grad_b.len() == n * c && fwd.z.len() == n * c);
     let scale = (upstream as f64 / fwd.s) as f32;
-    view_backward(&fwd.z, &fwd.w, &fwd.g_hat, c, scale, grad_a);
-    view_backward(&fwd.w, &fwd.z, &fwd.g_hat, c, scale, grad_b);
+    let step = CHUNK_ROWS * c;
+    let views = fwd.z.par_chunks(step).zip(fwd.w.par_chunks(step));
+    grad_a
+        .par_chunks_mut(step)
+        .zip(grad_b.par_chunks_mut(step))
+        .zip(views)
+        .for_each(|((ga, gb), (zc, wc))| backward_chunk(zc, wc, &fwd.g_hat, c, scale, ga, gb));
 }
 
 /// Row softmax in f64 (max subtracted).
@@ -399,7 +493,8 @@ mod tests {
 
     #[test]
     fn matches_f64_reference_on_random_logits() {
-        let cases = [(1, 2), (1, 3), (5, 3), (64, 10), (1000, 10), (40, 100), (1000, 100), (2500, 7)];
+        let cases =
+            [(1, 2), (1, 3), (5, 3), (64, 10), (1000, 10), (300, 16), (300, 17), (40, 100), (1000, 100), (2500, 7)];
         for (k, &(n, c)) in cases.iter().enumerate() {
             let a = randn(n * c, 2.0, 100 + k as u64);
             let b = randn(n * c, 2.0, 500 + k as u64);

@@ -1,0 +1,275 @@
+//! `muscle bench --op`: one kernel timed in isolation, against the machine's ceiling measured by
+//! the same command (FMA peak for GEMM and convolution, copy bandwidth for the memory-bound
+//! softmax-CE and MI loss), so a user sees how far a kernel is from its floor.
+
+use crate::cpu::{self, conv::ConvShape, gemm::Mat};
+use crate::error::{Error, Result};
+use crate::nn::{convnet_plan, Block};
+use crate::rng::Rng;
+use serde::Serialize;
+use std::hint::black_box;
+use std::str::FromStr;
+use std::time::Instant;
+
+/// A kernel family `muscle bench --op` can time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// IIC loss forward + backward.
+    Mi,
+    /// Fused softmax + cross-entropy (loss and logit gradient).
+    SoftmaxCe,
+    /// The convnet's convolutions, forward and backward.
+    Conv,
+    /// One f32 matrix product.
+    Gemm,
+}
+
+impl FromStr for Op {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Op> {
+        match s {
+            "mi" => Ok(Op::Mi),
+            "softmax-ce" => Ok(Op::SoftmaxCe),
+            "conv" => Ok(Op::Conv),
+            "gemm" => Ok(Op::Gemm),
+            _ => Err(Error::usage(format!("--op: unknown op '{s}' (expected mi, softmax-ce, conv or gemm)"))),
+        }
+    }
+}
+
+/// What to time.
+#[derive(Clone, Debug)]
+pub struct OpBench {
+    /// The kernel family.
+    pub op: Op,
+    /// Rows (images) for mi and softmax-ce.
+    pub rows: usize,
+    /// Classes for mi and softmax-ce.
+    pub classes: usize,
+    /// GEMM m, n, k.
+    pub mnk: (usize, usize, usize),
+    /// Images per convolution call.
+    pub batch: usize,
+    /// Timed repetitions (the median is reported).
+    pub reps: usize,
+}
+
+/// One timed case.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpResult {
+    /// Kernel and shape.
+    pub case: String,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    /// Achieved GFLOP/s (compute-bound kernels).
+    pub gflops: Option<f64>,
+    /// Achieved GB/s of compulsory traffic (memory-bound kernels).
+    pub gbs: Option<f64>,
+    /// The ceiling it is held against: GFLOP/s or GB/s, measured by the same command.
+    pub ceiling: f64,
+    /// Achieved / ceiling.
+    pub fraction: f64,
+    /// The time at the ceiling (the floor), ms.
+    pub floor_ms: f64,
+    /// Threads.
+    pub threads: usize,
+}
+
+/// Median seconds of `reps` calls after one warm-up call.
+fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn random(len: usize, std: f32, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed, 0xbe);
+    (0..len).map(|_| std * r.normal()).collect()
+}
+
+/// A memory-bound case: `bytes` of compulsory traffic in `secs`, against copy bandwidth `bw`.
+fn memory_case(case: String, secs: f64, bytes: f64, bw: f64) -> OpResult {
+    let gbs = bytes / secs / 1e9;
+    OpResult {
+        case,
+        ms: secs * 1e3,
+        gflops: None,
+        gbs: Some(gbs),
+        ceiling: bw,
+        fraction: gbs / bw,
+        floor_ms: bytes / bw / 1e6,
+        threads: cpu::threads(),
+    }
+}
+
+/// A compute-bound case: `flops` in `secs`, against FMA peak `peak`.
+fn compute_case(case: String, secs: f64, flops: f64, peak: f64) -> OpResult {
+    let gflops = flops / secs / 1e9;
+    OpResult {
+        case,
+        ms: secs * 1e3,
+        gflops: Some(gflops),
+        gbs: None,
+        ceiling: peak,
+        fraction: gflops / peak,
+        floor_ms: flops / peak / 1e6,
+        threads: cpu::threads(),
+    }
+}
+
+/// Times the requested kernel on the CPU; returns one result per case.
+pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
+    let positive = [("--rows", b.rows), ("--classes", b.classes), ("--batch", b.batch), ("--reps", b.reps)];
+    if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err(Error::usage(format!("{name}: must be positive")));
+    }
+    let (n, c) = (b.rows, b.classes);
+    match b.op {
+        Op::Mi | Op::SoftmaxCe => {
+            if c < 2 {
+                return Err(Error::usage("--classes: must be at least 2"));
+            }
+            n.checked_mul(c)
+                .filter(|&e| e <= 1 << 30)
+                .ok_or_else(|| Error::usage(format!("--rows x --classes: {n} x {c} is too large")))?;
+        }
+        Op::Gemm => {
+            let (m, nn, k) = b.mnk;
+            if m == 0 || nn == 0 || k == 0 {
+                return Err(Error::usage("--m, --n, --k: must be positive"));
+            }
+            if m.max(nn).max(k) > 16384 {
+                return Err(Error::usage("--m, --n, --k: at most 16384 each"));
+            }
+        }
+        Op::Conv => {}
+    }
+    match b.op {
+        Op::Mi => {
+            let bw = cpu::peak::copy_bandwidth_gbs(256);
+            let (la, lb) = (random(n * c, 3.0, 1), random(n * c, 3.0, 2));
+            let (mut ga, mut gb) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+            let fwd = median_secs(b.reps, || {
+                black_box(cpu::mutual_info::forward(&la, &lb, n, c, 1.0));
+            });
+            let both = median_secs(b.reps, || {
+                let f = cpu::mutual_info::forward(&la, &lb, n, c, 1.0);
+                cpu::mutual_info::backward(&f, n, c, 1.0, &mut ga, &mut gb);
+            });
+            // Compulsory traffic: both views' logits read, and for the backward both gradients written.
+            let elems = (n * c * 4) as f64;
+            Ok(vec![
+                memory_case(format!("mi forward n={n} C={c}"), fwd, 2.0 * elems, bw),
+                memory_case(format!("mi forward+backward n={n} C={c}"), both, 4.0 * elems, bw),
+            ])
+        }
+        Op::SoftmaxCe => {
+            let bw = cpu::peak::copy_bandwidth_gbs(256);
+            let x = random(n * c, 3.0, 3);
+            let labels: Vec<usize> = (0..n).map(|i| (i * 7) % c).collect();
+            let mut g = vec![0.0f32; n * c];
+            let t = median_secs(b.reps, || {
+                black_box(cpu::softmax::cross_entropy_hard(&x, &labels, c, &mut g));
+            });
+            // Logits read, gradient written, labels read (as the u32/i64 a framework would hold: 8 bytes).
+            let bytes = (2 * n * c * 4 + n * 8) as f64;
+            Ok(vec![memory_case(format!("softmax-ce loss+grad n={n} C={c}"), t, bytes, bw)])
+        }
+        Op::Gemm => {
+            let peak = fma_peak()?;
+            let (m, nn, k) = b.mnk;
+            let (a, bm) = (random(m * k, 1.0, 4), random(k * nn, 1.0, 5));
+            let mut out = vec![0.0f32; m * nn];
+            let threads = cpu::threads();
+            let t = median_secs(b.reps, || {
+                cpu::gemm::sgemm(m, nn, k, Mat::n(&a), Mat::n(&bm), black_box(&mut out), false, threads)
+            });
+            Ok(vec![compute_case(format!("gemm {m}x{nn}x{k}"), t, (2 * m * nn * k) as f64, peak)])
+        }
+        Op::Conv => {
+            let peak = fma_peak()?;
+            let mut out = Vec::new();
+            for s in convnet_shapes(b.batch) {
+                let x = random(s.n * s.ci * s.h * s.w, 1.0, 6);
+                let w = random(s.co * s.k(), 0.1, 7);
+                let dy = random(s.n * s.co * s.p(), 1.0, 8);
+                let mut y = vec![0.0f32; dy.len()];
+                let mut dw = vec![0.0f32; w.len()];
+                let mut dx = vec![0.0f32; x.len()];
+                let fwd = median_secs(b.reps, || cpu::conv::conv2d_forward(&s, &x, &w, black_box(&mut y)));
+                let bwd = median_secs(b.reps, || cpu::conv::conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx)));
+                let name = format!("conv {}->{} {}x{} b{}", s.ci, s.co, s.h, s.w, s.n);
+                let macs = s.macs() as f64;
+                out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));
+                // The first layer's input gradient is never needed in training, but timed here anyway.
+                out.push(compute_case(format!("{name} backward (dW + dX)"), bwd, 4.0 * macs, peak));
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn fma_peak() -> Result<f64> {
+    cpu::peak::fma_peak_gflops(cpu::threads(), 0.5)
+        .map(|(g, _)| g)
+        .ok_or_else(|| Error::usage("--op gemm/conv: this CPU has no FMA instruction set the peak probe knows"))
+}
+
+/// The convolutions of the default convnet (width 32) on 28 x 28 x 1 input, batch `n`.
+fn convnet_shapes(n: usize) -> Vec<ConvShape> {
+    let (mut ci, mut side, mut shapes) = (1, 28, Vec::new());
+    for block in convnet_plan(32) {
+        match block {
+            Block::Conv { out, k, pad } => {
+                shapes.push(ConvShape { n, ci, h: side, w: side, co: out, kh: k, kw: k, stride: 1, pad });
+                ci = out;
+                side = side + 2 * pad + 1 - k;
+            }
+            Block::MaxPool => side /= 2,
+            _ => {}
+        }
+    }
+    shapes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn convnet_shapes_follow_the_plan() {
+        let s = convnet_shapes(4);
+        let got: Vec<(usize, usize, usize)> = s.iter().map(|s| (s.ci, s.co, s.h)).collect();
+        assert_eq!(got, vec![(1, 32, 28), (32, 32, 28), (32, 64, 14), (64, 64, 14), (64, 128, 7)]);
+    }
+
+    #[test]
+    fn bad_sizes_are_usage_errors() {
+        let b = OpBench { op: Op::Mi, rows: 0, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 1 };
+        assert!(run(&b).is_err_and(|e| e.to_string().contains("--rows")));
+        let b = OpBench { op: Op::Mi, rows: 4, classes: 1, ..b };
+        assert!(run(&b).is_err_and(|e| e.to_string().contains("--classes")));
+        assert!("fft".parse::<Op>().is_err_and(|e| e.to_string().contains("fft")));
+    }
+
+    #[test]
+    fn mi_case_reports_consistent_floor() -> Result<()> {
+        let b = OpBench { op: Op::Mi, rows: 4096, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 2 };
+        let r = run(&b)?;
+        assert_eq!(r.len(), 2);
+        for case in &r {
+            let gbs = case.gbs.unwrap_or(0.0);
+            assert!(case.ms > 0.0 && gbs > 0.0);
+            // floor / time = achieved / ceiling, by definition.
+            assert!((case.floor_ms / case.ms - case.fraction).abs() < 1e-9 * (1.0 + case.fraction));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! Run-time SIMD dispatch for our own loops, and a vectorisable `exp`.
+//!
+//! The crate is built for baseline x86-64 (SSE2) so that one binary runs everywhere; the GEMM
+//! crate picks AVX-512/AVX2 at run time itself, but our elementwise loops would not. `multiversion!`
+//! compiles a plain-Rust body three times (AVX-512, AVX2 + FMA, baseline) and calls the best one
+//! the CPU supports, so LLVM's auto-vectoriser can use the wide registers without `unsafe`
+//! intrinsics in kernel code.
+
+use std::sync::OnceLock;
+
+/// The widest instruction set the running CPU offers, among those we compile for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// AVX-512 F/VL/BW/DQ (x86-64-v4).
+    Avx512,
+    /// AVX2 + FMA (x86-64-v3).
+    Avx2,
+    /// Whatever the build targets (SSE2 on x86-64).
+    Baseline,
+}
+
+/// Detected once per process.
+pub fn level() -> Level {
+    static L: OnceLock<Level> = OnceLock::new();
+    *L.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Level {
+    // MUSCLE_SIMD=baseline|avx2 lowers the level, to compare the paths on one machine.
+    let cap = std::env::var("MUSCLE_SIMD").unwrap_or_default();
+    let has_v4 = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512dq");
+    let has_v3 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    match cap.as_str() {
+        "baseline" => Level::Baseline,
+        "avx2" if has_v3 => Level::Avx2,
+        _ if has_v4 => Level::Avx512,
+        _ if has_v3 => Level::Avx2,
+        _ => Level::Baseline,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Level {
+    Level::Baseline
+}
+
+/// Defines a function whose body is compiled for AVX-512, AVX2 + FMA and the baseline, and runs
+/// the best of them for the CPU (see the module docs). Arguments must be plain `name: Type`.
+#[macro_export]
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                match $crate::cpu::simd::level() {
+                    // SAFETY: `level()` reported these features on the running CPU.
+                    $crate::cpu::simd::Level::Avx512 => return unsafe { v4($($arg),*) },
+                    $crate::cpu::simd::Level::Avx2 => return unsafe { v3($($arg),*) },
+                    $crate::cpu::simd::Level::Baseline => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+// ln 2 split so that n * LN2_HI is exact for |n| < 2^9 (Cephes).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// e^x to about 2 ulp, branch-free so that loops over it vectorise. Below -87.3 (where e^x
+/// leaves the normal range) it returns 0, above 88.3 it saturates at e^88.3.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let xc = x.clamp(-87.3, 88.3);
+    let n = (xc * LOG2E).round_ties_even();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    // Cephes expf minimax polynomial on |r| <= ln2 / 2.
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+/// Lanes of the row helpers below: one AVX-512 register of f32.
+pub const LANES: usize = 16;
+
+// Float reductions do not vectorise on their own (LLVM keeps their sequential order), so the
+// helpers below keep LANES partial results and combine them with a fixed tree at the end: the
+// result depends only on the data, not on the instruction set.
+
+/// Sum of the lanes, as a fixed tree.
+#[inline(always)]
+pub fn hsum(a: [f32; LANES]) -> f32 {
+    let mut h = [0.0f32; 8];
+    for l in 0..8 {
+        h[l] = a[l] + a[l + 8];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Maximum of the lanes.
+#[inline(always)]
+pub fn hmax(a: [f32; LANES]) -> f32 {
+    let mut h = [0.0f32; 8];
+    for l in 0..8 {
+        h[l] = a[l].max(a[l + 8]);
+    }
+    let q = [h[0].max(h[4]), h[1].max(h[5]), h[2].max(h[6]), h[3].max(h[7])];
+    q[0].max(q[2]).max(q[1].max(q[3]))
+}
+
+/// The remainder of `x` after whole blocks of LANES, padded with `fill`.
+#[inline(always)]
+fn padded(rem: &[f32], fill: f32) -> [f32; LANES] {
+    let mut t = [fill; LANES];
+    t[..rem.len()].copy_from_slice(rem);
+    t
+}
+
+/// Largest element (-inf for an empty row).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for ch in &mut it {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(ch[l]);
+        }
+    }
+    let t = padded(it.remainder(), f32::NEG_INFINITY);
+    for l in 0..LANES {
+        acc[l] = acc[l].max(t[l]);
+    }
+    hmax(acc)
+}
+
+/// Sum of the elements.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for ch in &mut it {
+        for l in 0..LANES {
+            acc[l] += ch[l];
+        }
+    }
+    let t = padded(it.remainder(), 0.0);
+    for l in 0..LANES {
+        acc[l] += t[l];
+    }
+    hsum(acc)
+}
+
+/// Dot product of two equally long rows.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (mut ia, mut ib) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let (ta, tb) = (padded(ia.remainder(), 0.0), padded(ib.remainder(), 0.0));
+    for l in 0..LANES {
+        acc[l] += ta[l] * tb[l];
+    }
+    hsum(acc)
+}
+
+/// out = e^(x - shift) elementwise; returns the sum of out.
+#[inline(always)]
+pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (mut ix, mut io) = (x.chunks_exact(LANES), out.chunks_exact_mut(LANES));
+    for (cx, co) in (&mut ix).zip(&mut io) {
+        for l in 0..LANES {
+            let e = exp(cx[l] - shift);
+            co[l] = e;
+            acc[l] += e;
+        }
+    }
+    let t = padded(ix.remainder(), f32::NEG_INFINITY);
+    let mut e = [0.0f32; LANES];
+    for l in 0..LANES {
+        e[l] = exp(t[l] - shift);
+        acc[l] += e[l];
+    }
+    let rest = io.into_remainder();
+    let r = rest.len();
+    rest.copy_from_slice(&e[..r]);
+    hsum(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_3_ulp_of_std_over_its_range() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        // 3 ulp of f32 = 3 * 2^-23 relative.
+        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn exp_edges() {
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(100.0).is_finite() && exp(100.0) > 1e38);
+        assert!((exp(1.0) - std::f32::consts::E).abs() <= 2.0 * f32::EPSILON * std::f32::consts::E);
+    }
+
+    multiversion! {
+        fn sum_of_exps(x: &[f32]) -> f32 {
+            x.iter().map(|&v| exp(v)).sum()
+        }
+    }
+
+    #[test]
+    fn row_helpers_match_plain_loops_at_awkward_lengths() {
+        for len in [1usize, 3, 10, 16, 17, 33, 100] {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32) - 4.5).collect();
+            let y: Vec<f32> = (0..len).map(|i| ((i * 13 % 7) as f32) * 0.25).collect();
+            let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs());
+            let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(max(&x), m, "len {len}");
+            assert!(close(sum(&x), x.iter().map(|&v| v as f64).sum()), "sum len {len}");
+            assert!(close(dot(&x, &y), x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum()), "dot len {len}");
+            let mut out = vec![f32::NAN; len];
+            let s = exp_shifted(&x, m, &mut out);
+            let want: Vec<f64> = x.iter().map(|&v| (v as f64 - m as f64).exp()).collect();
+            assert!(close(s, want.iter().sum()), "exp sum len {len}");
+            assert!(out.iter().zip(&want).all(|(&o, &w)| close(o, w)), "exp len {len}");
+        }
+    }
+
+    #[test]
+    fn multiversioned_body_gives_the_baseline_result() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32) * 0.01 - 5.0).collect();
+        let want: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
+        let got = sum_of_exps(&x) as f64;
+        assert!(((got - want) / want).abs() < 1e-5, "{got} vs {want}");
+    }
+}
