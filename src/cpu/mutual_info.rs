@@ -18,6 +18,7 @@
 //! is clamped (then r = m and k = lambda). The clamped cases differ from that formula only by
 //! terms whose effect on the logits is below EPS-scale, but the kernels follow the exact form.
 
+use super::gemm::{sgemm, Mat};
 use super::simd;
 use crate::multiversion;
 use rayon::prelude::*;
@@ -91,7 +92,7 @@ pub fn forward(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f
         .zip(logits_a.par_chunks(step).zip(logits_b.par_chunks(step)))
         .map(|((zc, wc), (ac, bc))| {
             let mut j = vec![0.0f32; c * c];
-            forward_chunk(ac, bc, c, zc, wc, &mut j);
+            forward_chunk_best(ac, bc, c, zc, wc, &mut j);
             j
         })
         .collect();
@@ -132,13 +133,8 @@ multiversion! {
                 jr.copy_from_slice(&row[..c]);
             }
         } else {
-            for (zr, wr) in z.chunks_exact(c).zip(w.chunks_exact(c)) {
-                for (jr, &zx) in j.chunks_exact_mut(c).zip(zr) {
-                    for (a, &wy) in jr.iter_mut().zip(wr) {
-                        *a += zx * wy;
-                    }
-                }
-            }
+            // Wide C: the joint update is a real product (C^2 MACs per image), so the GEMM.
+            sgemm(c, c, z.len() / c, Mat::t(z), Mat::n(w), j, false, 1);
         }
     }
 }
@@ -231,27 +227,126 @@ multiversion! {
                 gbr.copy_from_slice(&ub[..c]);
             }
         } else {
-            let mut ua = vec![0.0f32; c];
-            let mut ub = vec![0.0f32; c];
-            for ((zr, wr), (gar, gbr)) in rows {
-                ua.fill(0.0);
-                ub.fill(0.0);
-                for (gy, (&wy, &zy)) in g_hat.chunks_exact(c).zip(wr.iter().zip(zr)) {
-                    for ((a, b), &gv) in ua.iter_mut().zip(ub.iter_mut()).zip(gy) {
-                        *a += wy * gv;
-                        *b += zy * gv;
+            // Wide C: u = G^ w_i for every row is a product with C^2 MACs per image.
+            let rows = z.len() / c;
+            sgemm(rows, c, c, Mat::n(w), Mat::n(g_hat), ga, false, 1);
+            sgemm(rows, c, c, Mat::n(z), Mat::n(g_hat), gb, false, 1);
+            for (g, p) in [(&mut *ga, z), (&mut *gb, w)] {
+                for (gr, pr) in g.chunks_exact_mut(c).zip(p.chunks_exact(c)) {
+                    let d = simd::dot(pr, gr);
+                    for (o, &pv) in gr.iter_mut().zip(pr) {
+                        *o = scale * pv * (*o - d);
                     }
-                }
-                let (da, db) = (simd::dot(zr, &ua), simd::dot(wr, &ub));
-                for ((o, &p), &u) in gar.iter_mut().zip(zr).zip(&ua) {
-                    *o = scale * p * (u - da);
-                }
-                for ((o, &p), &u) in gbr.iter_mut().zip(wr).zip(&ub) {
-                    *o = scale * p * (u - db);
                 }
             }
         }
     }
+}
+
+/// AVX-512 kernels for C <= 16: each row is one masked 16-lane register, so the row max, exp,
+/// sum, the joint update and the backward's C x C product are a few instructions per image
+/// (the auto-vectorised body above spends most of its time padding rows and reducing lanes).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::cpu::simd::avx512::exp16;
+    use std::arch::x86_64::*;
+
+    /// Softmax of the `mask` lanes at `p` (the other lanes come out 0).
+    #[inline(always)]
+    unsafe fn softmax16(p: *const f32, mask: __mmask16) -> __m512 {
+        let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, p);
+        let m = _mm512_reduce_max_ps(v);
+        let e = exp16(_mm512_sub_ps(v, _mm512_set1_ps(m)));
+        _mm512_mul_ps(e, _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(e)))
+    }
+
+    /// `super::forward_chunk` for C <= 16.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+        let mask = ((1u32 << c) - 1) as __mmask16;
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut zs = [0.0f32; 16];
+        for r in 0..a.len() / c {
+            let zv = softmax16(a.as_ptr().add(r * c), mask);
+            let wv = softmax16(b.as_ptr().add(r * c), mask);
+            _mm512_mask_storeu_ps(z.as_mut_ptr().add(r * c), mask, zv);
+            _mm512_mask_storeu_ps(w.as_mut_ptr().add(r * c), mask, wv);
+            _mm512_storeu_ps(zs.as_mut_ptr(), zv);
+            for (row, &zx) in acc.iter_mut().zip(&zs).take(c) {
+                *row = _mm512_fmadd_ps(_mm512_set1_ps(zx), wv, *row);
+            }
+        }
+        for (x, row) in acc.iter().enumerate().take(c) {
+            _mm512_mask_storeu_ps(j.as_mut_ptr().add(x * c), mask, *row);
+        }
+    }
+
+    /// `super::backward_chunk` for C <= 16.
+    ///
+    /// # Safety
+    /// As for `forward_chunk`; g_hat is C x C and symmetric.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn backward_chunk(
+        z: &[f32],
+        w: &[f32],
+        g_hat: &[f32],
+        c: usize,
+        scale: f32,
+        ga: &mut [f32],
+        gb: &mut [f32],
+    ) {
+        let mask = ((1u32 << c) - 1) as __mmask16;
+        let mut g = [_mm512_setzero_ps(); 16];
+        for (y, row) in g.iter_mut().enumerate().take(c) {
+            *row = _mm512_maskz_loadu_ps(mask, g_hat.as_ptr().add(y * c));
+        }
+        let sv = _mm512_set1_ps(scale);
+        for r in 0..z.len() / c {
+            let (zp, wp) = (z.as_ptr().add(r * c), w.as_ptr().add(r * c));
+            let (mut ua, mut ub) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for (y, gy) in g.iter().enumerate().take(c) {
+                ua = _mm512_fmadd_ps(_mm512_set1_ps(*wp.add(y)), *gy, ua);
+                ub = _mm512_fmadd_ps(_mm512_set1_ps(*zp.add(y)), *gy, ub);
+            }
+            let (zv, wv) = (_mm512_maskz_loadu_ps(mask, zp), _mm512_maskz_loadu_ps(mask, wp));
+            let da = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_mul_ps(zv, ua)));
+            let db = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_mul_ps(wv, ub)));
+            let oa = _mm512_mul_ps(_mm512_mul_ps(sv, zv), _mm512_sub_ps(ua, da));
+            let ob = _mm512_mul_ps(_mm512_mul_ps(sv, wv), _mm512_sub_ps(ub, db));
+            _mm512_mask_storeu_ps(ga.as_mut_ptr().add(r * c), mask, oa);
+            _mm512_mask_storeu_ps(gb.as_mut_ptr().add(r * c), mask, ob);
+        }
+    }
+}
+
+/// Whether the AVX-512 kernels above serve C classes on this CPU.
+fn use_avx512(c: usize) -> bool {
+    cfg!(target_arch = "x86_64") && c <= LANES && simd::level() == simd::Level::Avx512
+}
+
+/// One forward chunk on the best path for this CPU.
+fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512(c) {
+        debug_assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
+        // SAFETY: `use_avx512` checked the CPU and c <= 16; the slices hold whole rows of C.
+        return unsafe { avx512::forward_chunk(a, b, c, z, w, j) };
+    }
+    forward_chunk(a, b, c, z, w, j)
+}
+
+/// One backward chunk on the best path for this CPU.
+fn backward_chunk_best(z: &[f32], w: &[f32], g_hat: &[f32], c: usize, scale: f32, ga: &mut [f32], gb: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512(c) {
+        debug_assert!(z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c);
+        // SAFETY: as in `forward_chunk_best`.
+        return unsafe { avx512::backward_chunk(z, w, g_hat, c, scale, ga, gb) };
+    }
+    backward_chunk(z, w, g_hat, c, scale, ga, gb)
 }
 
 /// Gradients of `upstream * L` with respect to both views' logits (n x C each, overwritten):
@@ -265,7 +360,7 @@ pub fn backward(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut
         .par_chunks_mut(step)
         .zip(grad_b.par_chunks_mut(step))
         .zip(views)
-        .for_each(|((ga, gb), (zc, wc))| backward_chunk(zc, wc, &fwd.g_hat, c, scale, ga, gb));
+        .for_each(|((ga, gb), (zc, wc))| backward_chunk_best(zc, wc, &fwd.g_hat, c, scale, ga, gb));
 }
 
 /// Row softmax in f64 (max subtracted).

@@ -220,6 +220,36 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     hsum(acc)
 }
 
+/// AVX-512 building blocks for hand-written kernels.
+#[cfg(target_arch = "x86_64")]
+pub mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// e^x lane-wise: the same Cephes range reduction and polynomial as `simd::exp`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F (call it from a function that enables it).
+    #[inline(always)]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            xc,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for k in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+        let y = _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.3));
+        _mm512_mask_blend_ps(under, y, _mm512_setzero_ps())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +265,33 @@ mod tests {
         }
         // 3 ulp of f32 = 3 * 2^-23 relative.
         assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp16_equals_the_scalar_exp() {
+        if level() != Level::Avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(x: &[f32; 16]) -> [f32; 16] {
+            use std::arch::x86_64::*;
+            let mut out = [0.0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), avx512::exp16(_mm512_loadu_ps(x.as_ptr())));
+            out
+        }
+        let mut x = [0.0f32; 16];
+        for k in 0..2000 {
+            x.iter_mut().enumerate().for_each(|(l, v)| *v = (k * 16 + l) as f32 * 0.0061 - 97.0);
+            x[0] = f32::NEG_INFINITY;
+            // SAFETY: level() reported AVX-512.
+            let got = unsafe { run(&x) };
+            for (g, &v) in got.iter().zip(&x) {
+                let want = exp(v);
+                assert!((g - want).abs() <= 2.0 * f32::EPSILON * want, "exp16({v}) = {g}, scalar {want}");
+            }
+        }
     }
 
     #[test]

@@ -116,16 +116,55 @@ multiversion! {
     }
 }
 
+/// AVX-512 fused softmax-CE for C <= 16: one masked register per row.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::cpu::simd::avx512::exp16;
+    use std::arch::x86_64::*;
+
+    /// `super::cross_entropy_hard_rows` for C <= 16.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; c in 1..=16; x and grad hold labels.len() rows of C; every
+    /// label is below c.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn cross_entropy_hard_rows(x: &[f32], labels: &[usize], c: usize, inv_n: f32, grad: &mut [f32]) -> f64 {
+        let mask = ((1u32 << c) - 1) as __mmask16;
+        let mut total = 0.0f64;
+        for (r, &y) in labels.iter().enumerate() {
+            let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, x.as_ptr().add(r * c));
+            let m = _mm512_reduce_max_ps(v);
+            let e = exp16(_mm512_sub_ps(v, _mm512_set1_ps(m)));
+            let s = _mm512_reduce_add_ps(e);
+            total += (m + s.ln() - x[r * c + y]) as f64;
+            let g = _mm512_mul_ps(e, _mm512_set1_ps(inv_n / s));
+            _mm512_mask_storeu_ps(grad.as_mut_ptr().add(r * c), mask, g);
+            grad[r * c + y] -= inv_n;
+        }
+        total
+    }
+}
+
 /// Mean cross-entropy of logits (n x c) against class indices; `grad` gets d(mean loss)/d logits.
 pub fn cross_entropy_hard(x: &[f32], labels: &[usize], c: usize, grad: &mut [f32]) -> f32 {
     let n = labels.len();
     let inv_n = 1.0 / n as f32;
     let step = CHUNK_ROWS * c;
+    let fast = cfg!(target_arch = "x86_64") && c <= simd::LANES && simd::level() == simd::Level::Avx512;
+    let rows = |xc: &[f32], lc: &[usize], gc: &mut [f32]| -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if fast && lc.iter().all(|&y| y < c) {
+            // SAFETY: the CPU has AVX-512F (checked above), c <= 16, labels are in range, and the
+            // chunks hold lc.len() whole rows.
+            return unsafe { avx512::cross_entropy_hard_rows(xc, lc, c, inv_n, gc) };
+        }
+        cross_entropy_hard_rows(xc, lc, c, inv_n, gc)
+    };
     let parts: Vec<f64> = x
         .par_chunks(step)
         .zip(grad.par_chunks_mut(step))
         .zip(labels.par_chunks(CHUNK_ROWS))
-        .map(|((xc, gc), lc)| cross_entropy_hard_rows(xc, lc, c, inv_n, gc))
+        .map(|((xc, gc), lc)| rows(xc, lc, gc))
         .collect();
     (parts.iter().sum::<f64>() / n as f64) as f32
 }
