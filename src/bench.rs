@@ -4,7 +4,7 @@
 
 use crate::data::{self, Augment, Dataset, DatasetKind, Loader};
 use crate::error::Result;
-use crate::nn::{Model, ModelKind, ModelSpec};
+use crate::nn::{Model, ModelKind, ModelSpec, Module};
 use crate::rng::Rng;
 use crate::train::{TrainConfig, Trainer};
 use serde::Serialize;
@@ -30,6 +30,8 @@ pub struct BenchResult {
     pub synthetic: bool,
     /// Median milliseconds per step.
     pub ms_per_step: f64,
+    /// Trainable parameters of the model (peers compare models of the same size).
+    pub parameters: usize,
     /// Images forwarded per second at the median step time.
     pub images_per_second: f64,
     /// Steps timed.
@@ -76,7 +78,9 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         width: train.width,
         classes: train.classes,
     };
-    let mut trainer = Trainer::new(cfg, Model::new(spec, cfg.seed)?)?;
+    let model = Model::new(spec, cfg.seed)?;
+    let parameters = model.num_parameters();
+    let mut trainer = Trainer::new(cfg, model)?;
     let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
     let mut times = Vec::with_capacity(steps);
     let mut allocs_at_warmup = crate::alloc_count::large_allocations();
@@ -107,6 +111,7 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         threads: cfg.threads,
         synthetic: is_synthetic,
         ms_per_step: median * 1e3,
+        parameters,
         images_per_second: images as f64 / median,
         steps,
         large_allocations_per_step: crate::alloc_count::large_allocations()

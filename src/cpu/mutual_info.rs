@@ -342,7 +342,9 @@ fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f3
 fn backward_chunk_best(z: &[f32], w: &[f32], g_hat: &[f32], c: usize, scale: f32, ga: &mut [f32], gb: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if use_avx512(c) {
-        debug_assert!(z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c);
+        debug_assert!(
+            z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c
+        );
         // SAFETY: as in `forward_chunk_best`.
         return unsafe { avx512::backward_chunk(z, w, g_hat, c, scale, ga, gb) };
     }

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""PyTorch peer of `muscle bench`: the same architecture and training step (forward, backward,
+AdamW, EMA), timed the same way (warm-up, then the median of fresh augmented batches), on the
+same thread count, alternated with `muscle bench` in one run so that both see the same machine.
+
+Cases: the convnet MUSCLE step (64 labeled + 2 x 256 unlabeled views, 28x28x1, embedded
+Fashion-MNIST) and the wrn-28-2 supervised step (batch 64, 32x32x3, generated images).
+Prints PyTorch's ms/step, ours, and the ratio muscle / PyTorch (below 1: muscle is faster).
+
+Usage: benches/peer/run.sh [--threads 2] [--steps 20] [--rounds 2] [--case convnet|wrn|all]
+"""
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+EPS = sys.float_info.epsilon
+
+
+def convnet(w=32, cin=1, classes=10):
+    """METHOD.md's convnet exactly as muscle builds it (src/nn/sequential.rs)."""
+    layers, c = [], cin
+    for b in [w, w, "M", 2 * w, 2 * w, "M", 4 * w]:
+        if b == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, b, 3, padding=1, bias=False), nn.BatchNorm2d(b, momentum=0.1), nn.LeakyReLU(0.1)]
+            c = b
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net = nn.Module()
+    net.features = nn.Sequential(*layers)
+    net.fc = nn.Linear(c, classes)
+    net.forward = lambda x: net.fc(net.features(x))
+    return net
+
+
+class Block(nn.Module):
+    """WRN pre-activation block as muscle builds it (src/nn/wrn.rs)."""
+
+    def __init__(self, cin, cout, stride, activate_before_residual):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, momentum=0.001)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=0.001)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.short = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if cin != cout else None
+        self.abr = activate_before_residual
+
+    def forward(self, x):
+        if self.short is None:
+            a = F.leaky_relu(self.bn1(x), 0.1)
+            res, inp = x, a
+        elif self.abr:
+            a = F.leaky_relu(self.bn1(x), 0.1)
+            res, inp = a, a
+        else:
+            res, inp = x, x
+        h = self.conv2(F.leaky_relu(self.bn2(self.conv1(inp)), 0.1))
+        return (self.short(res) if self.short is not None else res) + h
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth=28, widen=2, cin=3, classes=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        w = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(cin, w[0], 3, 1, 1, bias=False)
+        stages = []
+        for s in range(3):
+            stages.append(nn.Sequential(*[
+                Block(w[s] if i == 0 else w[s + 1], w[s + 1], 2 if (i == 0 and s > 0) else 1, s == 0) for i in range(n)
+            ]))
+        self.stages = nn.Sequential(*stages)
+        self.bn1 = nn.BatchNorm2d(w[3], momentum=0.001)
+        self.fc = nn.Linear(w[3], classes)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.bn1(self.stages(self.conv1(x))), 0.1)
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def iic_loss(za, zb, lamb=1.0):
+    """IIC's IID_loss (clamps as constants), the MI term of METHOD.md."""
+    x, y = torch.softmax(za, 1), torch.softmax(zb, 1)
+    k = x.shape[1]
+    p = x.t() @ y
+    p = (p + p.t()) / 2.0
+    p = p / p.sum()
+    pi = p.sum(1).view(k, 1).expand(k, k)
+    pj = p.sum(0).view(1, k).expand(k, k)
+    eps = torch.tensor(EPS, dtype=p.dtype)
+    p, pi, pj = (torch.where(t < EPS, eps, t) for t in (p, pi, pj))
+    return -(p * (torch.log(p) - lamb * torch.log(pj) - lamb * torch.log(pi))).sum()
+
+
+def read_idx_images(path):
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)
+
+
+class Augmenter:
+    """Pad + random crop + horizontal flip + normalisation, fresh every step (as muscle's loader)."""
+
+    def __init__(self, images, pad, reflect, mean, std, gen):
+        x = torch.from_numpy(np.array(images, dtype=np.float32))
+        mode = "reflect" if reflect else "constant"
+        self.padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+        self.pad, self.h, self.w = pad, images.shape[2], images.shape[3]
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.gen = gen
+
+    def batch(self, n):
+        idx = torch.randint(0, self.padded.shape[0], (n,), generator=self.gen)
+        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=self.gen)
+        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=self.gen)
+        rows = (dy[:, None] + torch.arange(self.h))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(self.w))[:, None, None, :]
+        ch = torch.arange(self.padded.shape[1])[None, :, None, None]
+        x = self.padded[idx[:, None, None, None], ch, rows, cols]
+        flip = torch.rand(n, generator=self.gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return (x / 255.0 - self.mean) / self.std
+
+
+def torch_times(case, threads, warmup, steps):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if case == "convnet":
+        images = read_idx_images(os.path.join(ROOT, "data", "fashion-mnist-10k", "train-images-idx3-ubyte.gz"))
+        aug = Augmenter(images, 2, False, [0.2860], [0.3530], gen)
+        model, b, u = convnet(), 64, 256
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (2048, 3, 32, 32), dtype=np.uint8)
+        aug = Augmenter(images, 4, True, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], gen)
+        model, b, u = WideResNet(), 64, 0
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    ema = [t.detach().clone() for t in model.state_dict().values() if t.dtype.is_floating_point]
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        xl = aug.batch(b)
+        yl = torch.randint(0, 10, (b,), generator=gen)
+        x = torch.cat([xl, aug.batch(u), aug.batch(u)]) if u else xl
+        logits = model(x)
+        loss = F.cross_entropy(logits[:b], yl)
+        if u:
+            loss = loss + iic_loss(logits[b:b + u], logits[b + u:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            cur = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+            torch._foreach_lerp_(ema, cur, 1.0 - 0.999)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, params
+
+
+def muscle_times(binary, case, threads, warmup, steps):
+    model, method = ("convnet", "muscle") if case == "convnet" else ("wrn-28-2", "supervised")
+    out = subprocess.run(
+        [binary, "bench", "--model", model, "--method", method, "--threads", str(threads), "--steps", str(steps),
+         "--warmup", str(warmup), "--json"],
+        check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["ms_per_step"], r["parameters"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--muscle", default=os.path.join(ROOT, "target", "release", "muscle"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the two engines; medians over rounds")
+    ap.add_argument("--case", choices=["convnet", "wrn", "all"], default="all")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps after {a.warmup}, {a.rounds} rounds")
+    print(f"{'case':<26} {'params':>9} {'PyTorch ms':>11} {'muscle ms':>10} {'ratio':>6}")
+    for case in (["convnet", "wrn"] if a.case == "all" else [a.case]):
+        pt, mu = [], []
+        for r in range(a.rounds):
+            # Alternate which engine goes first, so drift in the machine's speed hits both.
+            order = [0, 1] if r % 2 == 0 else [1, 0]
+            for o in order:
+                if o == 0:
+                    ms, p_torch = torch_times(case, a.threads, a.warmup, a.steps)
+                    pt.append(ms)
+                else:
+                    ms, p_ours = muscle_times(a.muscle, case, a.threads, a.warmup, a.steps)
+                    mu.append(ms)
+        if p_torch != p_ours:
+            sys.exit(f"{case}: parameter counts differ: PyTorch {p_torch}, muscle {p_ours}")
+        t, m = statistics.median(pt), statistics.median(mu)
+        name = "convnet MUSCLE 64+2x256" if case == "convnet" else "wrn-28-2 supervised 64"
+        print(f"{name:<26} {p_ours:>9} {t:>11.1f} {m:>10.1f} {m / t:>6.2f}   (PyTorch {pt}, muscle {mu})")
+
+
+if __name__ == "__main__":
+    main()
