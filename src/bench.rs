@@ -36,9 +36,12 @@ pub struct BenchResult {
     pub images_per_second: f64,
     /// Steps timed.
     pub steps: usize,
-    /// Allocations of 64 KiB or more per timed step (None when the counting allocator is not
-    /// installed, as in library use; the `muscle` binary installs it).
+    /// Allocation requests of 64 KiB or more per timed step (None when the counting allocator is
+    /// not installed, as in library use; the `muscle` binary installs it).
     pub large_allocations_per_step: Option<f64>,
+    /// Of those, the ones that reached the system allocator (the rest were served by the
+    /// allocator's cache of freed blocks; see `alloc_count`).
+    pub large_system_allocations_per_step: Option<f64>,
 }
 
 /// Random images of the shape a model needs (for models the embedded set cannot feed).
@@ -83,11 +86,12 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
     let mut trainer = Trainer::new(cfg, model)?;
     let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
     let mut times = Vec::with_capacity(steps);
-    let mut allocs_at_warmup = crate::alloc_count::large_allocations();
+    let counts = || (crate::alloc_count::large_allocations(), crate::alloc_count::large_system_allocations());
+    let mut allocs_at_warmup = counts();
     for step in 0..(warmup + steps) {
         if step == warmup {
             crate::profile::reset();
-            allocs_at_warmup = crate::alloc_count::large_allocations();
+            allocs_at_warmup = counts();
         }
         let t = Instant::now();
         let batch = {
@@ -115,7 +119,10 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         images_per_second: images as f64 / median,
         steps,
         large_allocations_per_step: crate::alloc_count::large_allocations()
-            .zip(allocs_at_warmup)
+            .zip(allocs_at_warmup.0)
+            .map(|(end, start)| (end - start) as f64 / steps as f64),
+        large_system_allocations_per_step: crate::alloc_count::large_system_allocations()
+            .zip(allocs_at_warmup.1)
             .map(|(end, start)| (end - start) as f64 / steps as f64),
     })
 }

@@ -11,7 +11,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Counts large allocations so that `muscle bench` can report them per step.
+/// Caches freed large blocks and counts large allocations, so that `muscle bench` can report them per step.
 #[global_allocator]
 static ALLOC: muscle::alloc_count::CountingAlloc = muscle::alloc_count::CountingAlloc;
 
@@ -494,7 +494,7 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
     } else {
         println!(
-            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s, {:.1} large allocations/step ({} threads, {}{})",
+            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s, large allocations/step: {:.1} requested, {:.1} from the system ({} threads, {}{})",
             r.model,
             r.method,
             r.batch,
@@ -502,6 +502,7 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
             r.ms_per_step,
             r.images_per_second,
             r.large_allocations_per_step.unwrap_or(f64::NAN),
+            r.large_system_allocations_per_step.unwrap_or(f64::NAN),
             r.threads,
             r.device,
             if r.synthetic { ", synthetic data" } else { "" }

@@ -64,7 +64,9 @@ pub fn gather(
     aug.check(ds)?;
     let lut = aug.lut();
     let labels = idx.iter().map(|&i| ds.label(i)).collect::<Result<Vec<usize>>>()?;
-    let mut data = vec![0f32; idx.len() * chw];
+    // From the tensor pool: the batch tensor goes back there when dropped, so the next batch of
+    // this size reuses it instead of leaving the pool with one more buffer every step.
+    let mut data = crate::pool::zeros(idx.len() * chw);
     data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate().try_for_each(|(b, (out, &i))| {
         let d = match augment {
             Some((seed, purpose, step)) => Draw::sample(aug, &mut Rng::keyed(seed, &[purpose, step, b as u64])),
