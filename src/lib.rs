@@ -21,6 +21,7 @@ pub mod nn;
 pub mod npy;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod pool;
 pub mod profile;
 pub mod rng;

@@ -39,8 +39,29 @@ enum Command {
     /// Reference IIC loss and gradients in f64 for two n x C logit matrices (.npy or
     /// .safetensors, f32 or f64), to check other implementations against.
     Mi(MiArgs),
+    /// Draw PNG charts: EMA test accuracy against steps for run folders (their metrics.jsonl),
+    /// or, with --sweep, accuracy against the number of labels per method (results.csv).
+    Plot(PlotArgs),
     /// Print build features, devices and threads.
     Info,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Run folders written by `muscle train --out` (or a sweep's cells), one curve each.
+    runs: Vec<PathBuf>,
+    /// A sweep folder: plot its results.csv instead (mean +- std over seeds, log label axis).
+    #[arg(long, conflicts_with = "runs")]
+    sweep: Option<PathBuf>,
+    /// With --sweep: the label imbalance whose cells are plotted.
+    #[arg(long, default_value_t = 1.0)]
+    imbalance: f64,
+    /// Chart title.
+    #[arg(long, default_value = "")]
+    title: String,
+    /// The PNG file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -324,6 +345,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => run_eval(&a),
         Command::Bench(a) => run_bench(&a),
         Command::Mi(a) => run_mi(&a),
+        Command::Plot(a) => run_plot(&a),
         Command::Info => info(),
     };
     match result {
@@ -516,6 +538,24 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
             eprintln!("{name:<18} {calls:>8} {:>12.2}", secs * 1e3 / timed);
         }
     }
+    Ok(())
+}
+
+/// `muscle plot`.
+fn run_plot(a: &PlotArgs) -> Result<()> {
+    match (&a.sweep, a.runs.is_empty()) {
+        (Some(dir), _) => {
+            let title = if a.title.is_empty() {
+                format!("{} (imbalance {})", dir.display(), a.imbalance)
+            } else {
+                a.title.clone()
+            };
+            muscle::plot::plot_sweep(dir, a.imbalance, &title, &a.out)?
+        }
+        (None, false) => muscle::plot::plot_runs(&a.runs, &a.title, &a.out)?,
+        (None, true) => return Err(Error::usage("plot: give run folders or --sweep DIR")),
+    }
+    println!("wrote {}", a.out.display());
     Ok(())
 }
 

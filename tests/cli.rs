@@ -137,4 +137,13 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("eval json");
     assert_eq!(r["test_accuracy"].as_f64(), Some(ema), "eval {r} vs summary {ema}");
+
+    // The run's curve as a PNG; bad plot requests are one-line errors.
+    let png = d.join("curve.png");
+    let o = muscle(&["plot", out.to_str().expect("utf8"), "--out", png.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&png).expect("png");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    expect_error(&["plot", "--out", png.to_str().expect("utf8")], 2, "--sweep");
+    expect_error(&["plot", "/nonexistent/run", "--out", png.to_str().expect("utf8")], 1, "/nonexistent/run");
 }
