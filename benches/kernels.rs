@@ -1,5 +1,10 @@
-//! Criterion benches of the CPU hot paths. Throughput is reported in FLOPs (as elements), so
-//! criterion prints GFLOP/s directly ("Gelem/s").
+//! Criterion benches of the CPU hot paths. Throughput is reported in FLOPs (as elements, so
+//! criterion prints GFLOP/s as "Gelem/s") for GEMM and convolution, in bytes of compulsory
+//! traffic for the memory-bound MI loss and softmax-CE, and in images for whole training steps.
+//! `muscle bench --op` prints the same kernels against the measured ceilings.
+//!
+//! The CUDA kernels are timed by the GPU tests (scripts/gpu-check.sh), not here: there is no
+//! GPU on the machines these benches run on.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use muscle::cpu::conv::{conv2d_backward, conv2d_forward, ConvShape};
@@ -65,5 +70,62 @@ fn peak(c: &mut Criterion) {
     let _ = c;
 }
 
-criterion_group!(benches, peak, gemm, conv);
+fn mi_loss(c: &mut Criterion) {
+    use muscle::cpu::mutual_info::{backward, forward};
+    let mut g = c.benchmark_group("mi_loss_fwd_bwd");
+    g.sample_size(10);
+    for (n, classes) in [(4096, 10), (4096, 100), (262_144, 10), (262_144, 100)] {
+        let a = randn(&[n, classes], 1).to_vec().expect("cpu");
+        let b = randn(&[n, classes], 2).to_vec().expect("cpu");
+        let (mut ga, mut gb) = (vec![0.0f32; n * classes], vec![0.0f32; n * classes]);
+        // Both views' logits read, both gradients written.
+        g.throughput(Throughput::Bytes((4 * n * classes * 4) as u64));
+        g.bench_function(BenchmarkId::new(format!("C{classes}"), n), |bch| {
+            bch.iter(|| {
+                let f = forward(&a, &b, n, classes, 1.0);
+                backward(&f, n, classes, 1.0, black_box(&mut ga), &mut gb);
+            })
+        });
+    }
+    g.finish();
+}
+
+fn softmax_ce(c: &mut Criterion) {
+    use muscle::cpu::softmax::cross_entropy_hard;
+    let mut g = c.benchmark_group("softmax_ce_hard");
+    g.sample_size(10);
+    for (n, classes) in [(262_144, 10), (65_536, 100)] {
+        let x = randn(&[n, classes], 3).to_vec().expect("cpu");
+        let labels: Vec<usize> = (0..n).map(|i| i * 7 % classes).collect();
+        let mut grad = vec![0.0f32; n * classes];
+        // Logits read, gradient written.
+        g.throughput(Throughput::Bytes((2 * n * classes * 4) as u64));
+        g.bench_function(BenchmarkId::new(format!("C{classes}"), n), |bch| {
+            bch.iter(|| cross_entropy_hard(&x, &labels, classes, black_box(&mut grad)))
+        });
+    }
+    g.finish();
+}
+
+fn training_steps(c: &mut Criterion) {
+    use muscle::bench::StepRunner;
+    use muscle::nn::ModelKind;
+    use muscle::ssl::Method;
+    use muscle::train::TrainConfig;
+    let mut g = c.benchmark_group("training_step");
+    g.sample_size(10);
+    let cases = [
+        ("convnet_muscle_64+2x256", ModelKind::ConvNet { width: 32 }, Method::Muscle, 64 + 2 * 256),
+        ("wrn-28-2_supervised_64", "wrn-28-2".parse().expect("model"), Method::Supervised, 64),
+    ];
+    for (name, model, method, images) in cases {
+        let cfg = TrainConfig { model, method, ..TrainConfig::default() };
+        let mut runner = StepRunner::new(&cfg).expect("step runner");
+        g.throughput(Throughput::Elements(images as u64));
+        g.bench_function(name, |bch| bch.iter(|| runner.step().expect("step")));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, peak, gemm, conv, mi_loss, softmax_ce, training_steps);
 criterion_main!(benches);

@@ -59,32 +59,61 @@ fn synthetic(channels: usize, side: usize, n: usize, classes: usize) -> Dataset 
     }
 }
 
+/// A trainer and a loader on the benchmark's data: one call of `step` is one real training step
+/// on a fresh augmented batch (what `muscle bench` and the criterion benches time).
+pub struct StepRunner {
+    trainer: Trainer,
+    loader: Loader,
+    step: u64,
+    /// Trainable parameters of the model.
+    pub parameters: usize,
+    /// Whether the images are generated rather than real.
+    pub synthetic: bool,
+}
+
+impl StepRunner {
+    /// Builds the model, optimizer and loader of `cfg` (the embedded Fashion-MNIST for convnet,
+    /// generated 32x32x3 images for the others). Sets the global thread count.
+    pub fn new(cfg: &TrainConfig) -> Result<StepRunner> {
+        cfg.validate()?;
+        cfg.device.check_available()?;
+        crate::cpu::set_threads(cfg.threads)?;
+        let (train, synthetic) = match cfg.model {
+            ModelKind::ConvNet { .. } => (data::embedded()?.train, false),
+            _ => (self::synthetic(3, 32, 2048, 10), true),
+        };
+        let split = data::split(&train, cfg.labels.max(train.classes), 0, 1.0, cfg.seed)?;
+        let kind = if synthetic { DatasetKind::Cifar10 } else { DatasetKind::FashionMnist };
+        let aug = Augment::for_dataset(kind, &train);
+        let spec = ModelSpec {
+            kind: cfg.model,
+            in_channels: train.channels,
+            height: train.height,
+            width: train.width,
+            classes: train.classes,
+        };
+        let model = Model::new(spec, cfg.seed)?;
+        let parameters = model.num_parameters();
+        let trainer = Trainer::new(cfg, model)?;
+        let loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
+        Ok(StepRunner { trainer, loader, step: 0, parameters, synthetic })
+    }
+
+    /// One training step on the next batch.
+    pub fn step(&mut self) -> Result<()> {
+        let batch = {
+            let _p = crate::profile::scope("loader wait");
+            self.loader.next()?
+        };
+        self.trainer.step(&batch, self.step)?;
+        self.step += 1;
+        Ok(())
+    }
+}
+
 /// Times `steps` training steps after `warmup` untimed ones.
 pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<BenchResult> {
-    cfg.validate()?;
-    cfg.device.check_available()?;
-    crate::cpu::set_threads(cfg.threads)?;
-    let (train, is_synthetic) = match cfg.model {
-        ModelKind::ConvNet { .. } => (data::embedded()?.train, false),
-        _ => (synthetic(3, 32, 2048, 10), true),
-    };
-    let split = data::split(&train, cfg.labels.max(train.classes), 0, 1.0, cfg.seed)?;
-    let aug = if is_synthetic {
-        Augment::for_dataset(DatasetKind::Cifar10, &train)
-    } else {
-        Augment::for_dataset(DatasetKind::FashionMnist, &train)
-    };
-    let spec = ModelSpec {
-        kind: cfg.model,
-        in_channels: train.channels,
-        height: train.height,
-        width: train.width,
-        classes: train.classes,
-    };
-    let model = Model::new(spec, cfg.seed)?;
-    let parameters = model.num_parameters();
-    let mut trainer = Trainer::new(cfg, model)?;
-    let mut loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
+    let mut runner = StepRunner::new(cfg)?;
     let mut times = Vec::with_capacity(steps);
     let counts = || (crate::alloc_count::large_allocations(), crate::alloc_count::large_system_allocations());
     let mut allocs_at_warmup = counts();
@@ -94,11 +123,7 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
             allocs_at_warmup = counts();
         }
         let t = Instant::now();
-        let batch = {
-            let _p = crate::profile::scope("loader wait");
-            loader.next()?
-        };
-        trainer.step(&batch, step as u64)?;
+        runner.step()?;
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -113,9 +138,9 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         unlabeled_batch: if cfg.method.uses_unlabeled() { cfg.unlabeled_batch } else { 0 },
         device: cfg.device.to_string(),
         threads: cfg.threads,
-        synthetic: is_synthetic,
+        synthetic: runner.synthetic,
         ms_per_step: median * 1e3,
-        parameters,
+        parameters: runner.parameters,
         images_per_second: images as f64 / median,
         steps,
         large_allocations_per_step: crate::alloc_count::large_allocations()
