@@ -139,12 +139,11 @@ multiversion! {
     }
 }
 
-/// Row softmax with the vectorisable exp (inlined into the multiversioned callers).
+/// Row softmax: `softmax::softmax_row` per row, inlined into the multiversioned callers.
 #[inline(always)]
 fn softmax_rows(x: &[f32], c: usize, y: &mut [f32]) {
     for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
-        let inv = 1.0 / simd::exp_shifted(xr, simd::max(xr), yr);
-        yr.iter_mut().for_each(|o| *o *= inv);
+        super::softmax::softmax_row(xr, yr);
     }
 }
 
