@@ -40,6 +40,13 @@ extern "C" __global__ void scale_fwd_f32(const float* x, float* y, long long n, 
     GRID_STRIDE(i, n) { y[i] = s * x[i]; }
 }
 
+// scale_dev_fwd_f32: y = s[0] * x with the factor on the device (y may alias x): a fused loss's
+// stored gradient times the upstream gradient, without a round trip to the host for the factor.
+extern "C" __global__ void scale_dev_fwd_f32(const float* x, float* y, long long n, const float* s) {
+    float f = s[0];
+    GRID_STRIDE(i, n) { y[i] = f * x[i]; }
+}
+
 // Philox4x32-10, as src/rng.rs philox4x32: counter c[0..4] (in place -> the 4 random words), key
 // (k0, k1). Plain arrays, not uint4, so the source needs no vector-type header under NVRTC.
 __device__ __forceinline__ void philox4x32_10(unsigned int c[4], unsigned int k0, unsigned int k1) {
@@ -91,4 +98,24 @@ extern "C" __global__ void dropout_fwd_f32(const float* __restrict__ x, float* _
 // dropout_bwd_f32: dx = dy * mask. Reads dy, mask; writes dx (may alias dy).
 extern "C" __global__ void dropout_bwd_f32(const float* dy, const float* mask, float* dx, long long n) {
     GRID_STRIDE(i, n) { dx[i] = dy[i] * mask[i]; }
+}
+
+// bias_rows_fwd_f32: y[r, j] = b[j] for every row r of an rows x cols matrix: the dense layer's
+// bias, written before cuBLAS adds x W^T on top (beta = 1). Reads b; writes y.
+extern "C" __global__ void bias_rows_fwd_f32(const float* __restrict__ b, float* __restrict__ y, long long rows,
+                                             int cols) {
+    GRID_STRIDE(i, rows * cols) { y[i] = b[i % cols]; }
+}
+
+// bias_grad_bwd_f32: db[j] = sum over rows of g[r, j], one thread per column summing in row order,
+// which is the CPU's order (bit-identical). The reads are coalesced across the threads of a warp
+// (adjacent columns); rows are the batch (hundreds), so one pass per column is cheap next to the
+// GEMMs around it. Reads g; writes db.
+extern "C" __global__ void bias_grad_bwd_f32(const float* __restrict__ g, float* __restrict__ db, int rows,
+                                             int cols) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int r = 0; r < rows; ++r) acc += g[(long long)r * cols + j];
+        db[j] = acc;
+    }
 }

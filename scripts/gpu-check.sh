@@ -8,9 +8,9 @@
 #   smoke     one GPU parity test (loads every kernel module)
 #   parity    every GPU parity test with REQUIRE_GPU=1 (a missing GPU fails instead of skipping)
 #   timings   the kernels at n = 65,536, C = 10 / 100 against the bytes/3 TB/s floor
-#   bench     `muscle bench --device cuda` (fails while --device cuda is not wired)
+#   bench     `muscle bench --device cuda` (convnet MUSCLE training steps)
 #   train     300 MUSCLE steps on the embedded set on GPU and CPU, same seed, EMA test accuracies
-#             within 2 points (skipped while --device cuda is not wired)
+#             within 2 points (skipped when a 1-step GPU probe run fails; its error is shown)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 res="${1:-${OUT:-$here/results}}"

@@ -78,7 +78,7 @@ impl Tape {
         if loss.numel() != 1 {
             return Err(Error::shape(format!("backward needs a scalar loss, got shape {}", fmt_shape(loss.shape()))));
         }
-        let seed = Tensor::full(loss.shape(), 1.0);
+        let seed = Tensor::full(loss.shape(), 1.0).to_device(loss.device())?;
         self.backward_with(loss, seed)
     }
 
@@ -113,6 +113,11 @@ impl Gradients {
             }
             Some(acc) => {
                 acc.same_shape(&grad, "gradient accumulation")?;
+                #[cfg(feature = "cuda")]
+                if acc.device() != crate::device::Device::Cpu {
+                    return crate::ops::add_assign(acc, &grad);
+                }
+                let grad = grad.to_device(acc.device())?;
                 let g = grad.data()?;
                 for (a, b) in acc.data_mut()?.iter_mut().zip(g) {
                     *a += b;

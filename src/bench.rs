@@ -92,7 +92,8 @@ impl StepRunner {
             width: train.width,
             classes: train.classes,
         };
-        let model = Model::new(spec, cfg.seed)?;
+        let mut model = Model::new(spec, cfg.seed)?;
+        model.to_device(cfg.device)?;
         let parameters = model.num_parameters();
         let trainer = Trainer::new(cfg, model)?;
         let loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
@@ -106,6 +107,8 @@ impl StepRunner {
             self.loader.next()?
         };
         self.trainer.step(&batch, self.step)?;
+        // GPU work is queued asynchronously: a step is done when the device is.
+        self.trainer.model.device().synchronize()?;
         self.step += 1;
         Ok(())
     }

@@ -37,18 +37,36 @@ impl FromStr for Device {
 }
 
 impl Device {
+    /// Waits until all work queued on this device has finished (nothing to wait for on the CPU).
+    pub fn synchronize(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::context::gpu(i)?.synchronize(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => self.check_available(),
+        }
+    }
+
     /// Checks that this device can be used in this build and on this machine.
     pub fn check_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => {
-                let gpu = crate::cuda::device::probe_ordinal(i).map_err(|e| e.context(format!("--device cuda:{i}")))?;
-                Err(Error::device(format!(
-                    "--device cuda:{i}: found {} (compute {}.{}), but training on the GPU is not wired \
-                     to the ops yet; the CUDA kernels are tested by tests/gpu.rs",
-                    gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
-                )))
+                let what = format!("--device cuda:{i}");
+                crate::cuda::device::probe_ordinal(i).map_err(|e| e.context(&what))?;
+                // Loads every kernel now, so a broken PTX or driver fails here, not mid-run.
+                crate::cuda::context::gpu(i).map_err(|e| e.context(&what))?;
+                #[cfg(feature = "cudnn")]
+                crate::cuda::cudnn::version().map_err(|e| e.context(&what))?;
+                #[cfg(not(feature = "cudnn"))]
+                return Err(Error::device(format!(
+                    "{what}: this binary was built without the `cudnn` feature, and every model \
+                     convolves (rebuild with --features cuda,cudnn)"
+                )));
+                #[cfg(feature = "cudnn")]
+                Ok(())
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::device(

@@ -284,6 +284,9 @@ struct EvalArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl TrainArgs {
@@ -453,8 +456,11 @@ fn run_pretrain(a: &PretrainArgs) -> Result<()> {
 }
 
 fn run_eval(a: &EvalArgs) -> Result<()> {
+    let device: Device = a.device.parse()?;
+    device.check_available()?;
     muscle::cpu::set_threads(a.threads.unwrap_or_else(|| TrainConfig::default().threads))?;
     let (mut model, info) = train::model_from_checkpoint(&a.checkpoint)?;
+    model.to_device(device)?;
     let kind: DatasetKind = a.dataset.parse()?;
     let test = match &a.data {
         None => data::embedded()?.test,
@@ -665,7 +671,7 @@ fn info() -> Result<()> {
     let f = muscle::build_features();
     println!("features: {}", if f.is_empty() { "cpu-only".to_string() } else { f.join(",") });
     println!("threads: {} (default for --threads)", TrainConfig::default().threads);
-    println!("devices: cpu");
+    println!("devices: cpu{}", if cfg!(feature = "cuda") { ", cuda (see below)" } else { "" });
     #[cfg(feature = "cuda")]
     match muscle::cuda::device::probe() {
         Ok(g) => println!(
@@ -678,6 +684,11 @@ fn info() -> Result<()> {
             g.total_memory as f64 / (1u64 << 30) as f64
         ),
         Err(e) => println!("cuda: {e}"),
+    }
+    #[cfg(feature = "cudnn")]
+    match muscle::cuda::cudnn::version() {
+        Ok((major, minor, patch)) => println!("cudnn: {major}.{minor}.{patch}"),
+        Err(e) => println!("cudnn: {e}"),
     }
     println!("methods: {}", Method::ALL.join(", "));
     Ok(())

@@ -24,16 +24,22 @@ impl TensorId {
 pub enum Storage {
     /// Host memory, f32, contiguous row-major (NCHW for images).
     Cpu(Vec<f32>),
+    /// GPU memory, same layout; the buffer may be longer than the tensor (never shorter).
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaSlice<f32>),
 }
 
-impl Clone for Storage {
-    fn clone(&self) -> Storage {
+impl Storage {
+    /// A copy on the same device (GPU copies can fail, so this is not `Clone`).
+    fn try_clone(&self) -> Result<Storage> {
         match self {
             Storage::Cpu(v) => {
                 let mut c = crate::pool::take(v.len());
                 c.copy_from_slice(v);
-                Storage::Cpu(c)
+                Ok(Storage::Cpu(c))
             }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => crate::cuda::context::copy(s).map(Storage::Cuda),
         }
     }
 }
@@ -42,6 +48,9 @@ impl Drop for Storage {
     fn drop(&mut self) {
         match self {
             Storage::Cpu(v) => crate::pool::give(std::mem::take(v)),
+            // The slice frees itself (stream-ordered) when dropped.
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {}
         }
     }
 }
@@ -140,38 +149,162 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Device::Cuda(s.context().ordinal()),
         }
     }
 
-    /// The elements, for a CPU tensor.
+    /// The elements, for a CPU tensor (a GPU tensor is an error: use `to_vec`).
     pub fn data(&self) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Err(self.not_on_host(s)),
         }
     }
 
-    /// Mutable elements (copied first if another tensor shares the storage).
+    /// Mutable elements of a CPU tensor (copied first if another tensor shares the storage).
     pub fn data_mut(&mut self) -> Result<&mut [f32]> {
-        match Arc::make_mut(&mut self.storage) {
-            Storage::Cpu(v) => Ok(v),
+        self.unshare()?;
+        let shape = fmt_shape(&self.shape);
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu(v)) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Some(Storage::Cuda(s)) => {
+                Err(Error::device(format!("tensor {shape} is on cuda:{}, not on the host", s.context().ordinal())))
+            }
+            None => Err(Error::device(format!("tensor {shape}: storage still shared after a copy"))),
         }
     }
 
-    /// The elements copied into a Vec.
+    /// Gives this tensor its own storage if another tensor shares it (copy on write).
+    fn unshare(&mut self) -> Result<()> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            self.storage = Arc::new(self.storage.try_clone()?);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn not_on_host(&self, s: &crate::cuda::CudaSlice<f32>) -> Error {
+        Error::device(format!(
+            "tensor {} is on cuda:{}; copy it to the host first (to_vec / to_device)",
+            fmt_shape(&self.shape),
+            s.context().ordinal()
+        ))
+    }
+
+    /// The GPU buffer of a CUDA tensor (at least `numel` elements).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_slice(&self) -> Result<&crate::cuda::CudaSlice<f32>> {
+        match &*self.storage {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => {
+                Err(Error::device(format!("tensor {} is on the host, not on a GPU", fmt_shape(&self.shape))))
+            }
+        }
+    }
+
+    /// The GPU buffer of a CUDA tensor, mutably (copied first if shared).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_slice_mut(&mut self) -> Result<&mut crate::cuda::CudaSlice<f32>> {
+        self.unshare()?;
+        let shape = fmt_shape(&self.shape);
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cuda(s)) => Ok(s),
+            Some(Storage::Cpu(_)) => Err(Error::device(format!("tensor {shape} is on the host, not on a GPU"))),
+            None => Err(Error::device(format!("tensor {shape}: storage still shared after a copy"))),
+        }
+    }
+
+    /// A CUDA tensor over `slice` (at least as long as `shape` needs).
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(slice: crate::cuda::CudaSlice<f32>, shape: Vec<usize>) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if slice.len() < n {
+            return Err(Error::shape(format!(
+                "tensor of shape {} needs {n} elements, the GPU buffer has {}",
+                fmt_shape(&shape),
+                slice.len()
+            )));
+        }
+        Ok(Tensor::from_storage(Storage::Cuda(slice), shape, false))
+    }
+
+    /// The same tensor (identity, shape, gradient tracking) with its elements on `device`; a
+    /// tensor already there is returned as is (sharing storage).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(self.to_vec()?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                // CUDA allocates no zero-byte buffers: an empty tensor keeps one padding element.
+                let host = self.to_vec()?;
+                let host = if host.is_empty() { vec![0.0] } else { host };
+                Storage::Cuda(crate::cuda::context::gpu(i)?.upload(&host)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(Error::device(
+                "--device cuda: this binary was built without the `cuda` feature (rebuild with --features cuda,cudnn)",
+            )),
+        };
+        Ok(Tensor { storage: Arc::new(storage), ..self.clone() })
+    }
+
+    /// Copies `src`'s values into this tensor's own storage, on this tensor's device (identity and
+    /// gradient tracking stay): loading weights, applying an average.
+    pub fn assign(&mut self, src: &Tensor) -> Result<()> {
+        self.same_shape(src, "assign")?;
+        let src = src.to_device(self.device())?;
+        match self.device() {
+            Device::Cpu => {
+                self.data_mut()?.copy_from_slice(src.data()?);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let n = self.numel();
+                let gpu = crate::cuda::context::gpu(i)?;
+                let dst = self.cuda_slice_mut()?;
+                gpu.stream()
+                    .memcpy_dtod(&src.cuda_slice()?.slice(..n), &mut dst.slice_mut(..n))
+                    .map_err(|e| Error::device(format!("copy on cuda:{i}: {e}")))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),
+        }
+    }
+
+    /// The elements copied into a Vec (downloaded from a GPU, which waits for its queued work).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        Ok(self.data()?.to_vec())
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v.to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                let gpu = crate::cuda::context::gpu(s.context().ordinal())?;
+                let mut v = gpu.download(s)?;
+                v.truncate(self.numel());
+                Ok(v)
+            }
+        }
     }
 
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<f32> {
-        let d = self.data()?;
-        if d.len() != 1 {
+        if self.numel() != 1 {
             return Err(Error::shape(format!(
                 "item() needs a one-element tensor, got shape {}",
                 fmt_shape(&self.shape)
             )));
         }
-        Ok(d[0])
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v[0]),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Ok(self.to_vec()?[0]),
+        }
     }
 
     /// Same storage, another shape of the same size; untracked (use `ops::reshape` under a tape).
@@ -210,6 +343,10 @@ impl Tensor {
 
     /// Whether every element is finite.
     pub fn all_finite(&self) -> Result<bool> {
-        Ok(self.data()?.iter().all(|v| v.is_finite()))
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v.iter().all(|v| v.is_finite())),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Ok(self.to_vec()?.iter().all(|v| v.is_finite())),
+        }
     }
 }

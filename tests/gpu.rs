@@ -958,3 +958,133 @@ fn kernel_timings_against_the_floor() {
         let _ = writeln!(out, "| AdamW step | {p} | - | {t:.1} | {:.1} |", (28 * p) as f64 / bw * 1e6);
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// The dense layer's bias kernels and the device-scalar scale.
+
+#[test]
+fn bias_and_device_scale_kernels_match_cpu_bitwise() {
+    with_gpu("bias_and_device_scale_kernels_match_cpu_bitwise", |gpu| {
+        // Column sums run in row order on both sides, and a broadcast and a product are single
+        // IEEE operations: equal bits.
+        for &(rows, cols) in &[(1usize, 1usize), (3, 10), (577, 128), (64, 1000)] {
+            let b = randv(cols, 1.0, 11 + cols as u64);
+            let g = randv(rows * cols, 1.0, 12 + rows as u64);
+            let mut want_y = vec![0.0; rows * cols];
+            cpu::bias::broadcast_rows(&b, &mut want_y);
+            let mut y = zeros(gpu, rows * cols);
+            k::bias_rows_fwd(gpu, &up(gpu, &b), &mut y, rows, cols).expect("bias_rows_fwd");
+            assert_bits(&format!("bias rows {rows} x {cols}"), &down(gpu, &y), &want_y);
+            let mut want_db = vec![0.0; cols];
+            cpu::bias::column_sums(&g, &mut want_db);
+            let mut db = zeros(gpu, cols);
+            k::bias_grad_bwd(gpu, &up(gpu, &g), &mut db, rows, cols).expect("bias_grad_bwd");
+            assert_bits(&format!("bias grad {rows} x {cols}"), &down(gpu, &db), &want_db);
+        }
+        for &n in &[1usize, 1000, 70_001] {
+            let x = randv(n, 2.0, 13);
+            let mut want = vec![0.0; n];
+            cpu::activation::scale(&x, 0.37, &mut want);
+            let mut y = zeros(gpu, n);
+            k::scale_dev_fwd(gpu, &up(gpu, &x), &mut y, n, &up(gpu, &[0.37f32])).expect("scale_dev_fwd");
+            assert_bits(&format!("scale_dev n {n}"), &down(gpu, &y), &want);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuDNN convolution against the CPU's im2col + GEMM.
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_convolution_matches_the_cpu_conv() {
+    use muscle::cpu::conv::{conv2d_backward, conv2d_forward, ConvShape};
+    use muscle::cuda::cudnn;
+    with_gpu("cudnn_convolution_matches_the_cpu_conv", |gpu| {
+        // Both sides sum in f32 in different orders (cuDNN's algorithm vs im2col + GEMM); FMA math
+        // only (no TF32), so 1e-4 of the largest magnitude covers sums of up to ~10^4 terms.
+        for &(n, stride, pad) in
+            &[(1, 1, 0), (1, 1, 1), (1, 2, 0), (1, 2, 1), (64, 1, 0), (64, 1, 1), (64, 2, 0), (64, 2, 1)]
+        {
+            let s = ConvShape { n, ci: 3, h: 13, w: 11, co: 5, kh: 3, kw: 3, stride, pad };
+            let what = format!("conv n {n} stride {stride} pad {pad}");
+            let x = randv(n * s.ci * s.h * s.w, 1.0, 21);
+            let w = randv(s.co * s.ci * s.kh * s.kw, 0.5, 22);
+            let dy = randv(n * s.co * s.p(), 1.0, 23);
+            let mut y = vec![0.0; n * s.co * s.p()];
+            conv2d_forward(&s, &x, &w, &mut y);
+            let (mut dw, mut dx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
+            conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+
+            let (xg, wg, dyg) = (up(gpu, &x), up(gpu, &w), up(gpu, &dy));
+            let mut yg = zeros(gpu, y.len());
+            cudnn::conv_forward(gpu, &s, &xg, &wg, &mut yg).expect("cudnn forward");
+            assert_scaled(&format!("{what}: y"), &down(gpu, &yg), &y, 1e-4);
+            let mut dxg = zeros(gpu, dx.len());
+            cudnn::conv_backward_data(gpu, &s, &wg, &dyg, &mut dxg).expect("cudnn backward-data");
+            assert_scaled(&format!("{what}: dx"), &down(gpu, &dxg), &dx, 1e-4);
+            let mut dwg = zeros(gpu, dw.len());
+            cudnn::conv_backward_filter(gpu, &s, &xg, &dyg, &mut dwg).expect("cudnn backward-filter");
+            assert_scaled(&format!("{what}: dw"), &down(gpu, &dwg), &dw, 1e-4);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tensor ops on CUDA tensors: one MUSCLE-style step of a real model on both devices.
+
+/// What one step produced: logits, loss, and per tensor (name, gradient or buffer value).
+#[cfg(feature = "cudnn")]
+type StepOutputs = (Vec<f32>, f32, Vec<(String, Vec<f32>)>);
+
+/// Logits, loss, every parameter's gradient and the BN running estimates after one training
+/// forward + backward of `model` (CE on rows 16.., IIC between rows 0..8 and 8..16).
+#[cfg(feature = "cudnn")]
+fn one_step(model: &mut muscle::nn::Model, x: &Tensor) -> StepOutputs {
+    use muscle::nn::{ForwardCtx, Module};
+    use muscle::ops;
+    let tape = Tape::new();
+    let logits = model.forward(&tape, x, &ForwardCtx::train(7, 3)).expect("forward");
+    let a = ops::narrow_rows(&tape, &logits, 0, 8).expect("narrow");
+    let b = ops::narrow_rows(&tape, &logits, 8, 8).expect("narrow");
+    let l = ops::narrow_rows(&tape, &logits, 16, 8).expect("narrow");
+    let ce = ops::cross_entropy(&tape, &l, &[0, 1, 2, 3, 4, 5, 6, 7]).expect("ce");
+    let mi = ops::mutual_info_loss(&tape, &a, &b, 1.0).expect("mi");
+    let loss = ops::add(&tape, &ce, &ops::scale(&tape, &mi, 0.5).expect("scale")).expect("add");
+    let value = loss.item().expect("item");
+    let grads = tape.backward(&loss).expect("backward");
+    let mut out = Vec::new();
+    model.visit(&mut |name, role, t| {
+        let v = if role.is_trainable() { grads.get(t).expect("a gradient").to_vec() } else { t.to_vec() };
+        out.push((name.to_string(), v.expect("to_vec")));
+    });
+    (logits.to_vec().expect("logits"), value, out)
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn a_training_step_on_the_gpu_matches_the_cpu() {
+    use muscle::nn::{ForwardCtx, Model, ModelKind, ModelSpec};
+    use muscle::Device;
+    with_gpu("a_training_step_on_the_gpu_matches_the_cpu", |_| {
+        let spec =
+            ModelSpec { kind: ModelKind::ConvNet { width: 8 }, in_channels: 1, height: 28, width: 28, classes: 10 };
+        let mut on_cpu = Model::new(spec, 3).expect("model");
+        let mut on_gpu = on_cpu.clone();
+        on_gpu.to_device(Device::Cuda(0)).expect("to cuda");
+        let x = Tensor::from_vec(randv(24 * 784, 1.0, 31), &[24, 1, 28, 28]).expect("x");
+        let (lc, vc, gc) = one_step(&mut on_cpu, &x);
+        let (lg, vg, gg) = one_step(&mut on_gpu, &x);
+        // Convolutions and reductions sum in other orders on the GPU: relative tolerances.
+        assert_scaled("logits", &lg, &lc, 1e-4);
+        assert!((vg - vc).abs() <= 1e-4 * vc.abs().max(1.0), "loss: gpu {vg} vs cpu {vc}");
+        for ((name, g), (_, c)) in gg.iter().zip(&gc) {
+            assert_scaled(name, g, c, 2e-3);
+        }
+        // Evaluation mode after the running estimates moved.
+        let t = Tape::no_grad();
+        let ec = on_cpu.forward(&t, &x, &ForwardCtx::eval()).and_then(|y| y.to_vec()).expect("eval cpu");
+        let eg = on_gpu.forward(&t, &x, &ForwardCtx::eval()).and_then(|y| y.to_vec()).expect("eval gpu");
+        assert_scaled("eval logits", &eg, &ec, 1e-4);
+    });
+}

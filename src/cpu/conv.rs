@@ -4,7 +4,7 @@ use super::gemm::{sgemm, Mat};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvShape {
     /// Batch size.
     pub n: usize,

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod batchnorm;
+pub mod bias;
 pub mod conv;
 pub mod gemm;
 pub mod mutual_info;

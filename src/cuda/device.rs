@@ -64,7 +64,7 @@ pub enum PtxOrigin {
 }
 
 /// Runs `f`, turning a panic inside a CUDA library wrapper into an error.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
@@ -82,7 +82,7 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
 
-fn device_err(what: impl fmt::Display, e: impl fmt::Display) -> Error {
+pub(crate) fn device_err(what: impl fmt::Display, e: impl fmt::Display) -> Error {
     Error::device(format!("{what}: {}", first_line(&e.to_string())))
 }
 

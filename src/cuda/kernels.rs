@@ -36,8 +36,11 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "leaky_relu_bwd_f32",
             "add_fwd_f32",
             "scale_fwd_f32",
+            "scale_dev_fwd_f32",
             "dropout_fwd_f32",
             "dropout_bwd_f32",
+            "bias_rows_fwd_f32",
+            "bias_grad_bwd_f32",
         ],
     ),
     (
@@ -459,6 +462,41 @@ pub fn scale_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize
     let k = "scale_fwd_f32";
     let nl = flat_checks(k, n, &[("x", x.len()), ("y", y.len())])?;
     launch!(gpu, k, flat_cfg(n), x, y, &nl, &s)
+}
+
+/// y = s[0] x, the factor read on the device. CPU twin: `cpu::activation::scale`.
+pub fn scale_dev_fwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<f32>,
+    n: usize,
+    s: &CudaSlice<f32>,
+) -> Result<()> {
+    let k = "scale_dev_fwd_f32";
+    let nl = flat_checks(k, n, &[("x", x.len()), ("y", y.len())])?;
+    need(k, "s", s.len(), 1)?;
+    launch!(gpu, k, flat_cfg(n), x, y, &nl, s)
+}
+
+/// y[r, j] = b[j] for an rows x cols `y`: the bias a dense layer's GEMM then accumulates onto.
+/// CPU twin: `cpu::bias::broadcast_rows`.
+pub fn bias_rows_fwd(gpu: &Gpu, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+    let k = "bias_rows_fwd_f32";
+    nonzero(k, &[("rows", rows), ("columns", cols)])?;
+    need(k, "b", b.len(), cols)?;
+    need(k, "y", y.len(), elems(k, rows, cols)?)?;
+    let (rl, ci) = (long(rows), int(k, "columns", cols)?);
+    launch!(gpu, k, flat_cfg(rows * cols), b, y, &rl, &ci)
+}
+
+/// db[j] = sum over the rows of g[r, j] (row order, as the CPU). CPU twin: `cpu::bias::column_sums`.
+pub fn bias_grad_bwd(gpu: &Gpu, g: &CudaSlice<f32>, db: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+    let k = "bias_grad_bwd_f32";
+    nonzero(k, &[("rows", rows), ("columns", cols)])?;
+    need(k, "g", g.len(), elems(k, rows, cols)?)?;
+    need(k, "db", db.len(), cols)?;
+    let (ri, ci) = (int(k, "rows", rows)?, int(k, "columns", cols)?);
+    launch!(gpu, k, cfg((grid_dim(k, cols.div_ceil(BLOCK as usize))?, 1, 1), BLOCK), g, db, &ri, &ci)
 }
 
 /// Inverted dropout: `mask` = 0 with probability `p`, else 1 / (1 - p); y = x * mask. The mask

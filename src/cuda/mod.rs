@@ -9,6 +9,9 @@
 //! The PTX comes from build.rs (nvcc at build time, `-arch=compute_80`) or, when nvcc was
 //! missing, from NVRTC compiling the embedded sources when a [`Gpu`] is created.
 
+pub mod context;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 pub mod device;
 pub mod kernels;
 

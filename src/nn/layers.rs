@@ -114,13 +114,24 @@ impl BatchNorm2d {
             );
         }
         let (y, stats) = ops::batch_norm_act_train(tape, x, &self.weight, &self.bias, self.eps, slope)?;
-        let m = (x.numel() / stats.mean.len()) as f32;
+        let m = (x.numel() / stats.mean.numel().max(1)) as f32;
         let unbias = m / (m - 1.0);
         let mom = self.momentum;
-        for (r, &b) in self.running_mean.data_mut()?.iter_mut().zip(&stats.mean) {
+        #[cfg(feature = "cuda")]
+        if stats.mean.device() != crate::device::Device::Cpu {
+            crate::optim::cuda::running_update(&mut self.running_mean, &stats.mean, mom, 1.0)?;
+            crate::optim::cuda::running_update(&mut self.running_var, &stats.var, mom, unbias)?;
+            *self
+                .num_batches_tracked
+                .data_mut()?
+                .first_mut()
+                .ok_or_else(|| crate::error::Error::shape("num_batches_tracked is empty"))? += 1.0;
+            return Ok(y);
+        }
+        for (r, &b) in self.running_mean.data_mut()?.iter_mut().zip(stats.mean.data()?) {
             *r = (1.0 - mom) * *r + mom * b;
         }
-        for (r, &b) in self.running_var.data_mut()?.iter_mut().zip(&stats.var) {
+        for (r, &b) in self.running_var.data_mut()?.iter_mut().zip(stats.var.data()?) {
             *r = (1.0 - mom) * *r + mom * b * unbias;
         }
         self.num_batches_tracked.data_mut()?[0] += 1.0;

@@ -13,6 +13,7 @@ pub use sequential::{cnn13_plan, convnet_plan, Block, Layer, Sequential};
 pub use wrn::WideResNet;
 
 use crate::autograd::Tape;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::{fmt_shape, Tensor};
@@ -81,6 +82,7 @@ enum Net {
 pub struct Model {
     spec: ModelSpec,
     net: Net,
+    device: Device,
 }
 
 /// Init stream key purpose.
@@ -114,7 +116,7 @@ impl Model {
             ModelKind::Cnn13 => Net::Seq(Sequential::build(spec.in_channels, spec.classes, &cnn13_plan(), &mut rng)),
             ModelKind::Wrn28x2 => Net::Wrn(Box::new(WideResNet::new(spec.in_channels, spec.classes, 28, 2, &mut rng))),
         };
-        Ok(Model { spec, net })
+        Ok(Model { spec, net, device: Device::Cpu })
     }
 
     /// What the model was built for.
@@ -122,7 +124,32 @@ impl Model {
         &self.spec
     }
 
-    /// Logits [n, classes] for images [n, c, h, w].
+    /// Where the parameters live (and where `forward` runs).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Moves the parameters and buffers to `device` (identities kept). The batch counters of
+    /// batch norm stay on the host: they are bookkeeping, never an operand of a kernel.
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        let mut err = None;
+        self.visit_mut(&mut |name, role, t| {
+            if err.is_some() || role == Role::NumBatchesTracked {
+                return;
+            }
+            match t.to_device(device) {
+                Ok(moved) => *t = moved,
+                Err(e) => err = Some(e.context(format!("moving {name} to {device}"))),
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        self.device = device;
+        Ok(())
+    }
+
+    /// Logits [n, classes] for images [n, c, h, w] (uploaded first when the model is on a GPU).
     pub fn forward(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let [_, c, h, w] = x.dims::<4>("model input")?;
         if (c, h, w) != (self.spec.in_channels, self.spec.height, self.spec.width) {
@@ -135,9 +162,10 @@ impl Model {
                 fmt_shape(x.shape())
             )));
         }
+        let x = x.to_device(self.device)?;
         match &mut self.net {
-            Net::Seq(s) => s.forward(tape, x, ctx),
-            Net::Wrn(m) => m.forward(tape, x, ctx),
+            Net::Seq(s) => s.forward(tape, &x, ctx),
+            Net::Wrn(m) => m.forward(tape, &x, ctx),
         }
     }
 
@@ -165,7 +193,7 @@ pub fn load_named(model: &mut dyn Module, tensors: &[(String, Tensor)]) -> Resul
                 fmt_shape(src.shape()),
                 fmt_shape(dst.shape())
             ))),
-            Some(src) => src.data().and_then(|s| dst.data_mut().map(|d| d.copy_from_slice(s))),
+            Some(src) => dst.assign(src),
         };
         if let Err(e) = res {
             err = Some(e);

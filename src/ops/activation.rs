@@ -12,6 +12,10 @@ pub fn relu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 
 /// x > 0 ? x : slope * x.
 pub fn leaky_relu(tape: &Tape, x: &Tensor, slope: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("leaky_relu", &[x])? {
+        return super::cuda::leaky_relu(gpu, tape, x, slope);
+    }
     let _p = crate::profile::scope("leaky_relu.fwd");
     let mut y = crate::pool::take(x.numel());
     k::leaky_relu_forward(x.data()?, slope, &mut y);

@@ -8,6 +8,10 @@ use crate::tensor::Tensor;
 /// a + b (same shapes).
 pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.same_shape(b, "add")?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("add", &[a, b])? {
+        return super::cuda::add(gpu, tape, a, b);
+    }
     let mut y = crate::pool::take(a.numel());
     k::add(a.data()?, b.data()?, &mut y);
     let out = Tensor::cpu(y, a.shape().to_vec());
@@ -20,6 +24,10 @@ pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// s * x.
 pub fn scale(tape: &Tape, x: &Tensor, s: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("scale", &[x])? {
+        return super::cuda::scale(gpu, tape, x, s);
+    }
     let mut y = crate::pool::take(x.numel());
     k::scale(x.data()?, s, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());

@@ -2,7 +2,7 @@
 //! follows it in every model here.
 
 use crate::autograd::Tape;
-use crate::cpu::batchnorm::{self as k, BatchStats};
+use crate::cpu::batchnorm as k;
 use crate::error::{Error, Result};
 use crate::tensor::{fmt_shape, Tensor};
 use std::sync::Arc;
@@ -21,6 +21,16 @@ fn check(x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
+/// A training batch's per-channel mean and biased variance ([c] each, on the input's device): what
+/// the layer folds into its running estimates.
+#[derive(Debug, Clone)]
+pub struct BatchMoments {
+    /// Batch mean.
+    pub mean: Tensor,
+    /// Biased batch variance (what normalised the batch).
+    pub var: Tensor,
+}
+
 /// Training mode: normalise with batch statistics, which are returned so that the layer can
 /// update its running estimates.
 pub fn batch_norm_train(
@@ -29,7 +39,7 @@ pub fn batch_norm_train(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
-) -> Result<(Tensor, BatchStats)> {
+) -> Result<(Tensor, BatchMoments)> {
     batch_norm_act_train(tape, x, gamma, beta, eps, None)
 }
 
@@ -41,7 +51,7 @@ pub fn batch_norm_act_train(
     beta: &Tensor,
     eps: f32,
     slope: Option<f32>,
-) -> Result<(Tensor, BatchStats)> {
+) -> Result<(Tensor, BatchMoments)> {
     let _p = crate::profile::scope("batch_norm.fwd");
     let (n, c, hw) = check(x, &[gamma, beta])?;
     if n * hw < 2 {
@@ -49,6 +59,11 @@ pub fn batch_norm_act_train(
             "batch_norm: training needs more than one value per channel, got input {}",
             fmt_shape(x.shape())
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("batch_norm", &[x, gamma, beta])? {
+        let (y, mean, var) = super::cuda::batch_norm_train(gpu, tape, (x, gamma, beta), (n, c, hw), eps, slope)?;
+        return Ok((y, BatchMoments { mean, var }));
     }
     let mut y = crate::pool::take(x.numel());
     let stats = k::forward_train(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
@@ -79,7 +94,8 @@ pub fn batch_norm_act_train(
         grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
         grads.add_to(&bc, Tensor::cpu(db, vec![c]))
     });
-    Ok((out, stats))
+    let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
+    Ok((out, moments))
 }
 
 /// Evaluation mode: normalise with the running statistics (constants).
@@ -108,6 +124,10 @@ pub fn batch_norm_act_eval(
     slope: Option<f32>,
 ) -> Result<Tensor> {
     let (_, c, hw) = check(x, &[gamma, beta, mean, var])?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("batch_norm", &[x, gamma, beta, mean, var])? {
+        return super::cuda::batch_norm_eval(gpu, tape, [x, gamma, beta, mean, var], (c, hw), eps, slope);
+    }
     let mut y = crate::pool::take(x.numel());
     k::forward_eval(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());

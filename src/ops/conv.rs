@@ -42,6 +42,10 @@ pub(crate) fn conv_shape(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Conv
 /// Convolution of NCHW `x` by OIHW `w`.
 pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     let s = conv_shape(x, w, p)?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("conv2d", &[x, w])? {
+        return super::cuda::conv2d(gpu, tape, x, w, s);
+    }
     let _p = crate::profile::scope("conv2d.fwd");
     let mut y = crate::pool::take(s.n * s.co * s.p());
     conv2d_forward(&s, x.data()?, w.data()?, &mut y);

@@ -14,6 +14,10 @@ pub fn dropout(tape: &Tape, x: &Tensor, p: f32, seed: u64, stream: u64) -> Resul
     if p == 0.0 {
         return Ok(x.clone());
     }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("dropout", &[x])? {
+        return super::cuda::dropout(gpu, tape, x, p, seed, stream);
+    }
     let keep = 1.0 / (1.0 - p);
     let mut rng = Rng::new(seed, stream);
     let mask: Vec<f32> = (0..x.numel()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();

@@ -18,6 +18,10 @@ pub fn matmul(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             fmt_shape(b.shape())
         )));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("matmul", &[a, b])? {
+        return super::cuda::matmul(gpu, tape, a, b, m, k, n);
+    }
     let mut y = crate::pool::take(m * n);
     sgemm(m, n, k, Mat::n(a.data()?), Mat::n(b.data()?), &mut y, false, threads());
     let out = Tensor::cpu(y, vec![m, n]);
@@ -58,10 +62,15 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
             )));
         }
     }
+    let mut all = vec![x, w];
+    all.extend(b);
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("linear", &all)? {
+        return super::cuda::linear(gpu, tape, x, w, b, (n, fin, fout));
+    }
     let mut y = crate::pool::take(n * fout);
     if let Some(b) = b {
-        let bd = b.data()?;
-        y.chunks_mut(fout).for_each(|r| r.copy_from_slice(bd));
+        crate::cpu::bias::broadcast_rows(b.data()?, &mut y);
     }
     sgemm(n, fout, fin, Mat::n(x.data()?), Mat::t(w.data()?), &mut y, b.is_some(), threads());
     let out = Tensor::cpu(y, vec![n, fout]);
@@ -82,9 +91,7 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
         }
         if let Some(bc) = bc.filter(|b| b.requires_grad()) {
             let mut db = vec![0.0f32; fout];
-            for r in g.chunks(fout) {
-                db.iter_mut().zip(r).for_each(|(a, b)| *a += b);
-            }
+            crate::cpu::bias::column_sums(g, &mut db);
             grads.add_to(&bc, Tensor::cpu(db, vec![fout]))?;
         }
         Ok(())

@@ -30,6 +30,10 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, labels: &[usize]) -> Result<T
     if let Some(&bad) = labels.iter().find(|&&y| y >= c) {
         return Err(Error::shape(format!("cross_entropy: label {bad} out of range for {c} classes")));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("cross_entropy", &[logits])? {
+        return super::cuda::cross_entropy(gpu, tape, logits, labels, c);
+    }
     let mut grad = crate::pool::take(n * c);
     let loss = k::cross_entropy_hard(logits.data()?, labels, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
@@ -42,6 +46,10 @@ pub fn cross_entropy_soft(tape: &Tape, logits: &Tensor, targets: &Tensor) -> Res
     if n == 0 {
         return Err(Error::shape("cross_entropy_soft: no rows"));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("cross_entropy_soft", &[logits, targets])? {
+        return super::cuda::cross_entropy_soft(gpu, tape, logits, targets, (n, c));
+    }
     let mut grad = crate::pool::take(n * c);
     let loss = k::cross_entropy_soft(logits.data()?, targets.data()?, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
@@ -53,6 +61,10 @@ pub fn mse(tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Tensor> {
     let n = p.numel();
     if n == 0 {
         return Err(Error::shape("mse: empty tensors"));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("mse", &[p, q])? {
+        return super::cuda::mse(gpu, tape, p, q);
     }
     let (pd, qd) = (p.data()?, q.data()?);
     let loss = pd.iter().zip(qd).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n as f64;

@@ -6,6 +6,8 @@ mod activation;
 mod arith;
 mod batchnorm;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dropout;
 mod linear;
 mod loss;
@@ -16,7 +18,7 @@ mod softmax;
 
 pub use activation::{leaky_relu, relu};
 pub use arith::{add, scale};
-pub use batchnorm::{batch_norm_act_eval, batch_norm_act_train, batch_norm_eval, batch_norm_train};
+pub use batchnorm::{batch_norm_act_eval, batch_norm_act_train, batch_norm_eval, batch_norm_train, BatchMoments};
 pub use conv::{conv2d, Conv2dParams};
 pub use dropout::dropout;
 pub use linear::{linear, matmul};
@@ -25,6 +27,9 @@ pub use mutual_info::{mutual_info_loss, mutual_info_loss_with_stats, MiStats};
 pub use pool::{global_avg_pool, max_pool2d};
 pub use shape::{concat_rows, flatten, narrow_rows, reshape};
 pub use softmax::{log_softmax, softmax};
+
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::add_assign;
 
 use crate::error::{Error, Result};
 use crate::tensor::{fmt_shape, Tensor};

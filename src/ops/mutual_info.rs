@@ -44,6 +44,13 @@ pub fn mutual_info_loss_with_stats(
     lambda: f32,
 ) -> Result<(Tensor, MiStats)> {
     let (n, c) = check(logits_a, logits_b, lambda)?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("mutual_info_loss", &[logits_a, logits_b])? {
+        let (out, joint_entropy, marginal_entropy) =
+            super::cuda::mutual_info(gpu, tape, logits_a, logits_b, (n, c), lambda)?;
+        let loss = joint_entropy - 2.0 * lambda as f64 * marginal_entropy;
+        return Ok((out, MiStats { loss, joint_entropy, marginal_entropy }));
+    }
     let fwd = k::forward(logits_a.data()?, logits_b.data()?, n, c, lambda);
     let stats = MiStats {
         loss: fwd.joint_entropy - 2.0 * lambda as f64 * fwd.marginal_entropy,

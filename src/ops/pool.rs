@@ -12,6 +12,10 @@ pub fn max_pool2d(tape: &Tape, x: &Tensor, size: usize) -> Result<Tensor> {
     if size == 0 || size > h || size > w || size > 15 {
         return Err(Error::shape(format!("max_pool2d: window {size} does not fit input {}", fmt_shape(x.shape()))));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("max_pool2d", &[x])? {
+        return super::cuda::max_pool2d(gpu, tape, x, size, [n, c, h, w]);
+    }
     let (ho, wo) = (h / size, w / size);
     let mut y = crate::pool::take(n * c * ho * wo);
     let mut arg = vec![0u8; y.len()];
@@ -31,6 +35,10 @@ pub fn global_avg_pool(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     let [n, c, h, w] = x.dims::<4>("global_avg_pool input")?;
     if h * w == 0 {
         return Err(Error::shape(format!("global_avg_pool: empty planes in {}", fmt_shape(x.shape()))));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("global_avg_pool", &[x])? {
+        return super::cuda::global_avg_pool(gpu, tape, x, [n, c, h, w]);
     }
     let mut y = crate::pool::take(n * c);
     k::avgpool_forward(x.data()?, h * w, &mut y);

@@ -27,8 +27,6 @@ pub fn concat_rows(tape: &Tape, parts: &[&Tensor]) -> Result<Tensor> {
     let _p = crate::profile::scope("concat_rows");
     let tail = &first.shape()[1..];
     let mut rows = 0;
-    let mut data = crate::pool::take(parts.iter().map(|p| p.numel()).sum());
-    let mut at = 0;
     for p in parts {
         if p.shape().is_empty() || &p.shape()[1..] != tail {
             return Err(Error::shape(format!(
@@ -38,11 +36,19 @@ pub fn concat_rows(tape: &Tape, parts: &[&Tensor]) -> Result<Tensor> {
             )));
         }
         rows += p.shape()[0];
-        data[at..at + p.numel()].copy_from_slice(p.data()?);
-        at += p.numel();
     }
     let mut shape = first.shape().to_vec();
     shape[0] = rows;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("concat_rows", parts)? {
+        return super::cuda::concat_rows(gpu, tape, parts, shape);
+    }
+    let mut data = crate::pool::take(parts.iter().map(|p| p.numel()).sum());
+    let mut at = 0;
+    for p in parts {
+        data[at..at + p.numel()].copy_from_slice(p.data()?);
+        at += p.numel();
+    }
     let out = Tensor::cpu(data, shape);
     let kept: Vec<Tensor> = parts.iter().map(|p| (*p).clone()).collect();
     Ok(tape.record(out, parts, move |g, grads| {
@@ -72,6 +78,10 @@ pub fn narrow_rows(tape: &Tape, x: &Tensor, start: usize, len: usize) -> Result<
     let row = x.numel() / rows.max(1);
     let mut shape = x.shape().to_vec();
     shape[0] = len;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("narrow_rows", &[x])? {
+        return super::cuda::narrow(gpu, tape, x, start * row, len * row, shape);
+    }
     let mut data = crate::pool::take(len * row);
     data.copy_from_slice(&x.data()?[start * row..(start + len) * row]);
     let out = Tensor::cpu(data, shape);

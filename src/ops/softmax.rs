@@ -9,6 +9,10 @@ use crate::tensor::Tensor;
 /// Softmax of each row.
 pub fn softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     let (_, c) = rows_cols(x, "softmax input")?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("softmax", &[x])? {
+        return super::cuda::softmax(gpu, tape, x, c, false);
+    }
     let mut y = crate::pool::take(x.numel());
     k::softmax_forward(x.data()?, c, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
@@ -23,6 +27,10 @@ pub fn softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 /// Log-softmax of each row.
 pub fn log_softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     let (_, c) = rows_cols(x, "log_softmax input")?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = super::cuda::on_gpu("log_softmax", &[x])? {
+        return super::cuda::softmax(gpu, tape, x, c, true);
+    }
     let mut y = crate::pool::take(x.numel());
     k::log_softmax_forward(x.data()?, c, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());

@@ -88,6 +88,10 @@ impl Adam {
 
 /// One fused update of one parameter and its moments.
 fn update(p: &mut Tensor, g: &Tensor, st: &mut AdamState, s: &AdamScalars) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if p.device() != crate::device::Device::Cpu {
+        return super::cuda::adam(p, g, &mut st.exp_avg, &mut st.exp_avg_sq, s);
+    }
     adam_step(p.data_mut()?, g.data()?, st.exp_avg.data_mut()?, st.exp_avg_sq.data_mut()?, s);
     Ok(())
 }

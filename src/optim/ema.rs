@@ -133,12 +133,17 @@ impl Ema {
             }
             let average = role.is_trainable() || (average_buffers && role != Role::NumBatchesTracked);
             let run = |avg: &mut Tensor| -> Result<()> {
-                let (a, v) = (avg.data_mut()?, t.data()?);
-                if average {
-                    ema_update(a, v, d);
-                } else {
-                    a.copy_from_slice(v);
+                if avg.device() != t.device() {
+                    *avg = avg.to_device(t.device())?;
                 }
+                if !average {
+                    return avg.assign(t);
+                }
+                #[cfg(feature = "cuda")]
+                if t.device() != crate::device::Device::Cpu {
+                    return super::cuda::ema(avg, t, d);
+                }
+                ema_update(avg.data_mut()?, t.data()?, d);
                 Ok(())
             };
             if let Err(x) = run(&mut e.tensor) {
@@ -158,10 +163,7 @@ impl Ema {
             if err.is_some() {
                 return;
             }
-            let run = |t: &mut Tensor| -> Result<()> {
-                t.data_mut()?.copy_from_slice(e.tensor.data()?);
-                Ok(())
-            };
+            let run = |t: &mut Tensor| -> Result<()> { t.assign(&e.tensor) };
             if let Err(x) = run(t) {
                 err = Some(x.context(format!("EMA into {name}")));
             }

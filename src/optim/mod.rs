@@ -6,6 +6,8 @@
 //! keyed by the parameter's state_dict name (not its tensor id), so it survives a checkpoint.
 
 mod adam;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod ema;
 mod schedule;
 mod sgd;

@@ -59,6 +59,10 @@ impl Sgd {
 
 /// One fused update of one parameter and its momentum buffer.
 fn update(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, s: &SgdScalars) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if p.device() != crate::device::Device::Cpu {
+        return super::cuda::sgd(p, g, buf, s);
+    }
     let buf = match buf {
         Some(b) => Some(b.data_mut()?),
         None => None,

@@ -83,7 +83,8 @@ pub fn mixmatch_loss(
     let u = ops::concat_rows(if with_mi { tape } else { &guess_tape }, &[u1, u2])?;
     let gl = model.forward(if with_mi { tape } else { &guess_tape }, &u, &ctx)?;
     let probs = ops::softmax(&guess_tape, &gl.detach())?;
-    let pd = probs.data()?;
+    // The guess and MixUp are host work on small arrays (n x C probabilities, index draws).
+    let pd = probs.to_vec()?;
     let avg: Vec<f32> = (0..nu * classes).map(|i| 0.5 * (pd[i] + pd[nu * classes + i])).collect();
     let q = sharpen(&avg, classes, cfg.temperature);
 
@@ -109,10 +110,11 @@ pub fn mixmatch_loss(
     let lx = ops::cross_entropy_soft(
         tape,
         &ops::narrow_rows(tape, &logits, 0, nl)?,
-        &Tensor::from_vec(tm[..nl * classes].to_vec(), &[nl, classes])?,
+        &Tensor::from_vec(tm[..nl * classes].to_vec(), &[nl, classes])?.to_device(logits.device())?,
     )?;
     let pu = ops::softmax(tape, &ops::narrow_rows(tape, &logits, nl, 2 * nu)?)?;
-    let lu = ops::mse(tape, &pu, &Tensor::from_vec(tm[nl * classes..].to_vec(), &[2 * nu, classes])?)?;
+    let qu = Tensor::from_vec(tm[nl * classes..].to_vec(), &[2 * nu, classes])?.to_device(logits.device())?;
+    let lu = ops::mse(tape, &pu, &qu)?;
     let w_u = ramp(cfg.w_host, step, cfg.ramp_steps);
     let mut total = ops::add(tape, &lx, &ops::scale(tape, &lu, w_u)?)?;
     let (mut mi_value, mut w) = (0.0, 0.0);

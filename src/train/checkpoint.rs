@@ -36,7 +36,7 @@ impl Entry {
     }
     /// An int64 entry from a tensor of integral values (BN counters).
     pub fn i64(name: impl Into<String>, t: &Tensor) -> Result<Entry> {
-        let v = t.data()?.iter().map(|&x| x as i64).collect();
+        let v = t.to_vec()?.iter().map(|&x| x as i64).collect();
         Ok(Entry { name: name.into(), shape: t.shape().to_vec(), values: Values::I64(v) })
     }
     /// The values as an f32 tensor (int64 converted).

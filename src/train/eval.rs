@@ -41,7 +41,7 @@ pub fn evaluate(
     for b in eval_batches(ds, idx, aug, batch) {
         let (x, labels) = b?;
         let logits = model.forward(&tape, &x, &ForwardCtx::eval())?;
-        for (p, y) in argmax_rows(logits.data()?, model.spec().classes).into_iter().zip(labels) {
+        for (p, y) in argmax_rows(&logits.to_vec()?, model.spec().classes).into_iter().zip(labels) {
             confusion[y][p] += 1;
         }
     }

@@ -237,6 +237,7 @@ fn run(
     if let Some(init) = &cfg.init {
         state::init_from_checkpoint(&mut model, init)?;
     }
+    model.to_device(cfg.device)?;
     let mut trainer = Trainer::new(cfg, model)?;
     let mut start = 0;
     if let Some(Some(ck)) = &resume {
@@ -465,9 +466,12 @@ impl Trainer {
             let _p = crate::profile::scope("backward");
             tape.backward(&terms.total)?
         };
+        // Every gradient checked on the host is a download per parameter per step: on a GPU the
+        // loss check above stands alone (a non-finite update shows in the next step's loss).
         let mut bad = None;
+        let on_host = self.model.device() == crate::device::Device::Cpu;
         self.model.visit(&mut |name, role, t| {
-            if bad.is_none() && role.is_trainable() {
+            if on_host && bad.is_none() && role.is_trainable() {
                 if let Some(g) = grads.get(t) {
                     if !g.all_finite().unwrap_or(false) {
                         bad = Some(name.to_string());

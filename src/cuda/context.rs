@@ -1,0 +1,44 @@
+//! The GPU contexts the tensor ops run on: one [`Gpu`] per device ordinal and thread, created on
+//! first use and kept for the thread's life (loading the kernel modules takes a moment; a training
+//! loop asks for the context at every op).
+//!
+//! Per thread because the cuDNN handle is not `Send` (cuda::cudnn keeps its own per-thread cache
+//! the same way). Every context of one ordinal shares the device's primary CUDA context, so a
+//! buffer made on one thread is valid on another.
+
+use super::device::Gpu;
+use crate::error::{Error, Result};
+use cudarc::driver::CudaSlice;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+thread_local! {
+    static GPUS: RefCell<HashMap<usize, Rc<Gpu>>> = RefCell::new(HashMap::new());
+}
+
+/// The context of GPU `ordinal` on this thread (created, with every kernel loaded, on first use).
+pub fn gpu(ordinal: usize) -> Result<Rc<Gpu>> {
+    if let Some(g) = GPUS.with(|m| m.borrow().get(&ordinal).cloned()) {
+        return Ok(g);
+    }
+    let g = Rc::new(Gpu::new(ordinal).map_err(|e| e.context(format!("cuda:{ordinal}")))?);
+    GPUS.with(|m| m.borrow_mut().insert(ordinal, g.clone()));
+    Ok(g)
+}
+
+/// The context that owns `s`.
+pub fn gpu_of(s: &CudaSlice<f32>) -> Result<Rc<Gpu>> {
+    gpu(s.context().ordinal())
+}
+
+/// A new zeroed buffer of `len` f32 on `gpu` (at least one element: CUDA does not allocate 0).
+pub fn zeros(gpu: &Gpu, len: usize) -> Result<CudaSlice<f32>> {
+    gpu.zeros::<f32>(len.max(1))
+}
+
+/// A device-to-device copy of `s` (same length).
+pub fn copy(s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    let gpu = gpu_of(s)?;
+    gpu.stream().clone_dtod(s).map_err(|e| Error::device(format!("copy on the GPU of {} elements: {e}", s.len())))
+}
