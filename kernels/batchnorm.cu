@@ -231,3 +231,14 @@ extern "C" __global__ void batchnorm_dx_bwd_f32(const float* x, const float* dy,
         dx[i] = __fmul_rn(k, inner);
     }
 }
+
+// bn_running_fwd_f32: running = (1 - m) running + (m batch) f, batch norm's running estimate (f
+// unbiases the variance; 1 for the mean). Each product and the sum is rounded on its own
+// (__fmul_rn / __fadd_rn forbid the FMA nvcc would contract it into), in the CPU's order, so the
+// estimates equal the CPU's bit for bit. CPU twin: cpu::batchnorm::running_update.
+extern "C" __global__ void bn_running_fwd_f32(float* __restrict__ running, const float* __restrict__ batch, int n,
+                                              float keep, float m, float f) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        running[i] = __fadd_rn(__fmul_rn(keep, running[i]), __fmul_rn(__fmul_rn(m, batch[i]), f));
+    }
+}

@@ -76,7 +76,7 @@ pub struct OpResult {
 }
 
 /// Median seconds of `reps` calls after one warm-up call.
-fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+pub(crate) fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut t: Vec<f64> = (0..reps.max(1))
         .map(|_| {
@@ -89,13 +89,13 @@ fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-fn random(len: usize, std: f32, seed: u64) -> Vec<f32> {
+pub(crate) fn random(len: usize, std: f32, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed, 0xbe);
     (0..len).map(|_| std * r.normal()).collect()
 }
 
 /// A memory-bound case: `bytes` of compulsory traffic in `secs`, against copy bandwidth `bw`.
-fn memory_case(case: String, secs: f64, bytes: f64, bw: f64) -> OpResult {
+pub(crate) fn memory_case(case: String, secs: f64, bytes: f64, bw: f64) -> OpResult {
     let gbs = bytes / secs / 1e9;
     OpResult {
         case,
@@ -110,7 +110,7 @@ fn memory_case(case: String, secs: f64, bytes: f64, bw: f64) -> OpResult {
 }
 
 /// A compute-bound case: `flops` in `secs`, against FMA peak `peak`.
-fn compute_case(case: String, secs: f64, flops: f64, peak: f64) -> OpResult {
+pub(crate) fn compute_case(case: String, secs: f64, flops: f64, peak: f64) -> OpResult {
     let gflops = flops / secs / 1e9;
     OpResult {
         case,
@@ -124,8 +124,8 @@ fn compute_case(case: String, secs: f64, flops: f64, peak: f64) -> OpResult {
     }
 }
 
-/// Times the requested kernel on the CPU; returns one result per case.
-pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
+/// Checks the sizes of a request (the same limits on every device).
+pub(crate) fn validate(b: &OpBench) -> Result<()> {
     let positive = [("--rows", b.rows), ("--classes", b.classes), ("--batch", b.batch), ("--reps", b.reps)];
     if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return Err(Error::usage(format!("{name}: must be positive")));
@@ -151,6 +151,13 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
         }
         Op::Conv => {}
     }
+    Ok(())
+}
+
+/// Times the requested kernel on the CPU; returns one result per case.
+pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
+    validate(b)?;
+    let (n, c) = (b.rows, b.classes);
     match b.op {
         Op::Mi => {
             let bw = cpu::peak::copy_bandwidth_gbs(256);
@@ -238,7 +245,7 @@ fn fma_peak() -> Result<f64> {
 }
 
 /// The convolutions of the default convnet (width 32) on 28 x 28 x 1 input, batch `n`.
-fn convnet_shapes(n: usize) -> Vec<ConvShape> {
+pub(crate) fn convnet_shapes(n: usize) -> Vec<ConvShape> {
     let (mut ci, mut side, mut shapes) = (1, 28, Vec::new());
     for block in convnet_plan(32) {
         match block {

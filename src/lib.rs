@@ -9,6 +9,8 @@ pub mod alloc_count;
 pub mod autograd;
 pub mod bench;
 pub mod bench_op;
+#[cfg(feature = "cuda")]
+pub mod bench_op_gpu;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -568,10 +568,7 @@ fn run_plot(a: &PlotArgs) -> Result<()> {
 /// `muscle bench --op`: one kernel against the measured ceiling.
 fn run_bench_op(a: &BenchArgs, op: muscle::bench_op::Op) -> Result<()> {
     let device: muscle::Device = a.device.parse()?;
-    if device != muscle::Device::Cpu {
-        device.check_available()?;
-        return Err(Error::device(format!("--op with --device {device}: not wired yet; the CUDA kernels are timed by the GPU tests in scripts/gpu-check.sh")));
-    }
+    device.check_available()?;
     if let Some(t) = a.threads {
         muscle::cpu::set_threads(t)?;
     }
@@ -583,7 +580,16 @@ fn run_bench_op(a: &BenchArgs, op: muscle::bench_op::Op) -> Result<()> {
         batch: a.batch,
         reps: a.steps,
     };
-    for r in muscle::bench_op::run(&b)? {
+    let results = match device {
+        muscle::Device::Cpu => muscle::bench_op::run(&b)?,
+        #[cfg(feature = "cuda")]
+        muscle::Device::Cuda(i) => muscle::bench_op_gpu::run(&b, i)?,
+        #[cfg(not(feature = "cuda"))]
+        muscle::Device::Cuda(_) => {
+            return Err(Error::device("--device cuda: this binary was built without the `cuda` feature"))
+        }
+    };
+    for r in results {
         if a.json {
             println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
             continue;

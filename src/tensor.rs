@@ -165,6 +165,10 @@ impl Tensor {
 
     /// Mutable elements of a CPU tensor (copied first if another tensor shares the storage).
     pub fn data_mut(&mut self) -> Result<&mut [f32]> {
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(s) = &*self.storage {
+            return Err(self.not_on_host(s));
+        }
         self.unshare()?;
         let shape = fmt_shape(&self.shape);
         match Arc::get_mut(&mut self.storage) {

@@ -1088,3 +1088,20 @@ fn a_training_step_on_the_gpu_matches_the_cpu() {
         assert_scaled("eval logits", &eg, &ec, 1e-4);
     });
 }
+
+#[test]
+fn bn_running_update_matches_cpu_bitwise() {
+    with_gpu("bn_running_update_matches_cpu_bitwise", |gpu| {
+        // Two roundings per product and one per sum, in the CPU's order on both sides.
+        for &(n, momentum, factor) in
+            &[(1usize, 0.1f32, 1.0f32), (32, 0.1, 577.0 / 576.0), (1000, 0.001, 1.0), (4099, 0.3, 1.5)]
+        {
+            let (r0, b) = (randv(n, 1.0, 41), randv(n, 2.0, 42));
+            let mut want = r0.clone();
+            cpu::batchnorm::running_update(&mut want, &b, momentum, factor);
+            let mut r = up(gpu, &r0);
+            k::bn_running_update(gpu, &mut r, &up(gpu, &b), n, momentum, factor).expect("bn_running_update");
+            assert_bits(&format!("running n {n} momentum {momentum}"), &down(gpu, &r), &want);
+        }
+    });
+}

@@ -108,6 +108,15 @@ pub struct BatchStats {
     pub invstd: Vec<f32>,
 }
 
+/// running = (1 - momentum) running + momentum batch factor, per channel: batch norm's running
+/// estimate (PyTorch's momentum; `factor` n / (n - 1) unbiases the variance, 1 for the mean).
+/// CUDA twin: `bn_running_fwd_f32` (same rounding, bit for bit).
+pub fn running_update(running: &mut [f32], batch: &[f32], momentum: f32, factor: f32) {
+    for (r, &b) in running.iter_mut().zip(batch) {
+        *r = (1.0 - momentum) * *r + momentum * b * factor;
+    }
+}
+
 /// Lanes of the explicit accumulators: independent partial sums let the compiler vectorise
 /// (a plain f32 `sum()` is sequential because float addition is not associative).
 const LANES: usize = 16;

@@ -250,6 +250,84 @@ mod avx512 {
     use crate::cpu::simd::avx512::exp16;
     use std::arch::x86_64::*;
 
+    /// In-register transpose of a 16 x 16 block (v[i] lane k <-> v[k] lane i): 64 shuffles, which
+    /// beat 16 gathers or 160 scalar moves for turning rows into class registers and back.
+    #[inline(always)]
+    unsafe fn transpose16(v: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+        }
+        // u[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Gather lane L of u[j], u[4 + j], u[8 + j], u[12 + j] into column 4L + j.
+        for j in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x44>(u[j], u[4 + j]);
+            let v1 = _mm512_shuffle_f32x4::<0xEE>(u[j], u[4 + j]);
+            let v2 = _mm512_shuffle_f32x4::<0x44>(u[8 + j], u[12 + j]);
+            let v3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + j], u[12 + j]);
+            v[j] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+            v[4 + j] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
+            v[8 + j] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+            v[12 + j] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
+        }
+    }
+
+    /// 16 rows of c <= 16 floats at `p` as class registers: lane r of the result's element x is
+    /// class x of row r (lanes of classes >= c are 0).
+    #[inline(always)]
+    unsafe fn load_block16(p: *const f32, c: usize, mask: __mmask16) -> [__m512; 16] {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for (r, row) in v.iter_mut().enumerate() {
+            *row = _mm512_maskz_loadu_ps(mask, p.add(r * c));
+        }
+        transpose16(&mut v);
+        v
+    }
+
+    /// The inverse of `load_block16`: class registers back to 16 rows of c floats at `p`.
+    #[inline(always)]
+    unsafe fn store_block16(mut v: [__m512; 16], p: *mut f32, c: usize, mask: __mmask16) {
+        transpose16(&mut v);
+        for (r, row) in v.iter().enumerate() {
+            _mm512_mask_storeu_ps(p.add(r * c), mask, *row);
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn block_transposes_round_trip() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for c in [1usize, 7, 10, 16] {
+            let src: Vec<f32> = (0..16 * c).map(|i| i as f32).collect();
+            let mut back = vec![-1.0f32; 16 * c];
+            let mask = ((1u32 << c) - 1) as __mmask16;
+            // SAFETY: AVX-512F checked above; both buffers hold 16 rows of c.
+            unsafe {
+                let cols = load_block16(src.as_ptr(), c, mask);
+                let mut lanes = [0.0f32; 16];
+                for (x, col) in cols.iter().enumerate() {
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), *col);
+                    for (r, &v) in lanes.iter().enumerate() {
+                        let want = if x < c { src[r * c + x] } else { 0.0 };
+                        assert_eq!(v, want, "c {c}: class {x} row {r}");
+                    }
+                }
+                store_block16(cols, back.as_mut_ptr(), c, mask);
+            }
+            assert_eq!(back, src, "c {c}: round trip");
+        }
+    }
+
     /// Softmax of the `mask` lanes at `p` (the other lanes come out 0).
     #[inline(always)]
     unsafe fn softmax16(p: *const f32, mask: __mmask16) -> __m512 {
@@ -259,7 +337,34 @@ mod avx512 {
         _mm512_mul_ps(e, _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(e)))
     }
 
-    /// `super::forward_chunk` for C <= 16.
+    /// Softmax of 16 rows at once, one register per class (lane r = row r): the row max, sum and
+    /// reciprocal are lane-wise, with no horizontal reduction, and every exp lane is useful.
+    /// Writes class x of row r to `tile[x * 16 + r]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `p` points at 16 whole rows of c <= 16 floats.
+    #[inline(always)]
+    unsafe fn softmax_block16(p: *const f32, out: *mut f32, c: usize, mask: __mmask16, tile: &mut [f32; 256]) {
+        let mut col = load_block16(p, c, mask);
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for v in col.iter().take(c) {
+            m = _mm512_max_ps(m, *v);
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in col.iter_mut().take(c) {
+            *v = exp16(_mm512_sub_ps(*v, m));
+            s = _mm512_add_ps(s, *v);
+        }
+        let inv = _mm512_div_ps(_mm512_set1_ps(1.0), s);
+        for (x, v) in col.iter_mut().enumerate().take(c) {
+            *v = _mm512_mul_ps(*v, inv);
+            _mm512_storeu_ps(tile.as_mut_ptr().add(x * 16), *v);
+        }
+        store_block16(col, out, c, mask);
+    }
+
+    /// `super::forward_chunk` for C <= 16: blocks of 16 rows through `softmax_block16` (rows
+    /// gathered into class registers and back), the rest row by row.
     ///
     /// # Safety
     /// The CPU must support AVX-512F; c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
@@ -267,8 +372,23 @@ mod avx512 {
     pub unsafe fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
         let mask = ((1u32 << c) - 1) as __mmask16;
         let mut acc = [_mm512_setzero_ps(); 16];
+        let (mut zt, mut wt) = ([0.0f32; 256], [0.0f32; 256]);
+        let blocks = a.len() / c / 16;
+        for blk in 0..blocks {
+            let at = blk * 16 * c;
+            softmax_block16(a.as_ptr().add(at), z.as_mut_ptr().add(at), c, mask, &mut zt);
+            softmax_block16(b.as_ptr().add(at), w.as_mut_ptr().add(at), c, mask, &mut wt);
+            // J += Z^T W over the block: J's rows stay in registers; z from the tile, w rows from
+            // the (cache-hot) output.
+            for r in 0..16 {
+                let wv = _mm512_maskz_loadu_ps(mask, w.as_ptr().add(at + r * c));
+                for (x, row) in acc.iter_mut().enumerate().take(c) {
+                    *row = _mm512_fmadd_ps(_mm512_set1_ps(zt[x * 16 + r]), wv, *row);
+                }
+            }
+        }
         let mut zs = [0.0f32; 16];
-        for r in 0..a.len() / c {
+        for r in blocks * 16..a.len() / c {
             let zv = softmax16(a.as_ptr().add(r * c), mask);
             let wv = softmax16(b.as_ptr().add(r * c), mask);
             _mm512_mask_storeu_ps(z.as_mut_ptr().add(r * c), mask, zv);
@@ -298,12 +418,40 @@ mod avx512 {
         gb: &mut [f32],
     ) {
         let mask = ((1u32 << c) - 1) as __mmask16;
+        let sv = _mm512_set1_ps(scale);
+        let blocks = z.len() / c / 16;
+        // Blocks of 16 rows with one register per class (lane = row): u = G^ w and the dot
+        // products are lane-wise FMAs with G^'s entries broadcast, no horizontal reduction; rows
+        // come in and go out through in-register transposes.
+        for blk in 0..blocks {
+            let at = blk * 16 * c;
+            let zc = load_block16(z.as_ptr().add(at), c, mask);
+            let wc = load_block16(w.as_ptr().add(at), c, mask);
+            let (mut ua, mut ub) = ([_mm512_setzero_ps(); 16], [_mm512_setzero_ps(); 16]);
+            let (mut da, mut db) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for x in 0..c {
+                let (mut sa, mut sb) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for y in 0..c {
+                    let gyx = _mm512_set1_ps(*g_hat.get_unchecked(y * c + x));
+                    sa = _mm512_fmadd_ps(wc[y], gyx, sa);
+                    sb = _mm512_fmadd_ps(zc[y], gyx, sb);
+                }
+                da = _mm512_fmadd_ps(zc[x], sa, da);
+                db = _mm512_fmadd_ps(wc[x], sb, db);
+                (ua[x], ub[x]) = (sa, sb);
+            }
+            for x in 0..c {
+                ua[x] = _mm512_mul_ps(_mm512_mul_ps(sv, zc[x]), _mm512_sub_ps(ua[x], da));
+                ub[x] = _mm512_mul_ps(_mm512_mul_ps(sv, wc[x]), _mm512_sub_ps(ub[x], db));
+            }
+            store_block16(ua, ga.as_mut_ptr().add(at), c, mask);
+            store_block16(ub, gb.as_mut_ptr().add(at), c, mask);
+        }
         let mut g = [_mm512_setzero_ps(); 16];
         for (y, row) in g.iter_mut().enumerate().take(c) {
             *row = _mm512_maskz_loadu_ps(mask, g_hat.as_ptr().add(y * c));
         }
-        let sv = _mm512_set1_ps(scale);
-        for r in 0..z.len() / c {
+        for r in blocks * 16..z.len() / c {
             let (zp, wp) = (z.as_ptr().add(r * c), w.as_ptr().add(r * c));
             let (mut ua, mut ub) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for (y, gy) in g.iter().enumerate().take(c) {

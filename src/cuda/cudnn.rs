@@ -6,12 +6,17 @@
 //! im2col + GEMM to f32 rounding; the parity tests in tests/gpu.rs hold them to that.
 //!
 //! The cuDNN handle is not `Send`, so each thread keeps its own (with its plans), as
-//! `cuda::context` does for the kernels. Descriptors and algorithms are made once per shape.
+//! `cuda::context` does for the kernels. Descriptors and algorithms are made once per shape, and
+//! only deterministic backward algorithms are used. One GPU per thread: the handle is bound to
+//! the stream of the first context that asked for it.
 
 use super::device::{device_err, guarded, Gpu};
 use crate::cpu::conv::ConvShape;
 use crate::error::{Error, Result};
-use cudarc::cudnn::sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t};
+use cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
+    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
+};
 use cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor,
 };
@@ -45,9 +50,9 @@ struct Plan {
     w: FilterDescriptor<f32>,
     y: TensorDescriptor<f32>,
     conv: ConvDescriptor<f32>,
-    fwd: sys::cudnnConvolutionFwdAlgo_t,
-    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
-    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    fwd: FwdAlgo,
+    bwd_data: DataAlgo,
+    bwd_filter: FilterAlgo,
     /// Largest workspace of the three, bytes.
     workspace: usize,
 }
@@ -118,14 +123,32 @@ impl Dnn {
                 )
                 .map_err(e("convolution descriptor"))?;
             conv.set_math_type(cudnnMathType_t::CUDNN_FMA_MATH).map_err(e("math type"))?;
+            // cuDNN's heuristic pick, except that the backward algorithms which accumulate with
+            // atomics (data ALGO_0, filter ALGO_0 and ALGO_3: non-deterministic in cuDNN's
+            // tables) are replaced by ALGO_1, so a seeded GPU run repeats bit for bit. Every
+            // forward algorithm is deterministic. A failed heuristic query falls back the same way.
             let f = ConvForward { conv: &conv, x: &x, w: &w, y: &y };
-            let fwd = f.pick_algorithm().map_err(e("forward algorithm"))?;
+            let fwd = f.pick_algorithm().unwrap_or(FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
             let ws_f = f.get_workspace_size(fwd).map_err(e("forward workspace"))?;
             let bd = ConvBackwardData { conv: &conv, dx: &x, w: &w, dy: &y };
-            let bwd_data = bd.pick_algorithm().map_err(e("backward-data algorithm"))?;
+            let bwd_data = match bd.pick_algorithm() {
+                Ok(a) if a != DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 => a,
+                _ => DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            };
             let ws_d = bd.get_workspace_size(bwd_data).map_err(e("backward-data workspace"))?;
             let bf = ConvBackwardFilter { conv: &conv, x: &x, dw: &w, dy: &y };
-            let bwd_filter = bf.pick_algorithm().map_err(e("backward-filter algorithm"))?;
+            let bwd_filter = match bf.pick_algorithm() {
+                Ok(a)
+                    if !matches!(
+                        a,
+                        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0
+                            | FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3
+                    ) =>
+                {
+                    a
+                }
+                _ => FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            };
             let ws_w = bf.get_workspace_size(bwd_filter).map_err(e("backward-filter workspace"))?;
             Ok(Plan { x, w, y, conv, fwd, bwd_data, bwd_filter, workspace: ws_f.max(ws_d).max(ws_w) })
         })?;

@@ -27,6 +27,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "batchnorm_reduce_bwd_f32",
             "batchnorm_finish_bwd_f32",
             "batchnorm_dx_bwd_f32",
+            "bn_running_fwd_f32",
         ],
     ),
     (
@@ -779,6 +780,35 @@ pub fn batchnorm_train_bwd(
         )?;
     }
     Ok(())
+}
+
+/// running = (1 - momentum) running + (momentum batch) factor on `n` channels, rounded as the
+/// CPU rounds. CPU twin: `cpu::batchnorm::running_update`.
+pub fn bn_running_update(
+    gpu: &Gpu,
+    running: &mut CudaSlice<f32>,
+    batch: &CudaSlice<f32>,
+    n: usize,
+    momentum: f32,
+    factor: f32,
+) -> Result<()> {
+    let k = "bn_running_fwd_f32";
+    nonzero(k, &[("channels", n)])?;
+    need(k, "running", running.len(), n)?;
+    need(k, "batch", batch.len(), n)?;
+    let ni = int(k, "channels", n)?;
+    let keep = 1.0 - momentum;
+    launch!(
+        gpu,
+        k,
+        cfg((grid_dim(k, n.div_ceil(BLOCK as usize))?, 1, 1), BLOCK),
+        running,
+        batch,
+        &ni,
+        &keep,
+        &momentum,
+        &factor
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 use super::init::Init;
 use super::param::Role;
 use crate::autograd::Tape;
+use crate::cpu::batchnorm::running_update;
 use crate::error::Result;
 use crate::ops;
 use crate::rng::Rng;
@@ -117,24 +118,21 @@ impl BatchNorm2d {
         let m = (x.numel() / stats.mean.numel().max(1)) as f32;
         let unbias = m / (m - 1.0);
         let mom = self.momentum;
-        #[cfg(feature = "cuda")]
-        if stats.mean.device() != crate::device::Device::Cpu {
-            crate::optim::cuda::running_update(&mut self.running_mean, &stats.mean, mom, 1.0)?;
-            crate::optim::cuda::running_update(&mut self.running_var, &stats.var, mom, unbias)?;
-            *self
-                .num_batches_tracked
-                .data_mut()?
-                .first_mut()
-                .ok_or_else(|| crate::error::Error::shape("num_batches_tracked is empty"))? += 1.0;
-            return Ok(y);
+        match stats.mean.device() {
+            #[cfg(feature = "cuda")]
+            crate::device::Device::Cuda(_) => {
+                crate::optim::cuda::running_update(&mut self.running_mean, &stats.mean, mom, 1.0)?;
+                crate::optim::cuda::running_update(&mut self.running_var, &stats.var, mom, unbias)?;
+            }
+            _ => {
+                running_update(self.running_mean.data_mut()?, stats.mean.data()?, mom, 1.0);
+                running_update(self.running_var.data_mut()?, stats.var.data()?, mom, unbias);
+            }
         }
-        for (r, &b) in self.running_mean.data_mut()?.iter_mut().zip(stats.mean.data()?) {
-            *r = (1.0 - mom) * *r + mom * b;
+        // The counter stays on the host (Model::to_device leaves it there).
+        if let Some(t) = self.num_batches_tracked.data_mut()?.first_mut() {
+            *t += 1.0;
         }
-        for (r, &b) in self.running_var.data_mut()?.iter_mut().zip(stats.var.data()?) {
-            *r = (1.0 - mom) * *r + mom * b * unbias;
-        }
-        self.num_batches_tracked.data_mut()?[0] += 1.0;
         Ok(y)
     }
 

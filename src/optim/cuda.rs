@@ -64,15 +64,11 @@ pub(crate) fn ema(avg: &mut Tensor, value: &Tensor, decay: f32) -> Result<()> {
     k::ema_update(&gpu, avg.cuda_slice_mut()?, value.cuda_slice()?, n, decay)
 }
 
-/// running = (1 - momentum) running + momentum factor batch, batch norm's running estimate (the
-/// factor unbiases the variance). As the EMA kernel with decay 1 - momentum: 1 - (1 - momentum)
-/// may differ from momentum in the last bit, so the GPU's estimates can differ from the CPU's by
-/// an ulp.
+/// Batch norm's running estimate on the GPU: running = (1 - momentum) running + momentum batch
+/// factor, rounded as the CPU twin (`cpu::batchnorm::running_update`) rounds.
 pub(crate) fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, factor: f32) -> Result<()> {
+    follow(running, batch)?;
     let n = batch.numel();
     let gpu = context::gpu_of(batch.cuda_slice()?)?;
-    let mut scaled = context::zeros(&gpu, n)?;
-    k::scale_fwd(&gpu, batch.cuda_slice()?, &mut scaled, n, factor)?;
-    let scaled = Tensor::from_cuda(scaled, batch.shape().to_vec())?;
-    ema(running, &scaled, 1.0 - momentum)
+    k::bn_running_update(&gpu, running.cuda_slice_mut()?, batch.cuda_slice()?, n, momentum, factor)
 }

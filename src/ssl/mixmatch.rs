@@ -101,7 +101,7 @@ pub fn mixmatch_loss(
     targets[(nl + nu) * classes..].copy_from_slice(&q);
     let mut shape = x.shape().to_vec();
     shape[0] = n;
-    let xm = Tensor::from_vec(mix_rows(x.data()?, row, mu, &perm), &shape)?;
+    let xm = Tensor::from_vec(mix_rows(&x.to_vec()?, row, mu, &perm), &shape)?;
     let tm = mix_rows(&targets, classes, mu, &perm);
 
     // One forward of every mixed row, so BN statistics cover labeled and unlabeled parts alike.
