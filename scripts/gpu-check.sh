@@ -8,7 +8,8 @@
 #   smoke     one GPU parity test (loads every kernel module)
 #   parity    every GPU parity test with REQUIRE_GPU=1 (a missing GPU fails instead of skipping)
 #   timings   the kernels at n = 65,536, C = 10 / 100 against the bytes/3 TB/s floor
-#   bench     `muscle bench --device cuda` (convnet MUSCLE training steps)
+#   bench     `muscle bench --device cuda` (convnet MUSCLE training steps), then `--op mi`
+#             (n = 65,536, C = 10 / 100), `--op softmax-ce` and `--op conv` on the GPU
 #   train     300 MUSCLE steps on the embedded set on GPU and CPU, same seed, EMA test accuracies
 #             within 2 points (skipped when a 1-step GPU probe run fails; its error is shown)
 set -uo pipefail
@@ -74,7 +75,15 @@ if [ "$smoke" -eq 0 ]; then
 else
     rows+=("| parity, timings | skipped: the smoke test failed | |")
 fi
-stage bench timeout 120 ./muscle bench --device cuda --json
+bench_all() {
+    timeout 120 ./muscle bench --device cuda --json || return 1
+    for c in 10 100; do
+        timeout 60 ./muscle bench --op mi --device cuda --rows 65536 --classes "$c" || return 1
+    done
+    timeout 60 ./muscle bench --op softmax-ce --device cuda --rows 65536 --classes 10 || return 1
+    timeout 60 ./muscle bench --op conv --device cuda --batch 576 || return 1
+}
+stage bench bench_all
 train_both() {
     timeout 100 ./muscle train --device cuda --steps 300 --seed 1 --out "$res/train-cuda" || return 1
     timeout 200 ./muscle train --device cpu --steps 300 --seed 1 --out "$res/train-cpu" || return 1
