@@ -171,7 +171,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 600)]
     steps: u64,
     /// Labeled images per step.
     #[arg(long, default_value_t = 64)]
@@ -180,7 +180,7 @@ struct TrainArgs {
     #[arg(long = "unlabeled-batch", default_value_t = 256)]
     unlabeled_batch: usize,
     /// Base learning rate (cosine-decayed to 0 unless --constant-lr).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     lr: f32,
     /// Keep the learning rate constant.
     #[arg(long = "constant-lr")]
