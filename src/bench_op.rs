@@ -170,23 +170,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
                 let f = cpu::mutual_info::forward(&la, &lb, n, c, 1.0);
                 cpu::mutual_info::backward(&f, n, c, 1.0, &mut ga, &mut gb);
             });
-            // Compulsory traffic: both views' logits read, and for the backward both gradients
-            // written. The C x C products (J = Z^T W forward, G^ w_i and G^ z_i backward) are
-            // 2 n C^2 and 4 n C^2 FLOPs: for wide C they, not memory, set the floor.
-            let elems = (n * c * 4) as f64;
-            let peak = fma_peak()?;
-            let (f_flops, b_flops) = ((2 * n * c * c) as f64, (4 * n * c * c) as f64);
-            let pick = |case: String, secs: f64, bytes: f64, flops: f64| {
-                if flops / peak > bytes / bw {
-                    compute_case(case, secs, flops, peak)
-                } else {
-                    memory_case(case, secs, bytes, bw)
-                }
-            };
-            Ok(vec![
-                pick(format!("mi forward n={n} C={c}"), fwd, 2.0 * elems, f_flops),
-                pick(format!("mi forward+backward n={n} C={c}"), both, 4.0 * elems, f_flops + b_flops),
-            ])
+            Ok(mi_cases("mi", n, c, fwd, both, bw, fma_peak()?))
         }
         Op::SoftmaxCe => {
             let bw = cpu::peak::copy_bandwidth_gbs(256);
@@ -236,6 +220,26 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
             Ok(out)
         }
     }
+}
+
+/// The MI loss's two cases (forward; forward + backward) timed at `fwd` / `both` seconds, each held
+/// against the higher of its floors: compulsory traffic (both views' logits read, and for the
+/// backward both gradients written) over `bw`, or the C x C products' FLOPs (J = Z^T W forward,
+/// G^ w_i and G^ z_i backward: 2 n C^2 and 4 n C^2) over `peak`, which set it for wide C.
+pub(crate) fn mi_cases(prefix: &str, n: usize, c: usize, fwd: f64, both: f64, bw: f64, peak: f64) -> Vec<OpResult> {
+    let elems = (n * c * 4) as f64;
+    let (f_flops, b_flops) = ((2 * n * c * c) as f64, (4 * n * c * c) as f64);
+    let pick = |case: String, secs: f64, bytes: f64, flops: f64| {
+        if flops / peak > bytes / bw {
+            compute_case(case, secs, flops, peak)
+        } else {
+            memory_case(case, secs, bytes, bw)
+        }
+    };
+    vec![
+        pick(format!("{prefix} forward n={n} C={c}"), fwd, 2.0 * elems, f_flops),
+        pick(format!("{prefix} forward+backward n={n} C={c}"), both, 4.0 * elems, f_flops + b_flops),
+    ]
 }
 
 fn fma_peak() -> Result<f64> {

@@ -3,7 +3,7 @@
 //! copy bandwidth for the memory-bound MI loss and softmax-CE, and the rate of a large square
 //! cuBLAS SGEMM for GEMM and convolution (FP32, no TF32).
 
-use crate::bench_op::{compute_case, median_secs, memory_case, random, validate, Op, OpBench, OpResult};
+use crate::bench_op::{compute_case, median_secs, memory_case, mi_cases, random, validate, Op, OpBench, OpResult};
 use crate::cuda::{context, kernels as k, Gpu};
 use crate::error::{Error, Result};
 
@@ -46,7 +46,6 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
     let gpu = context::gpu(ordinal)?;
     let gpu = &*gpu;
     let (n, c) = (b.rows, b.classes);
-    let elems = (n * c * 4) as f64;
     match b.op {
         Op::Mi => {
             let (bw, peak) = (copy_bandwidth(gpu)?, sgemm_rate(gpu)?);
@@ -58,18 +57,7 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
                 let f = k::mi_fwd(gpu, &la, &lb, n, c, 1.0)?;
                 k::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb)
             })?;
-            let (f_flops, b_flops) = ((2 * n * c * c) as f64, (4 * n * c * c) as f64);
-            let pick = |case: String, secs: f64, bytes: f64, flops: f64| {
-                if flops / peak > bytes / bw {
-                    compute_case(case, secs, flops, peak)
-                } else {
-                    memory_case(case, secs, bytes, bw)
-                }
-            };
-            Ok(vec![
-                pick(format!("cuda mi forward n={n} C={c}"), fwd, 2.0 * elems, f_flops),
-                pick(format!("cuda mi forward+backward n={n} C={c}"), both, 4.0 * elems, f_flops + b_flops),
-            ])
+            Ok(mi_cases("cuda mi", n, c, fwd, both, bw, peak))
         }
         Op::SoftmaxCe => {
             let bw = copy_bandwidth(gpu)?;

@@ -272,10 +272,7 @@ impl Tensor {
             Device::Cuda(i) => {
                 let n = self.numel();
                 let gpu = crate::cuda::context::gpu(i)?;
-                let dst = self.cuda_slice_mut()?;
-                gpu.stream()
-                    .memcpy_dtod(&src.cuda_slice()?.slice(..n), &mut dst.slice_mut(..n))
-                    .map_err(|e| Error::device(format!("copy on cuda:{i}: {e}")))
+                crate::cuda::context::copy_range(&gpu, src.cuda_slice()?, 0, self.cuda_slice_mut()?, 0, n)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),

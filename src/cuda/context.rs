@@ -42,3 +42,27 @@ pub fn copy(s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
     let gpu = gpu_of(s)?;
     gpu.stream().clone_dtod(s).map_err(|e| Error::device(format!("copy on the GPU of {} elements: {e}", s.len())))
 }
+
+/// Copies `src[src_at..src_at + len]` into `dst[at..at + len]` on `gpu`'s stream (bounds checked).
+pub fn copy_range(
+    gpu: &Gpu,
+    src: &CudaSlice<f32>,
+    src_at: usize,
+    dst: &mut CudaSlice<f32>,
+    at: usize,
+    len: usize,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if src.len() < src_at + len || dst.len() < at + len {
+        return Err(Error::shape(format!(
+            "GPU copy of {len} elements from {src_at} of {} into {at} of {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    gpu.stream()
+        .memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(at..at + len))
+        .map_err(|e| Error::device(format!("copy on the GPU: {e}")))
+}

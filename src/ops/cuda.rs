@@ -45,30 +45,6 @@ fn here(g: &Tensor, gpu: &Gpu) -> Result<Tensor> {
     g.to_device(Device::Cuda(gpu.info().ordinal))
 }
 
-/// Copies `src[..len]` into `dst[at..at + len]`.
-fn copy_into(
-    gpu: &Gpu,
-    src: &CudaSlice<f32>,
-    src_at: usize,
-    dst: &mut CudaSlice<f32>,
-    at: usize,
-    len: usize,
-) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    if src.len() < src_at + len || dst.len() < at + len {
-        return Err(Error::shape(format!(
-            "GPU copy of {len} elements from {src_at} of {} into {at} of {}",
-            src.len(),
-            dst.len()
-        )));
-    }
-    gpu.stream()
-        .memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(at..at + len))
-        .map_err(|e| Error::device(format!("copy on the GPU: {e}")))
-}
-
 /// acc += g on the GPU (gradient accumulation); `g` is moved to acc's device if needed.
 pub(crate) fn add_assign(acc: &mut Tensor, g: &Tensor) -> Result<()> {
     let gpu = context::gpu_of(buf(acc)?)?;
@@ -250,7 +226,7 @@ pub(crate) fn concat_rows(gpu: GpuRef, tape: &Tape, parts: &[&Tensor], shape: Ve
     let mut y = alloc(&gpu, total)?;
     let mut at = 0;
     for p in parts {
-        copy_into(&gpu, buf(p)?, 0, &mut y, at, p.numel())?;
+        context::copy_range(&gpu, buf(p)?, 0, &mut y, at, p.numel())?;
         at += p.numel();
     }
     let kept: Vec<Tensor> = parts.iter().map(|p| (*p).clone()).collect();
@@ -261,7 +237,7 @@ pub(crate) fn concat_rows(gpu: GpuRef, tape: &Tape, parts: &[&Tensor], shape: Ve
             let n = p.numel();
             if p.requires_grad() {
                 let mut part = alloc(&gpu, n)?;
-                copy_into(&gpu, buf(&g)?, off, &mut part, 0, n)?;
+                context::copy_range(&gpu, buf(&g)?, off, &mut part, 0, n)?;
                 grads.add_to(p, wrap(part, p.shape())?)?;
             }
             off += n;
@@ -280,12 +256,12 @@ pub(crate) fn narrow(
     shape: Vec<usize>,
 ) -> Result<Tensor> {
     let mut y = alloc(&gpu, len)?;
-    copy_into(&gpu, buf(x)?, from, &mut y, 0, len)?;
+    context::copy_range(&gpu, buf(x)?, from, &mut y, 0, len)?;
     let xc = x.clone();
     Ok(tape.record(wrap(y, &shape)?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
         let mut dx = alloc(&gpu, xc.numel())?;
-        copy_into(&gpu, buf(&g)?, 0, &mut dx, from, len)?;
+        context::copy_range(&gpu, buf(&g)?, 0, &mut dx, from, len)?;
         grads.add_to(&xc, wrap(dx, xc.shape())?)
     }))
 }
