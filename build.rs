@@ -1,4 +1,5 @@
-//! Compiles kernels/*.cu to PTX when the `cuda` feature is on; without it the build does nothing.
+//! Compiles kernels/*.cu to PTX when the `cuda` feature is on, and records the git commit the
+//! build was made from (MUSCLE_GIT_COMMIT, for config.json) in every build.
 //!
 //! nvcc is looked up as $NVCC, then $CUDA_HOME/bin/nvcc, then `.cuda-tools/nvidia/cu13/bin/nvcc`
 //! under the crate root (what scripts/install-cuda-tools.sh installs), then `nvcc` on PATH. Each
@@ -12,7 +13,8 @@
 //! (for NVRTC and for tests that check kernel names). This script never panics for a missing tool,
 //! never runs nvidia-smi and writes only into OUT_DIR.
 //!
-//! It reruns when kernels/, build.rs, $NVCC or $CUDA_HOME change. An nvcc that appears later in
+//! It reruns when kernels/, src/, build.rs, $NVCC, $CUDA_HOME or git's HEAD change; a kernel whose
+//! source, nvcc and flags are those of its PTX in OUT_DIR is not compiled again. An nvcc that appears later in
 //! .cuda-tools or on PATH is not noticed by itself (cargo cannot watch a file that does not exist
 //! yet without rerunning every build): set NVCC to it, as .ci/run does.
 
@@ -27,6 +29,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    git_commit();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -79,7 +82,7 @@ fn build_kernels() -> Result<(), String> {
         let ptx = match &nvcc {
             Some(nvcc) => {
                 let ptx_path = out.join(format!("{stem}.ptx"));
-                compile(nvcc, src, &ptx_path)?;
+                compile_cached(nvcc, src, &ptx_path)?;
                 format!("Some(include_str!({:?}))", ptx_path.display().to_string())
             }
             None => "None".to_string(),
@@ -112,10 +115,53 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
+/// Sets MUSCLE_GIT_COMMIT (config.json's `git_commit`) to HEAD's hash, suffixed `-dirty` when the
+/// tracked sources differ from HEAD; sets nothing outside a git checkout or without git. Reruns
+/// when HEAD moves or a source changes (kernels/ and build.rs are watched already).
+fn git_commit() {
+    let git = |args: &[&str]| {
+        let out = Command::new("git").args(args).output().ok().filter(|o| o.status.success())?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    for path in ["src", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={path}");
+    }
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else { return };
+    // A missing watched file would make cargo rerun this script on every build: watch what exists.
+    let mut refs = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    refs.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in refs {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]).map(PathBuf::from).filter(|p| p.is_file()) {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
+    let sources = ["src", "kernels", "build.rs", "Cargo.toml", "Cargo.lock"];
+    let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+    status.extend(sources);
+    let dirty = git(&status).is_some_and(|s| !s.is_empty());
+    println!("cargo:rustc-env=MUSCLE_GIT_COMMIT={head}{}", if dirty { "-dirty" } else { "" });
+}
+
+/// `compile`, skipped when the PTX beside it was made from the same source by the same nvcc: this
+/// script reruns on every source change (for the git hash), and nvcc takes most of a minute.
+fn compile_cached(nvcc: &Path, src: &Path, ptx: &Path) -> Result<(), String> {
+    let source = fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let key = format!("{}\n{}\n{source}", nvcc.display(), NVCC_FLAGS.join(" "));
+    let stamp = ptx.with_extension("ptx.key");
+    if ptx.is_file() && fs::read_to_string(&stamp).is_ok_and(|k| k == key) {
+        return Ok(());
+    }
+    compile(nvcc, src, ptx)?;
+    fs::write(&stamp, key).map_err(|e| format!("{}: {e}", stamp.display()))
+}
+
+/// nvcc's options for every kernel file.
+const NVCC_FLAGS: [&str; 5] = ["--ptx", "-arch=compute_80", "-O3", "-lineinfo", "-std=c++17"];
+
 /// nvcc --ptx of one file; nvcc's stderr becomes the build error.
 fn compile(nvcc: &Path, src: &Path, ptx: &Path) -> Result<(), String> {
     let output = Command::new(nvcc)
-        .args(["--ptx", "-arch=compute_80", "-O3", "-lineinfo", "-std=c++17"])
+        .args(NVCC_FLAGS)
         .arg(src)
         .arg("-o")
         .arg(ptx)

@@ -86,9 +86,23 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
         out.to_str().expect("utf8"),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["config.json", "metrics.jsonl", "checkpoint.safetensors", "resume.safetensors", "summary.json"] {
+    for f in
+        ["config.json", "split.json", "metrics.jsonl", "checkpoint.safetensors", "resume.safetensors", "summary.json"]
+    {
         assert!(out.join(f).is_file(), "missing {f}");
     }
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("split.json")).expect("split")).expect("json");
+    let labeled: Vec<usize> = split["labeled"]
+        .as_array()
+        .expect("labeled indices")
+        .iter()
+        .map(|v| v.as_u64().expect("index") as usize)
+        .collect();
+    let data = muscle::data::embedded().expect("embedded set");
+    let expected = muscle::data::split(&data.train, 40, 0, 1.0, 0).expect("split");
+    assert_eq!(labeled, expected.labeled);
+    assert_eq!(split["val"].as_array().map(Vec::len), Some(0));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
     let summary: serde_json::Value =
@@ -126,6 +140,15 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
     assert_eq!(config["steps"], 6);
     assert_eq!(config["method"], "muscle");
+    // Built from a git checkout (as in CI): the commit, not "unknown".
+    let head =
+        Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(env!("CARGO_MANIFEST_DIR")).output();
+    if let Ok(head) = head.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()) {
+        if !head.is_empty() {
+            let commit = config["git_commit"].as_str().expect("git_commit");
+            assert!(commit.starts_with(&head), "git_commit {commit} is not HEAD {head}");
+        }
+    }
 
     // The checkpoint alone rebuilds the model: the same EMA accuracy, from another directory.
     let ck = out.join("checkpoint.safetensors");

@@ -123,7 +123,11 @@ class Augmenter:
         self.gen = gen
 
     def batch(self, n):
-        idx = torch.randint(0, self.padded.shape[0], (n,), generator=self.gen)
+        return self.images(torch.randint(0, self.padded.shape[0], (n,), generator=self.gen))
+
+    def images(self, idx):
+        """The augmented images `idx` (a LongTensor of indices into the augmenter's images)."""
+        n = len(idx)
         dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=self.gen)
         dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=self.gen)
         rows = (dy[:, None] + torch.arange(self.h))[:, None, :, None]

@@ -124,10 +124,14 @@ struct RunFiles {
 }
 
 impl RunFiles {
-    fn create(dir: &Path, cfg: &TrainConfig) -> Result<RunFiles> {
+    /// Creates the folder and writes config.json, then split.json (the training-set indices of the
+    /// labeled and validation images, so that another implementation can train on the same split).
+    fn create(dir: &Path, cfg: &TrainConfig, split: &data::Split) -> Result<RunFiles> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let config = serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::format(e.to_string()))?;
         checkpoint::write_atomic(&dir.join("config.json"), format!("{config}\n").as_bytes())?;
+        let indices = serde_json::json!({ "labeled": split.labeled, "val": split.val });
+        checkpoint::write_atomic(&dir.join("split.json"), format!("{indices}\n").as_bytes())?;
         let path = dir.join("metrics.jsonl");
         let metrics = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
         Ok(RunFiles { dir: dir.to_path_buf(), metrics })
@@ -267,7 +271,7 @@ fn run(
             ema_history = h;
             Some(f)
         }
-        (Some(d), None) => Some(RunFiles::create(d, cfg)?),
+        (Some(d), None) => Some(RunFiles::create(d, cfg, &split)?),
         (None, _) => None,
     };
     let eval_aug = Augment::normalize_only(aug.mean.clone(), aug.std.clone());
