@@ -292,13 +292,15 @@ mod avx512 {
         v
     }
 
-    /// The inverse of `load_block16`: class registers back to 16 rows of c floats at `p`.
+    /// The inverse of `load_block16`: class registers back to 16 rows of c floats at `p`; returns
+    /// the rows (as registers, lanes >= c zero) for a caller that needs them next.
     #[inline(always)]
-    unsafe fn store_block16(mut v: [__m512; 16], p: *mut f32, c: usize, mask: __mmask16) {
+    unsafe fn store_block16(mut v: [__m512; 16], p: *mut f32, c: usize, mask: __mmask16) -> [__m512; 16] {
         transpose16(&mut v);
         for (r, row) in v.iter().enumerate() {
             _mm512_mask_storeu_ps(p.add(r * c), mask, *row);
         }
+        v
     }
 
     #[cfg(test)]
@@ -339,12 +341,18 @@ mod avx512 {
 
     /// Softmax of 16 rows at once, one register per class (lane r = row r): the row max, sum and
     /// reciprocal are lane-wise, with no horizontal reduction, and every exp lane is useful.
-    /// Writes class x of row r to `tile[x * 16 + r]`.
+    /// Writes class x of row r to `tile[x * 16 + r]` when given one, and returns the output rows as registers.
     ///
     /// # Safety
     /// AVX-512F; `p` points at 16 whole rows of c <= 16 floats.
     #[inline(always)]
-    unsafe fn softmax_block16(p: *const f32, out: *mut f32, c: usize, mask: __mmask16, tile: &mut [f32; 256]) {
+    unsafe fn softmax_block16(
+        p: *const f32,
+        out: *mut f32,
+        c: usize,
+        mask: __mmask16,
+        mut tile: Option<&mut [f32; 256]>,
+    ) -> [__m512; 16] {
         let mut col = load_block16(p, c, mask);
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
         for v in col.iter().take(c) {
@@ -358,9 +366,28 @@ mod avx512 {
         let inv = _mm512_div_ps(_mm512_set1_ps(1.0), s);
         for (x, v) in col.iter_mut().enumerate().take(c) {
             *v = _mm512_mul_ps(*v, inv);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(x * 16), *v);
+            if let Some(t) = tile.as_deref_mut() {
+                _mm512_storeu_ps(t.as_mut_ptr().add(x * 16), *v);
+            }
         }
-        store_block16(col, out, c, mask);
+        store_block16(col, out, c, mask)
+    }
+
+    /// Calls `$f::<C>(args)` for the runtime class count `$c` in 1..=16: with C a constant, every
+    /// per-class loop is unrolled and the block's class registers stay in registers (with a runtime
+    /// C the loops kept a compare per class and the blocks spilled to the stack).
+    macro_rules! for_classes {
+        ($c:expr, $f:ident($($arg:expr),*)) => {
+            match $c {
+                1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*), 5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*), 8 => $f::<8>($($arg),*), 9 => $f::<9>($($arg),*),
+                10 => $f::<10>($($arg),*), 11 => $f::<11>($($arg),*), 12 => $f::<12>($($arg),*),
+                13 => $f::<13>($($arg),*), 14 => $f::<14>($($arg),*), 15 => $f::<15>($($arg),*),
+                16 => $f::<16>($($arg),*),
+                c => unreachable!("AVX-512 MI kernel called with {c} classes (the caller checks 1..=16)"),
+            }
+        };
     }
 
     /// `super::forward_chunk` for C <= 16: blocks of 16 rows through `softmax_block16` (rows
@@ -370,18 +397,25 @@ mod avx512 {
     /// The CPU must support AVX-512F; c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+        for_classes!(c, forward_chunk_n(a, b, z, w, j))
+    }
+
+    /// `forward_chunk` for a constant C.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn forward_chunk_n<const C: usize>(a: &[f32], b: &[f32], z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+        let c = C;
         let mask = ((1u32 << c) - 1) as __mmask16;
         let mut acc = [_mm512_setzero_ps(); 16];
-        let (mut zt, mut wt) = ([0.0f32; 256], [0.0f32; 256]);
+        let mut zt = [0.0f32; 256];
         let blocks = a.len() / c / 16;
         for blk in 0..blocks {
             let at = blk * 16 * c;
-            softmax_block16(a.as_ptr().add(at), z.as_mut_ptr().add(at), c, mask, &mut zt);
-            softmax_block16(b.as_ptr().add(at), w.as_mut_ptr().add(at), c, mask, &mut wt);
-            // J += Z^T W over the block: J's rows stay in registers; z from the tile, w rows from
-            // the (cache-hot) output.
-            for r in 0..16 {
-                let wv = _mm512_maskz_loadu_ps(mask, w.as_ptr().add(at + r * c));
+            softmax_block16(a.as_ptr().add(at), z.as_mut_ptr().add(at), c, mask, Some(&mut zt));
+            let w_rows = softmax_block16(b.as_ptr().add(at), w.as_mut_ptr().add(at), c, mask, None);
+            // J += Z^T W over the block: J's rows stay in registers; z from the tile, w's rows as
+            // the transpose left them (reloading them from the masked stores stalls: a masked
+            // store does not forward to a load).
+            for (r, &wv) in w_rows.iter().enumerate() {
                 for (x, row) in acc.iter_mut().enumerate().take(c) {
                     *row = _mm512_fmadd_ps(_mm512_set1_ps(zt[x * 16 + r]), wv, *row);
                 }
@@ -417,6 +451,20 @@ mod avx512 {
         ga: &mut [f32],
         gb: &mut [f32],
     ) {
+        for_classes!(c, backward_chunk_n(z, w, g_hat, scale, ga, gb))
+    }
+
+    /// `backward_chunk` for a constant C.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn backward_chunk_n<const C: usize>(
+        z: &[f32],
+        w: &[f32],
+        g_hat: &[f32],
+        scale: f32,
+        ga: &mut [f32],
+        gb: &mut [f32],
+    ) {
+        let c = C;
         let mask = ((1u32 << c) - 1) as __mmask16;
         let sv = _mm512_set1_ps(scale);
         let blocks = z.len() / c / 16;
@@ -746,6 +794,19 @@ mod tests {
                 assert_matches_reference(&a, &b, n, c, lambda, &format!("n {n} C {c} lambda {lambda}"));
             }
         }
+    }
+
+    #[test]
+    fn every_class_count_of_the_avx512_kernels_matches_the_reference() {
+        // Each C in 1..=16 is its own monomorphised kernel; 37 rows = two 16-row blocks + a tail.
+        for c in 2..=16usize {
+            let (a, b) = (randn(37 * c, 2.0, 900 + c as u64), randn(37 * c, 2.0, 950 + c as u64));
+            assert_matches_reference(&a, &b, 37, c, 1.0, &format!("n 37 C {c}"));
+        }
+        // One class: every softmax is 1, so P = [[1]], the loss is 0 and nothing moves.
+        let (f, ga, gb) = run(&randn(37, 2.0, 901), &randn(37, 2.0, 951), 37, 1, 1.0);
+        assert_eq!(f.loss, 0.0);
+        assert!(ga.iter().chain(&gb).all(|&g| g == 0.0), "C 1: {ga:?} {gb:?}");
     }
 
     #[test]
