@@ -44,10 +44,15 @@ pub struct MiForward {
     pub marginal_entropy: f64,
     /// The sum of the symmetrised joint counts S (= n up to rounding) that P is normalised by.
     pub s: f64,
-    /// softmax(logits_a), n x C.
+    /// softmax(logits_a), n x C in the kernels' storage order (see `blocked()`; `z_rows()` gives
+    /// the plain row-major matrix).
     pub z: Vec<f32>,
-    /// softmax(logits_b), n x C.
+    /// softmax(logits_b), stored as `z`.
     pub w: Vec<f32>,
+    // Whether z and w are in 16-row class-major blocks (`blocked()`): the AVX-512 kernels keep a
+    // block's classes in registers, one row per lane, so this order spares the forward and the
+    // backward two 16 x 16 transposes each. Private: the backward's unsafe path relies on it.
+    blocked: bool,
     /// The joint P = S / s before the clamp, C x C.
     pub p: Vec<f64>,
     /// G - (2 lambda - 1), C x C: -ln P_cd + lambda ln m_c + lambda ln m_d with the clamp applied as
@@ -61,6 +66,41 @@ pub struct MiForward {
     pub clamped: usize,
     /// How many marginals were below EPS.
     pub clamped_marginals: usize,
+}
+
+impl MiForward {
+    /// Whether `z` and `w` are stored in 16-row class-major blocks (the AVX-512 kernels' order: each
+    /// whole block of 16 rows holds class x of its row r at 16 x + r; the rows after the last whole
+    /// block are row-major) rather than row-major.
+    pub fn blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// softmax(logits_a) as a row-major n x C matrix.
+    pub fn z_rows(&self) -> Vec<f32> {
+        self.rows(&self.z)
+    }
+
+    /// softmax(logits_b) as a row-major n x C matrix.
+    pub fn w_rows(&self) -> Vec<f32> {
+        self.rows(&self.w)
+    }
+
+    fn rows(&self, stored: &[f32]) -> Vec<f32> {
+        let mut out = stored.to_vec();
+        let c = self.g0.len().isqrt();
+        if self.blocked {
+            let whole = stored.len() / (16 * c) * 16 * c;
+            for (o, blk) in out[..whole].chunks_exact_mut(16 * c).zip(stored.chunks_exact(16 * c)) {
+                for r in 0..16 {
+                    for x in 0..c {
+                        o[r * c + x] = blk[x * 16 + r];
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Drop for MiForward {
@@ -105,6 +145,7 @@ pub fn forward(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f
     let mut out = joint_terms(&j, c, lambda as f64);
     out.z = z;
     out.w = w;
+    out.blocked = use_avx512(c);
     out
 }
 
@@ -188,6 +229,7 @@ fn joint_terms(j: &[f64], c: usize, lambda: f64) -> MiForward {
         s,
         z: Vec::new(),
         w: Vec::new(),
+        blocked: false,
         g0: g.iter().map(|&v| (v - shift) as f32).collect(),
         g_hat: g.iter().map(|&v| (v - pg) as f32).collect(),
         clamped: p.iter().filter(|&&v| v < EPS).count(),
@@ -292,15 +334,13 @@ mod avx512 {
         v
     }
 
-    /// The inverse of `load_block16`: class registers back to 16 rows of c floats at `p`; returns
-    /// the rows (as registers, lanes >= c zero) for a caller that needs them next.
+    /// The inverse of `load_block16`: class registers back to 16 rows of c floats at `p`.
     #[inline(always)]
-    unsafe fn store_block16(mut v: [__m512; 16], p: *mut f32, c: usize, mask: __mmask16) -> [__m512; 16] {
+    unsafe fn store_block16(mut v: [__m512; 16], p: *mut f32, c: usize, mask: __mmask16) {
         transpose16(&mut v);
         for (r, row) in v.iter().enumerate() {
             _mm512_mask_storeu_ps(p.add(r * c), mask, *row);
         }
-        v
     }
 
     #[cfg(test)]
@@ -341,18 +381,11 @@ mod avx512 {
 
     /// Softmax of 16 rows at once, one register per class (lane r = row r): the row max, sum and
     /// reciprocal are lane-wise, with no horizontal reduction, and every exp lane is useful.
-    /// Writes class x of row r to `tile[x * 16 + r]` when given one, and returns the output rows as registers.
     ///
     /// # Safety
     /// AVX-512F; `p` points at 16 whole rows of c <= 16 floats.
     #[inline(always)]
-    unsafe fn softmax_block16(
-        p: *const f32,
-        out: *mut f32,
-        c: usize,
-        mask: __mmask16,
-        mut tile: Option<&mut [f32; 256]>,
-    ) -> [__m512; 16] {
+    unsafe fn softmax_classes16(p: *const f32, c: usize, mask: __mmask16) -> [__m512; 16] {
         let mut col = load_block16(p, c, mask);
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
         for v in col.iter().take(c) {
@@ -364,13 +397,18 @@ mod avx512 {
             s = _mm512_add_ps(s, *v);
         }
         let inv = _mm512_div_ps(_mm512_set1_ps(1.0), s);
-        for (x, v) in col.iter_mut().enumerate().take(c) {
+        for v in col.iter_mut().take(c) {
             *v = _mm512_mul_ps(*v, inv);
-            if let Some(t) = tile.as_deref_mut() {
-                _mm512_storeu_ps(t.as_mut_ptr().add(x * 16), *v);
-            }
         }
-        store_block16(col, out, c, mask)
+        col
+    }
+
+    /// Stores a block's class registers class-major (`MiForward::blocked`'s order) at `p`.
+    #[inline(always)]
+    unsafe fn store_classes16(col: &[__m512; 16], p: *mut f32, c: usize) {
+        for (x, v) in col.iter().enumerate().take(c) {
+            _mm512_storeu_ps(p.add(x * 16), *v);
+        }
     }
 
     /// Calls `$f::<C>(args)` for the runtime class count `$c` in 1..=16: with C a constant, every
@@ -390,8 +428,9 @@ mod avx512 {
         };
     }
 
-    /// `super::forward_chunk` for C <= 16: blocks of 16 rows through `softmax_block16` (rows
-    /// gathered into class registers and back), the rest row by row.
+    /// `super::forward_chunk` for C <= 16, writing z and w in `MiForward::blocked`'s order: blocks
+    /// of 16 rows through `softmax_classes16` (rows gathered into class registers), the rest row by
+    /// row.
     ///
     /// # Safety
     /// The CPU must support AVX-512F; c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
@@ -406,18 +445,20 @@ mod avx512 {
         let c = C;
         let mask = ((1u32 << c) - 1) as __mmask16;
         let mut acc = [_mm512_setzero_ps(); 16];
-        let mut zt = [0.0f32; 256];
         let blocks = a.len() / c / 16;
         for blk in 0..blocks {
             let at = blk * 16 * c;
-            softmax_block16(a.as_ptr().add(at), z.as_mut_ptr().add(at), c, mask, Some(&mut zt));
-            let w_rows = softmax_block16(b.as_ptr().add(at), w.as_mut_ptr().add(at), c, mask, None);
-            // J += Z^T W over the block: J's rows stay in registers; z from the tile, w's rows as
-            // the transpose left them (reloading them from the masked stores stalls: a masked
-            // store does not forward to a load).
+            let zc = softmax_classes16(a.as_ptr().add(at), c, mask);
+            store_classes16(&zc, z.as_mut_ptr().add(at), c);
+            let mut w_rows = softmax_classes16(b.as_ptr().add(at), c, mask);
+            store_classes16(&w_rows, w.as_mut_ptr().add(at), c);
+            // J += Z^T W over the block: J's rows stay in registers, each row of w (one transpose)
+            // scaled by z's entries, broadcast from the class-major block just stored.
+            transpose16(&mut w_rows);
+            let zb = z.as_ptr().add(at);
             for (r, &wv) in w_rows.iter().enumerate() {
                 for (x, row) in acc.iter_mut().enumerate().take(c) {
-                    *row = _mm512_fmadd_ps(_mm512_set1_ps(zt[x * 16 + r]), wv, *row);
+                    *row = _mm512_fmadd_ps(_mm512_set1_ps(*zb.add(x * 16 + r)), wv, *row);
                 }
             }
         }
@@ -437,7 +478,7 @@ mod avx512 {
         }
     }
 
-    /// `super::backward_chunk` for C <= 16.
+    /// `super::backward_chunk` for C <= 16, reading z and w in `MiForward::blocked`'s order.
     ///
     /// # Safety
     /// As for `forward_chunk`; g_hat is C x C and symmetric.
@@ -468,13 +509,16 @@ mod avx512 {
         let mask = ((1u32 << c) - 1) as __mmask16;
         let sv = _mm512_set1_ps(scale);
         let blocks = z.len() / c / 16;
-        // Blocks of 16 rows with one register per class (lane = row): u = G^ w and the dot
-        // products are lane-wise FMAs with G^'s entries broadcast, no horizontal reduction; rows
-        // come in and go out through in-register transposes.
+        // Blocks of 16 rows with one register per class (lane = row), as the forward stored them:
+        // u = G^ w and the dot products are lane-wise FMAs with G^'s entries broadcast, no
+        // horizontal reduction; the gradients go out as rows through in-register transposes.
         for blk in 0..blocks {
             let at = blk * 16 * c;
-            let zc = load_block16(z.as_ptr().add(at), c, mask);
-            let wc = load_block16(w.as_ptr().add(at), c, mask);
+            let (mut zc, mut wc) = ([_mm512_setzero_ps(); 16], [_mm512_setzero_ps(); 16]);
+            for x in 0..c {
+                zc[x] = _mm512_loadu_ps(z.as_ptr().add(at + x * 16));
+                wc[x] = _mm512_loadu_ps(w.as_ptr().add(at + x * 16));
+            }
             let (mut ua, mut ub) = ([_mm512_setzero_ps(); 16], [_mm512_setzero_ps(); 16]);
             let (mut da, mut db) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             for x in 0..c {
@@ -526,20 +570,30 @@ fn use_avx512(c: usize) -> bool {
 fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if use_avx512(c) {
-        debug_assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
+        assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
         // SAFETY: `use_avx512` checked the CPU and c <= 16; the slices hold whole rows of C.
         return unsafe { avx512::forward_chunk(a, b, c, z, w, j) };
     }
     forward_chunk(a, b, c, z, w, j)
 }
 
-/// One backward chunk on the best path for this CPU.
-fn backward_chunk_best(z: &[f32], w: &[f32], g_hat: &[f32], c: usize, scale: f32, ga: &mut [f32], gb: &mut [f32]) {
+/// One backward chunk on the path that matches the forward's storage order (`blocked`).
+#[allow(clippy::too_many_arguments)]
+fn backward_chunk_best(
+    blocked: bool,
+    z: &[f32],
+    w: &[f32],
+    g_hat: &[f32],
+    c: usize,
+    scale: f32,
+    ga: &mut [f32],
+    gb: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if use_avx512(c) {
-        debug_assert!(
-            z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c
-        );
+    if blocked {
+        // Safe callers cannot break these (the fields are checked here, `blocked` is private).
+        assert!(use_avx512(c), "blocked MI storage without the AVX-512 kernels");
+        assert!(z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c);
         // SAFETY: as in `forward_chunk_best`.
         return unsafe { avx512::backward_chunk(z, w, g_hat, c, scale, ga, gb) };
     }
@@ -557,7 +611,7 @@ pub fn backward(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut
         .par_chunks_mut(step)
         .zip(grad_b.par_chunks_mut(step))
         .zip(views)
-        .for_each(|((ga, gb), (zc, wc))| backward_chunk_best(zc, wc, &fwd.g_hat, c, scale, ga, gb));
+        .for_each(|((ga, gb), (zc, wc))| backward_chunk_best(fwd.blocked, zc, wc, &fwd.g_hat, c, scale, ga, gb));
 }
 
 /// Row softmax in f64 (max subtracted).
@@ -802,6 +856,11 @@ mod tests {
         for c in 2..=16usize {
             let (a, b) = (randn(37 * c, 2.0, 900 + c as u64), randn(37 * c, 2.0, 950 + c as u64));
             assert_matches_reference(&a, &b, 37, c, 1.0, &format!("n 37 C {c}"));
+            // Whatever order the kernels store the softmax in, z_rows() is the row-major softmax.
+            let (f, _, _) = run(&a, &b, 37, c, 1.0);
+            let want = softmax_f64(&a.iter().map(|&v| v as f64).collect::<Vec<_>>(), c);
+            let got = f.z_rows();
+            assert!(got.iter().zip(&want).all(|(g, w)| (*g as f64 - w).abs() < 1e-6), "C {c}: z_rows");
         }
         // One class: every softmax is 1, so P = [[1]], the loss is 0 and nothing moves.
         let (f, ga, gb) = run(&randn(37, 2.0, 901), &randn(37, 2.0, 951), 37, 1, 1.0);
