@@ -444,24 +444,31 @@ mod avx512 {
     unsafe fn forward_chunk_n<const C: usize>(a: &[f32], b: &[f32], z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
         let c = C;
         let mask = ((1u32 << c) - 1) as __mmask16;
-        let mut acc = [_mm512_setzero_ps(); 16];
         let blocks = a.len() / c / 16;
         for blk in 0..blocks {
             let at = blk * 16 * c;
             let zc = softmax_classes16(a.as_ptr().add(at), c, mask);
             store_classes16(&zc, z.as_mut_ptr().add(at), c);
-            let mut w_rows = softmax_classes16(b.as_ptr().add(at), c, mask);
-            store_classes16(&w_rows, w.as_mut_ptr().add(at), c);
-            // J += Z^T W over the block: J's rows stay in registers, each row of w (one transpose)
-            // scaled by z's entries, broadcast from the class-major block just stored.
-            transpose16(&mut w_rows);
-            let zb = z.as_ptr().add(at);
-            for (r, &wv) in w_rows.iter().enumerate() {
-                for (x, row) in acc.iter_mut().enumerate().take(c) {
-                    *row = _mm512_fmadd_ps(_mm512_set1_ps(*zb.add(x * 16 + r)), wv, *row);
-                }
+            let wc = softmax_classes16(b.as_ptr().add(at), c, mask);
+            store_classes16(&wc, w.as_mut_ptr().add(at), c);
+        }
+        // J = Z^T W over the whole blocks, from the class-major blocks (cache-hot: a chunk is
+        // about 1024 rows): lane-wise products for a few classes x at a time, then one horizontal
+        // sum per entry. Two x per pass while the accumulators fit the 32 registers.
+        let (zp, wp) = (z.as_ptr(), w.as_ptr());
+        let mut x0 = 0;
+        if C <= 13 {
+            while x0 + 2 <= C {
+                joint_lanes::<C, 2>(zp, wp, blocks, x0, j);
+                x0 += 2;
             }
         }
+        while x0 < C {
+            joint_lanes::<C, 1>(zp, wp, blocks, x0, j);
+            x0 += 1;
+        }
+        // The rows after the last whole block: row-major, J's rows in registers.
+        let mut acc = [_mm512_setzero_ps(); 16];
         let mut zs = [0.0f32; 16];
         for r in blocks * 16..a.len() / c {
             let zv = softmax16(a.as_ptr().add(r * c), mask);
@@ -473,8 +480,43 @@ mod avx512 {
                 *row = _mm512_fmadd_ps(_mm512_set1_ps(zx), wv, *row);
             }
         }
+        let mut tail = [0.0f32; 16];
         for (x, row) in acc.iter().enumerate().take(c) {
-            _mm512_mask_storeu_ps(j.as_mut_ptr().add(x * c), mask, *row);
+            _mm512_storeu_ps(tail.as_mut_ptr(), *row);
+            for (jv, &t) in j[x * c..(x + 1) * c].iter_mut().zip(&tail) {
+                *jv += t;
+            }
+        }
+    }
+
+    /// Rows x0..x0 + G of J (overwritten) over `blocks` class-major blocks of z and w: one
+    /// accumulator register per (x, y), one lane per row of a block.
+    #[inline(always)]
+    unsafe fn joint_lanes<const C: usize, const G: usize>(
+        z: *const f32,
+        w: *const f32,
+        blocks: usize,
+        x0: usize,
+        j: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; G];
+        for blk in 0..blocks {
+            let base = blk * 16 * C;
+            let mut zx = [_mm512_setzero_ps(); G];
+            for (g, v) in zx.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(z.add(base + (x0 + g) * 16));
+            }
+            for y in 0..C {
+                let wy = _mm512_loadu_ps(w.add(base + y * 16));
+                for (row, &zv) in acc.iter_mut().zip(&zx) {
+                    row[y] = _mm512_fmadd_ps(zv, wy, row[y]);
+                }
+            }
+        }
+        for (g, row) in acc.iter().enumerate() {
+            for (y, v) in row.iter().enumerate() {
+                j[(x0 + g) * C + y] = _mm512_reduce_add_ps(*v);
+            }
         }
     }
 

@@ -243,8 +243,9 @@ pub mod avx512 {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k));
         }
         let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
-        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
-        let y = _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+        // e * 2^n in one instruction (n is integral and in [-126, 127] after the clamp, so this is
+        // the scalar twin's exponent-bits product, rounding included).
+        let y = _mm512_scalef_ps(e, n);
         let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.3));
         _mm512_mask_blend_ps(under, y, _mm512_setzero_ps())
     }
