@@ -160,7 +160,12 @@ def torch_times(case, threads, warmup, steps):
         t0 = time.perf_counter()
         xl = aug.batch(b)
         yl = torch.randint(0, 10, (b,), generator=gen)
-        x = torch.cat([xl, aug.batch(u), aug.batch(u)]) if u else xl
+        if u:
+            # Two augmentations of the same unlabeled images, as muscle's step.
+            iu = torch.randint(0, aug.padded.shape[0], (u,), generator=gen)
+            x = torch.cat([xl, aug.images(iu), aug.images(iu)])
+        else:
+            x = xl
         logits = model(x)
         loss = F.cross_entropy(logits[:b], yl)
         if u:

@@ -115,7 +115,9 @@ def main():
         idx = torch.randint(0, len(labeled), (b,), generator=gen)
         xl, yl = lab_aug.images(idx), lab_y[idx]
         if a.method == "muscle":
-            x = torch.cat([xl, unl_aug.batch(u), unl_aug.batch(u)])
+            # Two independent augmentations of the same unlabeled images.
+            iu = torch.randint(0, len(unlabeled), (u,), generator=gen)
+            x = torch.cat([xl, unl_aug.images(iu), unl_aug.images(iu)])
         else:
             x = xl
         logits = model(x)
