@@ -317,6 +317,26 @@ mod tests {
     }
 
     #[test]
+    fn the_two_views_draw_independent_augmentations() {
+        // Pad 2 + crop + flip has 5 x 5 x 2 = 50 outcomes: independent draws of the two views
+        // agree for about 1 image in 50; correlated streams (keys mixed too weakly) would agree
+        // far more often, and the MI term would see two copies of one view.
+        let (tr, s, aug) = setup();
+        let (mut same, mut total) = (0usize, 0usize);
+        for step in 0..8u64 {
+            let mut loader = Loader::new(tr.clone(), &s, aug.clone(), 3, BatchPlan::new(8, 256, 2), step).unwrap();
+            let batch = loader.next().unwrap();
+            let (a, b) = (batch.views[0].data().unwrap(), batch.views[1].data().unwrap());
+            for (ra, rb) in a.chunks_exact(784).zip(b.chunks_exact(784)) {
+                same += usize::from(ra == rb);
+                total += 1;
+            }
+        }
+        let rate = same as f64 / total as f64;
+        assert!((0.005..0.05).contains(&rate), "{same} of {total} images have identical views");
+    }
+
+    #[test]
     fn gather_is_independent_of_the_thread_count() {
         let tr = &emb().train;
         let aug = Augment::for_dataset(DatasetKind::FashionMnist, tr);
