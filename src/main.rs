@@ -158,7 +158,7 @@ struct TrainArgs {
     /// convnet base width.
     #[arg(long, default_value_t = 32)]
     width: usize,
-    /// Number of labeled images (class-balanced, drawn by --seed).
+    /// Number of labeled images (class-balanced, drawn by --split-seed, else --seed).
     #[arg(long, default_value_t = 40)]
     labels: usize,
     /// Class-balanced validation images held out of the labeled and unlabeled sets.
@@ -170,6 +170,10 @@ struct TrainArgs {
     /// Seed of the split, initialisation, batches, augmentation and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Seed of the labeled / validation split alone [default: --seed]; with it, --seed varies
+    /// only the initialisation, batches and augmentation on one fixed labeled set.
+    #[arg(long = "split-seed")]
+    split_seed: Option<u64>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 600)]
     steps: u64,
@@ -307,6 +311,7 @@ impl TrainArgs {
             val: self.val,
             imbalance: self.imbalance,
             seed: self.seed,
+            split_seed: self.split_seed,
             steps: self.steps,
             batch: self.batch,
             unlabeled_batch: self.unlabeled_batch,

@@ -67,6 +67,41 @@ fn missing_or_corrupt_files_exit_1_and_name_the_file() {
 }
 
 #[test]
+fn split_seed_fixes_the_labeled_set_while_seed_moves_the_rest() {
+    let d = scratch("cli-split-seed");
+    let data = muscle::data::embedded().expect("embedded set");
+    let run = |name: &str, seed: &str, split_seed: Option<&str>| {
+        let out = d.join(name);
+        let mut args = vec!["train", "--steps", "1", "--batch", "8", "--unlabeled-batch", "16", "--width", "8"];
+        args.extend(["--seed", seed, "--out", out.to_str().expect("utf8")]);
+        if let Some(s) = split_seed {
+            args.extend(["--split-seed", s]);
+        }
+        let o = muscle(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let read = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(out.join(f)).expect(f)).expect("json")
+        };
+        let labeled: Vec<usize> = read("split.json")["labeled"]
+            .as_array()
+            .expect("labeled")
+            .iter()
+            .map(|v| v.as_u64().expect("i") as usize)
+            .collect();
+        (labeled, read("config.json")["split_seed"].clone(), read("summary.json")["test_accuracy"].clone())
+    };
+    let (fixed, recorded, acc_fixed) = run("fixed", "3", Some("5"));
+    assert_eq!(fixed, muscle::data::split(&data.train, 40, 0, 1.0, 5).expect("split").labeled);
+    assert_ne!(fixed, muscle::data::split(&data.train, 40, 0, 1.0, 3).expect("split").labeled);
+    assert_eq!(recorded, 5);
+    let (default, recorded, acc_default) = run("default", "5", None);
+    assert_eq!(default, fixed, "without --split-seed the split follows --seed");
+    assert!(recorded.is_null());
+    // Same labeled set, different seed: other initial weights and batches, so another model.
+    assert_ne!(acc_fixed, acc_default);
+}
+
+#[test]
 fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
     let d = scratch("cli-run");
     let out = d.join("run");

@@ -56,6 +56,9 @@ pub struct TrainConfig {
     pub imbalance: f64,
     /// Seed of the split, initialisation, batches, augmentation and dropout.
     pub seed: u64,
+    /// Seed of the labeled / validation split alone, when it differs from `seed` (to measure the
+    /// spread over initialisations and batches on one fixed labeled set).
+    pub split_seed: Option<u64>,
     /// Optimizer steps.
     pub steps: u64,
     /// Labeled images per step.
@@ -119,6 +122,7 @@ impl Default for TrainConfig {
             val: 0,
             imbalance: 1.0,
             seed: 0,
+            split_seed: None,
             steps: 600,
             batch: 64,
             unlabeled_batch: 256,
@@ -213,7 +217,12 @@ impl TrainConfig {
         p.labeled * (1 + p.labeled_second_view as usize) + p.views * p.unlabeled
     }
 
-    /// Steps of the unsupervised weights' ramp-up.
+    /// The seed that draws the labeled and validation split (`split_seed`, else `seed`).
+    pub fn split_seed(&self) -> u64 {
+        self.split_seed.unwrap_or(self.seed)
+    }
+
+    /// Steps of the linear ramp-up of the unsupervised weights.
     pub fn ramp_steps(&self) -> u64 {
         (self.ramp * self.steps as f64).round() as u64
     }
@@ -242,6 +251,7 @@ impl TrainConfig {
             val: u("val")? as usize,
             imbalance: f("label_imbalance")?,
             seed: u("seed")?,
+            split_seed: v.get("split_seed").and_then(Value::as_u64),
             steps: u("steps")?,
             batch: u("batch")? as usize,
             unlabeled_batch: u("unlabeled_batch")? as usize,
@@ -289,6 +299,7 @@ impl TrainConfig {
             "val": self.val,
             "label_imbalance": self.imbalance,
             "seed": self.seed,
+            "split_seed": self.split_seed,
             "steps": self.steps,
             "batch": self.batch,
             "unlabeled_batch": self.unlabeled_batch,

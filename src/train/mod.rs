@@ -228,7 +228,7 @@ fn run(
     cfg.device.check_available()?;
     crate::cpu::set_threads(cfg.threads)?;
     let TrainTest { train, test } = load_data(cfg)?;
-    let split = data::split(&train, cfg.labels, cfg.val, cfg.imbalance, cfg.seed)?;
+    let split = data::split(&train, cfg.labels, cfg.val, cfg.imbalance, cfg.split_seed())?;
     let aug = Augment::for_dataset(cfg.dataset, &train);
     let spec = ModelSpec {
         kind: cfg.model,
