@@ -11,3 +11,4 @@ mod mi_reference;
 mod models;
 mod reliability;
 mod sweep;
+mod training_reference;

@@ -4,6 +4,8 @@ use muscle::nn::{ForwardCtx, Model, ModelKind, ModelSpec, Module, Role};
 use muscle::testing::randn;
 use muscle::Tape;
 
+use crate::common::assert_summary;
+
 fn spec(kind: ModelKind, c: usize, hw: usize) -> ModelSpec {
     ModelSpec { kind, in_channels: c, height: hw, width: hw, classes: 10 }
 }
@@ -175,30 +177,6 @@ fn fixture_value(name: &str, rank: usize, shape: &[usize]) -> Vec<f32> {
             v as f32
         })
         .collect()
-}
-
-/// Summary of a tensor as the fixture records it: sum, sum of squares, first entries.
-fn summarise(v: &[f32]) -> (f64, f64, Vec<f64>) {
-    let sum = v.iter().map(|&x| x as f64).sum();
-    let sumsq = v.iter().map(|&x| x as f64 * x as f64).sum();
-    (sum, sumsq, v.iter().take(6).map(|&x| x as f64).collect())
-}
-
-/// Asserts a summary matches the fixture's: the sum of squares within `rel` relative, each recorded
-/// entry within `rel` of the tensor's RMS, and the sum within 20 `rel` of sqrt(n) RMS (the sum of a
-/// gradient feeding a batch norm nearly cancels, so its rounding is large against its size).
-fn assert_summary(what: &str, got: &[f32], want: &serde_json::Value, rel: f64) {
-    let f = |k: &str| want[k].as_f64().unwrap_or_else(|| panic!("{what}: {k}"));
-    let (sum, sumsq, first) = summarise(got);
-    let n = got.len() as f64;
-    let rms = (f("sumsq") / n).sqrt().max(1e-30);
-    assert!((sumsq - f("sumsq")).abs() <= rel * f("sumsq") + 1e-30, "{what}: sum of squares {sumsq} vs {}", f("sumsq"));
-    assert!((sum - f("sum")).abs() <= 20.0 * rel * rms * n.sqrt(), "{what}: sum {sum} vs {}", f("sum"));
-    let want_first: Vec<f64> =
-        want["first"].as_array().expect("first").iter().map(|v| v.as_f64().expect("f")).collect();
-    for (k, (g, w)) in first.iter().zip(&want_first).enumerate() {
-        assert!((g - w).abs() <= rel * rms, "{what}[{k}]: {g} vs {w} (rms {rms:e})");
-    }
 }
 
 fn assert_logits(what: &str, got: &[f32], want: &serde_json::Value) {
