@@ -16,45 +16,24 @@ Usage: python scripts/model-reference-torch.py   (torch and numpy; run from the 
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "peer"))
+from step import SeqNet, convnet  # noqa: E402 (the PyTorch peer's definitions)
+
 OUT = os.path.join("tests", "fixtures", "models", "reference.json")
 BATCH = 4
 FIRST = 6  # gradient entries recorded verbatim per parameter
 
 
-def seq_model(plan, cin, classes, momentum):
-    """A Sequential `features` (indices count every layer) then `fc`, as muscle's convnet/cnn13."""
-    layers, c = [], cin
-    for b in plan:
-        if b == "M":
-            layers.append(nn.MaxPool2d(2))
-        elif b == "D":
-            layers.append(nn.Dropout(0.5))
-        else:
-            out, k, pad = b
-            layers += [nn.Conv2d(c, out, k, padding=pad, bias=False), nn.BatchNorm2d(out, momentum=momentum),
-                       nn.LeakyReLU(0.1)]
-            c = out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    net = nn.Module()
-    net.features = nn.Sequential(*layers)
-    net.fc = nn.Linear(c, classes)
-    net.forward = lambda x: net.fc(net.features(x))
-    return net
-
-
-def convnet(w):
-    return seq_model([(w, 3, 1), (w, 3, 1), "M", (2 * w, 3, 1), (2 * w, 3, 1), "M", (4 * w, 3, 1)], 1, 10, 0.1)
-
-
 def cnn13():
     plan = [(128, 3, 1)] * 3 + ["M", "D"] + [(256, 3, 1)] * 3 + ["M", "D"] + [(512, 3, 0), (256, 1, 0), (128, 1, 0)]
-    return seq_model(plan, 3, 10, 0.1)
+    return SeqNet(plan, 3, 10, 0.1)
 
 
 class BasicBlock(nn.Module):

@@ -121,8 +121,7 @@ def init(model):
 
 
 def clone(model):
-    """A separate convnet with `model`'s state (not deepcopy: the peer's forward is a closure over
-    the module it was built for)."""
+    """A separate convnet with `model`'s state, in training mode."""
     other = convnet()
     other.load_state_dict(model.state_dict())
     other.train()

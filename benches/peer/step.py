@@ -27,21 +27,35 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 EPS = sys.float_info.epsilon
 
 
+class SeqNet(nn.Module):
+    """A Sequential `features` (indices count every layer) then `fc`: muscle's convnet and cnn13
+    (src/nn/sequential.rs) with their PyTorch names. `plan` entries: (out, kernel, pad) for
+    conv-BN-LeakyReLU(0.1), "M" for max-pool 2, "D" for dropout 0.5."""
+
+    def __init__(self, plan, cin, classes, momentum):
+        super().__init__()
+        layers, c = [], cin
+        for b in plan:
+            if b == "M":
+                layers.append(nn.MaxPool2d(2))
+            elif b == "D":
+                layers.append(nn.Dropout(0.5))
+            else:
+                out, k, pad = b
+                layers += [nn.Conv2d(c, out, k, padding=pad, bias=False), nn.BatchNorm2d(out, momentum=momentum),
+                           nn.LeakyReLU(0.1)]
+                c = out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
 def convnet(w=32, cin=1, classes=10):
-    """METHOD.md's convnet exactly as muscle builds it (src/nn/sequential.rs)."""
-    layers, c = [], cin
-    for b in [w, w, "M", 2 * w, 2 * w, "M", 4 * w]:
-        if b == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(c, b, 3, padding=1, bias=False), nn.BatchNorm2d(b, momentum=0.1), nn.LeakyReLU(0.1)]
-            c = b
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    net = nn.Module()
-    net.features = nn.Sequential(*layers)
-    net.fc = nn.Linear(c, classes)
-    net.forward = lambda x: net.fc(net.features(x))
-    return net
+    """METHOD.md's convnet exactly as muscle builds it."""
+    return SeqNet([(w, 3, 1), (w, 3, 1), "M", (2 * w, 3, 1), (2 * w, 3, 1), "M", (4 * w, 3, 1)], cin, classes, 0.1)
 
 
 class Block(nn.Module):
