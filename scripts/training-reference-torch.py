@@ -16,7 +16,6 @@ trained model and of the EMA, and the eval-mode logits of both on the first test
 
 Usage: python scripts/training-reference-torch.py   (torch and numpy; run from the repository root)
 """
-import gzip
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "benches", "peer"))
 from step import convnet, iic_loss  # noqa: E402 (the PyTorch peer's definitions)
+from train import read_idx  # noqa: E402
 
 MASK = (1 << 64) - 1
 
@@ -37,15 +37,6 @@ DATA = os.path.join("data", "fashion-mnist-10k")
 STEPS, B, U = 8, 32, 128          # steps, labeled batch, unlabeled batch (per view)
 LR, WD, W_MI, RAMP = 2e-3, 0.5, 1.0, 2    # RAMP = round(0.2 * STEPS)
 MEAN, STD, PAD, EVAL, FC_SCALE = 0.2860, 0.3530, 2, 8, 8.0
-
-
-def read_idx(path, images):
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if images:
-        n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-        return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)
-    return np.frombuffer(raw, np.uint8, offset=8).astype(np.int64)
 
 
 # Index and augmentation formulas (mirrored in tests/training_reference.rs).
