@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "benches", "peer"))
-from step import convnet, iic_loss  # noqa: E402 (the PyTorch peer's definitions)
+from step import convnet, ema_update, iic_loss  # noqa: E402 (the PyTorch peer's definitions)
 from train import read_idx  # noqa: E402
 
 MASK = (1 << 64) - 1
@@ -159,12 +159,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        with torch.no_grad():
-            d = min(0.999, (1.0 + k) / (10.0 + k))
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1.0 - d)
-            for be, bt in zip(ema.buffers(), model.buffers()):
-                be.copy_(bt)
+        ema_update(ema, model, k)
         steps.append({"loss": total.item(), "sup": sup.item(), "mi": mi.item(), "lr": lr, "w_mi": w})
 
     def state(m):

@@ -103,6 +103,17 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+@torch.no_grad()
+def ema_update(ema, model, step):
+    """METHOD.md's EMA after optimizer step `step` (0-based): parameters averaged with decay
+    min(0.999, (1 + t) / (10 + t)), BN buffers copied from the trained model."""
+    d = min(0.999, (1.0 + step) / (10.0 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - d)
+    for be, bt in zip(ema.buffers(), model.buffers()):
+        be.copy_(bt)
+
+
 def iic_loss(za, zb, lamb=1.0):
     """IIC's IID_loss (clamps as constants), the MI term of METHOD.md."""
     x, y = torch.softmax(za, 1), torch.softmax(zb, 1)

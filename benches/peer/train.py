@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step import Augmenter, convnet, iic_loss  # noqa: E402 (the peer's shared definitions)
+from step import Augmenter, convnet, ema_update, iic_loss  # noqa: E402 (the peer's shared definitions)
 
 
 def read_idx(path, images):
@@ -131,12 +131,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            d = min(0.999, (1.0 + step) / (10.0 + step))
-            for pe, p in zip(ema_model.parameters(), model.parameters()):
-                pe.lerp_(p, 1.0 - d)
-            for be, bt in zip(ema_model.buffers(), model.buffers()):
-                be.copy_(bt)
+        ema_update(ema_model, model, step)
         done = step + 1
         if done % a.eval_every == 0 or done == a.steps:
             raw = accuracy(model, xte, yte, tmean, tstd)
