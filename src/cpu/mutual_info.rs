@@ -445,12 +445,14 @@ mod avx512 {
         let c = C;
         let mask = ((1u32 << c) - 1) as __mmask16;
         let blocks = a.len() / c / 16;
-        for blk in 0..blocks {
-            let at = blk * 16 * c;
-            let zc = softmax_classes16(a.as_ptr().add(at), c, mask);
-            store_classes16(&zc, z.as_mut_ptr().add(at), c);
-            let wc = softmax_classes16(b.as_ptr().add(at), c, mask);
-            store_classes16(&wc, w.as_mut_ptr().add(at), c);
+        // One view after the other over the chunk: with both views' blocks in one loop body the
+        // compiler interleaved the two softmaxes and transposes, and their registers spilled.
+        for (src, dst) in [(a, &mut *z), (b, &mut *w)] {
+            for blk in 0..blocks {
+                let at = blk * 16 * c;
+                let v = softmax_classes16(src.as_ptr().add(at), c, mask);
+                store_classes16(&v, dst.as_mut_ptr().add(at), c);
+            }
         }
         // J = Z^T W over the whole blocks, from the class-major blocks (cache-hot: a chunk is
         // about 1024 rows): lane-wise products for a few classes x at a time, then one horizontal
@@ -561,24 +563,31 @@ mod avx512 {
                 zc[x] = _mm512_loadu_ps(z.as_ptr().add(at + x * 16));
                 wc[x] = _mm512_loadu_ps(w.as_ptr().add(at + x * 16));
             }
-            let (mut ua, mut ub) = ([_mm512_setzero_ps(); 16], [_mm512_setzero_ps(); 16]);
-            let (mut da, mut db) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            // One view at a time, so that only one of the C-register products u is live (both at
+            // once, with z and w, spilled); the dot <z_i, G^ w_i> = <w_i, G^ z_i> (G^ symmetric)
+            // is computed once for both views.
+            let mut ua = [_mm512_setzero_ps(); 16];
+            let mut d = _mm512_setzero_ps();
             for x in 0..c {
-                let (mut sa, mut sb) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                for y in 0..c {
-                    let gyx = _mm512_set1_ps(*g_hat.get_unchecked(y * c + x));
-                    sa = _mm512_fmadd_ps(wc[y], gyx, sa);
-                    sb = _mm512_fmadd_ps(zc[y], gyx, sb);
+                let mut sa = _mm512_setzero_ps();
+                for (y, wy) in wc.iter().enumerate().take(c) {
+                    sa = _mm512_fmadd_ps(*wy, _mm512_set1_ps(*g_hat.get_unchecked(y * c + x)), sa);
                 }
-                da = _mm512_fmadd_ps(zc[x], sa, da);
-                db = _mm512_fmadd_ps(wc[x], sb, db);
-                (ua[x], ub[x]) = (sa, sb);
+                d = _mm512_fmadd_ps(zc[x], sa, d);
+                ua[x] = sa;
             }
             for x in 0..c {
-                ua[x] = _mm512_mul_ps(_mm512_mul_ps(sv, zc[x]), _mm512_sub_ps(ua[x], da));
-                ub[x] = _mm512_mul_ps(_mm512_mul_ps(sv, wc[x]), _mm512_sub_ps(ub[x], db));
+                ua[x] = _mm512_mul_ps(_mm512_mul_ps(sv, zc[x]), _mm512_sub_ps(ua[x], d));
             }
             store_block16(ua, ga.as_mut_ptr().add(at), c, mask);
+            let mut ub = [_mm512_setzero_ps(); 16];
+            for x in 0..c {
+                let mut sb = _mm512_setzero_ps();
+                for (y, zy) in zc.iter().enumerate().take(c) {
+                    sb = _mm512_fmadd_ps(*zy, _mm512_set1_ps(*g_hat.get_unchecked(y * c + x)), sb);
+                }
+                ub[x] = _mm512_mul_ps(_mm512_mul_ps(sv, wc[x]), _mm512_sub_ps(sb, d));
+            }
             store_block16(ub, gb.as_mut_ptr().add(at), c, mask);
         }
         let mut g = [_mm512_setzero_ps(); 16];
