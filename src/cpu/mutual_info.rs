@@ -522,6 +522,20 @@ mod avx512 {
         }
     }
 
+    /// u = G^ v for one block of C class registers at `v` (lane = row): the classes of v outer,
+    /// so that one of them and the C accumulators are all that is live.
+    #[inline(always)]
+    unsafe fn products16<const C: usize>(v: *const f32, g_hat: &[f32]) -> [__m512; C] {
+        let mut u = [_mm512_setzero_ps(); C];
+        for y in 0..C {
+            let vy = _mm512_loadu_ps(v.add(y * 16));
+            for (x, ux) in u.iter_mut().enumerate() {
+                *ux = _mm512_fmadd_ps(vy, _mm512_set1_ps(*g_hat.get_unchecked(y * C + x)), *ux);
+            }
+        }
+        u
+    }
+
     /// `super::backward_chunk` for C <= 16, reading z and w in `MiForward::blocked`'s order.
     ///
     /// # Safety
@@ -558,37 +572,25 @@ mod avx512 {
         // horizontal reduction; the gradients go out as rows through in-register transposes.
         for blk in 0..blocks {
             let at = blk * 16 * c;
-            let (mut zc, mut wc) = ([_mm512_setzero_ps(); 16], [_mm512_setzero_ps(); 16]);
-            for x in 0..c {
-                zc[x] = _mm512_loadu_ps(z.as_ptr().add(at + x * 16));
-                wc[x] = _mm512_loadu_ps(w.as_ptr().add(at + x * 16));
-            }
-            // One view at a time, so that only one of the C-register products u is live (both at
-            // once, with z and w, spilled); the dot <z_i, G^ w_i> = <w_i, G^ z_i> (G^ symmetric)
-            // is computed once for both views.
-            let mut ua = [_mm512_setzero_ps(); 16];
+            let (zb, wb) = (z.as_ptr().add(at), w.as_ptr().add(at));
+            // One view at a time, z and w read from the block (L1) where they are needed, so that
+            // only one view's C products are live (holding z, w and both views' products, 40
+            // registers, spilled); <z_i, G^ w_i> = <w_i, G^ z_i> (G^ symmetric) serves both.
+            let ua = products16::<C>(wb, g_hat);
             let mut d = _mm512_setzero_ps();
-            for x in 0..c {
-                let mut sa = _mm512_setzero_ps();
-                for (y, wy) in wc.iter().enumerate().take(c) {
-                    sa = _mm512_fmadd_ps(*wy, _mm512_set1_ps(*g_hat.get_unchecked(y * c + x)), sa);
-                }
-                d = _mm512_fmadd_ps(zc[x], sa, d);
-                ua[x] = sa;
+            for (x, u) in ua.iter().enumerate() {
+                d = _mm512_fmadd_ps(_mm512_loadu_ps(zb.add(x * 16)), *u, d);
             }
-            for x in 0..c {
-                ua[x] = _mm512_mul_ps(_mm512_mul_ps(sv, zc[x]), _mm512_sub_ps(ua[x], d));
+            let mut out = [_mm512_setzero_ps(); 16];
+            for (x, u) in ua.iter().enumerate() {
+                out[x] = _mm512_mul_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(zb.add(x * 16))), _mm512_sub_ps(*u, d));
             }
-            store_block16(ua, ga.as_mut_ptr().add(at), c, mask);
-            let mut ub = [_mm512_setzero_ps(); 16];
-            for x in 0..c {
-                let mut sb = _mm512_setzero_ps();
-                for (y, zy) in zc.iter().enumerate().take(c) {
-                    sb = _mm512_fmadd_ps(*zy, _mm512_set1_ps(*g_hat.get_unchecked(y * c + x)), sb);
-                }
-                ub[x] = _mm512_mul_ps(_mm512_mul_ps(sv, wc[x]), _mm512_sub_ps(sb, d));
+            store_block16(out, ga.as_mut_ptr().add(at), c, mask);
+            let ub = products16::<C>(zb, g_hat);
+            for (x, u) in ub.iter().enumerate() {
+                out[x] = _mm512_mul_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(wb.add(x * 16))), _mm512_sub_ps(*u, d));
             }
-            store_block16(ub, gb.as_mut_ptr().add(at), c, mask);
+            store_block16(out, gb.as_mut_ptr().add(at), c, mask);
         }
         let mut g = [_mm512_setzero_ps(); 16];
         for (y, row) in g.iter_mut().enumerate().take(c) {
