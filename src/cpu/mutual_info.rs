@@ -433,14 +433,14 @@ mod avx512 {
     /// row.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
-    #[target_feature(enable = "avx512f")]
+    /// The CPU must support AVX-512 F, VL, BW and DQ (`simd::Level::Avx512`); c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
     pub unsafe fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
         for_classes!(c, forward_chunk_n(a, b, z, w, j))
     }
 
     /// `forward_chunk` for a constant C.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
     unsafe fn forward_chunk_n<const C: usize>(a: &[f32], b: &[f32], z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
         let c = C;
         let mask = ((1u32 << c) - 1) as __mmask16;
@@ -540,7 +540,7 @@ mod avx512 {
     ///
     /// # Safety
     /// As for `forward_chunk`; g_hat is C x C and symmetric.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
     pub unsafe fn backward_chunk(
         z: &[f32],
         w: &[f32],
@@ -554,7 +554,7 @@ mod avx512 {
     }
 
     /// `backward_chunk` for a constant C.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
     unsafe fn backward_chunk_n<const C: usize>(
         z: &[f32],
         w: &[f32],
