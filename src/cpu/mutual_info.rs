@@ -433,7 +433,8 @@ mod avx512 {
     /// row.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F, VL, BW and DQ (`simd::Level::Avx512`); c in 1..=16; a, b, z, w hold the same whole rows; j is C x C.
+    /// The CPU must support AVX-512 F, VL, BW and DQ (`simd::Level::Avx512`); c in 1..=16; a, b,
+    /// z, w hold the same whole rows; j is C x C.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
     pub unsafe fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
         for_classes!(c, forward_chunk_n(a, b, z, w, j))
