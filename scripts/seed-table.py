@@ -2,7 +2,7 @@
 """The seed table of results/fashion-mnist-1400/seeds/README.md and RESULTS.md, from the runs.
 
 Final EMA test accuracy of every 40-label run on seed 0's labeled split: muscle's run folders
-(summary.json) and the PyTorch peer's .jsonl files (last line). Prints, per engine and method, the
+and the PyTorch peer's (the evaluation at step 1400 of each metrics .jsonl). Prints, per engine and method, the
 seeds' accuracies, mean +- sample std, and per engine the gain (MUSCLE mean - supervised mean) with
 its standard error sqrt(s1^2/n1 + s2^2/n2).
 
@@ -11,8 +11,8 @@ its standard error sqrt(s1^2/n1 + s2^2/n2).
 import glob
 import json
 import math
-import re
 import os
+import re
 import statistics
 import sys
 
@@ -22,31 +22,26 @@ PEER = "results/peer-torch-1400"
 STEPS = 1400
 
 
-def muscle_runs(method):
-    """(seed, EMA test %) of muscle's runs: the grid's seed-0 cell and the seeds folder."""
-    runs = {}
-    for d in [f"{GRID}/{method}-n40-r1-s0"] + glob.glob(f"{SEEDS}/{method}-n40-split0-s*"):
-        if not os.path.exists(f"{d}/summary.json"):
-            print(f"{d}: no summary.json (unfinished), left out", file=sys.stderr)
-            continue
-        with open(f"{d}/summary.json") as f:
-            s = json.load(f)
-        runs[s["seed"]] = 100 * s["test_accuracy_ema"]
-    return sorted(runs.items())
-
-
-def peer_runs(method):
-    """(torch seed, EMA test %) of the PyTorch peer's runs (no suffix: seed 0)."""
-    runs = {}
-    for p in glob.glob(f"{PEER}/{method}-n40-s0*.jsonl"):
-        m = re.search(r"torchseed(\d+)\.jsonl$", p)
-        with open(p) as f:
-            last = [json.loads(line) for line in f if line.strip()][-1]
-        if last["step"] != STEPS:
-            print(f"{p}: at step {last['step']} of {STEPS} (unfinished), left out", file=sys.stderr)
-            continue
-        runs[int(m.group(1)) if m else 0] = 100 * last["test_accuracy_ema"]
-    return sorted(runs.items())
+def finished_runs(engine, method):
+    """(seed, metrics .jsonl) of the finished runs of one engine and method: muscle's run folders
+    with a summary.json (the grid's seed-0 cell and the seeds folder), the peer's .jsonl files whose
+    last evaluation is at STEPS (no torchseed suffix: seed 0)."""
+    runs = []
+    if engine == "muscle":
+        for d in [f"{GRID}/{method}-n40-r1-s0"] + glob.glob(f"{SEEDS}/{method}-n40-split0-s*"):
+            if not os.path.exists(f"{d}/summary.json"):
+                print(f"{d}: no summary.json (unfinished), left out", file=sys.stderr)
+                continue
+            with open(f"{d}/summary.json") as f:
+                runs.append((json.load(f)["seed"], f"{d}/metrics.jsonl"))
+    else:
+        for p in glob.glob(f"{PEER}/{method}-n40-s0*.jsonl"):
+            if ema_at(p, STEPS) is None:
+                print(f"{p}: no evaluation at step {STEPS} (unfinished), left out", file=sys.stderr)
+                continue
+            m = re.search(r"torchseed(\d+)\.jsonl$", p)
+            runs.append((int(m.group(1)) if m else 0, p))
+    return sorted(runs)
 
 
 def ema_at(path, step):
@@ -60,18 +55,6 @@ def ema_at(path, step):
     return None
 
 
-def mid_run(step=400):
-    """The MUSCLE runs' EMA test % at `step` (the mid-run dip RESULTS.md discusses)."""
-    rows = []
-    for d in [f"{GRID}/muscle-n40-r1-s0"] + sorted(glob.glob(f"{SEEDS}/muscle-n40-split0-s*")):
-        if os.path.exists(f"{d}/summary.json"):
-            rows.append(("muscle", os.path.basename(d), ema_at(f"{d}/metrics.jsonl", step)))
-    for p in sorted(glob.glob(f"{PEER}/muscle-n40-s0*.jsonl")):
-        if ema_at(p, STEPS) is not None:
-            rows.append(("PyTorch peer", os.path.basename(p), ema_at(p, step)))
-    return rows
-
-
 def summary(accs):
     mean = statistics.mean(accs)
     std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
@@ -81,10 +64,11 @@ def summary(accs):
 def main():
     print("| engine, method | seeds: EMA test % | mean +- std (n) | gain +- s.e. |")
     print("|---|---|---|---|")
-    for engine, runs in [("muscle", muscle_runs), ("PyTorch peer", peer_runs)]:
+    engines = ["muscle", "PyTorch peer"]
+    for engine in engines:
         stats = {}
         for method in ["supervised", "muscle"]:
-            r = runs(method)
+            r = [(seed, ema_at(p, STEPS)) for seed, p in finished_runs(engine, method)]
             stats[method] = summary([a for _, a in r])
             seeds = " / ".join(f"{a:.2f} (s{s})" for s, a in r)
             mean, std, n = stats[method]
@@ -95,10 +79,13 @@ def main():
             label = "MUSCLE" if method == "muscle" else "supervised"
             print(f"| {engine}, {label} | {seeds} | {mean:.2f} +- {std:.2f} ({n}) | {gain} |")
     print()
-    for engine in ["muscle", "PyTorch peer"]:
-        accs = [a for e, _, a in mid_run() if e == engine and a is not None]
+    # The mid-run dip RESULTS.md discusses.
+    mid = 400
+    for engine in engines:
+        accs = [ema_at(p, mid) for _, p in finished_runs(engine, "muscle")]
+        accs = [a for a in accs if a is not None]
         vals = " / ".join(f"{a:.1f}" for a in accs)
-        print(f"{engine}, MUSCLE, EMA test % at step 400: {vals} (mean {statistics.mean(accs):.2f})")
+        print(f"{engine}, MUSCLE, EMA test % at step {mid}: {vals} (mean {statistics.mean(accs):.2f})")
 
 
 if __name__ == "__main__":
