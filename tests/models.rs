@@ -166,17 +166,29 @@ fn fixture_value(name: &str, rank: usize, shape: &[usize]) -> Vec<f32> {
     let leaf = name.rsplit('.').next().unwrap_or(name);
     (0..n)
         .map(|i| {
-            let s = (0.731 * i as f64 + 0.37 * rank as f64 + 0.1).sin();
+            let s = fixture_uniform(rank, i);
             let v = match leaf {
                 "running_var" => 1.0 + 0.5 * s.abs(),
                 "running_mean" | "bias" => 0.1 * s,
                 "num_batches_tracked" => 0.0,
                 _ if shape.len() == 1 => 1.0 + 0.2 * s,
-                _ => s * 3f64.sqrt() / ((n / shape[0]) as f64).sqrt(),
+                _ => s / ((n / shape[0]) as f64).sqrt(),
             };
             v as f32
         })
         .collect()
+}
+
+/// The fixture's number in [-1, 1) for element `i` of the tensor of sorted rank `rank`
+/// (splitmix64's finaliser; `uniform` in scripts/model-reference-torch.py).
+fn fixture_uniform(rank: usize, i: usize) -> f64 {
+    let mut h = (i as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((rank as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    h ^= h >> 31;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 29;
+    (h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
 }
 
 fn assert_logits(what: &str, got: &[f32], want: &serde_json::Value) {
@@ -230,7 +242,9 @@ fn forward_backward_and_bn_statistics_match_pytorch() {
                 if r.is_trainable() {
                     if let Some(want) = case["grads"].get(n) {
                         let g = grads.get(t).unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
-                        assert_summary(&format!("{name}: grad {n}"), &g.to_vec().expect("cpu"), want, 5e-3);
+                        // Both convolution paths (direct, im2col + GEMM) land within 2e-4; PyTorch's
+                        // own float32 gradients are within 2e-6 of float64 on these weights.
+                        assert_summary(&format!("{name}: grad {n}"), &g.to_vec().expect("cpu"), want, 1e-3);
                         checked += 1;
                     }
                 } else if let Some(want) = case["buffers_after"].get(n) {
