@@ -18,7 +18,7 @@ pub enum Op {
     Mi,
     /// Fused softmax + cross-entropy (loss and logit gradient).
     SoftmaxCe,
-    /// The convnet's convolutions, forward and backward.
+    /// A model's convolutions (convnet or wrn-28-2), forward and backward.
     Conv,
     /// One f32 matrix product.
     Gemm,
@@ -50,6 +50,8 @@ pub struct OpBench {
     pub mnk: (usize, usize, usize),
     /// Images per convolution call.
     pub batch: usize,
+    /// Whose convolutions `--op conv` times: "convnet" or "wrn-28-2".
+    pub model: String,
     /// Timed repetitions (the median is reported).
     pub reps: usize,
 }
@@ -198,7 +200,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
         Op::Conv => {
             let peak = fma_peak()?;
             let mut out = Vec::new();
-            for (layer, s) in convnet_shapes(b.batch).into_iter().enumerate() {
+            for (layer, (s, count)) in conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
                 // Training never needs the input image's gradient: the first layer's backward is dW only.
                 let need_dx = layer > 0;
                 let x = random(s.n * s.ci * s.h * s.w, 1.0, 6);
@@ -211,7 +213,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
                 let bwd = median_secs(b.reps, || {
                     cpu::conv::conv2d_backward(&s, &x, &w, &dy, &mut dw, need_dx.then_some(&mut dx[..]))
                 });
-                let name = format!("conv {}->{} {}x{} b{}", s.ci, s.co, s.h, s.w, s.n);
+                let name = conv_case_name(&s, count);
                 let macs = s.macs() as f64;
                 out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));
                 let (what, products) = if need_dx { ("dW + dX", 2.0) } else { ("dW", 1.0) };
@@ -248,6 +250,54 @@ fn fma_peak() -> Result<f64> {
         .ok_or_else(|| Error::usage("--op gemm/conv: this CPU has no FMA instruction set the peak probe knows"))
 }
 
+/// The distinct convolutions of `model` at batch `n`, each with how many times a forward pass
+/// runs it, in the order the network first meets them.
+pub(crate) fn conv_shapes(model: &str, n: usize) -> Result<Vec<(ConvShape, usize)>> {
+    let shapes = match model {
+        "convnet" => convnet_shapes(n),
+        "wrn-28-2" => wrn_shapes(n, 28, 2),
+        _ => return Err(Error::usage(format!("--model: --op conv knows convnet and wrn-28-2, not '{model}'"))),
+    };
+    let mut out: Vec<(ConvShape, usize)> = Vec::new();
+    for s in shapes {
+        match out.iter_mut().find(|(t, _)| *t == s) {
+            Some((_, c)) => *c += 1,
+            None => out.push((s, 1)),
+        }
+    }
+    Ok(out)
+}
+
+/// "conv 32->64 3x3/2 32x32 b64" (stride shown when not 1), with "(x7)" when a step runs it 7 times.
+pub(crate) fn conv_case_name(s: &ConvShape, count: usize) -> String {
+    let stride = if s.stride == 1 { String::new() } else { format!("/{}", s.stride) };
+    let times = if count == 1 { String::new() } else { format!(" (x{count})") };
+    format!("conv {}->{} {}x{}{stride} {}x{} b{}{times}", s.ci, s.co, s.kh, s.kw, s.h, s.w, s.n)
+}
+
+/// Every convolution of WRN-depth-widen on 32 x 32 x 3 input, batch `n`, in forward order
+/// (mirrors `nn::WideResNet::new`; a test holds the two to the same weights).
+pub(crate) fn wrn_shapes(n: usize, depth: usize, widen: usize) -> Vec<ConvShape> {
+    let conv = |ci, co, side, k, stride| ConvShape { n, ci, h: side, w: side, co, kh: k, kw: k, stride, pad: k / 2 };
+    let widths = [16, 16 * widen, 32 * widen, 64 * widen];
+    let mut shapes = vec![conv(3, widths[0], 32, 3, 1)];
+    let mut side = 32;
+    for s in 0..3 {
+        for i in 0..(depth - 4) / 6 {
+            let cin = if i == 0 { widths[s] } else { widths[s + 1] };
+            let stride = if i == 0 && s > 0 { 2 } else { 1 };
+            shapes.push(conv(cin, widths[s + 1], side, 3, stride));
+            let out_side = side / stride;
+            shapes.push(conv(widths[s + 1], widths[s + 1], out_side, 3, 1));
+            if cin != widths[s + 1] {
+                shapes.push(conv(cin, widths[s + 1], side, 1, stride));
+            }
+            side = out_side;
+        }
+    }
+    shapes
+}
+
 /// The convolutions of the default convnet (width 32) on 28 x 28 x 1 input, batch `n`.
 pub(crate) fn convnet_shapes(n: usize) -> Vec<ConvShape> {
     let (mut ci, mut side, mut shapes) = (1, 28, Vec::new());
@@ -277,8 +327,30 @@ mod tests {
     }
 
     #[test]
+    fn wrn_shapes_hold_the_models_conv_weights() {
+        let model = crate::nn::WideResNet::new(3, 10, 28, 2, &mut Rng::new(0, 0));
+        let mut weights = Vec::new();
+        crate::nn::Module::visit(&model, &mut |_, _, t| {
+            if t.shape().len() == 4 {
+                weights.push(t.shape().to_vec());
+            }
+        });
+        let mut from_shapes: Vec<Vec<usize>> =
+            wrn_shapes(2, 28, 2).iter().map(|s| vec![s.co, s.ci, s.kh, s.kw]).collect();
+        weights.sort();
+        from_shapes.sort();
+        assert_eq!(weights, from_shapes);
+        let grouped = conv_shapes("wrn-28-2", 2).unwrap_or_default();
+        assert_eq!(grouped.iter().map(|(_, c)| c).sum::<usize>(), 28);
+        // The last stage runs at 8 x 8 after two stride-2 convolutions.
+        assert!(grouped.iter().any(|(s, c)| (s.ci, s.co, s.h, s.stride, *c) == (128, 128, 8, 1, 7)));
+        assert!(conv_shapes("cnn13", 2).is_err_and(|e| e.to_string().contains("cnn13")));
+    }
+
+    #[test]
     fn bad_sizes_are_usage_errors() {
-        let b = OpBench { op: Op::Mi, rows: 0, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 1 };
+        let b =
+            OpBench { op: Op::Mi, rows: 0, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 1, model: "convnet".into() };
         assert!(run(&b).is_err_and(|e| e.to_string().contains("--rows")));
         let b = OpBench { op: Op::Mi, rows: 4, classes: 1, ..b };
         assert!(run(&b).is_err_and(|e| e.to_string().contains("--classes")));
@@ -287,7 +359,8 @@ mod tests {
 
     #[test]
     fn mi_case_reports_consistent_floor() -> Result<()> {
-        let b = OpBench { op: Op::Mi, rows: 4096, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 2 };
+        let b =
+            OpBench { op: Op::Mi, rows: 4096, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 2, model: "convnet".into() };
         let r = run(&b)?;
         assert_eq!(r.len(), 2);
         for case in &r {

@@ -88,7 +88,7 @@ fn conv(gpu: &Gpu, b: &OpBench) -> Result<Vec<OpResult>> {
     use crate::cuda::cudnn;
     let peak = sgemm_rate(gpu)?;
     let mut out = Vec::new();
-    for (layer, s) in crate::bench_op::convnet_shapes(b.batch).into_iter().enumerate() {
+    for (layer, (s, count)) in crate::bench_op::conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
         let need_dx = layer > 0;
         let x = gpu.upload(&random(s.n * s.ci * s.h * s.w, 1.0, 6))?;
         let w = gpu.upload(&random(s.co * s.k(), 0.1, 7))?;
@@ -104,7 +104,7 @@ fn conv(gpu: &Gpu, b: &OpBench) -> Result<Vec<OpResult>> {
             }
             Ok(())
         })?;
-        let name = format!("cuda conv {}->{} {}x{} b{}", s.ci, s.co, s.h, s.w, s.n);
+        let name = format!("cuda {}", crate::bench_op::conv_case_name(&s, count));
         let macs = s.macs() as f64;
         out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));
         let (what, products) = if need_dx { ("dW + dX", 2.0) } else { ("dW", 1.0) };

@@ -584,6 +584,7 @@ fn run_bench_op(a: &BenchArgs, op: muscle::bench_op::Op) -> Result<()> {
         mnk: (a.m, a.n, a.k),
         batch: a.batch,
         reps: a.steps,
+        model: a.model.clone(),
     };
     let results = match device {
         muscle::Device::Cpu => muscle::bench_op::run(&b)?,

@@ -186,8 +186,18 @@ fn plan(n: usize) -> (usize, usize) {
     }
 }
 
-/// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]).
+/// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]): the direct kernels
+/// where they apply, im2col + GEMM otherwise.
 pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    if super::direct_conv::applies(s) {
+        super::direct_conv::forward(s, x, w, y)
+    } else {
+        gemm_forward(s, x, w, y)
+    }
+}
+
+/// The forward pass as im2col + GEMM (any geometry).
+pub fn gemm_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     let (k, p) = (s.k(), s.p());
     let (min_len, gemm_threads) = plan(s.n);
     y.par_chunks_mut(s.co * p).zip(x.par_chunks(s.ci * s.h * s.w)).with_min_len(min_len).for_each_init(
@@ -222,7 +232,7 @@ fn transposed_shape(s: &ConvShape) -> Option<ConvShape> {
 }
 
 /// W'[ci, co, i, j] = W[co, ci, k-1-i, k-1-j].
-fn flip_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
+pub(crate) fn flip_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let (kh, kw) = (s.kh, s.kw);
     let mut out = vec![0.0f32; w.len()];
     for o in 0..s.co {
@@ -249,6 +259,15 @@ struct Scratch {
 /// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
 /// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
 pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    if super::direct_conv::applies(s) {
+        super::direct_conv::backward(s, x, w, dy, dw, dx)
+    } else {
+        gemm_backward(s, x, w, dy, dw, dx)
+    }
+}
+
+/// The backward pass through im2col + GEMM (any geometry).
+pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
     let (k, p) = (s.k(), s.p());
     let (min_len, gemm_threads) = plan(s.n);
     let img = s.ci * s.h * s.w;

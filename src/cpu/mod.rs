@@ -5,6 +5,7 @@ pub mod activation;
 pub mod batchnorm;
 pub mod bias;
 pub mod conv;
+pub mod direct_conv;
 pub mod gemm;
 pub mod mutual_info;
 pub mod optim;

@@ -1,0 +1,499 @@
+//! Direct 3x3 "same" convolution (stride 1, padding 1) with output pixels in AVX-512 lanes.
+//!
+//! Why not im2col + GEMM here: with few channels (wrn-28-2's first stage: 32 channels on 32 x 32
+//! images) every im2col element feeds only `co` multiply-adds, so writing and re-reading the 9x
+//! larger im2col matrix costs as much as the product itself (the GEMM path ran at 25-40% of FMA
+//! peak there). These kernels read the input planes in place, framed by one zero row above and
+//! below, and keep a tile of outputs in registers across the whole ci x 3 x 3 reduction:
+//! - forward (and the input gradient, the same convolution of dY with flipped weights): an
+//!   OCB-channel x R-vector tile of outputs, one broadcast weight per channel and tap times the
+//!   R shifted input vectors;
+//! - weight gradient: four output channels x the taps of one input channel as 16-lane partial
+//!   sums over output pixels, reduced across lanes once per pass.
+//!
+//! A vector is 16 consecutive pixels of a plane (row-major), so it is a row segment when 16
+//! divides the width and several whole rows when the width divides 16 (8 x 8 planes: two rows).
+//! Horizontal taps that would cross the image's left or right edge are masked lanes (zeros),
+//! vertical ones read the zero rows: no horizontally padded copy, no wasted lanes.
+
+use super::conv::{ConvShape, SyncPtr};
+use rayon::prelude::*;
+
+/// Output channels per forward tile (broadcast weights).
+const OCB: usize = 8;
+/// Output vectors (16 pixels each) per forward tile.
+const RV: usize = 3;
+/// Images padded and convolved together in the forward pass: 3 x (pixels / 16) vectors always
+/// split into whole tiles of RV = 3, even when one image has only 4 (8 x 8).
+const GROUP: usize = 3;
+/// Output channels per weight-gradient block.
+const DW_OCB: usize = 4;
+/// Narrower images take the weight gradient through im2col + GEMM: at 8 x 8 with 128 channels
+/// that ran 1.4x faster (a pass there covers only 4 vectors per image and channel).
+const DW_MIN_WIDTH: usize = 16;
+/// Bytes of dY one weight-gradient pass keeps in L1 (of 48 KiB on the machines we target).
+const DW_L1_BYTES: usize = 16 << 10;
+/// Zero floats before the first and after the last framed plane, so that the masked-off lanes
+/// of the corner taps still address the buffer.
+const SLACK: usize = 16;
+
+/// Whether the direct kernels handle this convolution on this CPU. `MUSCLE_CONV=gemm` turns them
+/// off, to compare the two paths on one machine.
+pub fn applies(s: &ConvShape) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| {
+        std::env::var("MUSCLE_CONV").map_or(true, |v| v != "gemm") && super::simd::level() == super::simd::Level::Avx512
+    });
+    enabled && shape_fits(s)
+}
+
+/// The geometry the kernels are written for (independent of the CPU): 3x3, stride 1, padding 1,
+/// and planes that split into whole vectors each of which is a row segment or whole rows.
+fn shape_fits(s: &ConvShape) -> bool {
+    let vectors_fit = (s.w.is_multiple_of(16) || 16usize.is_multiple_of(s.w.max(1))) && (s.h * s.w).is_multiple_of(16);
+    s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && s.h > 0 && s.w > 0 && s.ci > 0 && s.co > 0 && vectors_fit
+}
+
+/// Floats of one framed plane: a zero row, the image rows, a zero row.
+fn framed_plane(s: &ConvShape) -> usize {
+    (s.h + 2) * s.w
+}
+
+/// Copies planes `x` [planes, h, w] into `xp` [planes, h + 2, w] as framed planes (a zero row
+/// above and below each).
+fn frame_planes(planes: usize, h: usize, w: usize, x: &[f32], xp: &mut [f32]) {
+    let fp = (h + 2) * w;
+    for (dst, src) in xp[..planes * fp].chunks_exact_mut(fp).zip(x.chunks_exact(h * w)) {
+        dst[..w].fill(0.0);
+        dst[w..(h + 1) * w].copy_from_slice(src);
+        dst[(h + 1) * w..].fill(0.0);
+    }
+}
+
+/// `buf` resized to SLACK + `planes` framed planes of `x` + SLACK.
+fn framed(s: &ConvShape, planes: usize, x: &[f32], buf: &mut Vec<f32>) {
+    let len = planes * framed_plane(s);
+    buf.resize(2 * SLACK + len, 0.0);
+    buf[..SLACK].fill(0.0);
+    buf[SLACK + len..].fill(0.0);
+    frame_planes(planes, s.h, s.w, x, &mut buf[SLACK..SLACK + len]);
+}
+
+/// For the vector starting at pixel `p` of a plane `w` wide: the lanes a left tap may read (not
+/// column 0) and a right tap may read (not column w - 1).
+fn edge_masks(p: usize, w: usize) -> (u16, u16) {
+    let (mut left, mut right) = (0u16, 0u16);
+    for lane in 0..16 {
+        let col = (p + lane) % w;
+        if col != 0 {
+            left |= 1 << lane;
+        }
+        if col != w - 1 {
+            right |= 1 << lane;
+        }
+    }
+    (left, right)
+}
+
+/// Weights [co, ci, 3, 3] regrouped as [co / OCB][ci][3][3][OCB] (zero rows past `co`), so a
+/// tile's broadcasts walk memory in order.
+fn pack_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
+    let blocks = s.co.div_ceil(OCB);
+    let taps = s.ci * 9;
+    let mut out = vec![0.0f32; blocks * taps * OCB];
+    for o in 0..s.co {
+        let (b, lane) = (o / OCB, o % OCB);
+        for t in 0..taps {
+            out[(b * taps + t) * OCB + lane] = w[o * taps + t];
+        }
+    }
+    out
+}
+
+/// Forward: y [n, co, h, w] = conv3x3(x [n, ci, h, w], w [co, ci, 3, 3]), stride 1, padding 1.
+/// Callers check `applies(s)` first.
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let wp = pack_weights(s, w);
+    let img_in = s.ci * s.h * s.w;
+    let img_out = s.co * s.h * s.w;
+    let masks: Vec<(u16, u16)> = (0..s.h * s.w / 16).map(|v| edge_masks(16 * v, s.w)).collect();
+    y.par_chunks_mut(GROUP * img_out).zip(x.par_chunks(GROUP * img_in)).for_each_init(Vec::new, |xp, (yg, xg)| {
+        let imgs = xg.len() / img_in;
+        framed(s, imgs * s.ci, xg, xp);
+        forward_group(s, imgs, xp, &wp, &masks, yg);
+    });
+}
+
+/// `imgs` framed images: every output-channel block x every tile of RV output vectors, a tile's
+/// vectors possibly in different images.
+fn forward_group(s: &ConvShape, imgs: usize, xp: &[f32], wp: &[f32], masks: &[(u16, u16)], y: &mut [f32]) {
+    let fp = framed_plane(s);
+    let per_img = s.h * s.w / 16;
+    let nvec = imgs * per_img;
+    let plane_out = s.h * s.w;
+    assert!(
+        xp.len() >= 2 * SLACK + imgs * s.ci * fp
+            && y.len() >= imgs * s.co * plane_out
+            && wp.len() >= s.co.div_ceil(OCB) * s.ci * 9 * OCB
+            && masks.len() >= per_img
+    );
+    // Vector v: the input offset of its centre tap in channel 0, its output offset in output
+    // channel 0, and its edge masks.
+    let at = |v: usize| {
+        let (k, p) = (v / per_img, (v % per_img) * 16);
+        (SLACK + k * s.ci * fp + s.w + p, k * s.co * plane_out + p, masks[v % per_img])
+    };
+    for b in 0..s.co.div_ceil(OCB) {
+        let valid = (s.co - b * OCB).min(OCB);
+        let wb = &wp[b * s.ci * 9 * OCB..];
+        let yb = &mut y[b * OCB * plane_out..];
+        let mut v = 0;
+        while v < nvec {
+            let rv = (nvec - v).min(RV);
+            // SAFETY: the assert above and `at` keep every unmasked load inside xp (a centre tap
+            // moves at most one framed row and one column; the frame rows and SLACK absorb the
+            // moves past the image) and every store inside y's first `co` planes of each image;
+            // the CPU has AVX-512 (`applies`).
+            unsafe {
+                if rv == RV {
+                    let tiles: [(usize, usize, (u16, u16)); RV] = std::array::from_fn(|r| at(v + r));
+                    let t = Tile { xo: tiles.map(|t| t.0), yo: tiles.map(|t| t.1), masks: tiles.map(|t| t.2) };
+                    tile::<RV>(xp.as_ptr(), fp, s.w, &t, wb.as_ptr(), s.ci, yb.as_mut_ptr(), plane_out, valid);
+                } else {
+                    for u in v..v + rv {
+                        let (xo, yo, m) = at(u);
+                        let t = Tile { xo: [xo], yo: [yo], masks: [m] };
+                        tile::<1>(xp.as_ptr(), fp, s.w, &t, wb.as_ptr(), s.ci, yb.as_mut_ptr(), plane_out, valid);
+                    }
+                }
+            }
+            v += rv;
+        }
+    }
+}
+
+/// Where a forward tile's R vectors read and write, and their edge masks.
+struct Tile<const R: usize> {
+    xo: [usize; R],
+    yo: [usize; R],
+    masks: [(u16, u16); R],
+}
+
+/// One forward tile: OCB output channels x R output vectors, over ci x 3 x 3 taps.
+///
+/// # Safety
+/// AVX-512F/VL/BW/DQ present; for every c < ci and tap (i, j) the unmasked lanes of
+/// `x + c * fp + xo[r] + (i - 1) * w + j - 1 .. + 16` lie inside the framed input; `wb` holds
+/// ci * 9 * OCB floats; `y + o * plane_out + yo[r] .. + 16` inside the output for o < valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const R: usize>(
+    x: *const f32,
+    fp: usize,
+    w: usize,
+    t: &Tile<R>,
+    wb: *const f32,
+    ci: usize,
+    y: *mut f32,
+    plane_out: usize,
+    valid: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); R]; OCB];
+    let (left, right) = (t.masks.map(|m| m.0), t.masks.map(|m| m.1));
+    let mut wt = wb;
+    for c in 0..ci {
+        for i in 0..3 {
+            // Row i - 1 relative to the output row; the frame holds the rows past the image.
+            let xr = x.add(c * fp + i * w).sub(w);
+            for j in 0..3 {
+                let mut xv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    let p = xr.add(t.xo[r] + j).sub(1);
+                    xv[r] = match j {
+                        0 => _mm512_maskz_loadu_ps(left[r], p),
+                        1 => _mm512_loadu_ps(p),
+                        _ => _mm512_maskz_loadu_ps(right[r], p),
+                    };
+                }
+                for (o, acc_o) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(*wt.add(o));
+                    for r in 0..R {
+                        acc_o[r] = _mm512_fmadd_ps(wv, xv[r], acc_o[r]);
+                    }
+                }
+                wt = wt.add(OCB);
+            }
+        }
+    }
+    for (o, acc_o) in acc.iter().enumerate().take(valid) {
+        for (v, yo) in acc_o.iter().zip(t.yo) {
+            _mm512_storeu_ps(y.add(o * plane_out + yo), *v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const R: usize>(
+    _x: *const f32,
+    _fp: usize,
+    _w: usize,
+    _t: &Tile<R>,
+    _wb: *const f32,
+    _ci: usize,
+    _y: *mut f32,
+    _plane_out: usize,
+    _valid: usize,
+) {
+    unreachable!("direct_conv::applies is false off x86-64")
+}
+
+/// Backward: the weight gradient `dw` [co, ci, 3, 3] (overwritten) and, when given, the input
+/// gradient `dx` [n, ci, h, w] (overwritten). Callers check `applies(s)` first.
+pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    if let Some(dx) = dx {
+        // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry.
+        let t = ConvShape { ci: s.co, co: s.ci, ..*s };
+        forward(&t, dy, &super::conv::flip_weights(s, w), dx);
+    }
+    if s.w >= DW_MIN_WIDTH {
+        weight_grad(s, x, dy, dw);
+    } else {
+        super::conv::gemm_backward(s, x, w, dy, dw, None);
+    }
+}
+
+/// dW[o, c, i, j] = sum over images and output pixels of dY[o] x X[c] shifted by (i - 1, j - 1).
+/// Parallel over blocks of output channels, so each sum has one fixed order whatever the threads.
+fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let fp = framed_plane(s);
+    let plane_out = s.h * s.w;
+    let img_in = s.ci * plane_out;
+    assert!(x.len() >= s.n * img_in && dy.len() >= s.n * s.co * plane_out && dw.len() >= s.co * s.ci * 9);
+    // Every element is overwritten below: a pooled buffer, not fresh zeroed pages.
+    let mut xp = crate::pool::take(2 * SLACK + s.n * s.ci * fp);
+    let len = s.n * s.ci * fp;
+    xp[..SLACK].fill(0.0);
+    xp[SLACK + len..].fill(0.0);
+    let per_task = s.n.div_ceil(super::threads()) * s.ci;
+    xp[SLACK..SLACK + len]
+        .par_chunks_mut(per_task * fp)
+        .zip(x[..s.n * img_in].par_chunks(per_task * plane_out))
+        .for_each(|(dst, src)| frame_planes(src.len() / plane_out, s.h, s.w, src, dst));
+    let taps = s.ci * 9;
+    let masks: Vec<(u16, u16)> = (0..plane_out / 16).map(|v| edge_masks(16 * v, s.w)).collect();
+    let dw_base = SyncPtr(dw.as_mut_ptr());
+    let (xp_ref, masks) = (&xp, &masks);
+    // Images per pass: a pass's dY planes of the block stay in L1 across all input channels
+    // (streaming every image's dY per channel ran out of L2 bandwidth); each pass's 16-lane
+    // partial sums are reduced and added in image order, so the result is fixed by the shape.
+    let group = (DW_L1_BYTES / (DW_OCB * plane_out * 4)).clamp(1, s.n);
+    (0..s.co.div_ceil(DW_OCB)).into_par_iter().for_each(move |b| {
+        let o0 = b * DW_OCB;
+        let valid = (s.co - o0).min(DW_OCB);
+        // SAFETY: block b writes dw's rows o0..o0 + valid only.
+        let out = unsafe { dw_base.slice(o0 * taps, valid * taps) };
+        out.fill(0.0);
+        for k0 in (0..s.n).step_by(group) {
+            let imgs = group.min(s.n - k0);
+            let dyp = dy[(k0 * s.co + o0) * plane_out..].as_ptr();
+            let xk = xp_ref[SLACK + k0 * s.ci * fp + s.w..].as_ptr();
+            let g = DwGeom { dy_img: s.co * plane_out, plane_out, xp_img: s.ci * fp, fp, imgs, w: s.w, ci: s.ci };
+            // SAFETY: images k0..k0 + imgs, channels o0..o0 + valid of dy and every framed
+            // plane of those images lie inside the slices (asserted above); the unmasked lanes
+            // of a tap stay inside a plane's frame rows; `out` holds valid rows of ci * 9 sums.
+            unsafe {
+                if valid == DW_OCB {
+                    // Four channels x nine taps would need 36 accumulators: tap rows 0-1, then 2.
+                    dw_add::<DW_OCB, 0, 2>(dyp, xk, masks.as_ptr(), &g, out.as_mut_ptr());
+                    dw_add::<DW_OCB, 2, 1>(dyp, xk, masks.as_ptr(), &g, out.as_mut_ptr());
+                } else {
+                    for o in 0..valid {
+                        dw_add::<1, 0, 3>(
+                            dyp.add(o * plane_out),
+                            xk,
+                            masks.as_ptr(),
+                            &g,
+                            out.as_mut_ptr().add(o * taps),
+                        );
+                    }
+                }
+            }
+        }
+    });
+    crate::pool::give(xp);
+}
+
+/// Strides and extents of one weight-gradient pass (elements, not bytes).
+struct DwGeom {
+    dy_img: usize,
+    plane_out: usize,
+    xp_img: usize,
+    fp: usize,
+    imgs: usize,
+    w: usize,
+    ci: usize,
+}
+
+/// Adds to `out` [O][ci][9] the sums of tap rows I0..I0 + NI of O output channels (dY from `dy`)
+/// against every framed input channel (`xp` points at image 0's first image row), over
+/// `g.imgs` images.
+///
+/// # Safety
+/// AVX-512F/VL/BW/DQ present; `dy + k * dy_img + o * plane_out .. + plane_out` and the framed
+/// planes around `xp + k * xp_img` inside their buffers for k < imgs, o < O; `masks` holds
+/// plane_out / 16 entries; `out` holds O * ci * 9 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
+    dy: *const f32,
+    xp: *const f32,
+    masks: *const (u16, u16),
+    g: &DwGeom,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    for c in 0..g.ci {
+        let mut acc = [[_mm512_setzero_ps(); 9]; O];
+        for k in 0..g.imgs {
+            let d = dy.add(k * g.dy_img);
+            // Tap row I0 of output row 0 is input row I0 - 1 (a frame row for I0 = 0).
+            let xk = xp.add(k * g.xp_img + c * g.fp + I0 * g.w).sub(g.w);
+            for v in 0..g.plane_out / 16 {
+                let p = 16 * v;
+                let (left, right) = *masks.add(v);
+                let mut dv = [_mm512_setzero_ps(); O];
+                for (o, dvo) in dv.iter_mut().enumerate() {
+                    *dvo = _mm512_loadu_ps(d.add(o * g.plane_out + p));
+                }
+                for i in 0..NI {
+                    let xr = xk.add(i * g.w + p);
+                    let xs = [
+                        _mm512_maskz_loadu_ps(left, xr.sub(1)),
+                        _mm512_loadu_ps(xr),
+                        _mm512_maskz_loadu_ps(right, xr.add(1)),
+                    ];
+                    for (j, xv) in xs.iter().enumerate() {
+                        for o in 0..O {
+                            acc[o][i * 3 + j] = _mm512_fmadd_ps(dv[o], *xv, acc[o][i * 3 + j]);
+                        }
+                    }
+                }
+            }
+        }
+        for (o, acc_o) in acc.iter().enumerate() {
+            let dst = out.add((o * g.ci + c) * 9 + I0 * 3);
+            for (t, v) in acc_o.iter().enumerate().take(NI * 3) {
+                *dst.add(t) += _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
+    _dy: *const f32,
+    _xp: *const f32,
+    _masks: *const (u16, u16),
+    _g: &DwGeom,
+    _out: *mut f32,
+) {
+    unreachable!("direct_conv::applies is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::conv::conv2d_naive;
+    use crate::rng::Rng;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed, 7);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    /// Partial channel blocks, odd channel counts, image counts that leave a partial group and
+    /// a partial tile, vectors of one row segment (w 16, 32, 48), of several rows (w 8, 4), and
+    /// a one-vector plane.
+    fn shapes() -> Vec<ConvShape> {
+        let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 1, pad: 1 };
+        vec![
+            conv(2, 3, 4, 16, 5),
+            conv(4, 4, 5, 32, 11),
+            conv(1, 2, 1, 16, 8),
+            conv(5, 5, 2, 48, 16),
+            conv(4, 6, 8, 8, 9),
+            conv(3, 2, 4, 4, 3),
+            conv(2, 7, 3, 32, 4),
+        ]
+    }
+
+    #[test]
+    fn shapes_outside_the_kernels_are_refused() {
+        let ok = ConvShape { n: 1, ci: 1, h: 8, w: 8, co: 1, kh: 3, kw: 3, stride: 1, pad: 1 };
+        assert!(shape_fits(&ok));
+        for bad in [
+            ConvShape { w: 28, h: 28, ..ok },
+            ConvShape { w: 7, h: 7, ..ok },
+            ConvShape { h: 1, w: 8, ..ok },
+            ConvShape { stride: 2, ..ok },
+            ConvShape { kh: 1, kw: 1, pad: 0, ..ok },
+        ] {
+            assert!(!shape_fits(&bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn edge_masks_drop_the_columns_a_tap_would_wrap_into() {
+        // 8 wide: each vector holds two rows; columns 0 and 7 of both are masked.
+        assert_eq!(edge_masks(16, 8), (0b1111_1110_1111_1110, 0b0111_1111_0111_1111));
+        // 32 wide: the first vector of a row starts at column 0, the second ends at column 31.
+        assert_eq!(edge_masks(32, 32), (0xfffe, 0xffff));
+        assert_eq!(edge_masks(48, 32), (0xffff, 0x7fff));
+    }
+
+    #[test]
+    fn forward_matches_direct_loops() {
+        if !applies(&shapes()[0]) {
+            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
+            return;
+        }
+        for (k, s) in shapes().into_iter().enumerate() {
+            let x = rand(s.n * s.ci * s.h * s.w, k as u64);
+            let w = rand(s.co * s.ci * 9, 100 + k as u64);
+            let mut y = vec![f32::NAN; s.n * s.co * s.h * s.w];
+            forward(&s, &x, &w, &mut y);
+            let want = conv2d_naive(&s, &x, &w);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} output {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_the_gemm_path() {
+        if !applies(&shapes()[0]) {
+            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
+            return;
+        }
+        for (k, s) in shapes().into_iter().enumerate() {
+            let x = rand(s.n * s.ci * s.h * s.w, 10 + k as u64);
+            let w = rand(s.co * s.ci * 9, 20 + k as u64);
+            let dy = rand(s.n * s.co * s.h * s.w, 30 + k as u64);
+            let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
+            backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+            // The direct weight gradient itself, whatever width `backward` routes to it.
+            let mut dw_direct = vec![f32::NAN; w.len()];
+            weight_grad(&s, &x, &dy, &mut dw_direct);
+            let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);
+            crate::cpu::conv::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
+            for (name, got, want) in [("dw", &dw, &dw_ref), ("dw direct", &dw_direct, &dw_ref), ("dx", &dx, &dx_ref)] {
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} {name}[{i}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
