@@ -122,7 +122,7 @@ pub fn running_update(running: &mut [f32], batch: &[f32], momentum: f32, factor:
 const LANES: usize = 16;
 
 /// Sums of (v - k) and (v - k)^2 over a slice, in f32 lanes, returned in f64.
-#[inline]
+#[inline(always)]
 fn shifted_sums(xs: &[f32], k: f32) -> (f64, f64) {
     let mut s = [0.0f32; LANES];
     let mut q = [0.0f32; LANES];
