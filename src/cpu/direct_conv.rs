@@ -14,10 +14,11 @@
 //!   x the taps of one input channel as 16-lane partial sums over output pixels, reduced across
 //!   lanes once per pass (`weight_grad`; masked loads make it ~40% slower per FLOP).
 //!
-//! A vector is 16 consecutive pixels of a plane (row-major), so it is a row segment when 16
-//! divides the width and several whole rows when the width divides 16 (8 x 8 planes: two rows).
-//! Horizontal taps that would cross the image's left or right edge are masked lanes (zeros),
-//! vertical ones read the zero rows: no horizontally padded copy, no wasted lanes.
+//! A vector is 16 consecutive pixels of a plane (row-major): a row segment, two 8-pixel rows, or
+//! the end of one 28-pixel row and the start of the next. A tap one row up or down is the same
+//! offset for every lane (the zero rows frame the image); horizontal taps that would cross the
+//! image's left or right edge, into the neighbouring row, are masked lanes (zeros): no
+//! horizontally padded copy, no wasted lanes.
 
 use super::conv::{ConvShape, SyncPtr};
 use rayon::prelude::*;
@@ -55,9 +56,9 @@ pub fn applies(s: &ConvShape) -> bool {
 }
 
 /// The geometry the kernels are written for (independent of the CPU): 3x3, stride 1, padding 1,
-/// and planes that split into whole vectors each of which is a row segment or whole rows.
+/// and planes that split into whole vectors (h * w a multiple of 16; 28 x 28 is, 14 x 14 not).
 fn shape_fits(s: &ConvShape) -> bool {
-    let vectors_fit = (s.w.is_multiple_of(16) || 16usize.is_multiple_of(s.w.max(1))) && (s.h * s.w).is_multiple_of(16);
+    let vectors_fit = (s.h * s.w).is_multiple_of(16);
     s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && s.h > 0 && s.w > 0 && s.ci > 0 && s.co > 0 && vectors_fit
 }
 
@@ -357,11 +358,18 @@ fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]
     let taps = s.ci * 9;
     let dw_base = SyncPtr(dw.as_mut_ptr());
     let xb_ref = &xb;
-    (0..blocks).into_par_iter().for_each(move |b| {
+    // One task per (input block, share of the output blocks): with fewer input blocks than
+    // threads (16 input channels) the output channels are split too, so no thread idles.
+    let out_blocks = s.co / CL_O;
+    let shares = super::threads().div_ceil(blocks).clamp(1, out_blocks);
+    let per_share = out_blocks.div_ceil(shares);
+    (0..blocks * shares).into_par_iter().for_each(move |task| {
+        let (b, share) = (task / shares, task % shares);
+        let obs = share * per_share..((share + 1) * per_share).min(out_blocks);
         // sums[ob][i][o][j][lane]: output channel ob * CL_O + o, input channel b * CL + lane, tap (i, j).
-        let mut sums = vec![0.0f32; s.co / CL_O * 3 * CL_O * 3 * CL];
+        let mut sums = vec![0.0f32; out_blocks * 3 * CL_O * 3 * CL];
         for k in 0..s.n {
-            for ob in 0..s.co / CL_O {
+            for ob in obs.clone() {
                 let dyp = dy[(k * s.co + ob * CL_O) * plane_out..].as_ptr();
                 for i in 0..3 {
                     let xr = xb_ref[k * img_b + (b * hp + i) * wp * CL..].as_ptr();
@@ -372,14 +380,15 @@ fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]
                 }
             }
         }
-        for ob in 0..s.co / CL_O {
+        for ob in obs {
             for i in 0..3 {
                 for o in 0..CL_O {
                     for j in 0..3 {
                         for lane in 0..CL {
                             let v = sums[(((ob * 3 + i) * CL_O + o) * 3 + j) * CL + lane];
                             let at = (ob * CL_O + o) * taps + (b * CL + lane) * 9 + i * 3 + j;
-                            // SAFETY: block b alone writes input channels b * CL.. of dw.
+                            // SAFETY: this task alone writes output channels of its share x
+                            // input channels of block b.
                             unsafe { *dw_base.ptr().add(at) = v };
                         }
                     }
@@ -564,7 +573,9 @@ mod tests {
 
     /// Partial channel blocks, odd channel counts, image counts that leave a partial group and
     /// a partial tile, vectors of one row segment (w 16, 32, 48), of several rows (w 8, 4), a
-    /// one-vector plane, and channel counts the channel-last weight gradient takes (16k in, 8k out).
+    /// one-vector plane, widths that neither divide 16 nor are divided by it (28, 24, 12), and
+    /// channel counts the channel-last weight gradient takes (16k in, 8k out; with 16 in, the
+    /// output blocks are split between threads).
     fn shapes() -> Vec<ConvShape> {
         let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 1, pad: 1 };
         vec![
@@ -578,15 +589,19 @@ mod tests {
             conv(3, 32, 8, 8, 16),
             conv(2, 16, 2, 32, 8),
             conv(3, 48, 4, 16, 24),
+            conv(2, 3, 4, 28, 10),
+            conv(3, 16, 4, 12, 8),
+            conv(2, 5, 2, 24, 7),
+            conv(2, 16, 4, 16, 24),
         ]
     }
 
     #[test]
     fn shapes_outside_the_kernels_are_refused() {
         let ok = ConvShape { n: 1, ci: 1, h: 8, w: 8, co: 1, kh: 3, kw: 3, stride: 1, pad: 1 };
-        assert!(shape_fits(&ok));
+        assert!(shape_fits(&ok) && shape_fits(&ConvShape { w: 28, h: 28, ..ok }));
         for bad in [
-            ConvShape { w: 28, h: 28, ..ok },
+            ConvShape { w: 14, h: 14, ..ok },
             ConvShape { w: 7, h: 7, ..ok },
             ConvShape { h: 1, w: 8, ..ok },
             ConvShape { stride: 2, ..ok },
@@ -603,6 +618,8 @@ mod tests {
         // 32 wide: the first vector of a row starts at column 0, the second ends at column 31.
         assert_eq!(edge_masks(32, 32), (0xfffe, 0xffff));
         assert_eq!(edge_masks(48, 32), (0xffff, 0x7fff));
+        // 28 wide: pixels 16..32 are columns 16..27 of row 0 (lane 11 the last), then 0..3.
+        assert_eq!(edge_masks(16, 28), (0xefff, 0xf7ff));
     }
 
     #[test]
