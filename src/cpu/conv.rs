@@ -189,7 +189,7 @@ fn plan(n: usize) -> (usize, usize) {
 /// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]): the direct kernels
 /// where they apply, im2col + GEMM otherwise.
 pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
-    if super::direct_conv::applies(s) {
+    if super::direct_conv::forward_applies(s) {
         super::direct_conv::forward(s, x, w, y)
     } else {
         gemm_forward(s, x, w, y)
