@@ -261,6 +261,11 @@ struct Scratch {
 pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
     if super::direct_conv::applies(s) {
         super::direct_conv::backward(s, x, w, dy, dw, dx)
+    } else if super::direct_conv::strided_dw_applies(s) {
+        super::direct_conv::strided_weight_grad(s, x, dy, dw);
+        if let Some(dx) = dx {
+            gemm_input_grad(s, w, dy, dx);
+        }
     } else {
         gemm_backward(s, x, w, dy, dw, dx)
     }
@@ -268,6 +273,25 @@ pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut
 
 /// The backward pass through im2col + GEMM (any geometry).
 pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    gemm_backward_parts(s, x, w, dy, Some(dw), dx)
+}
+
+/// The input gradient alone through GEMM (and col2im): for convolutions whose weight gradient a
+/// direct kernel computes.
+pub(crate) fn gemm_input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    gemm_backward_parts(s, &[], w, dy, None, Some(dx))
+}
+
+/// `gemm_backward` with each gradient optional (`x` is read only for `dw`).
+fn gemm_backward_parts(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dw: Option<&mut [f32]>,
+    dx: Option<&mut [f32]>,
+) {
+    let want_dw = dw.is_some();
     let (k, p) = (s.k(), s.p());
     let (min_len, gemm_threads) = plan(s.n);
     let img = s.ci * s.h * s.w;
@@ -289,19 +313,26 @@ pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [
         .into_par_iter()
         .with_min_len(min_len)
         .fold(
-            || Scratch { dw: vec![0.0f32; s.co * k], col: Vec::new(), col2: Vec::new(), started: false },
+            || Scratch {
+                dw: if want_dw { vec![0.0f32; s.co * k] } else { Vec::new() },
+                col: Vec::new(),
+                col2: Vec::new(),
+                started: false,
+            },
             |mut sc, n| {
-                let xn = &x[n * img..(n + 1) * img];
                 let dyn_ = &dy[n * s.co * p..(n + 1) * s.co * p];
-                let colref: &[f32] = if s.is_pointwise() {
-                    xn
-                } else {
-                    sc.col.resize(k * p, 0.0);
-                    im2col(s, xn, &mut sc.col);
-                    &sc.col
-                };
-                sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut sc.dw, sc.started, gemm_threads);
-                sc.started = true;
+                if want_dw {
+                    let xn = &x[n * img..(n + 1) * img];
+                    let colref: &[f32] = if s.is_pointwise() {
+                        xn
+                    } else {
+                        sc.col.resize(k * p, 0.0);
+                        im2col(s, xn, &mut sc.col);
+                        &sc.col
+                    };
+                    sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut sc.dw, sc.started, gemm_threads);
+                    sc.started = true;
+                }
                 if need_dx {
                     // SAFETY: image n's slice of dx is written by this task only, and dx
                     // outlives the parallel loop.
@@ -324,10 +355,12 @@ pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [
         )
         .map(|sc| sc.dw)
         .collect();
-    dw.fill(0.0);
-    for part in &partials {
-        for (a, b) in dw.iter_mut().zip(part) {
-            *a += b;
+    if let Some(dw) = dw {
+        dw.fill(0.0);
+        for part in &partials {
+            for (a, b) in dw.iter_mut().zip(part) {
+                *a += b;
+            }
         }
     }
 }

@@ -61,6 +61,26 @@ pub fn forward_applies(s: &ConvShape) -> bool {
     applies(s) && s.ci > 1
 }
 
+/// Whether `strided_weight_grad` handles this convolution on this CPU: 3x3, stride 2, padding 1,
+/// even sides, 16k input and 8k output channels (wrn-28-2's two downsampling convolutions).
+pub fn strided_dw_applies(s: &ConvShape) -> bool {
+    let geometry = s.kh == 3
+        && s.kw == 3
+        && s.stride == 2
+        && s.pad == 1
+        && s.h.is_multiple_of(2)
+        && s.w.is_multiple_of(2)
+        && s.h > 0;
+    let channels = s.ci > 0 && s.ci.is_multiple_of(CL) && s.co > 0 && s.co.is_multiple_of(CL_O);
+    applies(&ConvShape { stride: 1, ..*s }) && geometry && channels
+}
+
+/// The weight gradient of a stride-2 convolution (`strided_dw_applies`) by the channel-last
+/// kernel: output pixel (r, c) meets padded input pixel (2r + i, 2c + j).
+pub fn strided_weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    weight_grad_channel_last(s, x, dy, dw)
+}
+
 /// The geometry the kernels are written for (independent of the CPU): 3x3, stride 1, padding 1.
 fn shape_fits(s: &ConvShape) -> bool {
     s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && s.h > 0 && s.w > 0 && s.ci > 0 && s.co > 0
@@ -370,19 +390,21 @@ fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
 /// dW as `weight_grad`, with input channels in lanes: X is first copied to a channel-last,
 /// zero-bordered layout [n][ci / 16][h + 2][w + 2][16]; then for 8 output channels and one tap
 /// row, each output pixel adds its 8 dY values (broadcast) times the 3 input vectors of 16
-/// channels at the tap columns (one new aligned load per pixel) into 24 accumulators. No masks,
+/// channels at the tap columns (one new aligned load per pixel at stride 1, two at stride 2)
+/// into 24 accumulators. No masks,
 /// no lines split by the loads, no reduction across lanes: the forward tile's shape, with dY in
 /// the weights' place. One task per block of 16 input channels walks every image once, all
 /// output channels and tap rows of that image while its block is in L2; each image's sums are
 /// added to the task's totals, so every sum has one fixed order.
 fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (hp, wp) = (s.h + 2, s.w + 2);
-    let plane_out = s.h * s.w;
+    let plane_in = s.h * s.w;
+    let plane_out = s.ho() * s.wo();
     let blocks = s.ci / CL;
     let img_b = blocks * hp * wp * CL;
-    assert!(x.len() >= s.n * s.ci * plane_out && dy.len() >= s.n * s.co * plane_out && dw.len() >= s.co * s.ci * 9);
+    assert!(x.len() >= s.n * s.ci * plane_in && dy.len() >= s.n * s.co * plane_out && dw.len() >= s.co * s.ci * 9);
     let mut xb = crate::pool::take(s.n * img_b);
-    xb.par_chunks_mut(img_b).zip(x.par_chunks(s.ci * plane_out)).for_each(|(dst, src)| {
+    xb.par_chunks_mut(img_b).zip(x.par_chunks(s.ci * plane_in)).for_each(|(dst, src)| {
         // SAFETY: `applies` checked AVX-512; the sizes match the layouts (asserted above).
         unsafe { to_channel_last(s, src, dst) }
     });
@@ -407,7 +429,13 @@ fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]
                     let dst = &mut sums[(ob * 3 + i) * CL_O * 3 * CL..][..CL_O * 3 * CL];
                     // SAFETY: channels ob * CL_O.. of image k in dy, and rows i..i + h, columns
                     // 0..w + 2 of block b of image k in xb, lie inside the slices.
-                    unsafe { dw_channel_last(dyp, plane_out, xr, s.h, s.w, dst) };
+                    unsafe {
+                        if s.stride == 2 {
+                            dw_channel_last::<2>(dyp, plane_out, xr, s.ho(), s.wo(), wp, dst)
+                        } else {
+                            dw_channel_last::<1>(dyp, plane_out, xr, s.h, s.w, wp, dst)
+                        }
+                    };
                 }
             }
         }
@@ -469,33 +497,50 @@ unsafe fn to_channel_last(_s: &ConvShape, _x: &[f32], _xb: &mut [f32]) {
     unreachable!("direct_conv::applies is false off x86-64")
 }
 
-/// Adds to `sums` [CL_O][3][16] one image's products for one tap row: output channels
-/// `dy`, `dy + plane_out`, ... (planes h x w) against the channel-last rows at `xb` (row stride
-/// (w + 2) * 16, starting at the tap row).
+/// Adds to `sums` [CL_O][3][16] one image's products for one tap row: output channels `dy`,
+/// `dy + plane_out`, ... (ho x wo planes) against the channel-last padded input rows at `xb`
+/// (wp * 16 floats each, starting at the tap row): output pixel (r, c) meets padded input pixel
+/// (S r, S c + j) for tap column j.
 ///
 /// # Safety
-/// AVX-512F/VL/BW/DQ present; CL_O planes of h * w floats at `dy`; h rows of (w + 2) * 16
-/// floats at `xb`; `sums` holds CL_O * 3 * 16 floats.
+/// AVX-512F/VL/BW/DQ present; CL_O planes of ho * wo floats at `dy`; S (ho - 1) + 1 rows of
+/// wp * 16 floats at `xb`, with S (wo - 1) + 3 <= wp; `sums` holds CL_O * 3 * 16 floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-unsafe fn dw_channel_last(dy: *const f32, plane_out: usize, xb: *const f32, h: usize, w: usize, sums: &mut [f32]) {
+unsafe fn dw_channel_last<const S: usize>(
+    dy: *const f32,
+    plane_out: usize,
+    xb: *const f32,
+    ho: usize,
+    wo: usize,
+    wp: usize,
+    sums: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 3]; CL_O];
-    let row = (w + 2) * CL;
-    for r in 0..h {
-        let xr = xb.add(r * row);
-        let d = dy.add(r * w);
+    for r in 0..ho {
+        let xr = xb.add(S * r * wp * CL);
+        let d = dy.add(r * wo);
+        // Stride 1: the next pixel's first two tap columns are this one's last two; stride 2:
+        // only its first, this one's third.
         let (mut x0, mut x1) = (_mm512_loadu_ps(xr), _mm512_loadu_ps(xr.add(CL)));
-        for col in 0..w {
-            let x2 = _mm512_loadu_ps(xr.add((col + 2) * CL));
+        for col in 0..wo {
+            if S == 2 {
+                x1 = _mm512_loadu_ps(xr.add((2 * col + 1) * CL));
+            }
+            let x2 = _mm512_loadu_ps(xr.add((S * col + 2) * CL));
             for (o, acc_o) in acc.iter_mut().enumerate() {
                 let g = _mm512_set1_ps(*d.add(o * plane_out + col));
                 acc_o[0] = _mm512_fmadd_ps(g, x0, acc_o[0]);
                 acc_o[1] = _mm512_fmadd_ps(g, x1, acc_o[1]);
                 acc_o[2] = _mm512_fmadd_ps(g, x2, acc_o[2]);
             }
-            x0 = x1;
-            x1 = x2;
+            if S == 2 {
+                x0 = x2;
+            } else {
+                x0 = x1;
+                x1 = x2;
+            }
         }
     }
     for (o, acc_o) in acc.iter().enumerate() {
@@ -507,12 +552,13 @@ unsafe fn dw_channel_last(dy: *const f32, plane_out: usize, xb: *const f32, h: u
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dw_channel_last(
+unsafe fn dw_channel_last<const S: usize>(
     _dy: *const f32,
     _plane_out: usize,
     _xb: *const f32,
-    _h: usize,
-    _w: usize,
+    _ho: usize,
+    _wo: usize,
+    _wp: usize,
     _sums: &mut [f32],
 ) {
     unreachable!("direct_conv::applies is false off x86-64")
@@ -714,6 +760,31 @@ mod tests {
                 ("dx", &dx, &dx_ref),
             ];
             for (name, got, want) in checks {
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} {name}[{i}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_weight_gradient_and_dispatch_match_the_gemm_path() {
+        let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 2, pad: 1 };
+        let shapes = [conv(3, 16, 8, 8, 8), conv(2, 32, 16, 6, 16), conv(2, 16, 4, 4, 24)];
+        if !strided_dw_applies(&shapes[0]) {
+            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
+            return;
+        }
+        assert!(!strided_dw_applies(&conv(1, 16, 7, 8, 8)) && !strided_dw_applies(&conv(1, 12, 8, 8, 8)));
+        for (k, s) in shapes.into_iter().enumerate() {
+            let x = rand(s.n * s.ci * s.h * s.w, 40 + k as u64);
+            let w = rand(s.co * s.ci * 9, 50 + k as u64);
+            let dy = rand(s.n * s.co * s.p(), 60 + k as u64);
+            let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
+            crate::cpu::conv::conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+            let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);
+            crate::cpu::conv::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
+            for (name, got, want) in [("dw", &dw, &dw_ref), ("dx", &dx, &dx_ref)] {
                 for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} {name}[{i}]: {a} vs {b}");
                 }
