@@ -41,8 +41,9 @@ const DW_OCB: usize = 4;
 const DW_MIN_WIDTH: usize = 16;
 /// Bytes of dY one weight-gradient pass keeps in L1 (of 48 KiB on the machines we target).
 const DW_L1_BYTES: usize = 16 << 10;
-/// Zero floats before the first and after the last framed plane, so that the masked-off lanes
-/// of the corner taps still address the buffer.
+/// Zero floats before the first and after the last framed plane: a corner tap's masked-off lanes,
+/// and a partial last vector's lanes (up to 15 past its plane, plus a tap's row and column),
+/// still address the buffer.
 const SLACK: usize = 16;
 
 /// Whether the direct kernels handle this convolution on this CPU. `MUSCLE_CONV=gemm` turns them
