@@ -175,7 +175,11 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     let img_in = s.ci * s.h * s.w;
     let img_out = s.co * s.h * s.w;
     let masks = plane_lanes(s);
-    y.par_chunks_mut(GROUP * img_out).zip(x.par_chunks(GROUP * img_in)).for_each_init(Vec::new, |xp, (yg, xg)| {
+    // Sized for a whole group up front: a smaller last group then never makes a task's buffer
+    // grow, so every step asks the allocator for the same block sizes (and its cache serves them).
+    let group_len = 2 * SLACK + GROUP * s.ci * framed_plane(s);
+    let init = || Vec::with_capacity(group_len);
+    y.par_chunks_mut(GROUP * img_out).zip(x.par_chunks(GROUP * img_in)).for_each_init(init, |xp, (yg, xg)| {
         let imgs = xg.len() / img_in;
         framed(s, imgs * s.ci, xg, xp);
         forward_group(s, imgs, xp, &wp, &masks, yg);
