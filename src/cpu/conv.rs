@@ -189,11 +189,11 @@ fn plan(n: usize) -> (usize, usize) {
 /// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]): the direct kernels
 /// where they apply, im2col + GEMM otherwise.
 pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
     if super::direct_conv::forward_applies(s) {
-        super::direct_conv::forward(s, x, w, y)
-    } else {
-        gemm_forward(s, x, w, y)
+        return super::direct_conv::forward(s, x, w, y);
     }
+    gemm_forward(s, x, w, y)
 }
 
 /// The forward pass as im2col + GEMM (any geometry).
@@ -259,16 +259,21 @@ struct Scratch {
 /// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
 /// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
 pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
-    if super::direct_conv::applies(s) {
-        super::direct_conv::backward(s, x, w, dy, dw, dx)
-    } else if super::direct_conv::strided_dw_applies(s) {
-        super::direct_conv::strided_weight_grad(s, x, dy, dw);
-        if let Some(dx) = dx {
-            gemm_input_grad(s, w, dy, dx);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::direct_conv as direct;
+        if direct::applies(s) {
+            return direct::backward(s, x, w, dy, dw, dx);
         }
-    } else {
-        gemm_backward(s, x, w, dy, dw, dx)
+        if direct::strided_dw_applies(s) {
+            direct::weight_grad_channel_last(s, x, dy, dw);
+            if let Some(dx) = dx {
+                gemm_input_grad(s, w, dy, dx);
+            }
+            return;
+        }
     }
+    gemm_backward(s, x, w, dy, dw, dx)
 }
 
 /// The backward pass through im2col + GEMM (any geometry).
@@ -278,6 +283,7 @@ pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [
 
 /// The input gradient alone through GEMM (and col2im): for convolutions whose weight gradient a
 /// direct kernel computes.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn gemm_input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) {
     gemm_backward_parts(s, &[], w, dy, None, Some(dx))
 }

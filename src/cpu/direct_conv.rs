@@ -49,11 +49,15 @@ const SLACK: usize = 16;
 /// Whether the direct kernels handle this convolution on this CPU. `MUSCLE_CONV=gemm` turns them
 /// off, to compare the two paths on one machine.
 pub fn applies(s: &ConvShape) -> bool {
+    enabled() && shape_fits(s)
+}
+
+/// Whether this CPU runs the kernels (AVX-512) and `MUSCLE_CONV=gemm` does not turn them off.
+fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled = *ENABLED.get_or_init(|| {
+    *ENABLED.get_or_init(|| {
         std::env::var("MUSCLE_CONV").map_or(true, |v| v != "gemm") && super::simd::level() == super::simd::Level::Avx512
-    });
-    enabled && shape_fits(s)
+    })
 }
 
 /// Whether the forward pass should take the direct kernel: with one input channel a tile has
@@ -62,24 +66,16 @@ pub fn forward_applies(s: &ConvShape) -> bool {
     applies(s) && s.ci > 1
 }
 
-/// Whether `strided_weight_grad` handles this convolution on this CPU: 3x3, stride 2, padding 1,
-/// even sides, 16k input and 8k output channels (wrn-28-2's two downsampling convolutions).
+/// Whether `weight_grad_channel_last` handles this stride-2 convolution on this CPU: 3x3,
+/// padding 1, even sides, 16k input and 8k output channels (wrn-28-2's downsampling layers).
 pub fn strided_dw_applies(s: &ConvShape) -> bool {
-    let geometry = s.kh == 3
-        && s.kw == 3
-        && s.stride == 2
-        && s.pad == 1
-        && s.h.is_multiple_of(2)
-        && s.w.is_multiple_of(2)
-        && s.h > 0;
-    let channels = s.ci > 0 && s.ci.is_multiple_of(CL) && s.co > 0 && s.co.is_multiple_of(CL_O);
-    applies(&ConvShape { stride: 1, ..*s }) && geometry && channels
+    let geometry = s.kh == 3 && s.kw == 3 && s.stride == 2 && s.pad == 1 && s.h > 0 && s.w > 0;
+    enabled() && geometry && s.h.is_multiple_of(2) && s.w.is_multiple_of(2) && channel_last_fits(s)
 }
 
-/// The weight gradient of a stride-2 convolution (`strided_dw_applies`) by the channel-last
-/// kernel: output pixel (r, c) meets padded input pixel (2r + i, 2c + j).
-pub fn strided_weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    weight_grad_channel_last(s, x, dy, dw)
+/// Channel counts the channel-last weight gradient is written for: 16k in, 8k out.
+fn channel_last_fits(s: &ConvShape) -> bool {
+    s.ci > 0 && s.ci.is_multiple_of(CL) && s.co > 0 && s.co.is_multiple_of(CL_O)
 }
 
 /// The geometry the kernels are written for (independent of the CPU): 3x3, stride 1, padding 1.
@@ -249,7 +245,6 @@ struct Tile<const R: usize> {
 /// `x + c * fp + xo[r] + (i - 1) * w + j - 1 .. + 16` lie inside the framed input; `wb` holds
 /// ci * 9 * OCB floats; the valid lanes of `y + o * plane_out + yo[r] .. + 16` inside the output
 /// for o < valid.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const R: usize>(
@@ -298,22 +293,6 @@ unsafe fn tile<const R: usize>(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize>(
-    _x: *const f32,
-    _fp: usize,
-    _w: usize,
-    _t: &Tile<R>,
-    _wb: *const f32,
-    _ci: usize,
-    _y: *mut f32,
-    _plane_out: usize,
-    _valid: usize,
-) {
-    unreachable!("direct_conv::applies is false off x86-64")
-}
-
 /// Backward: the weight gradient `dw` [co, ci, 3, 3] (overwritten) and, when given, the input
 /// gradient `dx` [n, ci, h, w] (overwritten). Callers check `applies(s)` first.
 pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
@@ -322,7 +301,7 @@ pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32],
         let t = ConvShape { ci: s.co, co: s.ci, ..*s };
         forward(&t, dy, &super::conv::flip_weights(s, w), dx);
     }
-    if s.ci.is_multiple_of(CL) && s.co.is_multiple_of(CL_O) {
+    if channel_last_fits(s) {
         weight_grad_channel_last(s, x, dy, dw);
     } else if s.w >= DW_MIN_WIDTH {
         weight_grad(s, x, dy, dw);
@@ -392,16 +371,16 @@ fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     crate::pool::give(xp);
 }
 
-/// dW as `weight_grad`, with input channels in lanes: X is first copied to a channel-last,
+/// dW as `weight_grad`, with input channels in lanes (stride 1 or 2; callers check
+/// `channel_last_fits`, or `strided_dw_applies`): X is first copied to a channel-last,
 /// zero-bordered layout [n][ci / 16][h + 2][w + 2][16]; then for 8 output channels and one tap
 /// row, each output pixel adds its 8 dY values (broadcast) times the 3 input vectors of 16
 /// channels at the tap columns (one new aligned load per pixel at stride 1, two at stride 2)
-/// into 24 accumulators. No masks,
-/// no lines split by the loads, no reduction across lanes: the forward tile's shape, with dY in
-/// the weights' place. One task per block of 16 input channels walks every image once, all
-/// output channels and tap rows of that image while its block is in L2; each image's sums are
-/// added to the task's totals, so every sum has one fixed order.
-fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+/// into 24 accumulators. No masks, no lines split by the loads, no reduction across lanes: the
+/// forward tile's shape, with dY in the weights' place. One task per block of 16 input channels
+/// walks every image once, all output channels and tap rows of that image while its block is in
+/// L2; each image's sums are added to the task's totals, so every sum has one fixed order.
+pub fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (hp, wp) = (s.h + 2, s.w + 2);
     let plane_in = s.h * s.w;
     let plane_out = s.ho() * s.wo();
@@ -410,7 +389,7 @@ fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]
     assert!(x.len() >= s.n * s.ci * plane_in && dy.len() >= s.n * s.co * plane_out && dw.len() >= s.co * s.ci * 9);
     let mut xb = crate::pool::take(s.n * img_b);
     xb.par_chunks_mut(img_b).zip(x.par_chunks(s.ci * plane_in)).for_each(|(dst, src)| {
-        // SAFETY: `applies` checked AVX-512; the sizes match the layouts (asserted above).
+        // SAFETY: `enabled` checked AVX-512; the sizes match the layouts (asserted above).
         unsafe { to_channel_last(s, src, dst) }
     });
     let taps = s.ci * 9;
@@ -438,7 +417,7 @@ fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]
                         if s.stride == 2 {
                             dw_channel_last::<2>(dyp, plane_out, xr, s.ho(), s.wo(), wp, dst)
                         } else {
-                            dw_channel_last::<1>(dyp, plane_out, xr, s.h, s.w, wp, dst)
+                            dw_channel_last::<1>(dyp, plane_out, xr, s.ho(), s.wo(), wp, dst)
                         }
                     };
                 }
@@ -466,8 +445,7 @@ fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]
 /// One image's planes [ci, h, w] as [ci / 16][h + 2][w + 2][16] with a zero border.
 ///
 /// # Safety
-/// AVX-512F/VL/BW/DQ present; ci a multiple of 16 and h * w of 16; `x` and `xb` hold the image.
-#[cfg(target_arch = "x86_64")]
+/// AVX-512F/VL/BW/DQ present; ci a multiple of 16; `x` and `xb` hold the image.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 unsafe fn to_channel_last(s: &ConvShape, x: &[f32], xb: &mut [f32]) {
     use std::arch::x86_64::*;
@@ -497,11 +475,6 @@ unsafe fn to_channel_last(s: &ConvShape, x: &[f32], xb: &mut [f32]) {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn to_channel_last(_s: &ConvShape, _x: &[f32], _xb: &mut [f32]) {
-    unreachable!("direct_conv::applies is false off x86-64")
-}
-
 /// Adds to `sums` [CL_O][3][16] one image's products for one tap row: output channels `dy`,
 /// `dy + plane_out`, ... (ho x wo planes) against the channel-last padded input rows at `xb`
 /// (wp * 16 floats each, starting at the tap row): output pixel (r, c) meets padded input pixel
@@ -510,7 +483,6 @@ unsafe fn to_channel_last(_s: &ConvShape, _x: &[f32], _xb: &mut [f32]) {
 /// # Safety
 /// AVX-512F/VL/BW/DQ present; CL_O planes of ho * wo floats at `dy`; S (ho - 1) + 1 rows of
 /// wp * 16 floats at `xb`, with S (wo - 1) + 3 <= wp; `sums` holds CL_O * 3 * 16 floats.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 unsafe fn dw_channel_last<const S: usize>(
     dy: *const f32,
@@ -556,19 +528,6 @@ unsafe fn dw_channel_last<const S: usize>(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dw_channel_last<const S: usize>(
-    _dy: *const f32,
-    _plane_out: usize,
-    _xb: *const f32,
-    _ho: usize,
-    _wo: usize,
-    _wp: usize,
-    _sums: &mut [f32],
-) {
-    unreachable!("direct_conv::applies is false off x86-64")
-}
-
 /// Strides and extents of one weight-gradient pass (elements, not bytes).
 struct DwGeom {
     dy_img: usize,
@@ -588,7 +547,6 @@ struct DwGeom {
 /// AVX-512F/VL/BW/DQ present; `dy + k * dy_img + o * plane_out .. + plane_out` and the framed
 /// planes around `xp + k * xp_img` inside their buffers for k < imgs, o < O; `masks` holds
 /// ceil(plane_out / 16) entries; `out` holds O * ci * 9 floats.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
     dy: *const f32,
@@ -635,17 +593,6 @@ unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
             }
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
-    _dy: *const f32,
-    _xp: *const f32,
-    _masks: *const Lanes,
-    _g: &DwGeom,
-    _out: *mut f32,
-) {
-    unreachable!("direct_conv::applies is false off x86-64")
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod activation;
 pub mod batchnorm;
 pub mod bias;
 pub mod conv;
+#[cfg(target_arch = "x86_64")]
 pub mod direct_conv;
 pub mod gemm;
 pub mod mutual_info;
