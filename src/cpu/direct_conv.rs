@@ -498,25 +498,17 @@ unsafe fn dw_channel_last<const S: usize>(
     for r in 0..ho {
         let xr = xb.add(S * r * wp * CL);
         let d = dy.add(r * wo);
-        // Stride 1: the next pixel's first two tap columns are this one's last two; stride 2:
-        // only its first, this one's third.
-        let (mut x0, mut x1) = (_mm512_loadu_ps(xr), _mm512_loadu_ps(xr.add(CL)));
         for col in 0..wo {
-            if S == 2 {
-                x1 = _mm512_loadu_ps(xr.add((2 * col + 1) * CL));
-            }
-            let x2 = _mm512_loadu_ps(xr.add((S * col + 2) * CL));
+            // Each tap vector is loaded afresh (from L1): carrying the previous pixel's taps in
+            // registers made the compiler rotate them and spill accumulators (24 + 3 + the
+            // broadcasts exceed 32 registers).
+            let xc = xr.add(S * col * CL);
+            let x = [_mm512_loadu_ps(xc), _mm512_loadu_ps(xc.add(CL)), _mm512_loadu_ps(xc.add(2 * CL))];
             for (o, acc_o) in acc.iter_mut().enumerate() {
                 let g = _mm512_set1_ps(*d.add(o * plane_out + col));
-                acc_o[0] = _mm512_fmadd_ps(g, x0, acc_o[0]);
-                acc_o[1] = _mm512_fmadd_ps(g, x1, acc_o[1]);
-                acc_o[2] = _mm512_fmadd_ps(g, x2, acc_o[2]);
-            }
-            if S == 2 {
-                x0 = x2;
-            } else {
-                x0 = x1;
-                x1 = x2;
+                for j in 0..3 {
+                    acc_o[j] = _mm512_fmadd_ps(g, x[j], acc_o[j]);
+                }
             }
         }
     }
