@@ -119,9 +119,12 @@ impl Gradients {
                 }
                 let grad = grad.to_device(acc.device())?;
                 let g = grad.data()?;
-                for (a, b) in acc.data_mut()?.iter_mut().zip(g) {
-                    *a += b;
-                }
+                // Residual blocks add whole activation gradients here: both cores, in chunks
+                // long enough to pay for the fork.
+                use rayon::prelude::*;
+                acc.data_mut()?.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14)).for_each(|(a, b)| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                });
             }
         }
         Ok(())

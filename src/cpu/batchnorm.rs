@@ -9,15 +9,18 @@ use crate::multiversion;
 use rayon::prelude::*;
 
 multiversion! {
-    /// Shifted sums (sum of x - k, sum of (x - k)^2) of channel `ch` over the batch.
-    fn channel_sums(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, k: f32) -> (f64, f64) {
-        let (mut s, mut q) = (0.0f64, 0.0f64);
+    /// Shifted sums (sum of x - k, sum of (x - k)^2) of channels ch0 .. ch0 + ks.len() over
+    /// the batch, shift `ks[j]` for channel ch0 + j, into `out` (overwritten).
+    fn block_sums(x: &[f32], n: usize, c: usize, hw: usize, ch0: usize, ks: &[f32], out: &mut [(f64, f64)]) {
+        out.fill((0.0, 0.0));
         for i in 0..n {
-            let (a, b) = shifted_sums(&x[(i * c + ch) * hw..(i * c + ch + 1) * hw], k);
-            s += a;
-            q += b;
+            for (j, (&k, o)) in ks.iter().zip(out.iter_mut()).enumerate() {
+                let off = (i * c + ch0 + j) * hw;
+                let (a, b) = shifted_sums(&x[off..off + hw], k);
+                o.0 += a;
+                o.1 += b;
+            }
         }
-        (s, q)
     }
 }
 
@@ -32,45 +35,35 @@ multiversion! {
 }
 
 multiversion! {
-    /// Sums of dz and dz * xhat over channel `ch`, with dz = dy * act'(g * xhat + b).
-    fn backward_sums(
-        x: &[f32],
-        dy: &[f32],
-        n: usize,
-        c: usize,
-        hw: usize,
-        ch: usize,
-        mean: f32,
-        invstd: f32,
-        g: f32,
-        b: f32,
-        a: f32,
-    ) -> (f64, f64) {
-        let (mut sdz, mut sdzx) = (0.0f64, 0.0f64);
+    /// Sums of dz and dz * xhat of channels ch0 .. ch0 + p.len() into `out` (overwritten),
+    /// with dz = dy * act'(g * xhat + b) and `p[j]` channel ch0 + j's parameters.
+    fn backward_sums(x: &[f32], dy: &[f32], n: usize, c: usize, hw: usize, ch0: usize, p: &[Plane], out: &mut [(f64, f64)]) {
+        out.fill((0.0, 0.0));
         for i in 0..n {
-            let off = (i * c + ch) * hw;
-            let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
-            let (gs, xs) = (&dy[off..off + hw], &x[off..off + hw]);
-            let mut cg = gs.chunks_exact(LANES);
-            let mut cx = xs.chunks_exact(LANES);
-            for (gc, xc) in (&mut cg).zip(&mut cx) {
-                for l in 0..LANES {
-                    let xh = (xc[l] - mean) * invstd;
-                    let dz = gc[l] * act_grad(g * xh + b, a);
-                    s1[l] += dz;
-                    s2[l] += dz * xh;
+            for (j, (q, o)) in p.iter().zip(out.iter_mut()).enumerate() {
+                let off = (i * c + ch0 + j) * hw;
+                let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+                let (gs, xs) = (&dy[off..off + hw], &x[off..off + hw]);
+                let mut cg = gs.chunks_exact(LANES);
+                let mut cx = xs.chunks_exact(LANES);
+                for (gc, xc) in (&mut cg).zip(&mut cx) {
+                    for l in 0..LANES {
+                        let xh = (xc[l] - q.mean) * q.invstd;
+                        let dz = gc[l] * act_grad(q.g * xh + q.b, q.a);
+                        s1[l] += dz;
+                        s2[l] += dz * xh;
+                    }
                 }
+                for (&gv, &xv) in cg.remainder().iter().zip(cx.remainder()) {
+                    let xh = (xv - q.mean) * q.invstd;
+                    let dz = gv * act_grad(q.g * xh + q.b, q.a);
+                    s1[0] += dz;
+                    s2[0] += dz * xh;
+                }
+                o.0 += s1.iter().map(|&v| v as f64).sum::<f64>();
+                o.1 += s2.iter().map(|&v| v as f64).sum::<f64>();
             }
-            for (&gv, &xv) in cg.remainder().iter().zip(cx.remainder()) {
-                let xh = (xv - mean) * invstd;
-                let dz = gv * act_grad(g * xh + b, a);
-                s1[0] += dz;
-                s2[0] += dz * xh;
-            }
-            sdz += s1.iter().map(|&v| v as f64).sum::<f64>();
-            sdzx += s2.iter().map(|&v| v as f64).sum::<f64>();
         }
-        (sdz, sdzx)
     }
 }
 
@@ -120,6 +113,24 @@ pub fn running_update(running: &mut [f32], batch: &[f32], momentum: f32, factor:
 /// Lanes of the explicit accumulators: independent partial sums let the compiler vectorise
 /// (a plain f32 `sum()` is sequential because float addition is not associative).
 const LANES: usize = 16;
+
+/// One channel's backward constants: batch mean, 1 / std, gamma, beta, activation slope.
+#[derive(Clone, Copy, Debug, Default)]
+struct Plane {
+    mean: f32,
+    invstd: f32,
+    g: f32,
+    b: f32,
+    a: f32,
+}
+
+/// Channels per task: enough that one image's planes of a task form a run of at least 1024
+/// floats. One plane per channel and image (256 bytes at 8 x 8) is too short for the hardware
+/// prefetcher to ramp up, and each is a jump of c planes; a block's planes are adjacent. Each
+/// channel's sums keep their order (image by image), so the results do not depend on it.
+fn channel_block(c: usize, hw: usize) -> usize {
+    1024usize.div_ceil(hw.max(1)).clamp(1, c.max(1))
+}
 
 /// Sums of (v - k) and (v - k)^2 over a slice, in f32 lanes, returned in f64.
 #[inline(always)]
@@ -177,26 +188,38 @@ pub fn forward_train(
 ) -> BatchStats {
     let m = (n * hw) as f64;
     let yp = SyncPtr(y.as_mut_ptr());
-    let stats: Vec<(f32, f32, f32)> = (0..c)
+    let cb = channel_block(c, hw);
+    let stats: Vec<(f32, f32, f32)> = (0..c.div_ceil(cb))
         .into_par_iter()
-        .map(|ch| {
+        .flat_map_iter(|blk| {
+            let chs = blk * cb..((blk + 1) * cb).min(c);
             // Shifting by one sample of the channel keeps the one-pass variance accurate even
             // when |mean| >> std.
-            let k = x[ch * hw];
-            let (s, q) = channel_sums(x, n, c, hw, ch, k);
-            let mean_k = s / m;
-            let var = (q / m - mean_k * mean_k).max(0.0);
-            let mean = mean_k + k as f64;
-            let invstd = 1.0 / (var + eps as f64).sqrt();
-            let scale = (gamma[ch] as f64 * invstd) as f32;
-            let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
+            let ks: Vec<f32> = chs.clone().map(|ch| x[ch * hw]).collect();
+            let mut sums = vec![(0.0, 0.0); chs.len()];
+            block_sums(x, n, c, hw, chs.start, &ks, &mut sums);
+            let per_ch: Vec<(f32, f32, f32, f32, f32)> = chs
+                .clone()
+                .zip(sums.iter().zip(&ks))
+                .map(|(ch, (&(s, q), &k))| {
+                    let mean_k = s / m;
+                    let var = (q / m - mean_k * mean_k).max(0.0);
+                    let mean = mean_k + k as f64;
+                    let invstd = 1.0 / (var + eps as f64).sqrt();
+                    let scale = (gamma[ch] as f64 * invstd) as f32;
+                    let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
+                    (mean as f32, var as f32, invstd as f32, scale, shift)
+                })
+                .collect();
             for i in 0..n {
-                let off = (i * c + ch) * hw;
-                // SAFETY: each (image, channel) plane is written by one task only.
-                let dst = unsafe { yp.slice(off, hw) };
-                normalize_plane(&x[off..off + hw], dst, scale, shift, slope);
+                for (ch, st) in chs.clone().zip(&per_ch) {
+                    let off = (i * c + ch) * hw;
+                    // SAFETY: each (image, channel) plane is written by one task only.
+                    let dst = unsafe { yp.slice(off, hw) };
+                    normalize_plane(&x[off..off + hw], dst, st.3, st.4, slope);
+                }
             }
-            (mean as f32, var as f32, invstd as f32)
+            per_ch.into_iter().map(|st| (st.0, st.1, st.2))
         })
         .collect();
     BatchStats {
@@ -246,26 +269,32 @@ pub fn backward_train(
 ) {
     let m = (n * hw) as f64;
     let dxp = dx.map(|d| SyncPtr(d.as_mut_ptr()));
-    let sums: Vec<(f32, f32)> = (0..c)
+    let a = slope.unwrap_or(1.0);
+    let cb = channel_block(c, hw);
+    let sums: Vec<(f32, f32)> = (0..c.div_ceil(cb))
         .into_par_iter()
-        .map(|ch| {
-            let (mean, invstd) = (stats.mean[ch], stats.invstd[ch]);
-            let (g, b) = (gamma[ch], beta[ch]);
-            let a = slope.unwrap_or(1.0);
+        .flat_map_iter(|blk| {
+            let chs = blk * cb..((blk + 1) * cb).min(c);
+            let p: Vec<Plane> = chs
+                .clone()
+                .map(|ch| Plane { mean: stats.mean[ch], invstd: stats.invstd[ch], g: gamma[ch], b: beta[ch], a })
+                .collect();
             // dz = dy * act'(z), z = g * xhat + b; sums of dz and dz * xhat in f32 lanes.
-            let (sdz, sdzx) = backward_sums(x, dy, n, c, hw, ch, mean, invstd, g, b, a);
+            let mut sums = vec![(0.0, 0.0); chs.len()];
+            backward_sums(x, dy, n, c, hw, chs.start, &p, &mut sums);
             if let Some(dxp) = dxp {
-                let k = g * invstd;
-                let ma = (sdz / m) as f32;
-                let mb = (sdzx / m) as f32;
                 for i in 0..n {
-                    let off = (i * c + ch) * hw;
-                    // SAFETY: each (image, channel) plane is written by one task only.
-                    let dst = unsafe { dxp.slice(off, hw) };
-                    backward_plane(&x[off..off + hw], &dy[off..off + hw], dst, mean, invstd, g, b, a, k, ma, mb);
+                    for ((ch, q), &(sdz, sdzx)) in chs.clone().zip(&p).zip(&sums) {
+                        let off = (i * c + ch) * hw;
+                        let (k, ma, mb) = (q.g * q.invstd, (sdz / m) as f32, (sdzx / m) as f32);
+                        // SAFETY: each (image, channel) plane is written by one task only.
+                        let dst = unsafe { dxp.slice(off, hw) };
+                        let (xs, gs) = (&x[off..off + hw], &dy[off..off + hw]);
+                        backward_plane(xs, gs, dst, q.mean, q.invstd, q.g, q.b, q.a, k, ma, mb);
+                    }
                 }
             }
-            (sdzx as f32, sdz as f32)
+            sums.into_iter().map(|(sdz, sdzx)| (sdzx as f32, sdz as f32))
         })
         .collect();
     for (ch, (g, b)) in sums.into_iter().enumerate() {
