@@ -340,3 +340,61 @@ pub fn backward_eval(
         dbeta[ch] += sb as f32;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64, offset: f32) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed, 0);
+        (0..n).map(|_| r.uniform() * 2.0 - 1.0 + offset).collect()
+    }
+
+    /// Training forward and backward against f64 loops, on shapes whose channels split into
+    /// several blocks, the last one partial (7 channels of 300: blocks of 4), one channel per
+    /// block (planes past 1024 floats) and one block for all (tiny planes).
+    #[test]
+    fn training_forward_and_backward_match_f64_loops() {
+        for &(n, c, hw) in &[(3, 7, 300), (2, 3, 1100), (5, 5, 9), (4, 9, 64)] {
+            let x = rand(n * c * hw, 1, 2.0);
+            let dy = rand(n * c * hw, 2, 0.0);
+            let gamma = rand(c, 3, 0.5);
+            let beta = rand(c, 4, 0.0);
+            let (eps, slope) = (1e-5f32, 0.1f32);
+            let mut y = vec![0.0; x.len()];
+            let stats = forward_train(&x, n, c, hw, &gamma, &beta, eps, Some(slope), &mut y);
+            let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+            backward_train(&x, &dy, n, c, hw, &gamma, &beta, Some(slope), &stats, Some(&mut dx), &mut dg, &mut db);
+            let m = (n * hw) as f64;
+            let at = |i: usize, ch: usize, p: usize| (i * c + ch) * hw + p;
+            for ch in 0..c {
+                let vals: Vec<(usize, f64)> =
+                    (0..n).flat_map(|i| (0..hw).map(move |p| at(i, ch, p))).map(|k| (k, x[k] as f64)).collect();
+                let mean = vals.iter().map(|v| v.1).sum::<f64>() / m;
+                let var = vals.iter().map(|v| (v.1 - mean).powi(2)).sum::<f64>() / m;
+                let invstd = 1.0 / (var + eps as f64).sqrt();
+                assert!((stats.mean[ch] as f64 - mean).abs() < 1e-5, "{n}x{c}x{hw} mean {ch}");
+                assert!((stats.var[ch] as f64 - var).abs() < 1e-5 * var.max(1.0), "{n}x{c}x{hw} var {ch}");
+                let (g, b) = (gamma[ch] as f64, beta[ch] as f64);
+                let (mut sdz, mut sdzx) = (0.0, 0.0);
+                let mut dzs = Vec::new();
+                for &(k, v) in &vals {
+                    let xh = (v - mean) * invstd;
+                    let z = g * xh + b;
+                    let want = if z > 0.0 { z } else { slope as f64 * z };
+                    assert!((y[k] as f64 - want).abs() < 1e-4, "{n}x{c}x{hw} y[{k}]: {} vs {want}", y[k]);
+                    let dz = dy[k] as f64 * if z > 0.0 { 1.0 } else { slope as f64 };
+                    sdz += dz;
+                    sdzx += dz * xh;
+                    dzs.push((k, dz, xh));
+                }
+                assert!((dg[ch] as f64 - sdzx).abs() < 1e-3, "{n}x{c}x{hw} dgamma {ch}: {} vs {sdzx}", dg[ch]);
+                assert!((db[ch] as f64 - sdz).abs() < 1e-3, "{n}x{c}x{hw} dbeta {ch}: {} vs {sdz}", db[ch]);
+                for (k, dz, xh) in dzs {
+                    let want = g * invstd * (dz - sdz / m - xh * sdzx / m);
+                    assert!((dx[k] as f64 - want).abs() < 1e-4, "{n}x{c}x{hw} dx[{k}]: {} vs {want}", dx[k]);
+                }
+            }
+        }
+    }
+}
