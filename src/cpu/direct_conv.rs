@@ -60,17 +60,24 @@ fn enabled() -> bool {
     })
 }
 
-/// Whether the forward pass should take the direct kernel: with one input channel a tile has
-/// only 9 taps to sum, and im2col + GEMM ran the convnet's 1 -> 32 layer 1.56x faster.
+/// Whether the forward pass should take the direct kernel: 3x3 with padding 1 at stride 1, or
+/// at stride 2 with even sides (`forward` splits the input into phases). With one input channel
+/// a tile has only 9 taps to sum, and im2col + GEMM ran the convnet's 1 -> 32 layer 1.56x faster.
 pub fn forward_applies(s: &ConvShape) -> bool {
-    applies(s) && s.ci > 1
+    enabled() && (shape_fits(s) || strided_fits(s)) && s.ci > 1
+}
+
+/// 3x3, stride 2, padding 1, even sides: every output pixel's taps fall on the four phase planes
+/// of the input (even / odd rows x even / odd columns) at offsets 0 or -1.
+fn strided_fits(s: &ConvShape) -> bool {
+    let geometry = s.kh == 3 && s.kw == 3 && s.stride == 2 && s.pad == 1;
+    geometry && s.h > 0 && s.w > 0 && s.h.is_multiple_of(2) && s.w.is_multiple_of(2) && s.ci > 0 && s.co > 0
 }
 
 /// Whether `weight_grad_channel_last` handles this stride-2 convolution on this CPU: 3x3,
 /// padding 1, even sides, 16k input and 8k output channels (wrn-28-2's downsampling layers).
 pub fn strided_dw_applies(s: &ConvShape) -> bool {
-    let geometry = s.kh == 3 && s.kw == 3 && s.stride == 2 && s.pad == 1 && s.h > 0 && s.w > 0;
-    enabled() && geometry && s.h.is_multiple_of(2) && s.w.is_multiple_of(2) && channel_last_fits(s)
+    enabled() && strided_fits(s) && channel_last_fits(s)
 }
 
 /// Channel counts the channel-last weight gradient is written for: 16k in, 8k out.
@@ -124,6 +131,31 @@ fn edge_masks(p: usize, w: usize) -> (u16, u16) {
     (left, right)
 }
 
+/// `buf` resized to SLACK + each of `planes` planes of `x` (h x w, both even) as its four phase
+/// planes, framed like `framed`'s: [plane][2 pr + pc][h / 2 + 2][w / 2], phase (pr, pc) holding
+/// the pixels (2 r + pr, 2 q + pc) + SLACK.
+fn phased(s: &ConvShape, planes: usize, x: &[f32], buf: &mut Vec<f32>) {
+    let (ho, wo) = (s.h / 2, s.w / 2);
+    let fp = (ho + 2) * wo;
+    let len = planes * 4 * fp;
+    buf.resize(2 * SLACK + len, 0.0);
+    buf[..SLACK].fill(0.0);
+    buf[SLACK + len..].fill(0.0);
+    for (dst, src) in buf[SLACK..SLACK + len].chunks_exact_mut(4 * fp).zip(x.chunks_exact(s.h * s.w)) {
+        for (phase, d) in dst.chunks_exact_mut(fp).enumerate() {
+            let (pr, pc) = (phase / 2, phase % 2);
+            d[..wo].fill(0.0);
+            d[(ho + 1) * wo..].fill(0.0);
+            for (r, row) in d[wo..(ho + 1) * wo].chunks_exact_mut(wo).enumerate() {
+                let srow = &src[(2 * r + pr) * s.w..][..s.w];
+                for (q, v) in row.iter_mut().enumerate() {
+                    *v = srow[2 * q + pc];
+                }
+            }
+        }
+    }
+}
+
 /// The lane masks of one vector of a plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Lanes {
@@ -164,46 +196,64 @@ fn pack_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Forward: y [n, co, h, w] = conv3x3(x [n, ci, h, w], w [co, ci, 3, 3]), stride 1, padding 1.
-/// Callers check `applies(s)` first.
+/// Forward: y [n, co, ho, wo] = conv3x3(x [n, ci, h, w], w [co, ci, 3, 3]), padding 1, stride 1
+/// or 2. Callers check `forward_applies(s)` first.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    if s.stride == 2 {
+        forward_strided::<2>(s, x, w, y)
+    } else {
+        forward_strided::<1>(s, x, w, y)
+    }
+}
+
+/// The forward at stride S. Tiles, lane masks and framed planes all have the output's geometry
+/// `g`: at stride 2 each input plane becomes four phase planes of that size (`phased`), and a
+/// stride-2 tap is a stride-1 tap on one of them, so one tile serves both.
+fn forward_strided<const S: usize>(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let g = ConvShape { h: s.ho(), w: s.wo(), stride: 1, ..*s };
     let wp = pack_weights(s, w);
     let img_in = s.ci * s.h * s.w;
-    let img_out = s.co * s.h * s.w;
-    let masks = plane_lanes(s);
+    let img_out = s.co * g.h * g.w;
+    let masks = plane_lanes(&g);
     // Sized for a whole group up front: a smaller last group then never makes a task's buffer
     // grow, so every step asks the allocator for the same block sizes (and its cache serves them).
-    let group_len = 2 * SLACK + GROUP * s.ci * framed_plane(s);
+    let group_len = 2 * SLACK + GROUP * S * S * s.ci * framed_plane(&g);
     let init = || Vec::with_capacity(group_len);
     y.par_chunks_mut(GROUP * img_out).zip(x.par_chunks(GROUP * img_in)).for_each_init(init, |xp, (yg, xg)| {
         let imgs = xg.len() / img_in;
-        framed(s, imgs * s.ci, xg, xp);
-        forward_group(s, imgs, xp, &wp, &masks, yg);
+        if S == 1 {
+            framed(&g, imgs * s.ci, xg, xp);
+        } else {
+            phased(s, imgs * s.ci, xg, xp);
+        }
+        forward_group::<S>(&g, imgs, xp, &wp, &masks, yg);
     });
 }
 
-/// `imgs` framed images: every output-channel block x every tile of RV output vectors, a tile's
-/// vectors possibly in different images.
-fn forward_group(s: &ConvShape, imgs: usize, xp: &[f32], wp: &[f32], masks: &[Lanes], y: &mut [f32]) {
-    let fp = framed_plane(s);
-    let per_img = (s.h * s.w).div_ceil(16);
+/// `imgs` framed images (S x S phase planes per channel) of output geometry `g`: every
+/// output-channel block x every tile of RV output vectors, a tile's vectors possibly in
+/// different images.
+fn forward_group<const S: usize>(g: &ConvShape, imgs: usize, xp: &[f32], wp: &[f32], masks: &[Lanes], y: &mut [f32]) {
+    let fp = framed_plane(g);
+    let per_img = (g.h * g.w).div_ceil(16);
     let nvec = imgs * per_img;
-    let plane_out = s.h * s.w;
+    let plane_out = g.h * g.w;
+    let img_planes = S * S * g.ci;
     assert!(
-        xp.len() >= 2 * SLACK + imgs * s.ci * fp
-            && y.len() >= imgs * s.co * plane_out
-            && wp.len() >= s.co.div_ceil(OCB) * s.ci * 9 * OCB
+        xp.len() >= 2 * SLACK + imgs * img_planes * fp
+            && y.len() >= imgs * g.co * plane_out
+            && wp.len() >= g.co.div_ceil(OCB) * g.ci * 9 * OCB
             && masks.len() >= per_img
     );
-    // Vector v: the input offset of its centre tap in channel 0, its output offset in output
-    // channel 0, and its lane masks.
+    // Vector v: the input offset of its centre tap in channel 0 (phase 0), its output offset in
+    // output channel 0, and its lane masks.
     let at = |v: usize| {
         let (k, p) = (v / per_img, (v % per_img) * 16);
-        (SLACK + k * s.ci * fp + s.w + p, k * s.co * plane_out + p, masks[v % per_img])
+        (SLACK + k * img_planes * fp + g.w + p, k * g.co * plane_out + p, masks[v % per_img])
     };
-    for b in 0..s.co.div_ceil(OCB) {
-        let valid = (s.co - b * OCB).min(OCB);
-        let wb = &wp[b * s.ci * 9 * OCB..];
+    for b in 0..g.co.div_ceil(OCB) {
+        let valid = (g.co - b * OCB).min(OCB);
+        let wb = &wp[b * g.ci * 9 * OCB..];
         let yb = &mut y[b * OCB * plane_out..];
         let mut v = 0;
         while v < nvec {
@@ -212,17 +262,17 @@ fn forward_group(s: &ConvShape, imgs: usize, xp: &[f32], wp: &[f32], masks: &[La
             // moves at most one framed row and one column, and a partial vector's lanes run at
             // most 15 past its plane; the frame rows and SLACK absorb both) and every store (of
             // the valid lanes) inside y's first `co` planes of each image; the CPU has AVX-512
-            // (`applies`).
+            // (`forward_applies`, `applies`).
             unsafe {
                 if rv == RV {
                     let tiles: [(usize, usize, Lanes); RV] = std::array::from_fn(|r| at(v + r));
                     let t = Tile { xo: tiles.map(|t| t.0), yo: tiles.map(|t| t.1), masks: tiles.map(|t| t.2) };
-                    tile::<RV>(xp.as_ptr(), fp, s.w, &t, wb.as_ptr(), s.ci, yb.as_mut_ptr(), plane_out, valid);
+                    tile::<RV, S>(xp.as_ptr(), fp, g.w, &t, wb.as_ptr(), g.ci, yb.as_mut_ptr(), plane_out, valid);
                 } else {
                     for u in v..v + rv {
                         let (xo, yo, m) = at(u);
                         let t = Tile { xo: [xo], yo: [yo], masks: [m] };
-                        tile::<1>(xp.as_ptr(), fp, s.w, &t, wb.as_ptr(), s.ci, yb.as_mut_ptr(), plane_out, valid);
+                        tile::<1, S>(xp.as_ptr(), fp, g.w, &t, wb.as_ptr(), g.ci, yb.as_mut_ptr(), plane_out, valid);
                     }
                 }
             }
@@ -238,16 +288,20 @@ struct Tile<const R: usize> {
     masks: [Lanes; R],
 }
 
-/// One forward tile: OCB output channels x R output vectors, over ci x 3 x 3 taps.
+/// One forward tile: OCB output channels x R output vectors, over ci x 3 x 3 taps. Stride 1:
+/// tap (i, j) of channel c reads plane c at row i - 1, column j - 1 from the output pixel.
+/// Stride 2: input row 2 oy + i - 1 is phase row oy - 1 of the odd rows (i = 0), oy of the even
+/// (i = 1) or of the odd (i = 2); columns likewise; so the tap reads phase plane
+/// 4 c + 2 [i != 1] + [j != 1] at row -[i == 0], column -[j == 0].
 ///
 /// # Safety
-/// AVX-512F/VL/BW/DQ present; for every c < ci and tap (i, j) the unmasked lanes of
-/// `x + c * fp + xo[r] + (i - 1) * w + j - 1 .. + 16` lie inside the framed input; `wb` holds
+/// AVX-512F/VL/BW/DQ present; for every c < ci and tap (i, j) the unmasked lanes of the tap's
+/// plane at `xo[r]` and offset (rows of `w`) lie inside the framed input; `wb` holds
 /// ci * 9 * OCB floats; the valid lanes of `y + o * plane_out + yo[r] .. + 16` inside the output
 /// for o < valid.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize>(
+unsafe fn tile<const R: usize, const S: usize>(
     x: *const f32,
     fp: usize,
     w: usize,
@@ -264,15 +318,21 @@ unsafe fn tile<const R: usize>(
     let mut wt = wb;
     for c in 0..ci {
         for i in 0..3 {
-            // Row i - 1 relative to the output row; the frame holds the rows past the image.
-            let xr = x.add(c * fp + i * w).sub(w);
             for j in 0..3 {
+                // The tap's plane, row and column relative to the output pixel (the frame holds
+                // the rows past the image; edge columns are masked lanes).
+                let (plane, dr, dc) = if S == 1 {
+                    (c, i as isize - 1, j as isize - 1)
+                } else {
+                    (4 * c + 2 * usize::from(i != 1) + usize::from(j != 1), -isize::from(i == 0), -isize::from(j == 0))
+                };
+                let off = (plane * fp) as isize + dr * w as isize + dc;
                 let mut xv = [_mm512_setzero_ps(); R];
                 for r in 0..R {
-                    let p = xr.add(t.xo[r] + j).sub(1);
-                    xv[r] = match j {
-                        0 => _mm512_maskz_loadu_ps(left[r], p),
-                        1 => _mm512_loadu_ps(p),
+                    let p = x.offset(t.xo[r] as isize + off);
+                    xv[r] = match dc {
+                        -1 => _mm512_maskz_loadu_ps(left[r], p),
+                        0 => _mm512_loadu_ps(p),
                         _ => _mm512_maskz_loadu_ps(right[r], p),
                     };
                 }
@@ -668,6 +728,37 @@ mod tests {
             let x = rand(s.n * s.ci * s.h * s.w, k as u64);
             let w = rand(s.co * s.ci * 9, 100 + k as u64);
             let mut y = vec![f32::NAN; s.n * s.co * s.h * s.w];
+            forward(&s, &x, &w, &mut y);
+            let want = conv2d_naive(&s, &x, &w);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} output {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Stride 2 through the phase planes: output planes of 4 x 4 (one vector), 7 x 7 and 3 x 5
+    /// (partial last vectors), 16 x 16; batches that leave a partial group and a partial tile;
+    /// output channels short of a block. Odd sides and one input channel are refused.
+    #[test]
+    fn strided_forward_matches_direct_loops() {
+        let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 2, pad: 1 };
+        let shapes = [
+            conv(2, 3, 8, 8, 5),
+            conv(4, 5, 14, 14, 9),
+            conv(5, 2, 6, 10, 8),
+            conv(2, 32, 32, 32, 16),
+            conv(7, 4, 2, 2, 3),
+        ];
+        if !forward_applies(&shapes[0]) {
+            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
+            return;
+        }
+        assert!(!forward_applies(&conv(1, 4, 7, 8, 8)) && !forward_applies(&conv(1, 4, 8, 9, 8)));
+        assert!(!forward_applies(&conv(1, 1, 8, 8, 8)));
+        for (k, s) in shapes.into_iter().enumerate() {
+            let x = rand(s.n * s.ci * s.h * s.w, 70 + k as u64);
+            let w = rand(s.co * s.ci * 9, 80 + k as u64);
+            let mut y = vec![f32::NAN; s.n * s.co * s.p()];
             forward(&s, &x, &w, &mut y);
             let want = conv2d_naive(&s, &x, &w);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
