@@ -268,7 +268,7 @@ pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut
         if direct::strided_dw_applies(s) {
             direct::weight_grad_channel_last(s, x, dy, dw);
             if let Some(dx) = dx {
-                gemm_input_grad(s, w, dy, dx);
+                direct::input_grad_strided(s, w, dy, dx);
             }
             return;
         }
@@ -278,26 +278,6 @@ pub fn conv2d_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut
 
 /// The backward pass through im2col + GEMM (any geometry).
 pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
-    gemm_backward_parts(s, x, w, dy, Some(dw), dx)
-}
-
-/// The input gradient alone through GEMM (and col2im): for convolutions whose weight gradient a
-/// direct kernel computes.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn gemm_input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) {
-    gemm_backward_parts(s, &[], w, dy, None, Some(dx))
-}
-
-/// `gemm_backward` with each gradient optional (`x` is read only for `dw`).
-fn gemm_backward_parts(
-    s: &ConvShape,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    dw: Option<&mut [f32]>,
-    dx: Option<&mut [f32]>,
-) {
-    let want_dw = dw.is_some();
     let (k, p) = (s.k(), s.p());
     let (min_len, gemm_threads) = plan(s.n);
     let img = s.ci * s.h * s.w;
@@ -319,26 +299,19 @@ fn gemm_backward_parts(
         .into_par_iter()
         .with_min_len(min_len)
         .fold(
-            || Scratch {
-                dw: if want_dw { vec![0.0f32; s.co * k] } else { Vec::new() },
-                col: Vec::new(),
-                col2: Vec::new(),
-                started: false,
-            },
+            || Scratch { dw: vec![0.0f32; s.co * k], col: Vec::new(), col2: Vec::new(), started: false },
             |mut sc, n| {
                 let dyn_ = &dy[n * s.co * p..(n + 1) * s.co * p];
-                if want_dw {
-                    let xn = &x[n * img..(n + 1) * img];
-                    let colref: &[f32] = if s.is_pointwise() {
-                        xn
-                    } else {
-                        sc.col.resize(k * p, 0.0);
-                        im2col(s, xn, &mut sc.col);
-                        &sc.col
-                    };
-                    sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut sc.dw, sc.started, gemm_threads);
-                    sc.started = true;
-                }
+                let xn = &x[n * img..(n + 1) * img];
+                let colref: &[f32] = if s.is_pointwise() {
+                    xn
+                } else {
+                    sc.col.resize(k * p, 0.0);
+                    im2col(s, xn, &mut sc.col);
+                    &sc.col
+                };
+                sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut sc.dw, sc.started, gemm_threads);
+                sc.started = true;
                 if need_dx {
                     // SAFETY: image n's slice of dx is written by this task only, and dx
                     // outlives the parallel loop.
@@ -361,12 +334,10 @@ fn gemm_backward_parts(
         )
         .map(|sc| sc.dw)
         .collect();
-    if let Some(dw) = dw {
-        dw.fill(0.0);
-        for part in &partials {
-            for (a, b) in dw.iter_mut().zip(part) {
-                *a += b;
-            }
+    dw.fill(0.0);
+    for part in &partials {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
         }
     }
 }

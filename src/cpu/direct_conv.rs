@@ -41,6 +41,8 @@ const DW_OCB: usize = 4;
 const DW_MIN_WIDTH: usize = 16;
 /// Bytes of dY one weight-gradient pass keeps in L1 (of 48 KiB on the machines we target).
 const DW_L1_BYTES: usize = 16 << 10;
+/// Every tap of a 3x3 kernel (bit 3 i + j for tap (i, j)).
+const ALL_TAPS: u16 = 0x1FF;
 /// Zero floats before the first and after the last framed plane: a corner tap's masked-off lanes,
 /// and a partial last vector's lanes (up to 15 past its plane, plus a tap's row and column),
 /// still address the buffer.
@@ -226,14 +228,23 @@ fn forward_strided<const S: usize>(s: &ConvShape, x: &[f32], w: &[f32], y: &mut 
         } else {
             phased(s, imgs * s.ci, xg, xp);
         }
-        forward_group::<S>(&g, imgs, xp, &wp, &masks, yg);
+        forward_group::<S, ALL_TAPS>(&g, imgs, xp, &wp, &masks, yg);
     });
 }
 
 /// `imgs` framed images (S x S phase planes per channel) of output geometry `g`: every
 /// output-channel block x every tile of RV output vectors, a tile's vectors possibly in
-/// different images.
-fn forward_group<const S: usize>(g: &ConvShape, imgs: usize, xp: &[f32], wp: &[f32], masks: &[Lanes], y: &mut [f32]) {
+/// different images; the taps in TAPS (bit 3 i + j for tap (i, j)) only, their weights packed
+/// in that order.
+fn forward_group<const S: usize, const TAPS: u16>(
+    g: &ConvShape,
+    imgs: usize,
+    xp: &[f32],
+    wp: &[f32],
+    masks: &[Lanes],
+    y: &mut [f32],
+) {
+    let taps = TAPS.count_ones() as usize;
     let fp = framed_plane(g);
     let per_img = (g.h * g.w).div_ceil(16);
     let nvec = imgs * per_img;
@@ -242,7 +253,7 @@ fn forward_group<const S: usize>(g: &ConvShape, imgs: usize, xp: &[f32], wp: &[f
     assert!(
         xp.len() >= 2 * SLACK + imgs * img_planes * fp
             && y.len() >= imgs * g.co * plane_out
-            && wp.len() >= g.co.div_ceil(OCB) * g.ci * 9 * OCB
+            && wp.len() >= g.co.div_ceil(OCB) * g.ci * taps * OCB
             && masks.len() >= per_img
     );
     // Vector v: the input offset of its centre tap in channel 0 (phase 0), its output offset in
@@ -253,7 +264,7 @@ fn forward_group<const S: usize>(g: &ConvShape, imgs: usize, xp: &[f32], wp: &[f
     };
     for b in 0..g.co.div_ceil(OCB) {
         let valid = (g.co - b * OCB).min(OCB);
-        let wb = &wp[b * g.ci * 9 * OCB..];
+        let wb = &wp[b * g.ci * taps * OCB..];
         let yb = &mut y[b * OCB * plane_out..];
         let mut v = 0;
         while v < nvec {
@@ -267,18 +278,101 @@ fn forward_group<const S: usize>(g: &ConvShape, imgs: usize, xp: &[f32], wp: &[f
                 if rv == RV {
                     let tiles: [(usize, usize, Lanes); RV] = std::array::from_fn(|r| at(v + r));
                     let t = Tile { xo: tiles.map(|t| t.0), yo: tiles.map(|t| t.1), masks: tiles.map(|t| t.2) };
-                    tile::<RV, S>(xp.as_ptr(), fp, g.w, &t, wb.as_ptr(), g.ci, yb.as_mut_ptr(), plane_out, valid);
+                    tile::<RV, S, TAPS>(xp.as_ptr(), fp, g.w, &t, wb.as_ptr(), g.ci, yb.as_mut_ptr(), plane_out, valid);
                 } else {
                     for u in v..v + rv {
                         let (xo, yo, m) = at(u);
                         let t = Tile { xo: [xo], yo: [yo], masks: [m] };
-                        tile::<1, S>(xp.as_ptr(), fp, g.w, &t, wb.as_ptr(), g.ci, yb.as_mut_ptr(), plane_out, valid);
+                        tile::<1, S, TAPS>(
+                            xp.as_ptr(),
+                            fp,
+                            g.w,
+                            &t,
+                            wb.as_ptr(),
+                            g.ci,
+                            yb.as_mut_ptr(),
+                            plane_out,
+                            valid,
+                        );
                     }
                 }
             }
             v += rv;
         }
     }
+}
+
+/// The stride-2 input gradient per phase (pr, pc) of dX as a stride-1 tile over framed dY planes:
+/// dX (2 r + pr, 2 q + pc) meets dY rows r (and r + 1 when pr = 1) and columns q (and q + 1 when
+/// pc = 1), i.e. taps (i, j) with i - 1, j - 1 in {0, 1}: bit 3 i + j.
+const PHASE_TAPS: [u16; 4] = [0x010, 0x030, 0x090, 0x1B0];
+
+/// The kernel row (or column) that tap index `i` of a phase with row (column) parity `parity`
+/// carries: even dX rows meet dY row r through ky = 1; odd rows meet row r through ky = 2 and
+/// row r + 1 through ky = 0 (input row 2 oy + ky - 1).
+fn phase_tap(parity: usize, i: usize) -> usize {
+    match (parity, i) {
+        (0, _) => 1,
+        (_, 1) => 2,
+        _ => 0,
+    }
+}
+
+/// Weights of phase `phase` of the stride-2 input gradient as a tile wants them:
+/// [ci / OCB][co][the phase's taps][OCB], dX channels in lanes (zero past `ci`).
+fn pack_phase_weights(s: &ConvShape, w: &[f32], phase: usize) -> Vec<f32> {
+    let (pr, pc) = (phase / 2, phase % 2);
+    let taps: Vec<(usize, usize)> =
+        (0..9).filter(|t| PHASE_TAPS[phase] & (1 << t) != 0).map(|t| (t / 3, t % 3)).collect();
+    let mut out = vec![0.0f32; s.ci.div_ceil(OCB) * s.co * taps.len() * OCB];
+    for c in 0..s.ci {
+        let (b, lane) = (c / OCB, c % OCB);
+        for o in 0..s.co {
+            for (t, &(i, j)) in taps.iter().enumerate() {
+                let (ky, kx) = (phase_tap(pr, i), phase_tap(pc, j));
+                out[((b * s.co + o) * taps.len() + t) * OCB + lane] = w[((o * s.ci + c) * 3 + ky) * 3 + kx];
+            }
+        }
+    }
+    out
+}
+
+/// Input gradient dx [n, ci, h, w] (overwritten) of a 3x3, stride-2, padding-1 convolution with
+/// even sides, from dy [n, co, h / 2, w / 2]: each phase of dX (even / odd rows x even / odd
+/// columns) is a stride-1 tile over the framed dY planes with 1, 2, 2 or 4 of its taps (9 in
+/// all, no multiply by a zero), written to a phase buffer and then interleaved into dX. Callers
+/// check `strided_dw_applies(s)` (or at least AVX-512 and `strided_fits`) first.
+pub fn input_grad_strided(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    // dY as the tiles' input: co channels of ho x wo; their outputs are dX's ci phase planes.
+    let g = ConvShape { ci: s.co, co: s.ci, h: s.ho(), w: s.wo(), stride: 1, ..*s };
+    let wps: [Vec<f32>; 4] = std::array::from_fn(|p| pack_phase_weights(s, w, p));
+    let masks = plane_lanes(&g);
+    let plane = g.h * g.w;
+    let (img_dy, img_dx) = (s.co * plane, s.ci * s.h * s.w);
+    let framed_len = 2 * SLACK + GROUP * s.co * framed_plane(&g);
+    let init = || (Vec::with_capacity(framed_len), vec![0.0f32; GROUP * s.ci * plane]);
+    dx.par_chunks_mut(GROUP * img_dx).zip(dy.par_chunks(GROUP * img_dy)).for_each_init(init, |(yp, ph), (dxg, dyg)| {
+        let imgs = dyg.len() / img_dy;
+        framed(&g, imgs * s.co, dyg, yp);
+        let ph = &mut ph[..imgs * s.ci * plane];
+        for (phase, wp) in wps.iter().enumerate() {
+            match phase {
+                0 => forward_group::<1, { PHASE_TAPS[0] }>(&g, imgs, yp, wp, &masks, ph),
+                1 => forward_group::<1, { PHASE_TAPS[1] }>(&g, imgs, yp, wp, &masks, ph),
+                2 => forward_group::<1, { PHASE_TAPS[2] }>(&g, imgs, yp, wp, &masks, ph),
+                _ => forward_group::<1, { PHASE_TAPS[3] }>(&g, imgs, yp, wp, &masks, ph),
+            }
+            let (pr, pc) = (phase / 2, phase % 2);
+            for (dst, src) in dxg.chunks_exact_mut(s.h * s.w).zip(ph.chunks_exact(plane)) {
+                for (r, row) in src.chunks_exact(g.w).enumerate() {
+                    let drow = &mut dst[(2 * r + pr) * s.w..][..s.w];
+                    for (q, &v) in row.iter().enumerate() {
+                        drow[2 * q + pc] = v;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Where a forward tile's R vectors read and write, and their lane masks.
@@ -294,14 +388,16 @@ struct Tile<const R: usize> {
 /// (i = 1) or of the odd (i = 2); columns likewise; so the tap reads phase plane
 /// 4 c + 2 [i != 1] + [j != 1] at row -[i == 0], column -[j == 0].
 ///
+/// Taps outside TAPS (bit 3 i + j) are skipped, at no cost: the loops unroll and the test folds.
+///
 /// # Safety
 /// AVX-512F/VL/BW/DQ present; for every c < ci and tap (i, j) the unmasked lanes of the tap's
 /// plane at `xo[r]` and offset (rows of `w`) lie inside the framed input; `wb` holds
-/// ci * 9 * OCB floats; the valid lanes of `y + o * plane_out + yo[r] .. + 16` inside the output
-/// for o < valid.
+/// ci * |TAPS| * OCB floats; the valid lanes of `y + o * plane_out + yo[r] .. + 16` inside the
+/// output for o < valid.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize, const S: usize>(
+unsafe fn tile<const R: usize, const S: usize, const TAPS: u16>(
     x: *const f32,
     fp: usize,
     w: usize,
@@ -316,34 +412,64 @@ unsafe fn tile<const R: usize, const S: usize>(
     let mut acc = [[_mm512_setzero_ps(); R]; OCB];
     let (left, right) = (t.masks.map(|m| m.left), t.masks.map(|m| m.right));
     let mut wt = wb;
-    for c in 0..ci {
-        for i in 0..3 {
-            for j in 0..3 {
-                // The tap's plane, row and column relative to the output pixel (the frame holds
-                // the rows past the image; edge columns are masked lanes).
-                let (plane, dr, dc) = if S == 1 {
-                    (c, i as isize - 1, j as isize - 1)
-                } else {
-                    (4 * c + 2 * usize::from(i != 1) + usize::from(j != 1), -isize::from(i == 0), -isize::from(j == 0))
+    // One tap (i, j) of channel c.
+    macro_rules! tap {
+        ($c:expr, $i:expr, $j:literal) => {
+            // The tap's plane, row and column relative to the output pixel (the frame holds the
+            // rows past the image; edge columns are masked lanes).
+            let (plane, dr, dc): (usize, isize, isize) = if S == 1 {
+                ($c, $i as isize - 1, $j - 1)
+            } else {
+                (4 * $c + 2 * usize::from($i != 1) + usize::from($j != 1), -isize::from($i == 0), -isize::from($j == 0))
+            };
+            let off = (plane * fp) as isize + dr * w as isize + dc;
+            let mut xv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let p = x.offset(t.xo[r] as isize + off);
+                xv[r] = match dc {
+                    -1 => _mm512_maskz_loadu_ps(left[r], p),
+                    0 => _mm512_loadu_ps(p),
+                    _ => _mm512_maskz_loadu_ps(right[r], p),
                 };
-                let off = (plane * fp) as isize + dr * w as isize + dc;
-                let mut xv = [_mm512_setzero_ps(); R];
-                for r in 0..R {
-                    let p = x.offset(t.xo[r] as isize + off);
-                    xv[r] = match dc {
-                        -1 => _mm512_maskz_loadu_ps(left[r], p),
-                        0 => _mm512_loadu_ps(p),
-                        _ => _mm512_maskz_loadu_ps(right[r], p),
-                    };
-                }
-                for (o, acc_o) in acc.iter_mut().enumerate() {
-                    let wv = _mm512_set1_ps(*wt.add(o));
-                    for r in 0..R {
-                        acc_o[r] = _mm512_fmadd_ps(wv, xv[r], acc_o[r]);
-                    }
-                }
-                wt = wt.add(OCB);
             }
+            for (o, acc_o) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*wt.add(o));
+                for r in 0..R {
+                    acc_o[r] = _mm512_fmadd_ps(wv, xv[r], acc_o[r]);
+                }
+            }
+            wt = wt.add(OCB);
+        };
+    }
+    // The tap (i, j) if TAPS has it: with literal i and j the test folds at compile time.
+    macro_rules! tap_if {
+        ($c:expr, $i:literal, $j:literal) => {
+            if TAPS & (1 << (3 * $i + $j)) != 0 {
+                tap!($c, $i, $j);
+            }
+        };
+    }
+    if TAPS == ALL_TAPS {
+        for c in 0..ci {
+            for i in 0..3usize {
+                tap!(c, i, 0);
+                tap!(c, i, 1);
+                tap!(c, i, 2);
+            }
+        }
+    } else {
+        // Subsets (the stride-2 input gradient's phases) are written out tap by tap: tested in
+        // a loop over i, the compiler kept the test and the j loop at run time (2.4x slower).
+        for c in 0..ci {
+            tap_if!(c, 0, 0);
+            tap_if!(c, 0, 1);
+            tap_if!(c, 0, 2);
+            tap_if!(c, 1, 0);
+            tap_if!(c, 1, 1);
+            tap_if!(c, 1, 2);
+            tap_if!(c, 2, 0);
+            tap_if!(c, 2, 1);
+            tap_if!(c, 2, 2);
         }
     }
     for (o, acc_o) in acc.iter().enumerate().take(valid) {
@@ -805,7 +931,7 @@ mod tests {
     #[test]
     fn strided_weight_gradient_and_dispatch_match_the_gemm_path() {
         let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 2, pad: 1 };
-        let shapes = [conv(3, 16, 8, 8, 8), conv(2, 32, 16, 6, 16), conv(2, 16, 4, 4, 24)];
+        let shapes = [conv(3, 16, 8, 8, 8), conv(2, 32, 16, 6, 16), conv(2, 16, 4, 4, 24), conv(5, 16, 16, 16, 8)];
         if !strided_dw_applies(&shapes[0]) {
             eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
             return;
