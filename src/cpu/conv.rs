@@ -190,8 +190,13 @@ fn plan(n: usize) -> (usize, usize) {
 /// where they apply, im2col + GEMM otherwise.
 pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::direct_conv::forward_applies(s) {
-        return super::direct_conv::forward(s, x, w, y);
+    {
+        if super::winograd::applies(s) {
+            return super::winograd::forward(s, x, w, y);
+        }
+        if super::direct_conv::forward_applies(s) {
+            return super::direct_conv::forward(s, x, w, y);
+        }
     }
     gemm_forward(s, x, w, y)
 }

@@ -485,7 +485,12 @@ pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32],
     if let Some(dx) = dx {
         // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry.
         let t = ConvShape { ci: s.co, co: s.ci, ..*s };
-        forward(&t, dy, &super::conv::flip_weights(s, w), dx);
+        let w_flip = super::conv::flip_weights(s, w);
+        if super::winograd::applies(&t) {
+            super::winograd::forward(&t, dy, &w_flip, dx);
+        } else {
+            forward(&t, dy, &w_flip, dx);
+        }
     }
     if channel_last_fits(s) {
         weight_grad_channel_last(s, x, dy, dw);

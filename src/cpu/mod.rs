@@ -14,6 +14,8 @@ pub mod peak;
 pub mod pool;
 pub mod simd;
 pub mod softmax;
+#[cfg(target_arch = "x86_64")]
+pub mod winograd;
 
 /// Sets the number of worker threads used by GEMM and the conv/BN kernels (once per process;
 /// later calls with another count are an error because rayon's global pool is fixed).
