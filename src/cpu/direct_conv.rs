@@ -1,4 +1,5 @@
-//! Direct 3x3 "same" convolution (stride 1, padding 1) with output pixels in AVX-512 lanes.
+//! Direct 3x3 convolution (padding 1, stride 1, and stride 2 through phase planes) with output
+//! pixels in AVX-512 lanes.
 //!
 //! Why not im2col + GEMM here: with few channels (wrn-28-2's first stage: 32 channels on 32 x 32
 //! images) every im2col element feeds only `co` multiply-adds, so writing and re-reading the 9x
@@ -12,7 +13,11 @@
 //!   first): input channels in lanes, from a channel-last copy of X, 8 output channels x 3 tap
 //!   columns per pass, dY broadcast (`weight_grad_channel_last`); otherwise four output channels
 //!   x the taps of one input channel as 16-lane partial sums over output pixels, reduced across
-//!   lanes once per pass (`weight_grad`; masked loads make it ~40% slower per FLOP).
+//!   lanes once per pass (`weight_grad`; masked loads make it ~40% slower per FLOP);
+//! - stride 2 (even sides): each input plane copied as its four phase planes (even / odd rows x
+//!   even / odd columns), on which every stride-2 tap is a stride-1 tap, so the forward runs on
+//!   the same tile; the input gradient is four stride-1 tiles over dY, one per phase of dX, with
+//!   the 1, 2, 2 or 4 taps that reach it (`input_grad_strided`).
 //!
 //! A vector is 16 consecutive pixels of a plane (row-major): a row segment, two 8-pixel rows, or
 //! the end of one 28-pixel row and the start of the next. A tap one row up or down is the same

@@ -96,8 +96,7 @@ fn first_lanes(n: usize) -> u16 {
 }
 
 /// V = B^T d B of every tile of one image's planes `x` [ci][h][w] into `v` [XI][ci][stride]
-/// (transform points `pitch` apart)
-/// at tile columns t0.. (tiles row-major), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
+/// (transform points `pitch` apart) at tile columns t0.. (tiles row-major), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
 /// [0, 1, 0, -1]]: first over the patch's rows (whole image rows at once), then over its
 /// columns, 16 tiles per vector (even and odd columns split by one permute each).
 ///
