@@ -191,7 +191,7 @@ fn plan(n: usize) -> (usize, usize) {
 pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if super::winograd::applies(s) {
+        if super::winograd::forward_applies(s) {
             return super::winograd::forward(s, x, w, y);
         }
         if super::direct_conv::forward_applies(s) {

@@ -491,7 +491,7 @@ pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32],
         // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry.
         let t = ConvShape { ci: s.co, co: s.ci, ..*s };
         let w_flip = super::conv::flip_weights(s, w);
-        if super::winograd::applies(&t) {
+        if super::winograd::input_grad_applies(&t) {
             super::winograd::forward(&t, dy, &w_flip, dx);
         } else {
             forward(&t, dy, &w_flip, dx);

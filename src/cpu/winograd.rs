@@ -8,15 +8,16 @@
 //! only sum. The input gradient of a stride-1 layer is such a convolution too (of dY with the
 //! flipped kernel), so it runs here as well.
 //!
-//! Opt-in (`MUSCLE_CONV=winograd`), for its numerics: each output is as close to the exact sum
-//! as the direct kernel's (max error 1.0e-6 vs 2.4e-6 of the output RMS at 32 -> 16, 32 x 32),
-//! but U's roundings are the same for every tile, so the errors are coherent across positions:
-//! sums over a whole channel (what batch norm's statistics and gradients take) come out 50x
-//! further from exact than the direct kernel's (1.9e-5 vs 4e-7 relative on zero-mean input),
-//! and wrn-28-2's batch-norm parameter gradients move up to 4.9e-3 from PyTorch's (direct:
-//! 1.6e-6), past the model test's 1e-3. Training does not mind (cuDNN picks Winograd kernels
-//! too); a reference path should. Every sum has a fixed order: results do not depend on
-//! threads.
+//! Numerics: each output is as close to the exact sum as the direct kernel's (max error 1.0e-6
+//! vs 2.4e-6 of the output RMS at 32 -> 16, 32 x 32), but the transformed weights' roundings
+//! repeat in every tile, so the errors are coherent across positions: whole-channel sums come
+//! out 50x further from exact (1.9e-5 vs 4e-7 relative on zero-mean input). In a forward, batch
+//! norm's statistics take such sums, and wrn-28-2's batch-norm parameter gradients then land up
+//! to 4.9e-3 from PyTorch's (direct: 1.6e-6), past the model test's 1e-3; in the input gradient
+//! nothing sums them that way, and the same gradients stay within 1.7e-6. So input gradients
+//! take Winograd by default and forwards only with `MUSCLE_CONV=winograd` (training does not
+//! mind: cuDNN picks Winograd kernels too); `MUSCLE_CONV=direct` turns it off. Every sum has a
+//! fixed order: results do not depend on threads.
 
 use super::conv::ConvShape;
 use rayon::prelude::*;
@@ -35,15 +36,41 @@ const GROUP_FLOATS: usize = 128 << 10;
 /// they save (per channel pair): wrn-28-2's 3 -> 16 layer ran 2.4x slower than direct.
 const MIN_CHANNELS: usize = 16;
 
-/// Whether this convolution runs here: `MUSCLE_CONV=winograd` (opt-in, see the module's
-/// numerics), an AVX-512 CPU, and a shape that `fits`.
-pub fn applies(s: &ConvShape) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| {
-        std::env::var("MUSCLE_CONV").is_ok_and(|v| v == "winograd")
-            && super::simd::level() == super::simd::Level::Avx512
-    });
-    on && fits(s)
+/// Which convolutions take Winograd on this machine, from `MUSCLE_CONV`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// None (`gemm` or `direct`, for comparisons; or no AVX-512).
+    Off,
+    /// Input gradients only: the default.
+    InputGrad,
+    /// Forwards too (`winograd`).
+    All,
+}
+
+fn mode() -> Mode {
+    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        if super::simd::level() != super::simd::Level::Avx512 {
+            return Mode::Off;
+        }
+        match std::env::var("MUSCLE_CONV").as_deref() {
+            Ok("gemm") | Ok("direct") => Mode::Off,
+            Ok("winograd") => Mode::All,
+            _ => Mode::InputGrad,
+        }
+    })
+}
+
+/// Whether this forward runs here: only with `MUSCLE_CONV=winograd` (see the module's
+/// numerics), and a shape that `fits`.
+pub fn forward_applies(s: &ConvShape) -> bool {
+    mode() == Mode::All && fits(s)
+}
+
+/// Whether the input gradient of a stride-1 layer, the convolution `t` of dY with the flipped
+/// kernel, runs here: by default on AVX-512 machines, for shapes that `fit`.
+pub fn input_grad_applies(t: &ConvShape) -> bool {
+    mode() != Mode::Off && fits(t)
 }
 
 /// The shapes written for: 3x3, stride 1, padding 1, even sides, 16 or more channels in and out.
@@ -239,7 +266,8 @@ unsafe fn output_transform(
 }
 
 /// y [n, co, h, w] = conv3x3(x [n, ci, h, w], w [co, ci, 3, 3]), stride 1, padding 1, through
-/// F(2x2, 3x3). Callers check `applies(s)` (or AVX-512 and `fits(s)`) first.
+/// F(2x2, 3x3). Callers check `forward_applies` or `input_grad_applies` (or AVX-512 and `fits`)
+/// first.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     let tiles = (s.h / 2) * (s.w / 2);
     let imgs = (GROUP_FLOATS / (XI * s.ci.max(s.co) * tiles)).clamp(1, s.n.max(1));
@@ -259,7 +287,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
         let (vb, mb, e) = (&mut sc.v, &mut sc.m, &mut sc.e);
         let k_imgs = xg.len() / img_in;
         for k in 0..k_imgs {
-            // SAFETY: AVX-512 (`applies`); e is zero outside the columns the transform writes;
+            // SAFETY: AVX-512 (`mode`); e is zero outside the columns the transform writes;
             // vb holds XI x vpitch floats and k tiles + tiles <= stride.
             unsafe { input_transform(&xg[k * img_in..][..img_in], s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e) };
         }
@@ -277,7 +305,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
                     let r = (nvec - vv).min(RV);
                     // SAFETY: vectors vv..vv + r lie within `stride` (a multiple of 16 covering
                     // every tile) in each of the ci rows of vx and the `valid` rows of mx; ub
-                    // holds ci x OCB floats; the CPU has AVX-512 (`applies`).
+                    // holds ci x OCB floats; the CPU has AVX-512 (`mode`).
                     unsafe {
                         if r == RV {
                             product::<RV>(
@@ -306,7 +334,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             }
         }
         for k in 0..k_imgs {
-            // SAFETY: AVX-512 (`applies`); mb holds XI x mpitch floats.
+            // SAFETY: AVX-512 (`mode`); mb holds XI x mpitch floats.
             unsafe {
                 output_transform(mb, s.co, s.h, s.w, k * tiles, stride, mpitch, &mut yg[k * img_out..][..img_out])
             };
