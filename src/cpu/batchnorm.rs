@@ -125,11 +125,13 @@ struct Plane {
 }
 
 /// Channels per task: enough that one image's planes of a task form a run of at least 1024
-/// floats. One plane per channel and image (256 bytes at 8 x 8) is too short for the hardware
-/// prefetcher to ramp up, and each is a jump of c planes; a block's planes are adjacent. Each
-/// channel's sums keep their order (image by image), so the results do not depend on it.
+/// floats (up to c / 8). One plane per channel and image (256 bytes at 8 x 8) is too short for
+/// the hardware prefetcher to ramp up, and each is a jump of c planes; a block's planes are
+/// adjacent. Each channel's sums keep their order (image by image), so the results do not
+/// depend on it.
 fn channel_block(c: usize, hw: usize) -> usize {
-    1024usize.div_ceil(hw.max(1)).clamp(1, c.max(1))
+    // At most an eighth of the channels, so tiny planes (1 x 1) still make 8 tasks.
+    1024usize.div_ceil(hw.max(1)).min(c / 8).max(1)
 }
 
 /// Sums of (v - k) and (v - k)^2 over a slice, in f32 lanes, returned in f64.
@@ -186,6 +188,8 @@ pub fn forward_train(
     slope: Option<f32>,
     y: &mut [f32],
 ) -> BatchStats {
+    let len = n * c * hw;
+    assert!(x.len() >= len && y.len() >= len && gamma.len() >= c && beta.len() >= c, "batch norm: short buffers");
     let m = (n * hw) as f64;
     let yp = SyncPtr(y.as_mut_ptr());
     let cb = channel_block(c, hw);
@@ -267,6 +271,9 @@ pub fn backward_train(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    let len = n * c * hw;
+    let dx_fits = dx.as_ref().is_none_or(|d| d.len() >= len);
+    assert!(x.len() >= len && dy.len() >= len && dx_fits && gamma.len() >= c, "batch norm backward: short buffers");
     let m = (n * hw) as f64;
     let dxp = dx.map(|d| SyncPtr(d.as_mut_ptr()));
     let a = slope.unwrap_or(1.0);
@@ -351,11 +358,13 @@ mod tests {
     }
 
     /// Training forward and backward against f64 loops, on shapes whose channels split into
-    /// several blocks, the last one partial (7 channels of 300: blocks of 4), one channel per
-    /// block (planes past 1024 floats) and one block for all (tiny planes).
+    /// blocks of several, the last one partial (21 channels of 300: blocks of 2; 17 of 16),
+    /// blocks of 5 (40 of 64), and one channel per block (planes past 1024 floats, or fewer
+    /// than 16 channels).
     #[test]
     fn training_forward_and_backward_match_f64_loops() {
-        for &(n, c, hw) in &[(3, 7, 300), (2, 3, 1100), (5, 5, 9), (4, 9, 64)] {
+        assert_eq!((channel_block(21, 300), channel_block(17, 16), channel_block(40, 64)), (2, 2, 5));
+        for &(n, c, hw) in &[(3, 21, 300), (2, 17, 16), (4, 40, 64), (2, 3, 1100), (5, 5, 9)] {
             let x = rand(n * c * hw, 1, 2.0);
             let dy = rand(n * c * hw, 2, 0.0);
             let gamma = rand(c, 3, 0.5);

@@ -6,9 +6,9 @@
 //! larger im2col matrix costs as much as the product itself (the GEMM path ran at 25-40% of FMA
 //! peak there). These kernels read the input planes in place, framed by one zero row above and
 //! below, and keep a tile of outputs in registers across the whole ci x 3 x 3 reduction:
-//! - forward (and the input gradient, the same convolution of dY with flipped weights): an
-//!   OCB-channel x R-vector tile of outputs, one broadcast weight per channel and tap times the
-//!   R shifted input vectors;
+//! - forward (and the input gradient, the same convolution of dY with flipped weights, where
+//!   `winograd` does not take it): an OCB-channel x R-vector tile of outputs, one broadcast
+//!   weight per channel and tap times the R shifted input vectors;
 //! - weight gradient, when ci is a multiple of 16 and co of 8 (every wrn-28-2 layer but the
 //!   first): input channels in lanes, from a channel-last copy of X, 8 output channels x 3 tap
 //!   columns per pass, dY broadcast (`weight_grad_channel_last`); otherwise four output channels
@@ -206,6 +206,8 @@ fn pack_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
 /// Forward: y [n, co, ho, wo] = conv3x3(x [n, ci, h, w], w [co, ci, 3, 3]), padding 1, stride 1
 /// or 2. Callers check `forward_applies(s)` first.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    // The kernels are AVX-512 code: a call past `forward_applies` would be undefined behaviour.
+    assert!(enabled() && (shape_fits(s) || strided_fits(s)), "direct_conv::forward: {s:?} on this CPU");
     if s.stride == 2 {
         forward_strided::<2>(s, x, w, y)
     } else {
@@ -278,7 +280,7 @@ fn forward_group<const S: usize, const TAPS: u16>(
             // moves at most one framed row and one column, and a partial vector's lanes run at
             // most 15 past its plane; the frame rows and SLACK absorb both) and every store (of
             // the valid lanes) inside y's first `co` planes of each image; the CPU has AVX-512
-            // (`forward_applies`, `applies`).
+            // (asserted by every public entry).
             unsafe {
                 if rv == RV {
                     let tiles: [(usize, usize, Lanes); RV] = std::array::from_fn(|r| at(v + r));
@@ -348,6 +350,7 @@ fn pack_phase_weights(s: &ConvShape, w: &[f32], phase: usize) -> Vec<f32> {
 /// all, no multiply by a zero), written to a phase buffer and then interleaved into dX. Callers
 /// check `strided_dw_applies(s)` (or at least AVX-512 and `strided_fits`) first.
 pub fn input_grad_strided(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    assert!(enabled() && strided_fits(s), "direct_conv::input_grad_strided: {s:?} on this CPU");
     // dY as the tiles' input: co channels of ho x wo; their outputs are dX's ci phase planes.
     let g = ConvShape { ci: s.co, co: s.ci, h: s.ho(), w: s.wo(), stride: 1, ..*s };
     let wps: [Vec<f32>; 4] = std::array::from_fn(|p| pack_phase_weights(s, w, p));
@@ -487,6 +490,7 @@ unsafe fn tile<const R: usize, const S: usize, const TAPS: u16>(
 /// Backward: the weight gradient `dw` [co, ci, 3, 3] (overwritten) and, when given, the input
 /// gradient `dx` [n, ci, h, w] (overwritten). Callers check `applies(s)` first.
 pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    assert!(applies(s), "direct_conv::backward: {s:?} on this CPU");
     if let Some(dx) = dx {
         // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry.
         let t = ConvShape { ci: s.co, co: s.ci, ..*s };
@@ -571,12 +575,14 @@ fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
 /// `channel_last_fits`, or `strided_dw_applies`): X is first copied to a channel-last,
 /// zero-bordered layout [n][ci / 16][h + 2][w + 2][16]; then for 8 output channels and one tap
 /// row, each output pixel adds its 8 dY values (broadcast) times the 3 input vectors of 16
-/// channels at the tap columns (one new aligned load per pixel at stride 1, two at stride 2)
+/// channels at the tap columns (three loads per pixel, from L1)
 /// into 24 accumulators. No masks, no lines split by the loads, no reduction across lanes: the
 /// forward tile's shape, with dY in the weights' place. One task per block of 16 input channels
 /// walks every image once, all output channels and tap rows of that image while its block is in
 /// L2; each image's sums are added to the task's totals, so every sum has one fixed order.
 pub fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let geometry = shape_fits(s) || strided_fits(s);
+    assert!(enabled() && geometry && channel_last_fits(s), "weight_grad_channel_last: {s:?} on this CPU");
     let (hp, wp) = (s.h + 2, s.w + 2);
     let plane_in = s.h * s.w;
     let plane_out = s.ho() * s.wo();

@@ -269,6 +269,8 @@ unsafe fn output_transform(
 /// F(2x2, 3x3). Callers check `forward_applies` or `input_grad_applies` (or AVX-512 and `fits`)
 /// first.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    // AVX-512 code, and odd sides would leave a row and a column unwritten.
+    assert!(mode() != Mode::Off && fits(s), "winograd::forward: {s:?} on this CPU");
     let tiles = (s.h / 2) * (s.w / 2);
     let imgs = (GROUP_FLOATS / (XI * s.ci.max(s.co) * tiles)).clamp(1, s.n.max(1));
     let stride = (imgs * tiles).next_multiple_of(16);
