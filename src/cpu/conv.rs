@@ -398,6 +398,25 @@ pub fn conv2d_naive(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     y
 }
 
+/// Test helper: `forward` on random x and w of shape `s` (seeded) agrees with `conv2d_naive`
+/// to 1e-4 relative, output by output.
+#[cfg(test)]
+pub(crate) fn assert_forward_matches_naive(
+    s: &ConvShape,
+    seed: u64,
+    forward: impl Fn(&ConvShape, &[f32], &[f32], &mut [f32]),
+) {
+    let mut r = crate::rng::Rng::new(seed, 7);
+    let x: Vec<f32> = (0..s.n * s.ci * s.h * s.w).map(|_| r.normal()).collect();
+    let w: Vec<f32> = (0..s.co * s.ci * s.kh * s.kw).map(|_| r.normal()).collect();
+    let mut y = vec![f32::NAN; s.n * s.co * s.p()];
+    forward(s, &x, &w, &mut y);
+    let want = conv2d_naive(s, &x, &w);
+    for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} output {i}: {a} vs {b}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -792,7 +792,7 @@ unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::conv2d_naive;
+    use crate::cpu::conv::assert_forward_matches_naive;
     use crate::rng::Rng;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -866,15 +866,8 @@ mod tests {
             eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
             return;
         }
-        for (k, s) in shapes().into_iter().enumerate() {
-            let x = rand(s.n * s.ci * s.h * s.w, k as u64);
-            let w = rand(s.co * s.ci * 9, 100 + k as u64);
-            let mut y = vec![f32::NAN; s.n * s.co * s.h * s.w];
-            forward(&s, &x, &w, &mut y);
-            let want = conv2d_naive(&s, &x, &w);
-            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} output {i}: {a} vs {b}");
-            }
+        for (k, s) in shapes().iter().enumerate() {
+            assert_forward_matches_naive(s, k as u64, forward);
         }
     }
 
@@ -897,15 +890,8 @@ mod tests {
         }
         assert!(!forward_applies(&conv(1, 4, 7, 8, 8)) && !forward_applies(&conv(1, 4, 8, 9, 8)));
         assert!(!forward_applies(&conv(1, 1, 8, 8, 8)));
-        for (k, s) in shapes.into_iter().enumerate() {
-            let x = rand(s.n * s.ci * s.h * s.w, 70 + k as u64);
-            let w = rand(s.co * s.ci * 9, 80 + k as u64);
-            let mut y = vec![f32::NAN; s.n * s.co * s.p()];
-            forward(&s, &x, &w, &mut y);
-            let want = conv2d_naive(&s, &x, &w);
-            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} output {i}: {a} vs {b}");
-            }
+        for (k, s) in shapes.iter().enumerate() {
+            assert_forward_matches_naive(s, 70 + k as u64, forward);
         }
     }
 

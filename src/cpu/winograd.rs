@@ -390,13 +390,7 @@ unsafe fn product<const R: usize>(v: *const f32, stride: usize, u: *const f32, c
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::conv2d_naive;
-    use crate::rng::Rng;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed, 3);
-        (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
-    }
+    use crate::cpu::conv::assert_forward_matches_naive;
 
     /// Against f64 loops: planes of 2 x 2 up to 32 x 32, wide and tall, tile counts that leave
     /// partial vectors and partial register tiles, output channels short of a block, groups of
@@ -424,15 +418,8 @@ mod tests {
         }
         assert!(shapes.iter().all(fits));
         assert!(!fits(&conv(1, 16, 7, 8, 16)) && !fits(&conv(1, 8, 8, 8, 16)) && !fits(&conv(1, 16, 8, 8, 8)));
-        for (k, s) in shapes.into_iter().enumerate() {
-            let x = rand(s.n * s.ci * s.h * s.w, k as u64);
-            let w = rand(s.co * s.ci * 9, 100 + k as u64);
-            let mut y = vec![f32::NAN; s.n * s.co * s.h * s.w];
-            forward(&s, &x, &w, &mut y);
-            let want = conv2d_naive(&s, &x, &w);
-            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} output {i}: {a} vs {b}");
-            }
+        for (k, s) in shapes.iter().enumerate() {
+            assert_forward_matches_naive(s, k as u64, forward);
         }
     }
 }
