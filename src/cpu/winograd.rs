@@ -302,36 +302,19 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
                 let ub = &u[(xi * blocks + b) * s.ci * OCB..][..s.ci * OCB];
                 let vx = &vb[xi * vpitch..][..s.ci * stride];
                 let mx = &mut mb[xi * mpitch + b * OCB * stride..][..valid * stride];
-                let mut vv = 0;
-                while vv < nvec {
-                    let r = (nvec - vv).min(RV);
-                    // SAFETY: vectors vv..vv + r lie within `stride` (a multiple of 16 covering
-                    // every tile) in each of the ci rows of vx and the `valid` rows of mx; ub
-                    // holds ci x OCB floats; the CPU has AVX-512 (`mode`).
-                    unsafe {
-                        if r == RV {
-                            product::<RV>(
-                                vx.as_ptr().add(16 * vv),
-                                stride,
-                                ub.as_ptr(),
-                                s.ci,
-                                mx.as_mut_ptr().add(16 * vv),
-                                valid,
-                            );
-                        } else {
-                            for q in vv..vv + r {
-                                product::<1>(
-                                    vx.as_ptr().add(16 * q),
-                                    stride,
-                                    ub.as_ptr(),
-                                    s.ci,
-                                    mx.as_mut_ptr().add(16 * q),
-                                    valid,
-                                );
-                            }
-                        }
+                // Whole register tiles of RV vectors, then the last vectors one by one.
+                let whole = nvec / RV * RV;
+                // SAFETY: vectors 0..nvec lie within `stride` (a multiple of 16 covering every
+                // tile) in each of the ci rows of vx and the `valid` rows of mx; ub holds
+                // ci x OCB floats; the CPU has AVX-512 (`mode`).
+                unsafe {
+                    let (vp, up, mp) = (vx.as_ptr(), ub.as_ptr(), mx.as_mut_ptr());
+                    for q in (0..whole).step_by(RV) {
+                        product::<RV>(vp.add(16 * q), stride, up, s.ci, mp.add(16 * q), valid);
                     }
-                    vv += r;
+                    for q in whole..nvec {
+                        product::<1>(vp.add(16 * q), stride, up, s.ci, mp.add(16 * q), valid);
+                    }
                 }
             }
         }
