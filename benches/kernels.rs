@@ -7,8 +7,9 @@
 //! GPU on the machines these benches run on.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use muscle::cpu::conv::{conv2d_backward, conv2d_forward, ConvShape};
 use muscle::cpu::gemm::{sgemm, Mat};
+use muscle::kernel_args::ConvShape;
+use muscle::ops::conv::cpu::{backward as conv2d_backward, forward as conv2d_forward};
 use muscle::testing::randn;
 use std::hint::black_box;
 
@@ -71,7 +72,7 @@ fn peak(c: &mut Criterion) {
 }
 
 fn mi_loss(c: &mut Criterion) {
-    use muscle::cpu::mutual_info::{backward, forward};
+    use muscle::ops::mutual_info::cpu::{backward, forward};
     let mut g = c.benchmark_group("mi_loss_fwd_bwd");
     g.sample_size(10);
     for (n, classes) in [(4096, 10), (4096, 100), (262_144, 10), (262_144, 100)] {
@@ -91,7 +92,7 @@ fn mi_loss(c: &mut Criterion) {
 }
 
 fn softmax_ce(c: &mut Criterion) {
-    use muscle::cpu::softmax::cross_entropy_hard;
+    use muscle::ops::softmax::cpu::cross_entropy_hard;
     let mut g = c.benchmark_group("softmax_ce_hard");
     g.sample_size(10);
     for (n, classes) in [(262_144, 10), (65_536, 100)] {

@@ -1,5 +1,5 @@
 // Batch normalisation over (N, H, W) per channel, NCHW, with an optional fused LeakyReLU:
-// y = act(gamma (x - mean) / sqrt(var + eps) + beta). CPU twin: src/cpu/batchnorm.rs.
+// y = act(gamma (x - mean) / sqrt(var + eps) + beta). CPU twin: src/ops/batchnorm/cpu.rs.
 // "No activation" is slope = 1: act(z) = z > 0 ? z : 1 * z = z exactly, so one kernel serves both.
 //
 // Training forward, three launches:
@@ -20,15 +20,10 @@
 // mean(dz xhat)). Element arithmetic uses __fmul_rn/__fadd_rn, which the compiler never contracts
 // into FMAs, so xhat, the activation mask and y round exactly as the CPU's.
 //
-// Sources must compile with both nvcc and NVRTC: no #include, no host macros.
+// Sources must compile with both nvcc and NVRTC: common.cuh is their only include (build.rs
+// prepends it for NVRTC), and no host macros.
 
-#define WARP 32
-#define FULL_MASK 0xffffffffu
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
+#include "common.cuh"
 
 // Sum of two values over the block in a fixed order; thread 0 gets the results.
 __device__ __forceinline__ void block_sum2_d(double* a, double* b) {
@@ -87,7 +82,7 @@ extern "C" __global__ void batchnorm_stats_fwd_f32(const float* __restrict__ x, 
 }
 
 // batchnorm_finish_fwd_f32: per channel, the statistics from the split sums (in split order),
-// as src/cpu/batchnorm.rs forward_train: mean, var, invstd (f32 outputs for the backward) and the
+// as src/ops/batchnorm/cpu.rs forward_train: mean, var, invstd (f32 outputs for the backward) and the
 // folded scale / shift. Reads x (the shift k), part, gamma, beta; writes mean, var, invstd,
 // scale, shift (C each). Launch: ceil(C / 128) blocks of 128.
 extern "C" __global__ void batchnorm_finish_fwd_f32(const float* __restrict__ x, const double* __restrict__ part,
@@ -131,7 +126,7 @@ extern "C" __global__ void batchnorm_norm_fwd_f32(const float* x, const float* _
 }
 
 // batchnorm_eval_fwd_f32: y = act(x * scale + shift) with the RUNNING statistics, scale =
-// gamma / sqrt(var + eps), shift = beta - mean * scale, all in f32 as src/cpu/batchnorm.rs
+// gamma / sqrt(var + eps), shift = beta - mean * scale, all in f32 as src/ops/batchnorm/cpu.rs
 // forward_eval (recomputed per element: two loads from L1 and a sqrt are free in a memory-bound
 // kernel). Reads x, gamma, beta, mean, var; writes y (may alias x).
 extern "C" __global__ void batchnorm_eval_fwd_f32(const float* x, const float* __restrict__ gamma,
@@ -232,11 +227,11 @@ extern "C" __global__ void batchnorm_dx_bwd_f32(const float* x, const float* dy,
     }
 }
 
-// bn_running_fwd_f32: running = (1 - m) running + (m batch) f, batch norm's running estimate (f
+// batchnorm_running_fwd_f32: running = (1 - m) running + (m batch) f, batch norm's running estimate (f
 // unbiases the variance; 1 for the mean). Each product and the sum is rounded on its own
 // (__fmul_rn / __fadd_rn forbid the FMA nvcc would contract it into), in the CPU's order, so the
 // estimates equal the CPU's bit for bit. CPU twin: cpu::batchnorm::running_update.
-extern "C" __global__ void bn_running_fwd_f32(float* __restrict__ running, const float* __restrict__ batch, int n,
+extern "C" __global__ void batchnorm_running_fwd_f32(float* __restrict__ running, const float* __restrict__ batch, int n,
                                               float keep, float m, float f) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         running[i] = __fadd_rn(__fmul_rn(keep, running[i]), __fmul_rn(__fmul_rn(m, batch[i]), f));

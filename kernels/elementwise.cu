@@ -1,16 +1,15 @@
 // Elementwise kernels: LeakyReLU, add, scale, and dropout with a counter-based (Philox4x32-10)
-// mask keyed exactly like the CPU's. CPU twins: src/cpu/activation.rs, src/ops/dropout.rs,
-// src/rng.rs.
+// mask keyed exactly like the CPU's. CPU twins: src/ops/elementwise/cpu.rs, src/rng.rs.
 //
 // Shape: grid-stride loops over a flat index (64-bit, so tensors over 2^31 elements work), 256
 // threads per block; each is one read and one write per element, memory-bound, nothing to fuse
 // inside. Every result is a single IEEE operation per element (a multiply or an add; there is no
 // a * b + c for the compiler to contract), so they equal the CPU's bit for bit.
 //
-// Sources must compile with both nvcc and NVRTC: no #include, no host macros.
+// Sources must compile with both nvcc and NVRTC: common.cuh is their only include (build.rs
+// prepends it for NVRTC), and no host macros.
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 // leaky_relu_fwd_f32: y = x > 0 ? x : slope * x (slope 0 is ReLU). Reads x, writes y.
 extern "C" __global__ void leaky_relu_fwd_f32(const float* __restrict__ x, float* __restrict__ y, long long n,
@@ -38,13 +37,6 @@ extern "C" __global__ void add_fwd_f32(const float* a, const float* b, float* y,
 // scale_fwd_f32: y = s * x (y may alias x): the backward of a fused loss times its upstream.
 extern "C" __global__ void scale_fwd_f32(const float* x, float* y, long long n, float s) {
     GRID_STRIDE(i, n) { y[i] = s * x[i]; }
-}
-
-// scale_dev_fwd_f32: y = s[0] * x with the factor on the device (y may alias x): a fused loss's
-// stored gradient times the upstream gradient, without a round trip to the host for the factor.
-extern "C" __global__ void scale_dev_fwd_f32(const float* x, float* y, long long n, const float* s) {
-    float f = s[0];
-    GRID_STRIDE(i, n) { y[i] = f * x[i]; }
 }
 
 // Philox4x32-10, as src/rng.rs philox4x32: counter c[0..4] (in place -> the 4 random words), key
@@ -98,24 +90,4 @@ extern "C" __global__ void dropout_fwd_f32(const float* __restrict__ x, float* _
 // dropout_bwd_f32: dx = dy * mask. Reads dy, mask; writes dx (may alias dy).
 extern "C" __global__ void dropout_bwd_f32(const float* dy, const float* mask, float* dx, long long n) {
     GRID_STRIDE(i, n) { dx[i] = dy[i] * mask[i]; }
-}
-
-// bias_rows_fwd_f32: y[r, j] = b[j] for every row r of an rows x cols matrix: the dense layer's
-// bias, written before cuBLAS adds x W^T on top (beta = 1). Reads b; writes y.
-extern "C" __global__ void bias_rows_fwd_f32(const float* __restrict__ b, float* __restrict__ y, long long rows,
-                                             int cols) {
-    GRID_STRIDE(i, rows * cols) { y[i] = b[i % cols]; }
-}
-
-// bias_grad_bwd_f32: db[j] = sum over rows of g[r, j], one thread per column summing in row order,
-// which is the CPU's order (bit-identical). The reads are coalesced across the threads of a warp
-// (adjacent columns); rows are the batch (hundreds), so one pass per column is cheap next to the
-// GEMMs around it. Reads g; writes db.
-extern "C" __global__ void bias_grad_bwd_f32(const float* __restrict__ g, float* __restrict__ db, int rows,
-                                             int cols) {
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) {
-        float acc = 0.0f;
-        for (int r = 0; r < rows; ++r) acc += g[(long long)r * cols + j];
-        db[j] = acc;
-    }
 }

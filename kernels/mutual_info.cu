@@ -1,4 +1,4 @@
-// The IIC mutual-information loss (docs/METHOD.md; CPU twin: src/cpu/mutual_info.rs, whose
+// The IIC mutual-information loss (docs/METHOD.md; CPU twin: src/ops/mutual_info/cpu.rs, whose
 // header defines the clamp semantics this file follows exactly).
 //
 // Forward, for logits a, b (n x C each, row-major) and lambda:
@@ -20,11 +20,11 @@
 //   mi_project_bwd_f32 (tiled U = Q G^ for both views, written into the gradient buffers) and
 //   mi_softmax_bwd_f32 (the row-wise softmax backward, in place) for C > 32.
 //
-// Sources must compile with both nvcc and NVRTC: no #include, no host macros.
+// Sources must compile with both nvcc and NVRTC: common.cuh is their only include (build.rs
+// prepends it for NVRTC), and no host macros.
 
-#define WARP 32
-#define FULL_MASK 0xffffffffu
-#define NEG_INF __int_as_float(0xff800000)
+#include "common.cuh"
+
 #define MI_EPS 2.220446049250313e-16  // f64 machine epsilon, as IIC (and the CPU) clamp at
 
 // Largest C of the fused kernels (one class per lane of a warp).
@@ -37,21 +37,6 @@
 #define TILE_K 16
 
 __device__ __forceinline__ long long lmin(long long a, long long b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
 
 // Sum over the block, in a fixed order (warp butterflies, then warp 0 over the warp partials);
 // every thread gets the result. `scratch` holds WARP doubles; blockDim.x a multiple of 32.
@@ -222,7 +207,7 @@ extern "C" __global__ void mi_reduce_fwd_f32(const float* __restrict__ partials,
 
 // mi_finish_fwd_f32: the O(C^2) scalar work, in f64, by ONE block (launch 1 x 1024): at C = 10
 // that is 100 entries, at C = 1000 a million, still well under a millisecond; a grid-wide version
-// would need more launches for its reductions. Follows src/cpu/mutual_info.rs joint_terms step
+// would need more launches for its reductions. Follows src/ops/mutual_info/cpu.rs joint_terms step
 // by step (same formulas, same clamp rules; only the order of the f64 block sums differs).
 //   in:  j (C x C): the joint counts J. It is then reused as scratch for G (f64).
 //   out: p (C x C, f64): P before the clamp; vec (3 C, f64): ln m', k = lambda r / m, r;

@@ -1,4 +1,4 @@
-// Fused optimizer updates, one pass per tensor, in place. CPU twin: src/cpu/optim.rs, whose
+// Fused optimizer updates, one pass per tensor, in place. CPU twin: src/optim/cpu.rs, whose
 // per-step scalars (AdamScalars, SgdScalars: computed once on the host in f64 as PyTorch computes
 // its Python-float hyper-parameters) are passed as kernel arguments unchanged.
 //
@@ -11,10 +11,10 @@
 // intrinsics are never contracted, so each kernel does the CPU's operations in the CPU's order
 // with the CPU's roundings, and the result equals the CPU's bit for bit.
 //
-// Sources must compile with both nvcc and NVRTC: no #include, no host macros.
+// Sources must compile with both nvcc and NVRTC: common.cuh is their only include (build.rs
+// prepends it for NVRTC), and no host macros.
 
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 // adam_step_fwd_f32: one Adam/AdamW step (torch.optim single-tensor semantics):
 //   p *= param_scale (AdamW, skipped when 1); g += grad_decay p (Adam's L2, skipped when 0);

@@ -1,18 +1,15 @@
 // Pooling: 2 x 2 max-pool with stride 2 (floor: a trailing odd row or column is dropped) and
-// global average pooling, NCHW planes. CPU twin: src/cpu/pool.rs.
+// global average pooling, NCHW planes. CPU twin: src/ops/pool/cpu.rs.
 //
 // Shape: one thread per OUTPUT element for the forwards and per INPUT element for the max-pool
 // backward, which therefore writes every dx element exactly once (zeros included): no atomics,
 // no separate zero fill, deterministic. The arg-max is kept as one byte per output (offset in the
 // window, row-major: 0 1 / 2 3), a quarter of an index tensor's traffic.
 //
-// Sources must compile with both nvcc and NVRTC: no #include, no host macros.
+// Sources must compile with both nvcc and NVRTC: common.cuh is their only include (build.rs
+// prepends it for NVRTC), and no host macros.
 
-#define WARP 32
-#define FULL_MASK 0xffffffffu
-
-#define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 // True when v replaces best: larger, or a NaN replacing a non-NaN (NaN propagates, as in
 // PyTorch); ties keep the first in row-major window order. Same test as the CPU.
@@ -58,11 +55,6 @@ extern "C" __global__ void maxpool2_bwd_f32(const float* __restrict__ dy, const 
         }
         dx[i] = g;
     }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
 }
 
 // avgpool_fwd_f32: y[p] = mean of plane p's hw elements, one warp per plane (lanes stride over

@@ -1,5 +1,5 @@
 // Row softmax, log-softmax and the fused softmax + cross-entropy (hard labels and soft targets).
-// CPU twins: src/cpu/softmax.rs. Rows are contiguous (n x C, row-major).
+// CPU twins: src/ops/softmax/cpu.rs. Rows are contiguous (n x C, row-major).
 //
 // Shape shared by every kernel here: ONE WARP PER ROW, 8 warps (256 threads) per block, lanes
 // striding over the columns (lane, lane + 32, ...), so any C works (C = 3 uses 3 lanes, C = 1000
@@ -12,27 +12,10 @@
 // log-sum-exp = max + log(sum); only the order of the f32 sums differs. Built without
 // --use_fast_math: expf/logf are the accurate (<= 2 ulp) versions and divisions are IEEE.
 //
-// Sources must compile with both nvcc and NVRTC, so no #include and no host macros (INFINITY).
+// Sources must compile with both nvcc and NVRTC: common.cuh is their only include (build.rs
+// prepends it for NVRTC), and no host macros (INFINITY).
 
-#define WARP 32
-#define FULL_MASK 0xffffffffu
-#define NEG_INF __int_as_float(0xff800000)
-#define QNAN __int_as_float(0x7fc00000)
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
+#include "common.cuh"
 
 // The row this warp owns (or >= n: the whole warp returns together, so shuffles stay full-mask).
 __device__ __forceinline__ long long warp_row() {
@@ -183,4 +166,12 @@ extern "C" __global__ void __launch_bounds__(1024) reduce_mean_fwd_f32(const flo
         acc = warp_sum_d(acc);
         if (lane == 0) out[0] = (float)(acc / (double)n);
     }
+}
+
+// loss_grad_bwd_f32: dx = s[0] * grad with the factor on the device (dx may alias grad): a fused
+// loss's stored gradient times the upstream gradient, without a round trip to the host for the
+// factor. Reads grad, s; writes dx.
+extern "C" __global__ void loss_grad_bwd_f32(const float* grad, float* dx, long long n, const float* s) {
+    float f = s[0];
+    GRID_STRIDE(i, n) { dx[i] = f * grad[i]; }
 }

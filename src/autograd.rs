@@ -111,21 +111,7 @@ impl Gradients {
             None => {
                 self.map.insert(id, grad.detach());
             }
-            Some(acc) => {
-                acc.same_shape(&grad, "gradient accumulation")?;
-                #[cfg(feature = "cuda")]
-                if acc.device() != crate::device::Device::Cpu {
-                    return crate::ops::add_assign(acc, &grad);
-                }
-                let grad = grad.to_device(acc.device())?;
-                let g = grad.data()?;
-                // Residual blocks add whole activation gradients here: both cores, in chunks
-                // long enough to pay for the fork.
-                use rayon::prelude::*;
-                acc.data_mut()?.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14)).for_each(|(a, b)| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                });
-            }
+            Some(acc) => acc.add_assign(&grad)?,
         }
         Ok(())
     }

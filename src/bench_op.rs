@@ -2,9 +2,11 @@
 //! the same command (FMA peak for GEMM and convolution, copy bandwidth for the memory-bound
 //! softmax-CE and MI loss), so a user sees how far a kernel is from its floor.
 
-use crate::cpu::{self, conv::ConvShape, gemm::Mat};
+use crate::cpu::{self, gemm::Mat};
 use crate::error::{Error, Result};
+use crate::kernel_args::ConvShape;
 use crate::nn::{convnet_plan, Block};
+use crate::ops;
 use crate::rng::Rng;
 use serde::Serialize;
 use std::hint::black_box;
@@ -166,11 +168,11 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
             let (la, lb) = (random(n * c, 3.0, 1), random(n * c, 3.0, 2));
             let (mut ga, mut gb) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
             let fwd = median_secs(b.reps, || {
-                black_box(cpu::mutual_info::forward(&la, &lb, n, c, 1.0));
+                black_box(ops::mutual_info::cpu::forward(&la, &lb, n, c, 1.0));
             });
             let both = median_secs(b.reps, || {
-                let f = cpu::mutual_info::forward(&la, &lb, n, c, 1.0);
-                cpu::mutual_info::backward(&f, n, c, 1.0, &mut ga, &mut gb);
+                let f = ops::mutual_info::cpu::forward(&la, &lb, n, c, 1.0);
+                ops::mutual_info::cpu::backward(&f, n, c, 1.0, &mut ga, &mut gb);
             });
             Ok(mi_cases("mi", n, c, fwd, both, bw, fma_peak()?))
         }
@@ -180,7 +182,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
             let labels: Vec<usize> = (0..n).map(|i| (i * 7) % c).collect();
             let mut g = vec![0.0f32; n * c];
             let t = median_secs(b.reps, || {
-                black_box(cpu::softmax::cross_entropy_hard(&x, &labels, c, &mut g));
+                black_box(ops::softmax::cpu::cross_entropy_hard(&x, &labels, c, &mut g));
             });
             // Logits read, gradient written, labels read (as the u32/i64 a framework would hold: 8 bytes).
             let bytes = (2 * n * c * 4 + n * 8) as f64;
@@ -209,9 +211,9 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
                 let mut y = vec![0.0f32; dy.len()];
                 let mut dw = vec![0.0f32; w.len()];
                 let mut dx = vec![0.0f32; x.len()];
-                let fwd = median_secs(b.reps, || cpu::conv::conv2d_forward(&s, &x, &w, black_box(&mut y)));
+                let fwd = median_secs(b.reps, || ops::conv::cpu::forward(&s, &x, &w, black_box(&mut y)));
                 let bwd = median_secs(b.reps, || {
-                    cpu::conv::conv2d_backward(&s, &x, &w, &dy, &mut dw, need_dx.then_some(&mut dx[..]))
+                    ops::conv::cpu::backward(&s, &x, &w, &dy, &mut dw, need_dx.then_some(&mut dx[..]))
                 });
                 let name = conv_case_name(&s, count);
                 let macs = s.macs() as f64;

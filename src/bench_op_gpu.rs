@@ -4,8 +4,9 @@
 //! cuBLAS SGEMM for GEMM and convolution (FP32, no TF32).
 
 use crate::bench_op::{compute_case, median_secs, memory_case, mi_cases, random, validate, Op, OpBench, OpResult};
-use crate::cuda::{context, kernels as k, Gpu};
+use crate::cuda::{blas, context, Gpu};
 use crate::error::{Error, Result};
+use crate::ops;
 
 /// Median seconds of `reps` synchronised calls of `f` (after one warm-up call).
 fn timed(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -36,7 +37,7 @@ fn sgemm_rate(gpu: &Gpu) -> Result<f64> {
     let m = 8192;
     let (a, b) = (gpu.zeros::<f32>(m * m)?, gpu.zeros::<f32>(m * m)?);
     let mut c = gpu.zeros::<f32>(m * m)?;
-    let t = timed(gpu, 3, || k::sgemm(gpu, m, m, m, &a, false, &b, false, &mut c, 1.0, 0.0))?;
+    let t = timed(gpu, 3, || blas::sgemm(gpu, m, m, m, &a, false, &b, false, &mut c, 1.0, 0.0))?;
     Ok(2.0 * (m as f64).powi(3) / t / 1e9)
 }
 
@@ -52,10 +53,10 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
             let la = gpu.upload(&random(n * c, 3.0, 1))?;
             let lb = gpu.upload(&random(n * c, 3.0, 2))?;
             let (mut ga, mut gb) = (gpu.zeros::<f32>(n * c)?, gpu.zeros::<f32>(n * c)?);
-            let fwd = timed(gpu, b.reps, || k::mi_fwd(gpu, &la, &lb, n, c, 1.0).map(drop))?;
+            let fwd = timed(gpu, b.reps, || ops::mutual_info::cuda::mi_fwd(gpu, &la, &lb, n, c, 1.0).map(drop))?;
             let both = timed(gpu, b.reps, || {
-                let f = k::mi_fwd(gpu, &la, &lb, n, c, 1.0)?;
-                k::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb)
+                let f = ops::mutual_info::cuda::mi_fwd(gpu, &la, &lb, n, c, 1.0)?;
+                ops::mutual_info::cuda::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb)
             })?;
             Ok(mi_cases("cuda mi", n, c, fwd, both, bw, peak))
         }
@@ -65,7 +66,9 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
             let labels: Vec<i32> = (0..n).map(|i| ((i * 7) % c) as i32).collect();
             let labels = gpu.upload(&labels)?;
             let mut g = gpu.zeros::<f32>(n * c)?;
-            let t = timed(gpu, b.reps, || k::cross_entropy_hard(gpu, &x, &labels, &mut g, n, c).map(drop))?;
+            let t = timed(gpu, b.reps, || {
+                ops::softmax::cuda::cross_entropy_hard_fwd(gpu, &x, &labels, &mut g, n, c).map(drop)
+            })?;
             // Logits read, gradient written, labels read (4 bytes each here).
             let bytes = (2 * n * c * 4 + n * 4) as f64;
             Ok(vec![memory_case(format!("cuda softmax-ce loss+grad n={n} C={c}"), t, bytes, bw)])
@@ -76,7 +79,7 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
             let a = gpu.upload(&random(m * kk, 1.0, 4))?;
             let bm = gpu.upload(&random(kk * nn, 1.0, 5))?;
             let mut out = gpu.zeros::<f32>(m * nn)?;
-            let t = timed(gpu, b.reps, || k::sgemm(gpu, m, nn, kk, &a, false, &bm, false, &mut out, 1.0, 0.0))?;
+            let t = timed(gpu, b.reps, || blas::sgemm(gpu, m, nn, kk, &a, false, &bm, false, &mut out, 1.0, 0.0))?;
             Ok(vec![compute_case(format!("cuda gemm {m}x{nn}x{kk}"), t, (2 * m * nn * kk) as f64, peak)])
         }
         Op::Conv => conv(gpu, b),
@@ -85,7 +88,7 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
 
 #[cfg(feature = "cudnn")]
 fn conv(gpu: &Gpu, b: &OpBench) -> Result<Vec<OpResult>> {
-    use crate::cuda::cudnn;
+    use crate::ops::conv::cuda as cudnn;
     let peak = sgemm_rate(gpu)?;
     let mut out = Vec::new();
     for (layer, (s, count)) in crate::bench_op::conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {

@@ -59,7 +59,7 @@ impl Device {
                 // Loads every kernel now, so a broken PTX or driver fails here, not mid-run.
                 crate::cuda::context::gpu(i).map_err(|e| e.context(&what))?;
                 #[cfg(feature = "cudnn")]
-                crate::cuda::cudnn::version().map_err(|e| e.context(&what))?;
+                crate::cuda::device::cudnn_version().map_err(|e| e.context(&what))?;
                 #[cfg(not(feature = "cudnn"))]
                 return Err(Error::device(format!(
                     "{what}: this binary was built without the `cudnn` feature, and every model \

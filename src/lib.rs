@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
+pub mod kernel_args;
 pub mod nn;
 pub mod npy;
 pub mod ops;

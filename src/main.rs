@@ -661,7 +661,7 @@ fn run_mi(a: &MiArgs) -> Result<()> {
             za.rows, za.cols, zb.rows, zb.cols
         )));
     }
-    let (loss, ga, gb) = muscle::cpu::mutual_info::mi_loss_f64(&za.data, &zb.data, za.rows, za.cols, a.lambda);
+    let (loss, ga, gb) = muscle::ops::mutual_info::mi_loss_f64(&za.data, &zb.data, za.rows, za.cols, a.lambda);
     if let Some(out) = &a.out {
         let shape = vec![za.rows, za.cols];
         let ck = Checkpoint {
@@ -698,7 +698,7 @@ fn info() -> Result<()> {
         Err(e) => println!("cuda: {e}"),
     }
     #[cfg(feature = "cudnn")]
-    match muscle::cuda::cudnn::version() {
+    match muscle::cuda::device::cudnn_version() {
         Ok((major, minor, patch)) => println!("cudnn: {major}.{minor}.{patch}"),
         Err(e) => println!("cudnn: {e}"),
     }

@@ -25,7 +25,7 @@
 //! image's left or right edge, into the neighbouring row, are masked lanes (zeros): no
 //! horizontally padded copy, no wasted lanes.
 
-use super::conv::{ConvShape, SyncPtr};
+use crate::kernel_args::{ConvShape, SyncPtr};
 use rayon::prelude::*;
 
 /// Output channels per forward tile (broadcast weights).
@@ -487,32 +487,24 @@ unsafe fn tile<const R: usize, const S: usize, const TAPS: u16>(
     }
 }
 
-/// Backward: the weight gradient `dw` [co, ci, 3, 3] (overwritten) and, when given, the input
-/// gradient `dx` [n, ci, h, w] (overwritten). Callers check `applies(s)` first.
-pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
-    assert!(applies(s), "direct_conv::backward: {s:?} on this CPU");
-    if let Some(dx) = dx {
-        // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry.
-        let t = ConvShape { ci: s.co, co: s.ci, ..*s };
-        let w_flip = super::conv::flip_weights(s, w);
-        if super::winograd::input_grad_applies(&t) {
-            super::winograd::forward(&t, dy, &w_flip, dx);
-        } else {
-            forward(&t, dy, &w_flip, dx);
-        }
-    }
+/// The weight gradient `dw` [co, ci, 3, 3] (overwritten) through the direct kernels, when they
+/// suit this layer (`applies(s)` checked by the caller); false: narrow images, which im2col +
+/// GEMM runs faster, and `dw` is untouched.
+pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> bool {
+    assert!(applies(s), "direct_conv::weight_grad: {s:?} on this CPU");
     if channel_last_fits(s) {
         weight_grad_channel_last(s, x, dy, dw);
     } else if s.w >= DW_MIN_WIDTH {
-        weight_grad(s, x, dy, dw);
+        weight_grad_pixel_lane(s, x, dy, dw);
     } else {
-        super::conv::gemm_backward(s, x, w, dy, dw, None);
+        return false;
     }
+    true
 }
 
 /// dW[o, c, i, j] = sum over images and output pixels of dY[o] x X[c] shifted by (i - 1, j - 1).
 /// Parallel over blocks of output channels, so each sum has one fixed order whatever the threads.
-fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+fn weight_grad_pixel_lane(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let fp = framed_plane(s);
     let plane_out = s.h * s.w;
     let img_in = s.ci * plane_out;
@@ -792,7 +784,7 @@ unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::assert_forward_matches_naive;
+    use crate::cpu::im2col::assert_forward_matches_naive;
     use crate::rng::Rng;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -896,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn backward_matches_the_gemm_path() {
+    fn gradients_match_the_gemm_path() {
         if !applies(&shapes()[0]) {
             eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm)");
             return;
@@ -905,23 +897,20 @@ mod tests {
             let x = rand(s.n * s.ci * s.h * s.w, 10 + k as u64);
             let w = rand(s.co * s.ci * 9, 20 + k as u64);
             let dy = rand(s.n * s.co * s.h * s.w, 30 + k as u64);
-            let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
-            backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
-            // The direct weight gradient itself, whatever width `backward` routes to it.
+            // dX as the dispatch computes it without Winograd: the forward tile on flipped weights.
+            let mut dx = vec![f32::NAN; x.len()];
+            forward(&ConvShape { ci: s.co, co: s.ci, ..s }, &dy, &s.flip_weights(&w), &mut dx);
+            // Both weight-gradient kernels, whatever width `weight_grad` routes to them.
             let mut dw_direct = vec![f32::NAN; w.len()];
-            weight_grad(&s, &x, &dy, &mut dw_direct);
+            weight_grad_pixel_lane(&s, &x, &dy, &mut dw_direct);
             let mut dw_last = dw_direct.clone();
             if s.ci % CL == 0 && s.co % CL_O == 0 {
                 weight_grad_channel_last(&s, &x, &dy, &mut dw_last);
             }
             let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-            crate::cpu::conv::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
-            let checks = [
-                ("dw", &dw, &dw_ref),
-                ("dw direct", &dw_direct, &dw_ref),
-                ("dw channel-last", &dw_last, &dw_ref),
-                ("dx", &dx, &dx_ref),
-            ];
+            crate::cpu::im2col::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
+            let checks =
+                [("dw direct", &dw_direct, &dw_ref), ("dw channel-last", &dw_last, &dw_ref), ("dx", &dx, &dx_ref)];
             for (name, got, want) in checks {
                 for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} {name}[{i}]: {a} vs {b}");
@@ -931,7 +920,7 @@ mod tests {
     }
 
     #[test]
-    fn strided_weight_gradient_and_dispatch_match_the_gemm_path() {
+    fn strided_weight_gradient_matches_the_gemm_path() {
         let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 2, pad: 1 };
         let shapes = [conv(3, 16, 8, 8, 8), conv(2, 32, 16, 6, 16), conv(2, 16, 4, 4, 24), conv(5, 16, 16, 16, 8)];
         if !strided_dw_applies(&shapes[0]) {
@@ -944,9 +933,10 @@ mod tests {
             let w = rand(s.co * s.ci * 9, 50 + k as u64);
             let dy = rand(s.n * s.co * s.p(), 60 + k as u64);
             let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
-            crate::cpu::conv::conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+            weight_grad_channel_last(&s, &x, &dy, &mut dw);
+            input_grad_strided(&s, &w, &dy, &mut dx);
             let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-            crate::cpu::conv::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
+            crate::cpu::im2col::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
             for (name, got, want) in [("dw", &dw, &dw_ref), ("dx", &dx, &dx_ref)] {
                 for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} {name}[{i}]: {a} vs {b}");

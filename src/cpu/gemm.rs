@@ -50,7 +50,7 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumu
         // this scales better on two cores than the crate's own threading, and each element's
         // sum is computed exactly as in the one-thread product.
         let cols = n.div_ceil(threads);
-        let c_ptr = super::conv::SyncPtr(c.as_mut_ptr());
+        let c_ptr = crate::kernel_args::SyncPtr(c.as_mut_ptr());
         rayon::scope(|sc| {
             for t in 0..threads {
                 let j0 = t * cols;

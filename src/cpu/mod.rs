@@ -1,19 +1,14 @@
-//! CPU kernels on plain slices: the reference twin of every CUDA kernel and a fast path of its
-//! own. They know nothing of tensors or the tape; shapes are checked by the ops that call them.
+//! CPU kernels that several op families share, on plain slices: GEMM, the convolution algorithms
+//! (direct AVX-512, Winograd, im2col + GEMM; `ops::conv` chooses among them), SIMD helpers,
+//! machine peaks, and the worker-thread setting. Each op family's own CPU kernels live in its
+//! folder (`src/ops/<family>/cpu.rs`). Nothing here knows tensors or the tape.
 
-pub mod activation;
-pub mod batchnorm;
-pub mod bias;
-pub mod conv;
 #[cfg(target_arch = "x86_64")]
 pub mod direct_conv;
 pub mod gemm;
-pub mod mutual_info;
-pub mod optim;
+pub mod im2col;
 pub mod peak;
-pub mod pool;
 pub mod simd;
-pub mod softmax;
 #[cfg(target_arch = "x86_64")]
 pub mod winograd;
 

@@ -284,6 +284,30 @@ pub mod avx512 {
     }
 }
 
+/// Softmax of one row into `out` (max subtracted first so exp never overflows).
+#[inline(always)]
+pub fn softmax_row(x: &[f32], out: &mut [f32]) {
+    let inv = 1.0 / exp_shifted(x, max(x), out);
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// Log-sum-exp of one row.
+#[inline(always)]
+pub fn logsumexp_row(x: &[f32]) -> f32 {
+    let m = max(x);
+    let mut e = [0.0f32; LANES];
+    let s = if x.len() <= LANES {
+        exp_shifted(x, m, &mut e[..x.len()])
+    } else {
+        let mut s = 0.0;
+        for ch in x.chunks(LANES) {
+            s += exp_shifted(ch, m, &mut e[..ch.len()]);
+        }
+        s
+    };
+    m + s.ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@
 //! mind: cuDNN picks Winograd kernels too); `MUSCLE_CONV=direct` turns it off. Every sum has a
 //! fixed order: results do not depend on threads.
 
-use super::conv::ConvShape;
+use crate::kernel_args::ConvShape;
 use rayon::prelude::*;
 
 /// Output channels per register tile (broadcast U values).
@@ -373,7 +373,7 @@ unsafe fn product<const R: usize>(v: *const f32, stride: usize, u: *const f32, c
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::assert_forward_matches_naive;
+    use crate::cpu::im2col::assert_forward_matches_naive;
 
     /// Against f64 loops: planes of 2 x 2 up to 32 x 32, wide and tall, tile counts that leave
     /// partial vectors and partial register tiles, output channels short of a block, groups of

@@ -2,7 +2,7 @@
 //! first use and kept for the thread's life (loading the kernel modules takes a moment; a training
 //! loop asks for the context at every op).
 //!
-//! Per thread because the cuDNN handle is not `Send` (cuda::cudnn keeps its own per-thread cache
+//! Per thread because the cuDNN handle is not `Send` (ops::conv::cuda keeps its own per-thread cache
 //! the same way). Every context of one ordinal shares the device's primary CUDA context, so a
 //! buffer made on one thread is valid on another.
 

@@ -8,7 +8,6 @@
 //! turned into an error too.
 
 use super::embedded::{KernelFile, KERNEL_FILES};
-use super::kernels::KERNELS;
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
@@ -102,6 +101,26 @@ pub fn nvrtc_present() -> bool {
 pub fn cublas_present() -> bool {
     // SAFETY: as above, a dlopen attempt only.
     unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// Is cuDNN (libcudnn) loadable? (A dlopen attempt only.)
+#[cfg(feature = "cudnn")]
+pub fn cudnn_present() -> bool {
+    // SAFETY: is_culib_present only attempts to open the library and drops it.
+    unsafe { cudarc::cudnn::sys::is_culib_present() }
+}
+
+/// cuDNN's version as (major, minor, patch), or why it is unavailable.
+#[cfg(feature = "cudnn")]
+pub fn cudnn_version() -> Result<(usize, usize, usize)> {
+    if !cudnn_present() {
+        return Err(Error::device("cuDNN is not available: libcudnn.so was not found"));
+    }
+    guarded("cuDNN", || {
+        let v = cudarc::cudnn::result::get_version();
+        // cuDNN 9 encodes major * 10000 + minor * 100 + patch (8.x used * 1000 + * 100).
+        Ok(if v >= 90000 { (v / 10000, (v % 10000) / 100, v % 100) } else { (v / 1000, (v % 1000) / 100, v % 100) })
+    })
 }
 
 /// Checks that GPU 0 is usable and describes it; a one-line error (never a panic) when there is
@@ -201,10 +220,6 @@ impl Gpu {
             let mut functions = HashMap::new();
             let mut origin = PtxOrigin::Nvcc;
             for file in KERNEL_FILES {
-                let names =
-                    KERNELS.iter().find(|(f, _)| *f == file.name).map(|(_, names)| *names).ok_or_else(|| {
-                        Error::device(format!("kernels/{}.cu is not in cuda::kernels::KERNELS", file.name))
-                    })?;
                 let ptx = match file.ptx {
                     Some(ptx) => Ptx::from_src(ptx),
                     None => {
@@ -214,7 +229,7 @@ impl Gpu {
                 };
                 let module =
                     ctx.load_module(ptx).map_err(|e| device_err(format!("loading kernels/{}.cu", file.name), e))?;
-                for &name in names {
+                for &name in file.kernels {
                     let f = module.load_function(name).map_err(|e| device_err(format!("kernel {name}"), e))?;
                     functions.insert(name, f);
                 }

@@ -3,7 +3,6 @@
 use super::init::Init;
 use super::param::Role;
 use crate::autograd::Tape;
-use crate::cpu::batchnorm::running_update;
 use crate::error::Result;
 use crate::ops;
 use crate::rng::Rng;
@@ -118,17 +117,8 @@ impl BatchNorm2d {
         let m = (x.numel() / stats.mean.numel().max(1)) as f32;
         let unbias = m / (m - 1.0);
         let mom = self.momentum;
-        match stats.mean.device() {
-            #[cfg(feature = "cuda")]
-            crate::device::Device::Cuda(_) => {
-                crate::optim::cuda::running_update(&mut self.running_mean, &stats.mean, mom, 1.0)?;
-                crate::optim::cuda::running_update(&mut self.running_var, &stats.var, mom, unbias)?;
-            }
-            _ => {
-                running_update(self.running_mean.data_mut()?, stats.mean.data()?, mom, 1.0);
-                running_update(self.running_var.data_mut()?, stats.var.data()?, mom, unbias);
-            }
-        }
+        ops::batchnorm::running_update(&mut self.running_mean, &stats.mean, mom, 1.0)?;
+        ops::batchnorm::running_update(&mut self.running_var, &stats.var, mom, unbias)?;
         // The counter stays on the host (Model::to_device leaves it there).
         if let Some(t) = self.num_batches_tracked.data_mut()?.first_mut() {
             *t += 1.0;

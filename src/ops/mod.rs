@@ -1,35 +1,27 @@
-//! Ops: one file per family, forward and backward side by side. Each checks shapes (an `Err`
-//! naming both shapes, never a panic), runs the device's kernel, and records its backward on the
-//! tape when an input needs a gradient.
+//! Ops: one folder per family. A family's `mod.rs` is its API: it checks shapes (an `Err` naming
+//! both shapes, never a panic), makes the one device dispatch, and records the backward on the
+//! tape when an input needs a gradient; `cpu.rs` holds its CPU kernels on slices and `cuda.rs`
+//! its launchers of `kernels/<family>.cu` and its GPU path, each the other's twin.
 
-mod activation;
-mod arith;
-mod batchnorm;
-mod conv;
+pub mod batchnorm;
+pub mod conv;
+pub mod elementwise;
 #[cfg(feature = "cuda")]
-mod cuda;
-mod dropout;
-mod linear;
-mod loss;
-mod mutual_info;
-mod pool;
-mod shape;
-mod softmax;
+pub(crate) mod gpu;
+pub mod linear;
+pub mod mutual_info;
+pub mod pool;
+pub mod shape;
+pub mod softmax;
 
-pub use activation::{leaky_relu, relu};
-pub use arith::{add, scale};
 pub use batchnorm::{batch_norm_act_eval, batch_norm_act_train, batch_norm_eval, batch_norm_train, BatchMoments};
 pub use conv::{conv2d, Conv2dParams};
-pub use dropout::dropout;
+pub use elementwise::{add, dropout, leaky_relu, relu, scale};
 pub use linear::{linear, matmul};
-pub use loss::{cross_entropy, cross_entropy_soft, mse};
 pub use mutual_info::{mutual_info_loss, mutual_info_loss_with_stats, MiStats};
 pub use pool::{global_avg_pool, max_pool2d};
 pub use shape::{concat_rows, flatten, narrow_rows, reshape};
-pub use softmax::{log_softmax, softmax};
-
-#[cfg(feature = "cuda")]
-pub(crate) use cuda::add_assign;
+pub use softmax::{cross_entropy, cross_entropy_soft, log_softmax, mse, softmax};
 
 use crate::error::{Error, Result};
 use crate::tensor::{fmt_shape, Tensor};

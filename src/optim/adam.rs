@@ -2,13 +2,14 @@
 //! parameter, and weight decay either added to the gradient (Adam) or applied to the parameter
 //! before the update (AdamW).
 
+use super::cpu::adam_step;
 use super::{
     check_base_lr, check_beta, check_non_negative, check_step, parse_state, parse_step, DecayScope, Optimizer,
     ParamStates,
 };
 use crate::autograd::Gradients;
-use crate::cpu::optim::{adam_step, AdamScalars};
 use crate::error::{Error, Result};
+use crate::kernel_args::AdamScalars;
 use crate::nn::Module;
 use crate::tensor::Tensor;
 

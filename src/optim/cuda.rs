@@ -1,13 +1,3 @@
-//! In-place updates of tensors that live on a GPU: the optimizer steps, the EMA, and batch norm's
-//! running estimates, each one fused kernel over the tensor (the CPU twins are in cpu::optim and
-//! nn::layers). State that arrives on the host (a fresh moment buffer, a resumed optimizer) is
-//! moved to the parameter's device on first use.
-
-use crate::cpu::optim::{AdamScalars, SgdScalars};
-use crate::cuda::{context, kernels as k};
-use crate::error::Result;
-use crate::tensor::Tensor;
-
 /// Moves `t` to `like`'s device if it is elsewhere.
 fn follow(t: &mut Tensor, like: &Tensor) -> Result<()> {
     if t.device() != like.device() {
@@ -15,6 +5,84 @@ fn follow(t: &mut Tensor, like: &Tensor) -> Result<()> {
     }
     Ok(())
 }
+
+use crate::cuda::launch::{flat_cfg, flat_checks, launch};
+use crate::cuda::{context, CudaSlice, Gpu};
+use crate::error::Result;
+use crate::kernel_args::{AdamScalars, SgdScalars};
+use crate::tensor::Tensor;
+
+/// One Adam/AdamW step in place on the first `n` elements, with the host-computed scalars of
+/// this step. CPU twin: `cpu::adam_step` (bit-identical arithmetic).
+pub fn adam_step(
+    gpu: &Gpu,
+    param: &mut CudaSlice<f32>,
+    grad: &CudaSlice<f32>,
+    exp_avg: &mut CudaSlice<f32>,
+    exp_avg_sq: &mut CudaSlice<f32>,
+    n: usize,
+    s: &AdamScalars,
+) -> Result<()> {
+    let k = "adam_step_fwd_f32";
+    let bufs =
+        [("param", param.len()), ("grad", grad.len()), ("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())];
+    let nl = flat_checks(k, n, &bufs)?;
+    launch!(
+        gpu,
+        k,
+        flat_cfg(n),
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        &nl,
+        &s.param_scale,
+        &s.grad_decay,
+        &s.one_minus_beta1,
+        &s.beta2,
+        &s.one_minus_beta2,
+        &s.step_size,
+        &s.bias_correction2_sqrt,
+        &s.eps
+    )
+}
+
+/// One SGD step in place; `momentum_buf` is None when momentum is 0 (no state). CPU twin:
+/// `cpu::sgd_step` (bit-identical arithmetic).
+pub fn sgd_step(
+    gpu: &Gpu,
+    param: &mut CudaSlice<f32>,
+    grad: &CudaSlice<f32>,
+    momentum_buf: Option<&mut CudaSlice<f32>>,
+    n: usize,
+    s: &SgdScalars,
+) -> Result<()> {
+    match momentum_buf {
+        None => {
+            let k = "sgd_step_fwd_f32";
+            let nl = flat_checks(k, n, &[("param", param.len()), ("grad", grad.len())])?;
+            launch!(gpu, k, flat_cfg(n), param, grad, &nl, &s.lr, &s.weight_decay)
+        }
+        Some(buf) => {
+            let k = "sgd_momentum_step_fwd_f32";
+            let nl =
+                flat_checks(k, n, &[("param", param.len()), ("grad", grad.len()), ("momentum buffer", buf.len())])?;
+            let nesterov = i32::from(s.nesterov);
+            launch!(gpu, k, flat_cfg(n), param, grad, buf, &nl, &s.lr, &s.momentum, &s.weight_decay, &nesterov)
+        }
+    }
+}
+
+/// avg = decay avg + (1 - decay) value on the first `n` elements. CPU twin:
+/// `cpu::ema_update` (bit-identical arithmetic).
+pub fn ema_update(gpu: &Gpu, avg: &mut CudaSlice<f32>, value: &CudaSlice<f32>, n: usize, decay: f32) -> Result<()> {
+    let k = "ema_update_fwd_f32";
+    let nl = flat_checks(k, n, &[("avg", avg.len()), ("value", value.len())])?;
+    launch!(gpu, k, flat_cfg(n), avg, value, &nl, &decay)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The updates of GPU tensors.
 
 /// One AdamW step of `p` with gradient `g` and moments on the GPU.
 pub(crate) fn adam(
@@ -30,15 +98,7 @@ pub(crate) fn adam(
     }
     let n = p.numel();
     let gpu = context::gpu_of(p.cuda_slice()?)?;
-    k::adam_step(
-        &gpu,
-        p.cuda_slice_mut()?,
-        g.cuda_slice()?,
-        exp_avg.cuda_slice_mut()?,
-        exp_avg_sq.cuda_slice_mut()?,
-        n,
-        s,
-    )
+    adam_step(&gpu, p.cuda_slice_mut()?, g.cuda_slice()?, exp_avg.cuda_slice_mut()?, exp_avg_sq.cuda_slice_mut()?, n, s)
 }
 
 /// One SGD step (with a momentum buffer when given) on the GPU.
@@ -50,9 +110,9 @@ pub(crate) fn sgd(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, s: &SgdS
     match buf {
         Some(b) => {
             follow(b, p)?;
-            k::sgd_step(&gpu, p.cuda_slice_mut()?, g.cuda_slice()?, Some(b.cuda_slice_mut()?), n, s)
+            sgd_step(&gpu, p.cuda_slice_mut()?, g.cuda_slice()?, Some(b.cuda_slice_mut()?), n, s)
         }
-        None => k::sgd_step(&gpu, p.cuda_slice_mut()?, g.cuda_slice()?, None, n, s),
+        None => sgd_step(&gpu, p.cuda_slice_mut()?, g.cuda_slice()?, None, n, s),
     }
 }
 
@@ -61,14 +121,5 @@ pub(crate) fn ema(avg: &mut Tensor, value: &Tensor, decay: f32) -> Result<()> {
     follow(avg, value)?;
     let n = value.numel();
     let gpu = context::gpu_of(value.cuda_slice()?)?;
-    k::ema_update(&gpu, avg.cuda_slice_mut()?, value.cuda_slice()?, n, decay)
-}
-
-/// Batch norm's running estimate on the GPU: running = (1 - momentum) running + momentum batch
-/// factor, rounded as the CPU twin (`cpu::batchnorm::running_update`) rounds.
-pub(crate) fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, factor: f32) -> Result<()> {
-    follow(running, batch)?;
-    let n = batch.numel();
-    let gpu = context::gpu_of(batch.cuda_slice()?)?;
-    k::bn_running_update(&gpu, running.cuda_slice_mut()?, batch.cuda_slice()?, n, momentum, factor)
+    ema_update(&gpu, avg.cuda_slice_mut()?, value.cuda_slice()?, n, decay)
 }

@@ -4,7 +4,7 @@
 //! default (they are already averages, and averaging them again lags the weights they belong to),
 //! or averaged on request; the batch counter is always copied, since its average means nothing.
 
-use crate::cpu::optim::ema_update;
+use super::cpu::ema_update;
 use crate::error::{Error, Result};
 use crate::nn::{Module, Role};
 use crate::tensor::{fmt_shape, Tensor};

@@ -2,12 +2,13 @@
 //! learning-rate schedules.
 //!
 //! Semantics follow torch.optim, so a run can be compared with PyTorch step by step; the element
-//! arithmetic lives in [`crate::cpu::optim`], one fused pass per tensor. Per-parameter state is
+//! arithmetic lives in [`cpu`] (CUDA twins in `cuda`), one fused pass per tensor. Per-parameter state is
 //! keyed by the parameter's state_dict name (not its tensor id), so it survives a checkpoint.
 
 mod adam;
+pub mod cpu;
 #[cfg(feature = "cuda")]
-pub(crate) mod cuda;
+pub mod cuda;
 mod ema;
 mod schedule;
 mod sgd;

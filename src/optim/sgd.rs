@@ -1,10 +1,11 @@
 //! SGD with torch.optim.SGD's semantics: L2 weight decay added to the gradient, momentum with
 //! dampening 0, optional Nesterov look-ahead.
 
+use super::cpu::sgd_step;
 use super::{check_base_lr, check_non_negative, check_step, parse_state, DecayScope, Optimizer, ParamStates};
 use crate::autograd::Gradients;
-use crate::cpu::optim::{sgd_step, SgdScalars};
 use crate::error::{Error, Result};
+use crate::kernel_args::SgdScalars;
 use crate::nn::Module;
 use crate::tensor::Tensor;
 

@@ -1,0 +1,409 @@
+//! Batch normalisation over (N, H, W) per channel, NCHW, parallel over channels, with an
+//! optional fused LeakyReLU: y = act(gamma * (x - mean) / sqrt(var + eps) + beta).
+//!
+//! Fusing the activation saves a full read and write of the activation tensor in each direction;
+//! the backward recomputes the activation's mask from x instead of storing it.
+
+use crate::kernel_args::SyncPtr;
+use crate::multiversion;
+use rayon::prelude::*;
+
+multiversion! {
+    /// Shifted sums (sum of x - k, sum of (x - k)^2) of channels ch0 .. ch0 + ks.len() over
+    /// the batch, shift `ks[j]` for channel ch0 + j, into `out` (overwritten).
+    fn block_sums(x: &[f32], n: usize, c: usize, hw: usize, ch0: usize, ks: &[f32], out: &mut [(f64, f64)]) {
+        out.fill((0.0, 0.0));
+        for i in 0..n {
+            for (j, (&k, o)) in ks.iter().zip(out.iter_mut()).enumerate() {
+                let off = (i * c + ch0 + j) * hw;
+                let (a, b) = shifted_sums(&x[off..off + hw], k);
+                o.0 += a;
+                o.1 += b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dst = act(src * scale + shift) over one plane.
+    fn normalize_plane(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, slope: Option<f32>) {
+        match slope {
+            Some(a) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v * scale + shift, a)),
+            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale + shift),
+        }
+    }
+}
+
+multiversion! {
+    /// Sums of dz and dz * xhat of channels ch0 .. ch0 + p.len() into `out` (overwritten),
+    /// with dz = dy * act'(g * xhat + b) and `p[j]` channel ch0 + j's parameters.
+    fn backward_sums(x: &[f32], dy: &[f32], n: usize, c: usize, hw: usize, ch0: usize, p: &[Plane], out: &mut [(f64, f64)]) {
+        out.fill((0.0, 0.0));
+        for i in 0..n {
+            for (j, (q, o)) in p.iter().zip(out.iter_mut()).enumerate() {
+                let off = (i * c + ch0 + j) * hw;
+                let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+                let (gs, xs) = (&dy[off..off + hw], &x[off..off + hw]);
+                let mut cg = gs.chunks_exact(LANES);
+                let mut cx = xs.chunks_exact(LANES);
+                for (gc, xc) in (&mut cg).zip(&mut cx) {
+                    for l in 0..LANES {
+                        let xh = (xc[l] - q.mean) * q.invstd;
+                        let dz = gc[l] * act_grad(q.g * xh + q.b, q.a);
+                        s1[l] += dz;
+                        s2[l] += dz * xh;
+                    }
+                }
+                for (&gv, &xv) in cg.remainder().iter().zip(cx.remainder()) {
+                    let xh = (xv - q.mean) * q.invstd;
+                    let dz = gv * act_grad(q.g * xh + q.b, q.a);
+                    s1[0] += dz;
+                    s2[0] += dz * xh;
+                }
+                o.0 += s1.iter().map(|&v| v as f64).sum::<f64>();
+                o.1 += s2.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dx = k * (dz - ma - xhat * mb) over one plane.
+    fn backward_plane(
+        x: &[f32],
+        dy: &[f32],
+        dst: &mut [f32],
+        mean: f32,
+        invstd: f32,
+        g: f32,
+        b: f32,
+        a: f32,
+        k: f32,
+        ma: f32,
+        mb: f32,
+    ) {
+        for ((d, &gv), &xv) in dst.iter_mut().zip(dy).zip(x) {
+            let xh = (xv - mean) * invstd;
+            let dz = gv * act_grad(g * xh + b, a);
+            *d = k * (dz - ma - xh * mb);
+        }
+    }
+}
+
+/// Per-channel batch statistics saved by the training forward for the backward.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    /// Batch mean per channel.
+    pub mean: Vec<f32>,
+    /// Biased batch variance per channel (what normalises).
+    pub var: Vec<f32>,
+    /// 1 / sqrt(var + eps).
+    pub invstd: Vec<f32>,
+}
+
+/// running = (1 - momentum) running + momentum batch factor, per channel: batch norm's running
+/// estimate (PyTorch's momentum; `factor` n / (n - 1) unbiases the variance, 1 for the mean).
+/// CUDA twin: `batchnorm_running_fwd_f32` (same rounding, bit for bit).
+pub fn running_update(running: &mut [f32], batch: &[f32], momentum: f32, factor: f32) {
+    for (r, &b) in running.iter_mut().zip(batch) {
+        *r = (1.0 - momentum) * *r + momentum * b * factor;
+    }
+}
+
+/// Lanes of the explicit accumulators: independent partial sums let the compiler vectorise
+/// (a plain f32 `sum()` is sequential because float addition is not associative).
+const LANES: usize = 16;
+
+/// One channel's backward constants: batch mean, 1 / std, gamma, beta, activation slope.
+#[derive(Clone, Copy, Debug, Default)]
+struct Plane {
+    mean: f32,
+    invstd: f32,
+    g: f32,
+    b: f32,
+    a: f32,
+}
+
+/// Channels per task: enough that one image's planes of a task form a run of at least 1024
+/// floats (up to c / 8). One plane per channel and image (256 bytes at 8 x 8) is too short for
+/// the hardware prefetcher to ramp up, and each is a jump of c planes; a block's planes are
+/// adjacent. Each channel's sums keep their order (image by image), so the results do not
+/// depend on it.
+fn channel_block(c: usize, hw: usize) -> usize {
+    // At most an eighth of the channels, so tiny planes (1 x 1) still make 8 tasks.
+    1024usize.div_ceil(hw.max(1)).min(c / 8).max(1)
+}
+
+/// Sums of (v - k) and (v - k)^2 over a slice, in f32 lanes, returned in f64.
+#[inline(always)]
+fn shifted_sums(xs: &[f32], k: f32) -> (f64, f64) {
+    let mut s = [0.0f32; LANES];
+    let mut q = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let d = c[l] - k;
+            s[l] += d;
+            q[l] += d * d;
+        }
+    }
+    let (mut s1, mut q1) = (0.0f64, 0.0f64);
+    for &v in chunks.remainder() {
+        let d = (v - k) as f64;
+        s1 += d;
+        q1 += d * d;
+    }
+    (s1 + s.iter().map(|&v| v as f64).sum::<f64>(), q1 + q.iter().map(|&v| v as f64).sum::<f64>())
+}
+
+/// The activation's derivative factor given the pre-activation z.
+#[inline(always)]
+fn act_grad(z: f32, slope: f32) -> f32 {
+    if z > 0.0 {
+        1.0
+    } else {
+        slope
+    }
+}
+
+#[inline(always)]
+fn act(z: f32, slope: f32) -> f32 {
+    if z > 0.0 {
+        z
+    } else {
+        slope * z
+    }
+}
+
+/// Training forward: normalise with the batch statistics (then LeakyReLU with `slope` when
+/// given); returns the statistics.
+pub fn forward_train(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    slope: Option<f32>,
+    y: &mut [f32],
+) -> BatchStats {
+    let len = n * c * hw;
+    assert!(x.len() >= len && y.len() >= len && gamma.len() >= c && beta.len() >= c, "batch norm: short buffers");
+    let m = (n * hw) as f64;
+    let yp = SyncPtr(y.as_mut_ptr());
+    let cb = channel_block(c, hw);
+    let stats: Vec<(f32, f32, f32)> = (0..c.div_ceil(cb))
+        .into_par_iter()
+        .flat_map_iter(|blk| {
+            let chs = blk * cb..((blk + 1) * cb).min(c);
+            // Shifting by one sample of the channel keeps the one-pass variance accurate even
+            // when |mean| >> std.
+            let ks: Vec<f32> = chs.clone().map(|ch| x[ch * hw]).collect();
+            let mut sums = vec![(0.0, 0.0); chs.len()];
+            block_sums(x, n, c, hw, chs.start, &ks, &mut sums);
+            let per_ch: Vec<(f32, f32, f32, f32, f32)> = chs
+                .clone()
+                .zip(sums.iter().zip(&ks))
+                .map(|(ch, (&(s, q), &k))| {
+                    let mean_k = s / m;
+                    let var = (q / m - mean_k * mean_k).max(0.0);
+                    let mean = mean_k + k as f64;
+                    let invstd = 1.0 / (var + eps as f64).sqrt();
+                    let scale = (gamma[ch] as f64 * invstd) as f32;
+                    let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
+                    (mean as f32, var as f32, invstd as f32, scale, shift)
+                })
+                .collect();
+            for i in 0..n {
+                for (ch, st) in chs.clone().zip(&per_ch) {
+                    let off = (i * c + ch) * hw;
+                    // SAFETY: each (image, channel) plane is written by one task only.
+                    let dst = unsafe { yp.slice(off, hw) };
+                    normalize_plane(&x[off..off + hw], dst, st.3, st.4, slope);
+                }
+            }
+            per_ch.into_iter().map(|st| (st.0, st.1, st.2))
+        })
+        .collect();
+    BatchStats {
+        mean: stats.iter().map(|s| s.0).collect(),
+        var: stats.iter().map(|s| s.1).collect(),
+        invstd: stats.iter().map(|s| s.2).collect(),
+    }
+}
+
+/// Evaluation forward: normalise with running statistics (then LeakyReLU when given).
+pub fn forward_eval(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+    slope: Option<f32>,
+    y: &mut [f32],
+) {
+    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (dst, src))| {
+        let ch = plane % c;
+        let invstd = 1.0 / (var[ch] + eps).sqrt();
+        let scale = gamma[ch] * invstd;
+        let shift = beta[ch] - mean[ch] * scale;
+        normalize_plane(src, dst, scale, shift, slope);
+    });
+}
+
+/// Training backward: dx (overwritten, when given), and dgamma, dbeta (overwritten). With
+/// `slope`, `dy` is the gradient of the activation's output.
+pub fn backward_train(
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    slope: Option<f32>,
+    stats: &BatchStats,
+    dx: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let len = n * c * hw;
+    let dx_fits = dx.as_ref().is_none_or(|d| d.len() >= len);
+    assert!(x.len() >= len && dy.len() >= len && dx_fits && gamma.len() >= c, "batch norm backward: short buffers");
+    let m = (n * hw) as f64;
+    let dxp = dx.map(|d| SyncPtr(d.as_mut_ptr()));
+    let a = slope.unwrap_or(1.0);
+    let cb = channel_block(c, hw);
+    let sums: Vec<(f32, f32)> = (0..c.div_ceil(cb))
+        .into_par_iter()
+        .flat_map_iter(|blk| {
+            let chs = blk * cb..((blk + 1) * cb).min(c);
+            let p: Vec<Plane> = chs
+                .clone()
+                .map(|ch| Plane { mean: stats.mean[ch], invstd: stats.invstd[ch], g: gamma[ch], b: beta[ch], a })
+                .collect();
+            // dz = dy * act'(z), z = g * xhat + b; sums of dz and dz * xhat in f32 lanes.
+            let mut sums = vec![(0.0, 0.0); chs.len()];
+            backward_sums(x, dy, n, c, hw, chs.start, &p, &mut sums);
+            if let Some(dxp) = dxp {
+                for i in 0..n {
+                    for ((ch, q), &(sdz, sdzx)) in chs.clone().zip(&p).zip(&sums) {
+                        let off = (i * c + ch) * hw;
+                        let (k, ma, mb) = (q.g * q.invstd, (sdz / m) as f32, (sdzx / m) as f32);
+                        // SAFETY: each (image, channel) plane is written by one task only.
+                        let dst = unsafe { dxp.slice(off, hw) };
+                        let (xs, gs) = (&x[off..off + hw], &dy[off..off + hw]);
+                        backward_plane(xs, gs, dst, q.mean, q.invstd, q.g, q.b, q.a, k, ma, mb);
+                    }
+                }
+            }
+            sums.into_iter().map(|(sdz, sdzx)| (sdzx as f32, sdz as f32))
+        })
+        .collect();
+    for (ch, (g, b)) in sums.into_iter().enumerate() {
+        dgamma[ch] = g;
+        dbeta[ch] = b;
+    }
+}
+
+/// Evaluation backward (running statistics are constants): dx, dgamma, dbeta.
+pub fn backward_eval(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+    slope: Option<f32>,
+    dx: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let a = slope.unwrap_or(1.0);
+    dgamma.fill(0.0);
+    dbeta.fill(0.0);
+    let mut dx = dx;
+    for (plane, (gs, xs)) in dy.chunks(hw).zip(x.chunks(hw)).enumerate() {
+        let ch = plane % c;
+        let invstd = 1.0 / (var[ch] + eps).sqrt();
+        let (mut sg, mut sb) = (0.0f64, 0.0f64);
+        for (j, (&gv, &xv)) in gs.iter().zip(xs).enumerate() {
+            let xh = (xv - mean[ch]) * invstd;
+            let dz = gv * act_grad(gamma[ch] * xh + beta[ch], a);
+            sg += (dz * xh) as f64;
+            sb += dz as f64;
+            if let Some(d) = dx.as_deref_mut() {
+                d[plane * hw + j] = dz * gamma[ch] * invstd;
+            }
+        }
+        dgamma[ch] += sg as f32;
+        dbeta[ch] += sb as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64, offset: f32) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed, 0);
+        (0..n).map(|_| r.uniform() * 2.0 - 1.0 + offset).collect()
+    }
+
+    /// Training forward and backward against f64 loops, on shapes whose channels split into
+    /// blocks of several, the last one partial (21 channels of 300: blocks of 2; 17 of 16),
+    /// blocks of 5 (40 of 64), and one channel per block (planes past 1024 floats, or fewer
+    /// than 16 channels).
+    #[test]
+    fn training_forward_and_backward_match_f64_loops() {
+        assert_eq!((channel_block(21, 300), channel_block(17, 16), channel_block(40, 64)), (2, 2, 5));
+        for &(n, c, hw) in &[(3, 21, 300), (2, 17, 16), (4, 40, 64), (2, 3, 1100), (5, 5, 9)] {
+            let x = rand(n * c * hw, 1, 2.0);
+            let dy = rand(n * c * hw, 2, 0.0);
+            let gamma = rand(c, 3, 0.5);
+            let beta = rand(c, 4, 0.0);
+            let (eps, slope) = (1e-5f32, 0.1f32);
+            let mut y = vec![0.0; x.len()];
+            let stats = forward_train(&x, n, c, hw, &gamma, &beta, eps, Some(slope), &mut y);
+            let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+            backward_train(&x, &dy, n, c, hw, &gamma, &beta, Some(slope), &stats, Some(&mut dx), &mut dg, &mut db);
+            let m = (n * hw) as f64;
+            let at = |i: usize, ch: usize, p: usize| (i * c + ch) * hw + p;
+            for ch in 0..c {
+                let vals: Vec<(usize, f64)> =
+                    (0..n).flat_map(|i| (0..hw).map(move |p| at(i, ch, p))).map(|k| (k, x[k] as f64)).collect();
+                let mean = vals.iter().map(|v| v.1).sum::<f64>() / m;
+                let var = vals.iter().map(|v| (v.1 - mean).powi(2)).sum::<f64>() / m;
+                let invstd = 1.0 / (var + eps as f64).sqrt();
+                assert!((stats.mean[ch] as f64 - mean).abs() < 1e-5, "{n}x{c}x{hw} mean {ch}");
+                assert!((stats.var[ch] as f64 - var).abs() < 1e-5 * var.max(1.0), "{n}x{c}x{hw} var {ch}");
+                let (g, b) = (gamma[ch] as f64, beta[ch] as f64);
+                let (mut sdz, mut sdzx) = (0.0, 0.0);
+                let mut dzs = Vec::new();
+                for &(k, v) in &vals {
+                    let xh = (v - mean) * invstd;
+                    let z = g * xh + b;
+                    let want = if z > 0.0 { z } else { slope as f64 * z };
+                    assert!((y[k] as f64 - want).abs() < 1e-4, "{n}x{c}x{hw} y[{k}]: {} vs {want}", y[k]);
+                    let dz = dy[k] as f64 * if z > 0.0 { 1.0 } else { slope as f64 };
+                    sdz += dz;
+                    sdzx += dz * xh;
+                    dzs.push((k, dz, xh));
+                }
+                assert!((dg[ch] as f64 - sdzx).abs() < 1e-3, "{n}x{c}x{hw} dgamma {ch}: {} vs {sdzx}", dg[ch]);
+                assert!((db[ch] as f64 - sdz).abs() < 1e-3, "{n}x{c}x{hw} dbeta {ch}: {} vs {sdz}", db[ch]);
+                for (k, dz, xh) in dzs {
+                    let want = g * invstd * (dz - sdz / m - xh * sdzx / m);
+                    assert!((dx[k] as f64 - want).abs() < 1e-4, "{n}x{c}x{hw} dx[{k}]: {} vs {want}", dx[k]);
+                }
+            }
+        }
+    }
+}

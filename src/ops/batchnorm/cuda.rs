@@ -1,0 +1,357 @@
+//! Batch norm on the GPU: launchers of kernels/batchnorm.cu (sizes checked before each unsafe
+//! launch; CPU twins in `cpu.rs` beside this file), the training and evaluation ops, and the
+//! running-estimate update.
+
+use crate::autograd::Tape;
+use crate::cuda::launch::{cfg, elems, flat_cfg, grid_dim, int, launch, long, need, nonzero, BLOCK};
+use crate::cuda::{context, CudaSlice, Gpu};
+use crate::error::Result;
+use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
+use crate::tensor::Tensor;
+
+/// Per-channel statistics of a training forward, on the device (f32, c each).
+pub struct BatchStatsGpu {
+    /// Batch mean.
+    pub mean: CudaSlice<f32>,
+    /// Biased batch variance.
+    pub var: CudaSlice<f32>,
+    /// 1 / sqrt(var + eps).
+    pub invstd: CudaSlice<f32>,
+    /// gamma * invstd (the folded affine map).
+    pub scale: CudaSlice<f32>,
+    /// beta - mean * gamma * invstd.
+    pub shift: CudaSlice<f32>,
+}
+
+/// Blocks per channel of the BN reductions: from (n, hw) only (so results do not depend on the
+/// GPU), about 4096 elements per block, at most 256.
+pub fn bn_splits(n: usize, hw: usize) -> usize {
+    (n * hw).div_ceil(4096).clamp(1, 256)
+}
+
+struct BnSizes {
+    n: i32,
+    c: i32,
+    hw: i32,
+    splits: i32,
+    total: i64,
+    grid: (u32, u32, u32),
+}
+
+fn bn_checks(
+    kernel: &str,
+    n: usize,
+    c: usize,
+    hw: usize,
+    bufs: &[(&str, usize)],
+    per_ch: &[(&str, usize)],
+) -> Result<BnSizes> {
+    nonzero(kernel, &[("batch", n), ("channels", c), ("plane size", hw)])?;
+    let total = elems(kernel, elems(kernel, n, c)?, hw)?;
+    for &(what, len) in bufs {
+        need(kernel, what, len, total)?;
+    }
+    for &(what, len) in per_ch {
+        need(kernel, what, len, c)?;
+    }
+    int(kernel, "batch x plane", elems(kernel, n, hw)?)?;
+    let splits = bn_splits(n, hw);
+    Ok(BnSizes {
+        n: int(kernel, "batch", n)?,
+        c: int(kernel, "channels", c)?,
+        hw: int(kernel, "plane size", hw)?,
+        splits: splits as i32,
+        total: long(total),
+        grid: (grid_dim(kernel, c)?, splits as u32, 1),
+    })
+}
+
+/// Training forward of batch norm over (N, H, W) per channel (NCHW, `hw` = H W), with LeakyReLU
+/// of `slope` fused when given; returns the batch statistics. CPU twin:
+/// `cpu::forward_train`. (The running-statistics update is the op's, not this
+/// kernel's.)
+pub fn batchnorm_train_fwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    eps: f32,
+    slope: Option<f32>,
+    y: &mut CudaSlice<f32>,
+) -> Result<BatchStatsGpu> {
+    let k = "batchnorm_train_fwd";
+    let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &[("gamma", gamma.len()), ("beta", beta.len())])?;
+    let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
+    launch!(gpu, "batchnorm_stats_fwd_f32", cfg(s.grid, BLOCK), x, &mut part, &s.n, &s.c, &s.hw, &s.splits)?;
+    let mut st = BatchStatsGpu {
+        mean: gpu.zeros(c)?,
+        var: gpu.zeros(c)?,
+        invstd: gpu.zeros(c)?,
+        scale: gpu.zeros(c)?,
+        shift: gpu.zeros(c)?,
+    };
+    launch!(
+        gpu,
+        "batchnorm_finish_fwd_f32",
+        cfg((c.div_ceil(128) as u32, 1, 1), 128),
+        x,
+        &part,
+        gamma,
+        beta,
+        &mut st.mean,
+        &mut st.var,
+        &mut st.invstd,
+        &mut st.scale,
+        &mut st.shift,
+        &s.n,
+        &s.c,
+        &s.hw,
+        &s.splits,
+        &eps
+    )?;
+    let a = slope.unwrap_or(1.0);
+    let total = s.total as usize;
+    launch!(gpu, "batchnorm_norm_fwd_f32", flat_cfg(total), x, &st.scale, &st.shift, y, &s.total, &s.c, &s.hw, &a)?;
+    Ok(st)
+}
+
+/// Evaluation forward with running statistics `mean`, `var` (then LeakyReLU when given).
+/// CPU twin: `cpu::forward_eval`.
+pub fn batchnorm_eval_fwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    mean: &CudaSlice<f32>,
+    var: &CudaSlice<f32>,
+    eps: f32,
+    slope: Option<f32>,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let k = "batchnorm_eval_fwd_f32";
+    let per_ch = [("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len())];
+    let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &per_ch)?;
+    let a = slope.unwrap_or(1.0);
+    let total = s.total as usize;
+    launch!(gpu, k, flat_cfg(total), x, gamma, beta, mean, var, y, &s.total, &s.c, &s.hw, &eps, &a)
+}
+
+/// Training backward: `dx` (when given), `dgamma`, `dbeta` (overwritten), from the forward's
+/// statistics (`mean`, `invstd` of `stats` are used). With `slope`, `dy` is the gradient of the
+/// activation's output. CPU twin: `cpu::backward_train`.
+pub fn batchnorm_train_bwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    slope: Option<f32>,
+    stats: &BatchStatsGpu,
+    dx: Option<&mut CudaSlice<f32>>,
+    dgamma: &mut CudaSlice<f32>,
+    dbeta: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let k = "batchnorm_train_bwd";
+    let per_ch = [
+        ("gamma", gamma.len()),
+        ("beta", beta.len()),
+        ("mean", stats.mean.len()),
+        ("invstd", stats.invstd.len()),
+        ("dgamma", dgamma.len()),
+        ("dbeta", dbeta.len()),
+    ];
+    let dx_len = dx.as_ref().map_or(usize::MAX, |d| d.len());
+    let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("dy", dy.len()), ("dx", dx_len)], &per_ch)?;
+    let a = slope.unwrap_or(1.0);
+    let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
+    launch!(
+        gpu,
+        "batchnorm_reduce_bwd_f32",
+        cfg(s.grid, BLOCK),
+        x,
+        dy,
+        &stats.mean,
+        &stats.invstd,
+        gamma,
+        beta,
+        &mut part,
+        &s.n,
+        &s.c,
+        &s.hw,
+        &s.splits,
+        &a
+    )?;
+    let mut coef = gpu.zeros::<f32>(2 * c)?;
+    launch!(
+        gpu,
+        "batchnorm_finish_bwd_f32",
+        cfg((c.div_ceil(128) as u32, 1, 1), 128),
+        &part,
+        dgamma,
+        dbeta,
+        &mut coef,
+        &s.n,
+        &s.c,
+        &s.hw,
+        &s.splits
+    )?;
+    if let Some(dx) = dx {
+        let total = s.total as usize;
+        launch!(
+            gpu,
+            "batchnorm_dx_bwd_f32",
+            flat_cfg(total),
+            x,
+            dy,
+            &stats.mean,
+            &stats.invstd,
+            gamma,
+            beta,
+            &coef,
+            dx,
+            &s.total,
+            &s.c,
+            &s.hw,
+            &a
+        )?;
+    }
+    Ok(())
+}
+
+/// running = (1 - momentum) running + (momentum batch) factor on `n` channels, rounded as the
+/// CPU rounds. CPU twin: `cpu::running_update`.
+pub fn batchnorm_running_fwd(
+    gpu: &Gpu,
+    running: &mut CudaSlice<f32>,
+    batch: &CudaSlice<f32>,
+    n: usize,
+    momentum: f32,
+    factor: f32,
+) -> Result<()> {
+    let k = "batchnorm_running_fwd_f32";
+    nonzero(k, &[("channels", n)])?;
+    need(k, "running", running.len(), n)?;
+    need(k, "batch", batch.len(), n)?;
+    let ni = int(k, "channels", n)?;
+    let keep = 1.0 - momentum;
+    launch!(
+        gpu,
+        k,
+        cfg((grid_dim(k, n.div_ceil(BLOCK as usize))?, 1, 1), BLOCK),
+        running,
+        batch,
+        &ni,
+        &keep,
+        &momentum,
+        &factor
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops on GPU tensors (shapes checked by the family's mod.rs), recorded on the tape.
+
+/// Batch norm (training mode) with LeakyReLU fused when `slope` is given; also returns the batch
+/// mean and biased variance as device tensors [c] for the running estimates.
+pub(crate) fn batch_norm_train(
+    gpu: GpuRef,
+    tape: &Tape,
+    (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
+    (n, c, hw): (usize, usize, usize),
+    eps: f32,
+    slope: Option<f32>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut y = alloc(&gpu, x.numel())?;
+    let stats = batchnorm_train_fwd(&gpu, buf(x)?, n, c, hw, buf(gamma)?, buf(beta)?, eps, slope, &mut y)?;
+    let mean = wrap(context::copy(&stats.mean)?, &[c])?;
+    let var = wrap(context::copy(&stats.var)?, &[c])?;
+    let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
+    let out = tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
+        let g = here(g, &gpu)?;
+        let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.numel())?) } else { None };
+        let (mut dg, mut db) = (alloc(&gpu, c)?, alloc(&gpu, c)?);
+        batchnorm_train_bwd(
+            &gpu,
+            buf(&xc)?,
+            buf(&g)?,
+            n,
+            c,
+            hw,
+            buf(&gc)?,
+            buf(&bc)?,
+            slope,
+            &stats,
+            dx.as_mut(),
+            &mut dg,
+            &mut db,
+        )?;
+        if let Some(dx) = dx {
+            grads.add_to(&xc, wrap(dx, xc.shape())?)?;
+        }
+        grads.add_to(&gc, wrap(dg, &[c])?)?;
+        grads.add_to(&bc, wrap(db, &[c])?)
+    });
+    Ok((out, mean, var))
+}
+
+/// Batch norm with running statistics (evaluation mode), LeakyReLU fused when `slope` is given.
+/// Its backward (only reached when a frozen BN is trained through) runs the CPU twin on copies:
+/// no training recipe here does that, so it has no kernel.
+pub(crate) fn batch_norm_eval(
+    gpu: GpuRef,
+    tape: &Tape,
+    [x, gamma, beta, mean, var]: [&Tensor; 5],
+    (c, hw): (usize, usize),
+    eps: f32,
+    slope: Option<f32>,
+) -> Result<Tensor> {
+    let n = x.numel() / (c * hw).max(1);
+    let mut y = alloc(&gpu, x.numel())?;
+    batchnorm_eval_fwd(&gpu, buf(x)?, n, c, hw, buf(gamma)?, buf(beta)?, buf(mean)?, buf(var)?, eps, slope, &mut y)?;
+    let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
+    Ok(tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
+        let host = |t: &Tensor| t.to_vec();
+        let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
+        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+        super::cpu::backward_eval(
+            &host(&xc)?,
+            &host(g)?,
+            c,
+            hw,
+            &host(&gc)?,
+            &host(&bc)?,
+            &host(&mc)?,
+            &host(&vc)?,
+            eps,
+            slope,
+            dx.as_deref_mut(),
+            &mut dg,
+            &mut db,
+        );
+        let dev = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> { wrap(gpu.upload(&v)?, shape) };
+        if let Some(dx) = dx {
+            grads.add_to(&xc, dev(dx, xc.shape())?)?;
+        }
+        grads.add_to(&gc, dev(dg, &[c])?)?;
+        grads.add_to(&bc, dev(db, &[c])?)
+    }))
+}
+
+/// Batch norm's running estimate on the GPU: running = (1 - momentum) running + momentum batch
+/// factor, rounded as the CPU twin (`cpu::running_update`) rounds.
+pub(crate) fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, factor: f32) -> Result<()> {
+    if running.device() != batch.device() {
+        *running = running.to_device(batch.device())?;
+    }
+    let n = batch.numel();
+    let gpu = context::gpu_of(batch.cuda_slice()?)?;
+    batchnorm_running_fwd(&gpu, running.cuda_slice_mut()?, batch.cuda_slice()?, n, momentum, factor)
+}

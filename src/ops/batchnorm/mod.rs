@@ -1,0 +1,176 @@
+//! Batch normalisation of NCHW tensors over (N, H, W), optionally fused with the LeakyReLU that
+//! follows it in every model here.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::autograd::Tape;
+use crate::error::{Error, Result};
+use crate::tensor::{fmt_shape, Tensor};
+use cpu as k;
+use std::sync::Arc;
+
+fn check(x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
+    let [n, c, h, w] = x.dims::<4>("batch_norm input")?;
+    for p in params {
+        if p.shape() != [c] {
+            return Err(Error::shape(format!(
+                "batch_norm: per-channel tensor {} does not fit input {}",
+                fmt_shape(p.shape()),
+                fmt_shape(x.shape())
+            )));
+        }
+    }
+    Ok((n, c, h * w))
+}
+
+/// A training batch's per-channel mean and biased variance ([c] each, on the input's device): what
+/// the layer folds into its running estimates.
+#[derive(Debug, Clone)]
+pub struct BatchMoments {
+    /// Batch mean.
+    pub mean: Tensor,
+    /// Biased batch variance (what normalised the batch).
+    pub var: Tensor,
+}
+
+/// Training mode: normalise with batch statistics, which are returned so that the layer can
+/// update its running estimates.
+pub fn batch_norm_train(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, BatchMoments)> {
+    batch_norm_act_train(tape, x, gamma, beta, eps, None)
+}
+
+/// Training mode with LeakyReLU(`slope`) fused when given: act(BN(x)).
+pub fn batch_norm_act_train(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    slope: Option<f32>,
+) -> Result<(Tensor, BatchMoments)> {
+    let _p = crate::profile::scope("batch_norm.fwd");
+    let (n, c, hw) = check(x, &[gamma, beta])?;
+    if n * hw < 2 {
+        return Err(Error::shape(format!(
+            "batch_norm: training needs more than one value per channel, got input {}",
+            fmt_shape(x.shape())
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("batch_norm", &[x, gamma, beta])? {
+        let (y, mean, var) = cuda::batch_norm_train(gpu, tape, (x, gamma, beta), (n, c, hw), eps, slope)?;
+        return Ok((y, BatchMoments { mean, var }));
+    }
+    let mut y = crate::pool::take(x.numel());
+    let stats = k::forward_train(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
+    let out = Tensor::cpu(y, x.shape().to_vec());
+    let saved = Arc::new(stats.clone());
+    let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
+    let out = tape.record(out, &[x, gamma, beta], move |g, grads| {
+        let _p = crate::profile::scope("batch_norm.bwd");
+        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
+        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+        k::backward_train(
+            xc.data()?,
+            g.data()?,
+            n,
+            c,
+            hw,
+            gc.data()?,
+            bc.data()?,
+            slope,
+            &saved,
+            dx.as_deref_mut(),
+            &mut dg,
+            &mut db,
+        );
+        if let Some(dx) = dx {
+            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
+        }
+        grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
+        grads.add_to(&bc, Tensor::cpu(db, vec![c]))
+    });
+    let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
+    Ok((out, moments))
+}
+
+/// Evaluation mode: normalise with the running statistics (constants).
+pub fn batch_norm_eval(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    batch_norm_act_eval(tape, x, gamma, beta, mean, var, eps, None)
+}
+
+/// Evaluation mode with LeakyReLU(`slope`) fused when given.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_act_eval(
+    tape: &Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f32,
+    slope: Option<f32>,
+) -> Result<Tensor> {
+    let (_, c, hw) = check(x, &[gamma, beta, mean, var])?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("batch_norm", &[x, gamma, beta, mean, var])? {
+        return cuda::batch_norm_eval(gpu, tape, [x, gamma, beta, mean, var], (c, hw), eps, slope);
+    }
+    let mut y = crate::pool::take(x.numel());
+    k::forward_eval(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
+    let out = Tensor::cpu(y, x.shape().to_vec());
+    let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
+    Ok(tape.record(out, &[x, gamma, beta], move |g, grads| {
+        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
+        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+        k::backward_eval(
+            xc.data()?,
+            g.data()?,
+            c,
+            hw,
+            gc.data()?,
+            bc.data()?,
+            mc.data()?,
+            vc.data()?,
+            eps,
+            slope,
+            dx.as_deref_mut(),
+            &mut dg,
+            &mut db,
+        );
+        if let Some(dx) = dx {
+            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
+        }
+        grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
+        grads.add_to(&bc, Tensor::cpu(db, vec![c]))
+    }))
+}
+
+/// running = (1 - momentum) running + momentum batch factor per channel, on the batch
+/// statistic's device (`running` follows it there): a layer's running estimate after a training
+/// batch (PyTorch's momentum; `factor` n / (n - 1) unbiases the variance, 1 for the mean).
+pub fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, factor: f32) -> Result<()> {
+    running.same_shape(batch, "batch_norm running estimate")?;
+    #[cfg(feature = "cuda")]
+    if batch.device() != crate::device::Device::Cpu {
+        return cuda::running_update(running, batch, momentum, factor);
+    }
+    k::running_update(running.data_mut()?, batch.data()?, momentum, factor);
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! The CPU convolution: which algorithm runs each layer, in one place. The kernels themselves are
+//! shared CPU code (`cpu::direct_conv`, `cpu::winograd`, `cpu::im2col`); this file only chooses:
+//! Winograd, then the direct AVX-512 kernels, where they apply on this CPU, im2col + GEMM for
+//! every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths on one machine).
+
+use crate::kernel_args::ConvShape;
+
+use crate::cpu::im2col;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::{direct_conv as direct, winograd};
+
+/// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]).
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if winograd::forward_applies(s) {
+            return winograd::forward(s, x, w, y);
+        }
+        if direct::forward_applies(s) {
+            return direct::forward(s, x, w, y);
+        }
+    }
+    im2col::gemm_forward(s, x, w, y)
+}
+
+/// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
+/// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
+pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if direct::applies(s) {
+            if let Some(dx) = dx {
+                // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same
+                // geometry, so the forward kernels compute it.
+                let t = ConvShape { ci: s.co, co: s.ci, ..*s };
+                let w_flip = s.flip_weights(w);
+                if winograd::input_grad_applies(&t) {
+                    winograd::forward(&t, dy, &w_flip, dx);
+                } else {
+                    direct::forward(&t, dy, &w_flip, dx);
+                }
+            }
+            if !direct::weight_grad(s, x, dy, dw) {
+                im2col::gemm_backward(s, x, w, dy, dw, None);
+            }
+            return;
+        }
+        if direct::strided_dw_applies(s) {
+            direct::weight_grad_channel_last(s, x, dy, dw);
+            if let Some(dx) = dx {
+                direct::input_grad_strided(s, w, dy, dx);
+            }
+            return;
+        }
+    }
+    im2col::gemm_backward(s, x, w, dy, dw, dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed, 3);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    #[test]
+    fn forward_dispatch_matches_direct_loops() {
+        let conv = |n, ci, h, w, co, k, stride, pad| ConvShape { n, ci, h, w, co, kh: k, kw: k, stride, pad };
+        let shapes = [
+            conv(3, 2, 7, 6, 4, 3, 1, 1),
+            conv(2, 3, 8, 8, 5, 3, 2, 1),
+            conv(1, 4, 5, 5, 3, 1, 1, 0),
+            conv(2, 16, 8, 8, 16, 3, 1, 1),
+            conv(2, 16, 8, 8, 8, 3, 2, 1),
+            conv(2, 32, 7, 7, 8, 3, 1, 1),
+        ];
+        for (k, s) in shapes.iter().enumerate() {
+            im2col::assert_forward_matches_naive(s, 80 + k as u64, forward);
+        }
+    }
+
+    /// Whatever each geometry is routed to (direct, Winograd, channel-last, phase planes or the
+    /// GEMM path), the gradients equal the GEMM path's to float noise.
+    #[test]
+    fn backward_dispatch_matches_the_gemm_path() {
+        let conv = |n, ci, h, w, co, stride| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride, pad: 1 };
+        let shapes = [
+            conv(2, 16, 8, 8, 16, 1),
+            conv(3, 32, 7, 7, 8, 1),
+            conv(2, 16, 28, 28, 8, 1),
+            conv(3, 16, 8, 8, 8, 2),
+            conv(2, 32, 16, 6, 16, 2),
+            conv(5, 16, 16, 16, 8, 2),
+            ConvShape { n: 2, ci: 8, h: 5, w: 5, co: 4, kh: 1, kw: 1, stride: 1, pad: 0 },
+        ];
+        for (k, s) in shapes.into_iter().enumerate() {
+            let x = rand(s.n * s.ci * s.h * s.w, 40 + k as u64);
+            let w = rand(s.co * s.ci * s.kh * s.kw, 50 + k as u64);
+            let dy = rand(s.n * s.co * s.p(), 60 + k as u64);
+            let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
+            backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+            let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);
+            im2col::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
+            for (name, got, want) in [("dw", &dw, &dw_ref), ("dx", &dx, &dx_ref)] {
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} {name}[{i}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Pooling on the GPU: launchers of kernels/pool.cu (sizes checked before each unsafe launch;
+//! CPU twins in `cpu.rs` beside this file) and the ops on GPU tensors.
+
+use crate::autograd::Tape;
+use crate::cuda::launch::{elems, flat_cfg, int, launch, long, need, nonzero, rows_cfg};
+use crate::cuda::{CudaSlice, Gpu};
+use crate::error::{Error, Result};
+use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
+use crate::tensor::Tensor;
+
+/// 2 x 2 max-pool (stride 2) of `planes` planes of h x w: `y` and the winner's offset `arg`
+/// (planes x h/2 x w/2). CPU twin: `cpu::maxpool_forward` with k = 2.
+pub fn maxpool2_fwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    planes: usize,
+    h: usize,
+    w: usize,
+    y: &mut CudaSlice<f32>,
+    arg: &mut CudaSlice<u8>,
+) -> Result<()> {
+    let k = "maxpool2_fwd_f32";
+    nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
+    need(k, "x", x.len(), elems(k, planes, elems(k, h, w)?)?)?;
+    let out = planes * (h / 2) * (w / 2);
+    need(k, "y", y.len(), out)?;
+    need(k, "arg", arg.len(), out)?;
+    let (hi, wi, pl) = (int(k, "h", h)?, int(k, "w", w)?, long(planes));
+    int(k, "plane size", h * w)?;
+    launch!(gpu, k, flat_cfg(out), x, y, arg, &pl, &hi, &wi)
+}
+
+/// Routes each output gradient to its window's winner; `dx` (planes x h x w) is overwritten,
+/// zeros included. CPU twin: `cpu::maxpool_backward` with k = 2.
+pub fn maxpool2_bwd(
+    gpu: &Gpu,
+    dy: &CudaSlice<f32>,
+    arg: &CudaSlice<u8>,
+    planes: usize,
+    h: usize,
+    w: usize,
+    dx: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let k = "maxpool2_bwd_f32";
+    nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
+    let total = elems(k, planes, elems(k, h, w)?)?;
+    need(k, "dx", dx.len(), total)?;
+    let out = planes * (h / 2) * (w / 2);
+    need(k, "dy", dy.len(), out)?;
+    need(k, "arg", arg.len(), out)?;
+    let (hi, wi, pl) = (int(k, "h", h)?, int(k, "w", w)?, long(planes));
+    int(k, "plane size", h * w)?;
+    launch!(gpu, k, flat_cfg(total), dy, arg, dx, &pl, &hi, &wi)
+}
+
+/// Mean of each plane of `hw` elements. CPU twin: `cpu::avgpool_forward`.
+pub fn avgpool_fwd(gpu: &Gpu, x: &CudaSlice<f32>, planes: usize, hw: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+    let k = "avgpool_fwd_f32";
+    nonzero(k, &[("planes", planes), ("plane size", hw)])?;
+    need(k, "x", x.len(), elems(k, planes, hw)?)?;
+    need(k, "y", y.len(), planes)?;
+    let (pl, hwi) = (long(planes), int(k, "plane size", hw)?);
+    launch!(gpu, k, rows_cfg(k, planes)?, x, y, &pl, &hwi)
+}
+
+/// Spreads each plane's gradient evenly over its `hw` elements. CPU twin:
+/// `cpu::avgpool_backward`.
+pub fn avgpool_bwd(gpu: &Gpu, dy: &CudaSlice<f32>, planes: usize, hw: usize, dx: &mut CudaSlice<f32>) -> Result<()> {
+    let k = "avgpool_bwd_f32";
+    nonzero(k, &[("planes", planes), ("plane size", hw)])?;
+    let total = elems(k, planes, hw)?;
+    need(k, "dx", dx.len(), total)?;
+    need(k, "dy", dy.len(), planes)?;
+    let (pl, hwi) = (long(planes), int(k, "plane size", hw)?);
+    launch!(gpu, k, flat_cfg(total), dy, dx, &pl, &hwi)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops on GPU tensors (shapes checked by the family's mod.rs), recorded on the tape.
+
+/// 2 x 2 max-pool, stride 2 (the only window the GPU kernel has).
+pub(crate) fn max_pool2d(
+    gpu: GpuRef,
+    tape: &Tape,
+    x: &Tensor,
+    size: usize,
+    [n, c, h, w]: [usize; 4],
+) -> Result<Tensor> {
+    if size != 2 {
+        return Err(Error::shape(format!("max_pool2d: the GPU kernel pools 2 x 2 windows, not {size} x {size}")));
+    }
+    let planes = n * c;
+    let len = planes * (h / 2) * (w / 2);
+    let mut y = alloc(&gpu, len)?;
+    let mut arg = gpu.zeros::<u8>(len.max(1))?;
+    maxpool2_fwd(&gpu, buf(x)?, planes, h, w, &mut y, &mut arg)?;
+    let xc = x.clone();
+    Ok(tape.record(wrap(y, &[n, c, h / 2, w / 2])?, &[x], move |g, grads| {
+        let g = here(g, &gpu)?;
+        let mut dx = alloc(&gpu, xc.numel())?;
+        maxpool2_bwd(&gpu, buf(&g)?, &arg, planes, h, w, &mut dx)?;
+        grads.add_to(&xc, wrap(dx, xc.shape())?)
+    }))
+}
+
+/// Mean over H and W.
+pub(crate) fn global_avg_pool(gpu: GpuRef, tape: &Tape, x: &Tensor, [n, c, h, w]: [usize; 4]) -> Result<Tensor> {
+    let mut y = alloc(&gpu, n * c)?;
+    avgpool_fwd(&gpu, buf(x)?, n * c, h * w, &mut y)?;
+    let xc = x.clone();
+    Ok(tape.record(wrap(y, &[n, c])?, &[x], move |g, grads| {
+        let g = here(g, &gpu)?;
+        let mut dx = alloc(&gpu, xc.numel())?;
+        avgpool_bwd(&gpu, buf(&g)?, n * c, h * w, &mut dx)?;
+        grads.add_to(&xc, wrap(dx, xc.shape())?)
+    }))
+}

@@ -1,0 +1,248 @@
+//! Row softmax, log-softmax and the fused softmax + cross-entropy (hard and soft targets).
+//!
+//! The fused kernels return the loss and the gradient of the mean loss with respect to the
+//! logits in one pass over the logits, so the backward is a scale by the upstream gradient.
+//! Rows are processed in fixed chunks on the worker threads and the per-chunk losses summed in
+//! chunk order, so results do not depend on the thread count.
+
+use crate::cpu::simd::{self, logsumexp_row, softmax_row};
+use crate::multiversion;
+use rayon::prelude::*;
+
+/// Rows per parallel work item.
+const CHUNK_ROWS: usize = 1024;
+
+multiversion! {
+    /// Row softmax of an n x c matrix.
+    pub fn softmax_forward(x: &[f32], c: usize, y: &mut [f32]) {
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            softmax_row(xr, yr);
+        }
+    }
+}
+
+multiversion! {
+    /// dx = y * (dy - <y, dy>) per row.
+    pub fn softmax_backward(y: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
+        for ((yr, gr), dr) in y.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+            let dot = simd::dot(yr, gr);
+            for ((d, &p), &g) in dr.iter_mut().zip(yr).zip(gr) {
+                *d = p * (g - dot);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Row log-softmax of an n x c matrix.
+    pub fn log_softmax_forward(x: &[f32], c: usize, y: &mut [f32]) {
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            let l = logsumexp_row(xr);
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = v - l;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dx = dy - softmax * sum(dy) per row, from the log-softmax output y.
+    pub fn log_softmax_backward(y: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
+        for ((yr, gr), dr) in y.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+            let s = simd::sum(gr);
+            for ((d, &l), &g) in dr.iter_mut().zip(yr).zip(gr) {
+                *d = g - simd::exp(l) * s;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Sum over these rows of the hard-target cross-entropy; `grad` gets softmax - onehot, times
+    /// `inv_n`.
+    fn cross_entropy_hard_rows(x: &[f32], labels: &[usize], c: usize, inv_n: f32, grad: &mut [f32]) -> f64 {
+        let mut total = 0.0f64;
+        for ((xr, gr), &y) in x.chunks_exact(c).zip(grad.chunks_exact_mut(c)).zip(labels) {
+            let l = logsumexp_row(xr);
+            total += (l - xr[y]) as f64;
+            for (g, &v) in gr.iter_mut().zip(xr) {
+                *g = simd::exp(v - l) * inv_n;
+            }
+            gr[y] -= inv_n;
+        }
+        total
+    }
+}
+
+multiversion! {
+    /// Sum over these rows of -sum_c q_c log softmax(x)_c; `grad` as for hard targets.
+    fn cross_entropy_soft_rows(x: &[f32], q: &[f32], c: usize, inv_n: f32, grad: &mut [f32]) -> f64 {
+        let mut total = 0.0f64;
+        for ((xr, qr), gr) in x.chunks_exact(c).zip(q.chunks_exact(c)).zip(grad.chunks_exact_mut(c)) {
+            let l = logsumexp_row(xr);
+            let qsum = simd::sum(qr);
+            let mut row = 0.0f32;
+            for ((g, &v), &t) in gr.iter_mut().zip(xr).zip(qr) {
+                row -= t * (v - l);
+                *g = (simd::exp(v - l) * qsum - t) * inv_n;
+            }
+            total += row as f64;
+        }
+        total
+    }
+}
+
+/// AVX-512 fused softmax-CE for C <= 16: one masked register per row.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::cpu::simd::avx512::exp16;
+    use std::arch::x86_64::*;
+
+    /// `super::cross_entropy_hard_rows` for C <= 16.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; c in 1..=16; x and grad hold labels.len() rows of C; every
+    /// label is below c.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn cross_entropy_hard_rows(x: &[f32], labels: &[usize], c: usize, inv_n: f32, grad: &mut [f32]) -> f64 {
+        let mask = ((1u32 << c) - 1) as __mmask16;
+        let mut total = 0.0f64;
+        for (r, &y) in labels.iter().enumerate() {
+            let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, x.as_ptr().add(r * c));
+            let m = _mm512_reduce_max_ps(v);
+            let e = exp16(_mm512_sub_ps(v, _mm512_set1_ps(m)));
+            let s = _mm512_reduce_add_ps(e);
+            total += (m + s.ln() - x[r * c + y]) as f64;
+            let g = _mm512_mul_ps(e, _mm512_set1_ps(inv_n / s));
+            _mm512_mask_storeu_ps(grad.as_mut_ptr().add(r * c), mask, g);
+            grad[r * c + y] -= inv_n;
+        }
+        total
+    }
+}
+
+/// Mean cross-entropy of logits (n x c) against class indices; `grad` gets d(mean loss)/d logits.
+pub fn cross_entropy_hard(x: &[f32], labels: &[usize], c: usize, grad: &mut [f32]) -> f32 {
+    let n = labels.len();
+    let inv_n = 1.0 / n as f32;
+    let step = CHUNK_ROWS * c;
+    let fast = cfg!(target_arch = "x86_64") && c <= simd::LANES && simd::level() == simd::Level::Avx512;
+    let rows = |xc: &[f32], lc: &[usize], gc: &mut [f32]| -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if fast && lc.iter().all(|&y| y < c) {
+            // SAFETY: the CPU has AVX-512F (checked above), c <= 16, labels are in range, and the
+            // chunks hold lc.len() whole rows.
+            return unsafe { avx512::cross_entropy_hard_rows(xc, lc, c, inv_n, gc) };
+        }
+        cross_entropy_hard_rows(xc, lc, c, inv_n, gc)
+    };
+    let parts: Vec<f64> = x
+        .par_chunks(step)
+        .zip(grad.par_chunks_mut(step))
+        .zip(labels.par_chunks(CHUNK_ROWS))
+        .map(|((xc, gc), lc)| rows(xc, lc, gc))
+        .collect();
+    (parts.iter().sum::<f64>() / n as f64) as f32
+}
+
+/// Mean over rows of -sum_c q_c log softmax(x)_c for target rows q (n x c); `grad` as above.
+pub fn cross_entropy_soft(x: &[f32], q: &[f32], c: usize, grad: &mut [f32]) -> f32 {
+    let n = x.len() / c;
+    let inv_n = 1.0 / n as f32;
+    let step = CHUNK_ROWS * c;
+    let parts: Vec<f64> = x
+        .par_chunks(step)
+        .zip(q.par_chunks(step))
+        .zip(grad.par_chunks_mut(step))
+        .map(|((xc, qc), gc)| cross_entropy_soft_rows(xc, qc, c, inv_n, gc))
+        .collect();
+    (parts.iter().sum::<f64>() / n as f64) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn randn(len: usize, std: f32, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed, 3);
+        (0..len).map(|_| std * r.normal()).collect()
+    }
+
+    /// Loss and gradient in f64 by the textbook formulas, for soft targets q (hard = one-hot).
+    fn reference(x: &[f32], q: &[f32], c: usize) -> (f64, Vec<f64>) {
+        let n = x.len() / c;
+        let (mut loss, mut grad) = (0.0, vec![0.0; x.len()]);
+        for i in 0..n {
+            let row: Vec<f64> = x[i * c..(i + 1) * c].iter().map(|&v| v as f64).collect();
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            let qs: f64 = q[i * c..(i + 1) * c].iter().map(|&t| t as f64).sum();
+            for k in 0..c {
+                let t = q[i * c + k] as f64;
+                loss -= t * (row[k] - lse);
+                grad[i * c + k] = ((row[k] - lse).exp() * qs - t) / n as f64;
+            }
+        }
+        (loss / n as f64, grad)
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_f64_reference_hard_and_soft() {
+        // Rows across several chunks, awkward class counts, and logits of +-80.
+        for (k, &(n, c, std)) in [(1, 3, 1.0), (2500, 10, 3.0), (70, 1000, 1.0), (300, 7, 80.0)].iter().enumerate() {
+            let x = randn(n * c, std, 10 + k as u64);
+            let labels: Vec<usize> = (0..n).map(|i| (i * 7 + k) % c).collect();
+            let mut onehot = vec![0.0f32; n * c];
+            labels.iter().enumerate().for_each(|(i, &y)| onehot[i * c + y] = 1.0);
+            let (want, want_g) = reference(&x, &onehot, c);
+            let mut g = vec![0.0f32; n * c];
+            let got = cross_entropy_hard(&x, &labels, c, &mut g);
+            assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "hard n {n} c {c}: {got} vs {want}");
+            assert_close(&g, &want_g, 1e-5, "hard grad");
+            let q: Vec<f32> = randn(n * c, 1.0, 90 + k as u64).iter().map(|v| v.abs()).collect();
+            let (want, want_g) = reference(&x, &q, c);
+            let got = cross_entropy_soft(&x, &q, c, &mut g);
+            assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "soft n {n} c {c}: {got} vs {want}");
+            assert_close(&g, &want_g, 1e-5, "soft grad");
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_match_exp() {
+        let (n, c) = (33, 17);
+        let x = randn(n * c, 30.0, 4);
+        let mut y = vec![0.0f32; n * c];
+        softmax_forward(&x, c, &mut y);
+        for (xr, yr) in x.chunks(c).zip(y.chunks(c)) {
+            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let s: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
+            for (&v, &p) in xr.iter().zip(yr) {
+                let want = (v as f64 - m).exp() / s;
+                // Relative 1e-5: rounding v - m in f32 at |v - m| ~ 100 alone costs ~6e-6.
+                assert!((p as f64 - want).abs() <= 1e-5 * want + 1e-30, "{p} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn loss_does_not_depend_on_the_thread_count() {
+        let (n, c) = (3 * CHUNK_ROWS + 5, 10);
+        let x = randn(n * c, 2.0, 8);
+        let labels: Vec<usize> = (0..n).map(|i| i % c).collect();
+        let on = |t: usize| match rayon::ThreadPoolBuilder::new().num_threads(t).build() {
+            Ok(pool) => pool.install(|| {
+                let mut g = vec![0.0f32; n * c];
+                (cross_entropy_hard(&x, &labels, c, &mut g).to_bits(), g)
+            }),
+            Err(e) => panic!("thread pool: {e}"),
+        };
+        assert_eq!(on(1), on(2));
+    }
+}

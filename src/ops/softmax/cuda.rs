@@ -1,0 +1,190 @@
+//! The softmax family on the GPU: launchers of kernels/softmax.cu (sizes checked before each
+//! unsafe launch; CPU twins in `cpu.rs` beside this file) and the ops on GPU tensors.
+
+use crate::autograd::Tape;
+use crate::cuda::launch::{cfg, flat_cfg, flat_checks, int, launch, need, row_checks, rows_cfg};
+use crate::cuda::{CudaSlice, Gpu};
+use crate::error::{Error, Result};
+use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
+use crate::tensor::Tensor;
+
+/// Row softmax of `x` (n x c) into `y`. CPU twin: `cpu::softmax_forward`.
+pub fn softmax_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, c: usize) -> Result<()> {
+    let k = "softmax_fwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("y", y.len())])?;
+    launch!(gpu, k, rows_cfg(k, n)?, x, y, &ni, &ci)
+}
+
+/// dx = y * (dy - <y, dy>) per row. CPU twin: `cpu::softmax_backward`.
+pub fn softmax_bwd(
+    gpu: &Gpu,
+    y: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let k = "softmax_bwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
+    launch!(gpu, k, rows_cfg(k, n)?, y, dy, dx, &ni, &ci)
+}
+
+/// Row log-softmax. CPU twin: `cpu::log_softmax_forward`.
+pub fn log_softmax_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, c: usize) -> Result<()> {
+    let k = "log_softmax_fwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("y", y.len())])?;
+    launch!(gpu, k, rows_cfg(k, n)?, x, y, &ni, &ci)
+}
+
+/// dx = dy - exp(y) * sum(dy) per row, y the log-softmax output. CPU twin:
+/// `cpu::log_softmax_backward`.
+pub fn log_softmax_bwd(
+    gpu: &Gpu,
+    y: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let k = "log_softmax_bwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
+    launch!(gpu, k, rows_cfg(k, n)?, y, dy, dx, &ni, &ci)
+}
+
+/// Deterministic f64 mean of `v[..n]` into a new one-element buffer.
+fn reduce_mean(gpu: &Gpu, v: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+    let k = "reduce_mean_fwd_f32";
+    need(k, "v", v.len(), n)?;
+    let ni = int(k, "n", n)?;
+    let mut out = gpu.zeros::<f32>(1)?;
+    launch!(gpu, k, cfg((1, 1, 1), 1024), v, &mut out, &ni)?;
+    Ok(out)
+}
+
+/// Mean cross-entropy of logits `x` (n x c) against class indices `labels` (n, as i32), and in
+/// the same pass `grad` = d(mean loss)/d logits (the backward is a scale by the upstream
+/// gradient: [`scale_fwd`]). Returns the mean loss as a one-element device buffer; a label
+/// outside [0, c) makes it NaN. CPU twin: `cpu::cross_entropy_hard`.
+pub fn cross_entropy_hard_fwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    labels: &CudaSlice<i32>,
+    grad: &mut CudaSlice<f32>,
+    n: usize,
+    c: usize,
+) -> Result<CudaSlice<f32>> {
+    let k = "cross_entropy_hard_fwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("grad", grad.len())])?;
+    need(k, "labels", labels.len(), n)?;
+    let mut rows = gpu.zeros::<f32>(n)?;
+    launch!(gpu, k, rows_cfg(k, n)?, x, labels, &mut rows, grad, &ni, &ci)?;
+    reduce_mean(gpu, &rows, n)
+}
+
+/// Mean over rows of -sum_c q_c log softmax(x)_c for target rows `q` (n x c), and `grad` as in
+/// [`cross_entropy_hard_fwd`]. CPU twin: `cpu::cross_entropy_soft`.
+pub fn cross_entropy_soft_fwd(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    q: &CudaSlice<f32>,
+    grad: &mut CudaSlice<f32>,
+    n: usize,
+    c: usize,
+) -> Result<CudaSlice<f32>> {
+    let k = "cross_entropy_soft_fwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("q", q.len()), ("grad", grad.len())])?;
+    let mut rows = gpu.zeros::<f32>(n)?;
+    launch!(gpu, k, rows_cfg(k, n)?, x, q, &mut rows, grad, &ni, &ci)?;
+    reduce_mean(gpu, &rows, n)
+}
+
+/// dx = s[0] grad, the factor read on the device: a fused loss's backward. CPU twin: the
+/// host closure of `fused` in mod.rs.
+pub fn loss_grad_bwd(
+    gpu: &Gpu,
+    grad: &CudaSlice<f32>,
+    dx: &mut CudaSlice<f32>,
+    n: usize,
+    s: &CudaSlice<f32>,
+) -> Result<()> {
+    let k = "loss_grad_bwd_f32";
+    let nl = flat_checks(k, n, &[("grad", grad.len()), ("dx", dx.len())])?;
+    need(k, "s", s.len(), 1)?;
+    launch!(gpu, k, flat_cfg(n), grad, dx, &nl, s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops on GPU tensors (shapes checked by the family's mod.rs), recorded on the tape.
+
+/// A scalar loss on the GPU whose gradient wrt `x` the forward already wrote to `grad`; the
+/// backward scales it by the upstream gradient read on the device.
+fn fused(gpu: GpuRef, tape: &Tape, x: &Tensor, loss: CudaSlice<f32>, grad: CudaSlice<f32>) -> Result<Tensor> {
+    let xc = x.clone();
+    Ok(tape.record(wrap(loss, &[])?, &[x], move |g, grads| {
+        let g = here(g, &gpu)?;
+        let n = xc.numel();
+        let mut dx = alloc(&gpu, n)?;
+        loss_grad_bwd(&gpu, &grad, &mut dx, n, buf(&g)?)?;
+        grads.add_to(&xc, wrap(dx, xc.shape())?)
+    }))
+}
+
+/// Mean cross-entropy against class indices (checked by the caller), fused with its gradient.
+pub(crate) fn cross_entropy(gpu: GpuRef, tape: &Tape, logits: &Tensor, labels: &[usize], c: usize) -> Result<Tensor> {
+    let n = labels.len();
+    let ids: Vec<i32> = labels
+        .iter()
+        .map(|&y| i32::try_from(y).map_err(|_| Error::shape(format!("cross_entropy: label {y} beyond 32 bits"))))
+        .collect::<Result<_>>()?;
+    let ids = gpu.upload(&ids)?;
+    let mut grad = alloc(&gpu, n * c)?;
+    let loss = cross_entropy_hard_fwd(&gpu, buf(logits)?, &ids, &mut grad, n, c)?;
+    fused(gpu, tape, logits, loss, grad)
+}
+
+/// Mean soft-target cross-entropy, fused with its gradient.
+pub(crate) fn cross_entropy_soft(
+    gpu: GpuRef,
+    tape: &Tape,
+    logits: &Tensor,
+    targets: &Tensor,
+    (n, c): (usize, usize),
+) -> Result<Tensor> {
+    let mut grad = alloc(&gpu, n * c)?;
+    let loss = cross_entropy_soft_fwd(&gpu, buf(logits)?, buf(targets)?, &mut grad, n, c)?;
+    fused(gpu, tape, logits, loss, grad)
+}
+
+/// Mean squared error against a constant target. MixMatch's L_U is its only user and its targets
+/// are mixed on the host anyway (ssl::mixmatch), so it is computed there, in the CPU's f64 order.
+pub(crate) fn mse(gpu: GpuRef, tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Tensor> {
+    let (pd, qd) = (p.to_vec()?, q.to_vec()?);
+    let n = pd.len();
+    let loss = pd.iter().zip(&qd).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n as f64;
+    let grad: Vec<f32> = pd.iter().zip(&qd).map(|(a, b)| 2.0 * (a - b) / n as f32).collect();
+    let (loss, grad) = (gpu.upload(&[loss as f32])?, gpu.upload(&grad)?);
+    fused(gpu, tape, p, loss, grad)
+}
+
+/// Row softmax (`log` false) or log-softmax (`log` true).
+pub(crate) fn softmax(gpu: GpuRef, tape: &Tape, x: &Tensor, c: usize, log: bool) -> Result<Tensor> {
+    let n = x.numel() / c;
+    let mut y = alloc(&gpu, n * c)?;
+    if log {
+        log_softmax_fwd(&gpu, buf(x)?, &mut y, n, c)?;
+    } else {
+        softmax_fwd(&gpu, buf(x)?, &mut y, n, c)?;
+    }
+    let out = wrap(y, x.shape())?;
+    let (xc, yc) = (x.clone(), out.clone());
+    Ok(tape.record(out, &[x], move |g, grads| {
+        let g = here(g, &gpu)?;
+        let mut dx = alloc(&gpu, n * c)?;
+        if log {
+            log_softmax_bwd(&gpu, buf(&yc)?, buf(&g)?, &mut dx, n, c)?;
+        } else {
+            softmax_bwd(&gpu, buf(&yc)?, buf(&g)?, &mut dx, n, c)?;
+        }
+        grads.add_to(&xc, wrap(dx, xc.shape())?)
+    }))
+}

@@ -1,0 +1,116 @@
+//! Row softmax and log-softmax of an n x c matrix, and the losses built on them: the fused
+//! softmax + cross-entropy (hard and soft targets) and the mean squared error of probabilities
+//! (MixMatch's L_U). A fused loss computes its gradient in the forward pass; the backward scales
+//! it by the upstream gradient.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use super::rows_cols;
+use crate::autograd::Tape;
+use crate::error::{Error, Result};
+use crate::tensor::{fmt_shape, Tensor};
+use cpu as k;
+
+/// Softmax of each row.
+pub fn softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    let (_, c) = rows_cols(x, "softmax input")?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("softmax", &[x])? {
+        return cuda::softmax(gpu, tape, x, c, false);
+    }
+    let mut y = crate::pool::take(x.numel());
+    k::softmax_forward(x.data()?, c, &mut y);
+    let out = Tensor::cpu(y, x.shape().to_vec());
+    let (xc, yc) = (x.clone(), out.clone());
+    Ok(tape.record(out, &[x], move |g, grads| {
+        let mut dx = crate::pool::take(xc.numel());
+        k::softmax_backward(yc.data()?, g.data()?, c, &mut dx);
+        grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
+    }))
+}
+
+/// Log-softmax of each row.
+pub fn log_softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    let (_, c) = rows_cols(x, "log_softmax input")?;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("log_softmax", &[x])? {
+        return cuda::softmax(gpu, tape, x, c, true);
+    }
+    let mut y = crate::pool::take(x.numel());
+    k::log_softmax_forward(x.data()?, c, &mut y);
+    let out = Tensor::cpu(y, x.shape().to_vec());
+    let (xc, yc) = (x.clone(), out.clone());
+    Ok(tape.record(out, &[x], move |g, grads| {
+        let mut dx = crate::pool::take(xc.numel());
+        k::log_softmax_backward(yc.data()?, g.data()?, c, &mut dx);
+        grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
+    }))
+}
+
+/// Records a scalar loss whose gradient wrt `x` was computed in the forward pass (scaled by the
+/// upstream gradient in the backward).
+fn fused(tape: &Tape, x: &Tensor, loss: f32, grad: Vec<f32>) -> Tensor {
+    let xc = x.clone();
+    tape.record(Tensor::scalar(loss), &[x], move |g, grads| {
+        let s = g.item()?;
+        let dx: Vec<f32> = grad.iter().map(|v| v * s).collect();
+        grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
+    })
+}
+
+/// Mean cross-entropy of `logits` [n, c] against class indices.
+pub fn cross_entropy(tape: &Tape, logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
+    let (n, c) = rows_cols(logits, "cross_entropy logits")?;
+    if labels.len() != n || n == 0 {
+        return Err(Error::shape(format!(
+            "cross_entropy: {} labels for logits {}",
+            labels.len(),
+            fmt_shape(logits.shape())
+        )));
+    }
+    if let Some(&bad) = labels.iter().find(|&&y| y >= c) {
+        return Err(Error::shape(format!("cross_entropy: label {bad} out of range for {c} classes")));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("cross_entropy", &[logits])? {
+        return cuda::cross_entropy(gpu, tape, logits, labels, c);
+    }
+    let mut grad = crate::pool::take(n * c);
+    let loss = k::cross_entropy_hard(logits.data()?, labels, c, &mut grad);
+    Ok(fused(tape, logits, loss, grad))
+}
+
+/// Mean over rows of -sum_c q_c log softmax(logits)_c, for constant target rows `targets`.
+pub fn cross_entropy_soft(tape: &Tape, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, c) = rows_cols(logits, "cross_entropy_soft logits")?;
+    logits.same_shape(targets, "cross_entropy_soft logits vs targets")?;
+    if n == 0 {
+        return Err(Error::shape("cross_entropy_soft: no rows"));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("cross_entropy_soft", &[logits, targets])? {
+        return cuda::cross_entropy_soft(gpu, tape, logits, targets, (n, c));
+    }
+    let mut grad = crate::pool::take(n * c);
+    let loss = k::cross_entropy_soft(logits.data()?, targets.data()?, c, &mut grad);
+    Ok(fused(tape, logits, loss, grad))
+}
+
+/// Mean over every element of (p - q)^2, for a constant target `q` (MixMatch's L_U).
+pub fn mse(tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Tensor> {
+    p.same_shape(q, "mse")?;
+    let n = p.numel();
+    if n == 0 {
+        return Err(Error::shape("mse: empty tensors"));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("mse", &[p, q])? {
+        return cuda::mse(gpu, tape, p, q);
+    }
+    let (pd, qd) = (p.data()?, q.data()?);
+    let loss = pd.iter().zip(qd).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n as f64;
+    let grad: Vec<f32> = pd.iter().zip(qd).map(|(a, b)| 2.0 * (a - b) / n as f32).collect();
+    Ok(fused(tape, p, loss as f32, grad))
+}

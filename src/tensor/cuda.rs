@@ -1,0 +1,16 @@
+//! The tensor layer's kernel on the GPU: the launcher of kernels/tensor.cu (in-place gradient
+//! accumulation; CPU twin: the host branch of `Tensor::add_assign`).
+
+use crate::cuda::launch::{flat_cfg, flat_checks, launch};
+use crate::cuda::{CudaSlice, Gpu};
+use crate::error::Result;
+
+/// acc += g on the first `n` elements (nothing to do for n = 0).
+pub(crate) fn add_assign(gpu: &Gpu, acc: &mut CudaSlice<f32>, g: &CudaSlice<f32>, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let k = "add_assign_fwd_f32";
+    let nl = flat_checks(k, n, &[("acc", acc.len()), ("g", g.len())])?;
+    launch!(gpu, k, flat_cfg(n), acc, g, &nl)
+}

@@ -1,0 +1,383 @@
+//! Tensors: a shape and a shared storage handle, identified by an id the tape keys gradients by.
+//!
+//! A tensor is immutable once an op has read it; `data_mut` copies on write when the storage is
+//! shared, so the optimizer updates parameters in place once the tape that captured them is gone.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A unique tensor identity; gradients are accumulated by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> TensorId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Where a tensor's elements are stored.
+#[derive(Debug)]
+pub enum Storage {
+    /// Host memory, f32, contiguous row-major (NCHW for images).
+    Cpu(Vec<f32>),
+    /// GPU memory, same layout; the buffer may be longer than the tensor (never shorter).
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaSlice<f32>),
+}
+
+impl Storage {
+    /// A copy on the same device (GPU copies can fail, so this is not `Clone`).
+    fn try_clone(&self) -> Result<Storage> {
+        match self {
+            Storage::Cpu(v) => {
+                let mut c = crate::pool::take(v.len());
+                c.copy_from_slice(v);
+                Ok(Storage::Cpu(c))
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => crate::cuda::context::copy(s).map(Storage::Cuda),
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        match self {
+            Storage::Cpu(v) => crate::pool::give(std::mem::take(v)),
+            // The slice frees itself (stream-ordered) when dropped.
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {}
+        }
+    }
+}
+
+/// An f32 tensor, contiguous, row-major.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    id: TensorId,
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+    requires_grad: bool,
+}
+
+/// Formats a shape as `[a, b, c]`.
+pub fn fmt_shape(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+impl Tensor {
+    /// A CPU tensor from `data` laid out as `shape`.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape(format!(
+                "tensor of shape {} needs {n} elements, got {}",
+                fmt_shape(shape),
+                data.len()
+            )));
+        }
+        Ok(Tensor::from_storage(Storage::Cpu(data), shape.to_vec(), false))
+    }
+
+    pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>, requires_grad: bool) -> Tensor {
+        Tensor { id: TensorId::fresh(), shape, storage: Arc::new(storage), requires_grad }
+    }
+
+    /// An output of an op on the CPU (shape already checked by the op).
+    pub(crate) fn cpu(data: Vec<f32>, shape: Vec<usize>) -> Tensor {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Tensor::from_storage(Storage::Cpu(data), shape, false)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Tensor::full(shape, 0.0)
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(shape: &[usize], value: f32) -> Tensor {
+        let mut v = crate::pool::take(shape.iter().product());
+        v.fill(value);
+        Tensor::cpu(v, shape.to_vec())
+    }
+
+    /// A 0-dimensional tensor.
+    pub fn scalar(value: f32) -> Tensor {
+        Tensor::cpu(vec![value], vec![])
+    }
+
+    /// This tensor as a trainable leaf: same values, new identity, gradients tracked.
+    pub fn into_param(self) -> Tensor {
+        Tensor { id: TensorId::fresh(), requires_grad: true, ..self }
+    }
+
+    /// The same values under a new identity that the tape does not track.
+    pub fn detach(&self) -> Tensor {
+        Tensor { id: TensorId::fresh(), requires_grad: false, ..self.clone() }
+    }
+
+    /// The tensor's identity.
+    pub fn id(&self) -> TensorId {
+        self.id
+    }
+
+    /// Whether gradients flow to this tensor (a parameter, or computed from one).
+    pub fn requires_grad(&self) -> bool {
+        self.requires_grad
+    }
+
+    pub(crate) fn set_requires_grad(mut self, r: bool) -> Tensor {
+        self.requires_grad = r;
+        self
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The device the storage lives on.
+    pub fn device(&self) -> Device {
+        match &*self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Device::Cuda(s.context().ordinal()),
+        }
+    }
+
+    /// The elements, for a CPU tensor (a GPU tensor is an error: use `to_vec`).
+    pub fn data(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Err(self.not_on_host(s)),
+        }
+    }
+
+    /// Mutable elements of a CPU tensor (copied first if another tensor shares the storage).
+    pub fn data_mut(&mut self) -> Result<&mut [f32]> {
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(s) = &*self.storage {
+            return Err(self.not_on_host(s));
+        }
+        self.unshare()?;
+        let shape = fmt_shape(&self.shape);
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cpu(v)) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Some(Storage::Cuda(s)) => {
+                Err(Error::device(format!("tensor {shape} is on cuda:{}, not on the host", s.context().ordinal())))
+            }
+            None => Err(Error::device(format!("tensor {shape}: storage still shared after a copy"))),
+        }
+    }
+
+    /// Gives this tensor its own storage if another tensor shares it (copy on write).
+    fn unshare(&mut self) -> Result<()> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            self.storage = Arc::new(self.storage.try_clone()?);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn not_on_host(&self, s: &crate::cuda::CudaSlice<f32>) -> Error {
+        Error::device(format!(
+            "tensor {} is on cuda:{}; copy it to the host first (to_vec / to_device)",
+            fmt_shape(&self.shape),
+            s.context().ordinal()
+        ))
+    }
+
+    /// The GPU buffer of a CUDA tensor (at least `numel` elements).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_slice(&self) -> Result<&crate::cuda::CudaSlice<f32>> {
+        match &*self.storage {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => {
+                Err(Error::device(format!("tensor {} is on the host, not on a GPU", fmt_shape(&self.shape))))
+            }
+        }
+    }
+
+    /// The GPU buffer of a CUDA tensor, mutably (copied first if shared).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_slice_mut(&mut self) -> Result<&mut crate::cuda::CudaSlice<f32>> {
+        self.unshare()?;
+        let shape = fmt_shape(&self.shape);
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::Cuda(s)) => Ok(s),
+            Some(Storage::Cpu(_)) => Err(Error::device(format!("tensor {shape} is on the host, not on a GPU"))),
+            None => Err(Error::device(format!("tensor {shape}: storage still shared after a copy"))),
+        }
+    }
+
+    /// A CUDA tensor over `slice` (at least as long as `shape` needs).
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(slice: crate::cuda::CudaSlice<f32>, shape: Vec<usize>) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if slice.len() < n {
+            return Err(Error::shape(format!(
+                "tensor of shape {} needs {n} elements, the GPU buffer has {}",
+                fmt_shape(&shape),
+                slice.len()
+            )));
+        }
+        Ok(Tensor::from_storage(Storage::Cuda(slice), shape, false))
+    }
+
+    /// The same tensor (identity, shape, gradient tracking) with its elements on `device`; a
+    /// tensor already there is returned as is (sharing storage).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(self.to_vec()?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                // CUDA allocates no zero-byte buffers: an empty tensor keeps one padding element.
+                let host = self.to_vec()?;
+                let host = if host.is_empty() { vec![0.0] } else { host };
+                Storage::Cuda(crate::cuda::context::gpu(i)?.upload(&host)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(Error::device(
+                "--device cuda: this binary was built without the `cuda` feature (rebuild with --features cuda,cudnn)",
+            )),
+        };
+        Ok(Tensor { storage: Arc::new(storage), ..self.clone() })
+    }
+
+    /// Copies `src`'s values into this tensor's own storage, on this tensor's device (identity and
+    /// gradient tracking stay): loading weights, applying an average.
+    pub fn assign(&mut self, src: &Tensor) -> Result<()> {
+        self.same_shape(src, "assign")?;
+        let src = src.to_device(self.device())?;
+        match self.device() {
+            Device::Cpu => {
+                self.data_mut()?.copy_from_slice(src.data()?);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let n = self.numel();
+                let gpu = crate::cuda::context::gpu(i)?;
+                crate::cuda::context::copy_range(&gpu, src.cuda_slice()?, 0, self.cuda_slice_mut()?, 0, n)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),
+        }
+    }
+
+    /// The elements copied into a Vec (downloaded from a GPU, which waits for its queued work).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v.to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                let gpu = crate::cuda::context::gpu(s.context().ordinal())?;
+                let mut v = gpu.download(s)?;
+                v.truncate(self.numel());
+                Ok(v)
+            }
+        }
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn item(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::shape(format!(
+                "item() needs a one-element tensor, got shape {}",
+                fmt_shape(&self.shape)
+            )));
+        }
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v[0]),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Ok(self.to_vec()?[0]),
+        }
+    }
+
+    /// Same storage, another shape of the same size; untracked (use `ops::reshape` under a tape).
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            return Err(Error::shape(format!("cannot reshape {} to {}", fmt_shape(&self.shape), fmt_shape(shape))));
+        }
+        Ok(Tensor {
+            id: TensorId::fresh(),
+            shape: shape.to_vec(),
+            storage: self.storage.clone(),
+            requires_grad: self.requires_grad,
+        })
+    }
+
+    /// Checks the rank and returns the dims, naming `what` in the error.
+    pub fn dims<const R: usize>(&self, what: &str) -> Result<[usize; R]> {
+        self.shape
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::shape(format!("{what}: expected a {R}-d tensor, got shape {}", fmt_shape(&self.shape))))
+    }
+
+    /// Checks that `other` has the same shape, naming `what` and both shapes in the error.
+    pub fn same_shape(&self, other: &Tensor, what: &str) -> Result<()> {
+        if self.shape != other.shape {
+            return Err(Error::shape(format!(
+                "{what}: shapes differ: {} vs {}",
+                fmt_shape(&self.shape),
+                fmt_shape(&other.shape)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether every element is finite.
+    pub fn all_finite(&self) -> Result<bool> {
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v.iter().all(|v| v.is_finite())),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Ok(self.to_vec()?.iter().all(|v| v.is_finite())),
+        }
+    }
+
+    /// self += g elementwise, in this tensor's own storage (copied first if shared); `g` moves to
+    /// this tensor's device first. The tape's gradient accumulation.
+    pub fn add_assign(&mut self, g: &Tensor) -> Result<()> {
+        self.same_shape(g, "gradient accumulation")?;
+        let g = g.to_device(self.device())?;
+        match self.device() {
+            Device::Cpu => {
+                let g = g.data()?;
+                // Residual blocks add whole activation gradients here: both cores, in chunks
+                // long enough to pay for the fork.
+                use rayon::prelude::*;
+                self.data_mut()?.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14)).for_each(|(a, b)| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                });
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let n = self.numel();
+                let gpu = crate::cuda::context::gpu(i)?;
+                cuda::add_assign(&gpu, self.cuda_slice_mut()?, g.cuda_slice()?, n)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),
+        }
+    }
+}

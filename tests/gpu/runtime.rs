@@ -1,0 +1,121 @@
+//! The runtime: launchers' kernel names against the sources, PTX, NVRTC, probing.
+
+use super::*;
+use muscle::cuda::device::{compile_with_nvrtc, nvrtc_present};
+use muscle::cuda::embedded::KERNEL_FILES;
+use muscle::ErrorKind;
+
+fn defined_kernels(source: &str) -> Vec<String> {
+    let marker = "extern \"C\" __global__ void ";
+    source
+        .match_indices(marker)
+        .map(|(at, _)| {
+            let mut rest = &source[at + marker.len()..];
+            if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
+                rest = &after[after.find(')').expect("unclosed __launch_bounds__") + 1..];
+            }
+            rest[..rest.find('(').expect("kernel without parameter list")].trim().to_string()
+        })
+        .collect()
+}
+
+/// Every kernel name a launcher passes to `launch!` (a string literal ending in `_f32` in the
+/// Rust sources under src/), by file.
+fn launched_kernels() -> Vec<(String, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("read src/") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    let mut names = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read source");
+        for (at, _) in text.match_indices("_f32\"") {
+            let start = text[..at].rfind('"').expect("opening quote") + 1;
+            let name = &text[start..at + 4];
+            if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                names.push((file.display().to_string(), name.to_string()));
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn launchers_and_kernel_sources_name_the_same_kernels() {
+    // build.rs reads the kernel table off the sources; here every name a launcher uses must be
+    // in it (a typo fails here, not at launch time on a GPU), and every kernel must be launched.
+    let defined: Vec<&str> = KERNEL_FILES.iter().flat_map(|f| f.kernels.iter().copied()).collect();
+    let launched = launched_kernels();
+    for (file, name) in &launched {
+        assert!(defined.contains(&name.as_str()), "{file}: launches {name}, which no kernels/*.cu defines");
+    }
+    for name in &defined {
+        assert!(launched.iter().any(|(_, n)| n == name), "{name}: defined but never launched");
+    }
+    for file in KERNEL_FILES {
+        let mut from_source = defined_kernels(file.source);
+        let mut table: Vec<String> = file.kernels.iter().map(|s| s.to_string()).collect();
+        from_source.sort();
+        table.sort();
+        assert_eq!(from_source, table, "kernels/{}.cu definitions vs build.rs's table", file.name);
+        for name in &from_source {
+            assert!(name.ends_with("_fwd_f32") || name.ends_with("_bwd_f32"), "{name}: not <op>_<fwd|bwd>_f32");
+            // Each kernel has a header comment naming it (what it computes and why).
+            assert!(file.source.contains(&format!("// {name}")), "{name}: no header comment");
+        }
+        // The embedded source is what NVRTC compiles: common.cuh inlined, no include left.
+        let includes = file.source.lines().any(|l| l.trim_start().starts_with("#include"));
+        assert!(!includes, "kernels/{}.cu: NVRTC compiles it without include paths", file.name);
+    }
+}
+
+#[test]
+fn embedded_ptx_has_every_kernel_when_nvcc_was_found() {
+    for file in KERNEL_FILES {
+        let Some(ptx) = file.ptx else {
+            skip("embedded_ptx_has_every_kernel_when_nvcc_was_found", "built without nvcc (NVRTC at run time)");
+            return;
+        };
+        assert!(ptx.contains(".target sm_80"), "kernels/{}.cu: PTX not for compute_80", file.name);
+        for name in defined_kernels(file.source) {
+            assert!(ptx.contains(&format!(".entry {name}(")), "kernels/{}.cu: no .entry {name} in the PTX", file.name);
+        }
+    }
+}
+
+#[test]
+fn nvrtc_compiles_every_kernel_source() {
+    // The fallback when nvcc is missing at build time; NVRTC needs no GPU, only libnvrtc.
+    if !nvrtc_present() {
+        skip("nvrtc_compiles_every_kernel_source", "libnvrtc not found");
+        return;
+    }
+    for file in KERNEL_FILES {
+        let ptx = compile_with_nvrtc(file, "compute_80").unwrap_or_else(|e| panic!("{e}"));
+        for name in defined_kernels(file.source) {
+            assert!(ptx.contains(&format!(".entry {name}(")), "NVRTC kernels/{}.cu: no .entry {name}", file.name);
+        }
+    }
+}
+
+#[test]
+fn probing_never_panics() {
+    match probe() {
+        Ok(info) => {
+            assert!(!info.name.is_empty() && info.compute_capability.0 >= 5, "{info:?}");
+            let _ = writeln!(std::io::stderr(), "gpu: {info}");
+        }
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Device);
+            assert!(!e.message().is_empty() && !e.message().contains('\n'), "not one line: {e:?}");
+        }
+    }
+}
