@@ -1,6 +1,7 @@
 //! The IIC mutual-information loss between two views' logits (METHOD.md, "The IIC
 //! mutual-information loss (exact)"): a scalar whose backward reaches both logit tensors.
 
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -3,6 +3,7 @@
 //! (MixMatch's L_U). A fused loss computes its gradient in the forward pass; the backward scales
 //! it by the upstream gradient.
 
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
