@@ -25,6 +25,21 @@ fn check(x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
+/// Hands a CPU backward's gradients to the tape: dx (computed when x needs one), dgamma, dbeta.
+fn add_grads(
+    grads: &mut crate::autograd::Gradients,
+    [x, gamma, beta]: [&Tensor; 3],
+    dx: Option<Vec<f32>>,
+    dg: Vec<f32>,
+    db: Vec<f32>,
+) -> Result<()> {
+    if let Some(dx) = dx {
+        grads.add_to(x, Tensor::cpu(dx, x.shape().to_vec()))?;
+    }
+    grads.add_to(gamma, Tensor::cpu(dg, gamma.shape().to_vec()))?;
+    grads.add_to(beta, Tensor::cpu(db, beta.shape().to_vec()))
+}
+
 /// A training batch's per-channel mean and biased variance ([c] each, on the input's device): what
 /// the layer folds into its running estimates.
 #[derive(Debug, Clone)]
@@ -92,11 +107,7 @@ pub fn batch_norm_act_train(
             &mut dg,
             &mut db,
         );
-        if let Some(dx) = dx {
-            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
-        }
-        grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
-        grads.add_to(&bc, Tensor::cpu(db, vec![c]))
+        add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     });
     let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
     Ok((out, moments))
@@ -154,11 +165,7 @@ pub fn batch_norm_act_eval(
             &mut dg,
             &mut db,
         );
-        if let Some(dx) = dx {
-            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
-        }
-        grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
-        grads.add_to(&bc, Tensor::cpu(db, vec![c]))
+        add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     }))
 }
 
