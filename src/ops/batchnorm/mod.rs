@@ -85,7 +85,7 @@ pub fn batch_norm_act_train(
         return Ok((y, BatchMoments { mean, var }));
     }
     let mut y = crate::pool::take(x.numel());
-    let stats = k::forward_train(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
+    let stats = k::batchnorm_train_fwd(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let saved = Arc::new(stats.clone());
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
@@ -93,7 +93,7 @@ pub fn batch_norm_act_train(
         let _p = crate::profile::scope("batch_norm.bwd");
         let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::backward_train(
+        k::batchnorm_train_bwd(
             xc.data()?,
             g.data()?,
             n,
@@ -144,13 +144,13 @@ pub fn batch_norm_act_eval(
         return cuda::batch_norm_eval(gpu, tape, [x, gamma, beta, mean, var], (c, hw), eps, slope);
     }
     let mut y = crate::pool::take(x.numel());
-    k::forward_eval(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
+    k::batchnorm_eval_fwd(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(out, &[x, gamma, beta], move |g, grads| {
         let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::backward_eval(
+        k::batchnorm_eval_bwd(
             xc.data()?,
             g.data()?,
             c,
@@ -178,6 +178,6 @@ pub fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, facto
     if batch.device() != crate::device::Device::Cpu {
         return cuda::running_update(running, batch, momentum, factor);
     }
-    k::running_update(running.data_mut()?, batch.data()?, momentum, factor);
+    k::batchnorm_running_fwd(running.data_mut()?, batch.data()?, momentum, factor);
     Ok(())
 }

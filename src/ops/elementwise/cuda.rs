@@ -10,12 +10,12 @@ use crate::tensor::Tensor;
 
 flat_launcher! {
     /// y = x > 0 ? x : slope x on the first `n` elements. CPU twin:
-    /// `cpu::leaky_relu_forward`.
+    /// `cpu::leaky_relu_fwd`.
     leaky_relu_fwd => "leaky_relu_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>; slope: f32)
 }
 
 flat_launcher! {
-    /// dx = x > 0 ? dy : slope dy. CPU twin: `cpu::leaky_relu_backward`.
+    /// dx = x > 0 ? dy : slope dy. CPU twin: `cpu::leaky_relu_bwd`.
     leaky_relu_bwd => "leaky_relu_bwd_f32" (x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>; slope: f32)
 }
 

@@ -11,11 +11,11 @@ pub fn cpu_times(n: usize, c: usize, reps: usize) -> (f64, f64) {
     let (la, lb) = (normal_vec(n * c, 3.0, 1), normal_vec(n * c, 3.0, 2));
     let (mut ga, mut gb) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
     let fwd = median_secs(reps, || {
-        black_box(cpu::forward(&la, &lb, n, c, 1.0));
+        black_box(cpu::mi_fwd(&la, &lb, n, c, 1.0));
     });
     let both = median_secs(reps, || {
-        let f = cpu::forward(&la, &lb, n, c, 1.0);
-        cpu::backward(&f, n, c, 1.0, &mut ga, &mut gb);
+        let f = cpu::mi_fwd(&la, &lb, n, c, 1.0);
+        cpu::mi_bwd(&f, n, c, 1.0, &mut ga, &mut gb);
     });
     (fwd, both)
 }

@@ -9,23 +9,23 @@ use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
 rows_launcher! {
-    /// Row softmax of `x` (n x c) into `y`. CPU twin: `cpu::softmax_forward`.
+    /// Row softmax of `x` (n x c) into `y`. CPU twin: `cpu::softmax_fwd`.
     softmax_fwd => "softmax_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>)
 }
 
 rows_launcher! {
-    /// dx = y * (dy - <y, dy>) per row. CPU twin: `cpu::softmax_backward`.
+    /// dx = y * (dy - <y, dy>) per row. CPU twin: `cpu::softmax_bwd`.
     softmax_bwd => "softmax_bwd_f32" (y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>)
 }
 
 rows_launcher! {
-    /// Row log-softmax. CPU twin: `cpu::log_softmax_forward`.
+    /// Row log-softmax. CPU twin: `cpu::log_softmax_fwd`.
     log_softmax_fwd => "log_softmax_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>)
 }
 
 rows_launcher! {
     /// dx = dy - exp(y) * sum(dy) per row, y the log-softmax output. CPU twin:
-    /// `cpu::log_softmax_backward`.
+    /// `cpu::log_softmax_bwd`.
     log_softmax_bwd => "log_softmax_bwd_f32" (y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>)
 }
 

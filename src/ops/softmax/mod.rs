@@ -36,7 +36,7 @@ fn row_softmax(tape: &Tape, x: &Tensor, log: bool) -> Result<Tensor> {
     type Fwd = fn(&[f32], usize, &mut [f32]);
     type Bwd = fn(&[f32], &[f32], usize, &mut [f32]);
     let (fwd, bwd): (Fwd, Bwd) =
-        if log { (k::log_softmax_forward, k::log_softmax_backward) } else { (k::softmax_forward, k::softmax_backward) };
+        if log { (k::log_softmax_fwd, k::log_softmax_bwd) } else { (k::softmax_fwd, k::softmax_bwd) };
     let mut y = crate::pool::take(x.numel());
     fwd(x.data()?, c, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
@@ -77,7 +77,7 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, labels: &[usize]) -> Result<T
         return cuda::cross_entropy(gpu, tape, logits, labels, c);
     }
     let mut grad = crate::pool::take(n * c);
-    let loss = k::cross_entropy_hard(logits.data()?, labels, c, &mut grad);
+    let loss = k::cross_entropy_hard_fwd(logits.data()?, labels, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
 }
 
@@ -93,7 +93,7 @@ pub fn cross_entropy_soft(tape: &Tape, logits: &Tensor, targets: &Tensor) -> Res
         return cuda::cross_entropy_soft(gpu, tape, logits, targets, (n, c));
     }
     let mut grad = crate::pool::take(n * c);
-    let loss = k::cross_entropy_soft(logits.data()?, targets.data()?, c, &mut grad);
+    let loss = k::cross_entropy_soft_fwd(logits.data()?, targets.data()?, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
 }
 
