@@ -98,29 +98,27 @@ fn check_step<'a>(
     if !(lr.is_finite() && lr >= 0.0) {
         return Err(Error::usage(format!("learning rate of this step must be finite and non-negative, got {lr}")));
     }
-    let mut err = None;
-    model.visit(&mut |name, role, p| {
-        if err.is_some() || !role.is_trainable() {
-            return;
+    model.try_visit(&mut |name, role, p| {
+        if !role.is_trainable() {
+            return Ok(());
         }
-        let Some(g) = grads.get(p) else { return };
+        let Some(g) = grads.get(p) else { return Ok(()) };
         if g.shape() != p.shape() {
-            err = Some(Error::shape(format!(
+            return Err(Error::shape(format!(
                 "gradient of {name} has shape {}, the parameter {}",
                 fmt_shape(g.shape()),
                 fmt_shape(p.shape())
             )));
-        } else if let Some(s) = state_shape(name) {
-            if s != p.shape() {
-                err = Some(Error::shape(format!(
-                    "optimizer state of {name} has shape {}, the parameter {}",
-                    fmt_shape(s),
-                    fmt_shape(p.shape())
-                )));
-            }
         }
-    });
-    err.map_or(Ok(()), Err)
+        match state_shape(name) {
+            Some(s) if s != p.shape() => Err(Error::shape(format!(
+                "optimizer state of {name} has shape {}, the parameter {}",
+                fmt_shape(s),
+                fmt_shape(p.shape())
+            ))),
+            _ => Ok(()),
+        }
+    })
 }
 
 /// Per-parameter state in creation order, found by parameter name.
