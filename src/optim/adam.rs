@@ -4,11 +4,11 @@
 
 use super::cpu::adam_step;
 use super::{
-    check_base_lr, check_beta, check_non_negative, check_step, parse_state, parse_step, DecayScope, Optimizer,
-    ParamStates,
+    check_base_lr, check_beta, check_non_negative, check_step, parse_state, parse_step, update_each, DecayScope,
+    Optimizer, ParamStates,
 };
 use crate::autograd::Gradients;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernel_args::AdamScalars;
 use crate::nn::Module;
 use crate::tensor::Tensor;
@@ -102,25 +102,16 @@ impl Optimizer for Adam {
         check_step(&*model, grads, lr, |name| self.states.get(name).map(|s| s.exp_avg.shape()))?;
         let cfg = self.cfg;
         let states = &mut self.states;
-        let mut err: Option<Error> = None;
-        model.visit_mut(&mut |name, role, p| {
-            if err.is_some() || !role.is_trainable() {
-                return;
-            }
-            let Some(g) = grads.get(p) else { return };
+        update_each(model, grads, cfg.decay_scope, cfg.weight_decay, &mut |name, p, g, wd| {
             let st = states.get_or_insert(name, || AdamState {
                 step: 0,
                 exp_avg: Tensor::zeros(p.shape()),
                 exp_avg_sq: Tensor::zeros(p.shape()),
             });
             st.step += 1;
-            let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay } else { 0.0 };
             let s = AdamScalars::new(lr, cfg.beta1, cfg.beta2, cfg.eps, wd, cfg.decoupled, st.step);
-            if let Err(e) = update(p, g, st, &s) {
-                err = Some(e.context(name));
-            }
-        });
-        err.map_or(Ok(()), Err)
+            update(p, g, st, &s)
+        })
     }
 
     fn base_lr(&self) -> f32 {
@@ -141,9 +132,7 @@ impl Optimizer for Adam {
     fn load_state_tensors(&mut self, model: &dyn Module, state: &[(String, Tensor)]) -> Result<()> {
         let groups = parse_state(model, state, &PREFIXES, Some(PREFIXES[0]))?;
         let mut entries = Vec::with_capacity(groups.len());
-        for (name, tensors) in groups {
-            let [step, exp_avg, exp_avg_sq]: [Tensor; 3] =
-                tensors.try_into().map_err(|_| Error::format("optimizer state: internal slot count"))?;
+        for (name, [step, exp_avg, exp_avg_sq]) in groups {
             let step = parse_step(&format!("{}{name}", PREFIXES[0]), &step)?;
             entries.push((name, AdamState { step, exp_avg, exp_avg_sq }));
         }

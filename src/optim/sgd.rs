@@ -2,7 +2,9 @@
 //! dampening 0, optional Nesterov look-ahead.
 
 use super::cpu::sgd_step;
-use super::{check_base_lr, check_non_negative, check_step, parse_state, DecayScope, Optimizer, ParamStates};
+use super::{
+    check_base_lr, check_non_negative, check_step, parse_state, update_each, DecayScope, Optimizer, ParamStates,
+};
 use crate::autograd::Gradients;
 use crate::error::{Error, Result};
 use crate::kernel_args::SgdScalars;
@@ -77,22 +79,13 @@ impl Optimizer for Sgd {
         check_step(&*model, grads, lr, |name| self.buffers.get(name).map(|b| b.shape()))?;
         let cfg = self.cfg;
         let buffers = &mut self.buffers;
-        let mut err: Option<Error> = None;
-        model.visit_mut(&mut |name, role, p| {
-            if err.is_some() || !role.is_trainable() {
-                return;
-            }
-            let Some(g) = grads.get(p) else { return };
+        update_each(model, grads, cfg.decay_scope, cfg.weight_decay, &mut |name, p, g, wd| {
             // PyTorch keeps no buffer without momentum, so neither does a checkpoint.
             let buf =
                 if cfg.momentum != 0.0 { Some(buffers.get_or_insert(name, || Tensor::zeros(p.shape()))) } else { None };
-            let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay } else { 0.0 };
             let s = SgdScalars { lr, momentum: cfg.momentum, weight_decay: wd, nesterov: cfg.nesterov };
-            if let Err(e) = update(p, g, buf, &s) {
-                err = Some(e.context(name));
-            }
-        });
-        err.map_or(Ok(()), Err)
+            update(p, g, buf, &s)
+        })
     }
 
     fn base_lr(&self) -> f32 {
@@ -110,13 +103,7 @@ impl Optimizer for Sgd {
             }
         }
         let groups = parse_state(model, state, &[PREFIX], None)?;
-        let mut entries = Vec::with_capacity(groups.len());
-        for (name, tensors) in groups {
-            let buf =
-                tensors.into_iter().next().ok_or_else(|| Error::format("optimizer state: internal slot count"))?;
-            entries.push((name, buf));
-        }
-        self.buffers = ParamStates::from_entries(entries);
+        self.buffers = ParamStates::from_entries(groups.into_iter().map(|(name, [buf])| (name, buf)).collect());
         Ok(())
     }
 }
