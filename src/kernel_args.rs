@@ -1,4 +1,4 @@
-//! Plain argument types that kernels of both devices and several op families take: a leaf, so
+//! Plain argument types that kernels of both devices take: a leaf, so
 //! that CPU kernels, CUDA launchers and ops import them without importing each other.
 
 /// Geometry of one convolution.
@@ -67,6 +67,22 @@ impl ConvShape {
         }
         out
     }
+}
+
+/// The geometry and constants of one batch norm of an NCHW batch (statistics per channel over N,
+/// H and W), with the LeakyReLU that follows it fused when `slope` is given.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormArgs {
+    /// Images.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Pixels per plane (H W).
+    pub hw: usize,
+    /// Added to the variance before the square root.
+    pub eps: f32,
+    /// Slope of the fused LeakyReLU; None: no activation.
+    pub slope: Option<f32>,
 }
 
 /// Per-step scalars of one Adam/AdamW update of one tensor.

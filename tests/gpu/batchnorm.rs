@@ -1,6 +1,7 @@
 //! kernels/batchnorm.cu against `ops::batchnorm::cpu`.
 
 use super::*;
+use muscle::kernel_args::BatchNormArgs;
 use muscle::ops::batchnorm::{cpu, cuda as k};
 
 // batchnorm.cu
@@ -25,10 +26,11 @@ fn batchnorm_train_matches_cpu() {
             let (xd, gd, bd, dyd) = (up(gpu, &x), up(gpu, &gamma), up(gpu, &beta), up(gpu, &dy));
             for slope in [None, Some(0.1f32)] {
                 let what = format!("n {n} C {c} hw {hw} slope {slope:?}");
+                let args = BatchNormArgs { n, c, hw, eps, slope };
                 let mut want_y = vec![0.0; x.len()];
-                let st = cpu::batchnorm_train_fwd(&x, n, c, hw, &gamma, &beta, eps, slope, &mut want_y);
+                let st = cpu::batchnorm_train_fwd(&args, &x, &gamma, &beta, &mut want_y);
                 let mut y = zeros(gpu, x.len());
-                let gs = k::batchnorm_train_fwd(gpu, &xd, n, c, hw, &gd, &bd, eps, slope, &mut y).unwrap();
+                let gs = k::batchnorm_train_fwd(gpu, &args, &xd, &gd, &bd, &mut y).unwrap();
                 // Statistics: f64 sums on the GPU, f32 lanes then f64 on the CPU: 1e-5 relative
                 // (mean against its scale plus the spread, var and invstd elementwise).
                 let mean = down(gpu, &gs.mean);
@@ -53,30 +55,16 @@ fn batchnorm_train_matches_cpu() {
                     shift: zeros(gpu, c),
                 };
                 let (mut want_dx, mut want_dg, mut want_db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
-                cpu::batchnorm_train_bwd(
-                    &x,
-                    &dy,
-                    n,
-                    c,
-                    hw,
-                    &gamma,
-                    &beta,
-                    slope,
-                    &st,
-                    Some(&mut want_dx),
-                    &mut want_dg,
-                    &mut want_db,
-                );
+                let want_dx_out = Some(&mut want_dx[..]);
+                cpu::batchnorm_train_bwd(&args, &x, &dy, &gamma, &beta, &st, want_dx_out, &mut want_dg, &mut want_db);
                 let (mut dx, mut dg, mut db) = (zeros(gpu, x.len()), zeros(gpu, c), zeros(gpu, c));
-                k::batchnorm_train_bwd(gpu, &xd, &dyd, n, c, hw, &gd, &bd, slope, &cs, Some(&mut dx), &mut dg, &mut db)
-                    .unwrap();
+                k::batchnorm_train_bwd(gpu, &args, &xd, &dyd, &gd, &bd, &cs, Some(&mut dx), &mut dg, &mut db).unwrap();
                 assert_scaled(&format!("{what}: dx"), &down(gpu, &dx), &want_dx, 1e-4);
                 assert_scaled(&format!("{what}: dgamma"), &down(gpu, &dg), &want_dg, 1e-4);
                 assert_scaled(&format!("{what}: dbeta"), &down(gpu, &db), &want_db, 1e-4);
                 // Without dx: the parameter gradients alone.
                 let (mut dg2, mut db2) = (zeros(gpu, c), zeros(gpu, c));
-                k::batchnorm_train_bwd(gpu, &xd, &dyd, n, c, hw, &gd, &bd, slope, &cs, None, &mut dg2, &mut db2)
-                    .unwrap();
+                k::batchnorm_train_bwd(gpu, &args, &xd, &dyd, &gd, &bd, &cs, None, &mut dg2, &mut db2).unwrap();
                 assert_bits(&format!("{what}: dgamma without dx"), &down(gpu, &dg2), &down(gpu, &dg));
             }
         }
@@ -95,10 +83,11 @@ fn batchnorm_eval_matches_cpu_bitwise() {
         let var: Vec<f32> = randv(c, 1.0, 604).iter().map(|v| v * v + 0.01).collect();
         let d: Vec<CudaSlice<f32>> = [&x, &gamma, &beta, &mean, &var].iter().map(|v| up(gpu, v)).collect();
         for slope in [None, Some(0.1f32)] {
+            let args = BatchNormArgs { n, c, hw, eps: 1e-5, slope };
             let mut want = vec![0.0; x.len()];
-            cpu::batchnorm_eval_fwd(&x, c, hw, &gamma, &beta, &mean, &var, 1e-5, slope, &mut want);
+            cpu::batchnorm_eval_fwd(&args, &x, &gamma, &beta, &mean, &var, &mut want);
             let mut y = zeros(gpu, x.len());
-            k::batchnorm_eval_fwd(gpu, &d[0], n, c, hw, &d[1], &d[2], &d[3], &d[4], 1e-5, slope, &mut y).unwrap();
+            k::batchnorm_eval_fwd(gpu, &args, &d[0], &d[1], &d[2], &d[3], &d[4], &mut y).unwrap();
             assert_bits(&format!("eval slope {slope:?}"), &down(gpu, &y), &want);
         }
     });

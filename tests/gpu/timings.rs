@@ -62,7 +62,8 @@ fn kernel_timings_against_the_floor() {
         let (g, be) = (up(gpu, &vec![1.0f32; bn_c]), up(gpu, &vec![0.0f32; bn_c]));
         let mut y = zeros(gpu, bn_n * bn_c * hw);
         let t = time_us(gpu, 20, || {
-            batchnorm::cuda::batchnorm_train_fwd(gpu, &x, bn_n, bn_c, hw, &g, &be, 1e-5, Some(0.1), &mut y).unwrap();
+            let args = muscle::kernel_args::BatchNormArgs { n: bn_n, c: bn_c, hw, eps: 1e-5, slope: Some(0.1) };
+            batchnorm::cuda::batchnorm_train_fwd(gpu, &args, &x, &g, &be, &mut y).unwrap();
         });
         let floor = (3 * 4 * bn_n * bn_c * hw) as f64 / bw * 1e6;
         let _ = writeln!(out, "| BN+LReLU train fwd | {bn_n}x{hw} | {bn_c} | {t:.1} | {floor:.1} |");

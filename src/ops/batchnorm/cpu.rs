@@ -4,7 +4,7 @@
 //! Fusing the activation saves a full read and write of the activation tensor in each direction;
 //! the backward recomputes the activation's mask from x instead of storing it.
 
-use crate::kernel_args::SyncPtr;
+use crate::kernel_args::{BatchNormArgs, SyncPtr};
 use crate::multiversion;
 use rayon::prelude::*;
 
@@ -177,17 +177,8 @@ fn act(z: f32, slope: f32) -> f32 {
 
 /// Training forward: normalise with the batch statistics (then LeakyReLU with `slope` when
 /// given); returns the statistics.
-pub fn batchnorm_train_fwd(
-    x: &[f32],
-    n: usize,
-    c: usize,
-    hw: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    slope: Option<f32>,
-    y: &mut [f32],
-) -> BatchStats {
+pub fn batchnorm_train_fwd(args: &BatchNormArgs, x: &[f32], gamma: &[f32], beta: &[f32], y: &mut [f32]) -> BatchStats {
+    let BatchNormArgs { n, c, hw, eps, slope } = *args;
     let len = n * c * hw;
     assert!(x.len() >= len && y.len() >= len && gamma.len() >= c && beta.len() >= c, "batch norm: short buffers");
     let m = (n * hw) as f64;
@@ -235,17 +226,15 @@ pub fn batchnorm_train_fwd(
 
 /// Evaluation forward: normalise with running statistics (then LeakyReLU when given).
 pub fn batchnorm_eval_fwd(
+    args: &BatchNormArgs,
     x: &[f32],
-    c: usize,
-    hw: usize,
     gamma: &[f32],
     beta: &[f32],
     mean: &[f32],
     var: &[f32],
-    eps: f32,
-    slope: Option<f32>,
     y: &mut [f32],
 ) {
+    let BatchNormArgs { c, hw, eps, slope, .. } = *args;
     y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (dst, src))| {
         let ch = plane % c;
         let invstd = 1.0 / (var[ch] + eps).sqrt();
@@ -258,19 +247,17 @@ pub fn batchnorm_eval_fwd(
 /// Training backward: dx (overwritten, when given), and dgamma, dbeta (overwritten). With
 /// `slope`, `dy` is the gradient of the activation's output.
 pub fn batchnorm_train_bwd(
+    args: &BatchNormArgs,
     x: &[f32],
     dy: &[f32],
-    n: usize,
-    c: usize,
-    hw: usize,
     gamma: &[f32],
     beta: &[f32],
-    slope: Option<f32>,
     stats: &BatchStats,
     dx: Option<&mut [f32]>,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    let BatchNormArgs { n, c, hw, slope, .. } = *args;
     let len = n * c * hw;
     let dx_fits = dx.as_ref().is_none_or(|d| d.len() >= len);
     assert!(x.len() >= len && dy.len() >= len && dx_fits && gamma.len() >= c, "batch norm backward: short buffers");
@@ -312,20 +299,18 @@ pub fn batchnorm_train_bwd(
 
 /// Evaluation backward (running statistics are constants): dx, dgamma, dbeta.
 pub fn batchnorm_eval_bwd(
+    args: &BatchNormArgs,
     x: &[f32],
     dy: &[f32],
-    c: usize,
-    hw: usize,
     gamma: &[f32],
     beta: &[f32],
     mean: &[f32],
     var: &[f32],
-    eps: f32,
-    slope: Option<f32>,
     dx: Option<&mut [f32]>,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    let BatchNormArgs { c, hw, eps, slope, .. } = *args;
     let a = slope.unwrap_or(1.0);
     dgamma.fill(0.0);
     dbeta.fill(0.0);
@@ -371,9 +356,10 @@ mod tests {
             let beta = rand(c, 4, 0.0);
             let (eps, slope) = (1e-5f32, 0.1f32);
             let mut y = vec![0.0; x.len()];
-            let stats = batchnorm_train_fwd(&x, n, c, hw, &gamma, &beta, eps, Some(slope), &mut y);
+            let args = BatchNormArgs { n, c, hw, eps, slope: Some(slope) };
+            let stats = batchnorm_train_fwd(&args, &x, &gamma, &beta, &mut y);
             let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
-            batchnorm_train_bwd(&x, &dy, n, c, hw, &gamma, &beta, Some(slope), &stats, Some(&mut dx), &mut dg, &mut db);
+            batchnorm_train_bwd(&args, &x, &dy, &gamma, &beta, &stats, Some(&mut dx), &mut dg, &mut db);
             let m = (n * hw) as f64;
             let at = |i: usize, ch: usize, p: usize| (i * c + ch) * hw + p;
             for ch in 0..c {

@@ -6,6 +6,7 @@ use crate::autograd::Tape;
 use crate::cuda::launch::{cfg, elems, flat_cfg, grid_dim, int, launch, long, need, nonzero, BLOCK};
 use crate::cuda::{context, CudaSlice, Gpu};
 use crate::error::Result;
+use crate::kernel_args::BatchNormArgs;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
@@ -72,16 +73,13 @@ fn bn_checks(
 /// kernel's.)
 pub fn batchnorm_train_fwd(
     gpu: &Gpu,
+    args: &BatchNormArgs,
     x: &CudaSlice<f32>,
-    n: usize,
-    c: usize,
-    hw: usize,
     gamma: &CudaSlice<f32>,
     beta: &CudaSlice<f32>,
-    eps: f32,
-    slope: Option<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<BatchStatsGpu> {
+    let BatchNormArgs { n, c, hw, eps, slope } = *args;
     let k = "batchnorm_train_fwd";
     let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &[("gamma", gamma.len()), ("beta", beta.len())])?;
     let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
@@ -122,18 +120,15 @@ pub fn batchnorm_train_fwd(
 /// CPU twin: `cpu::batchnorm_eval_fwd`.
 pub fn batchnorm_eval_fwd(
     gpu: &Gpu,
+    args: &BatchNormArgs,
     x: &CudaSlice<f32>,
-    n: usize,
-    c: usize,
-    hw: usize,
     gamma: &CudaSlice<f32>,
     beta: &CudaSlice<f32>,
     mean: &CudaSlice<f32>,
     var: &CudaSlice<f32>,
-    eps: f32,
-    slope: Option<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let BatchNormArgs { n, c, hw, eps, slope } = *args;
     let k = "batchnorm_eval_fwd_f32";
     let per_ch = [("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len())];
     let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &per_ch)?;
@@ -147,19 +142,17 @@ pub fn batchnorm_eval_fwd(
 /// activation's output. CPU twin: `cpu::batchnorm_train_bwd`.
 pub fn batchnorm_train_bwd(
     gpu: &Gpu,
+    args: &BatchNormArgs,
     x: &CudaSlice<f32>,
     dy: &CudaSlice<f32>,
-    n: usize,
-    c: usize,
-    hw: usize,
     gamma: &CudaSlice<f32>,
     beta: &CudaSlice<f32>,
-    slope: Option<f32>,
     stats: &BatchStatsGpu,
     dx: Option<&mut CudaSlice<f32>>,
     dgamma: &mut CudaSlice<f32>,
     dbeta: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let BatchNormArgs { n, c, hw, slope, .. } = *args;
     let k = "batchnorm_train_bwd";
     let per_ch = [
         ("gamma", gamma.len()),
@@ -265,12 +258,11 @@ pub(crate) fn batch_norm_train(
     gpu: GpuRef,
     tape: &Tape,
     (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
-    (n, c, hw): (usize, usize, usize),
-    eps: f32,
-    slope: Option<f32>,
+    args: BatchNormArgs,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = args.c;
     let mut y = alloc(&gpu, x.numel())?;
-    let stats = batchnorm_train_fwd(&gpu, buf(x)?, n, c, hw, buf(gamma)?, buf(beta)?, eps, slope, &mut y)?;
+    let stats = batchnorm_train_fwd(&gpu, &args, buf(x)?, buf(gamma)?, buf(beta)?, &mut y)?;
     let mean = wrap(context::copy(&stats.mean)?, &[c])?;
     let var = wrap(context::copy(&stats.var)?, &[c])?;
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
@@ -280,14 +272,11 @@ pub(crate) fn batch_norm_train(
         let (mut dg, mut db) = (alloc(&gpu, c)?, alloc(&gpu, c)?);
         batchnorm_train_bwd(
             &gpu,
+            &args,
             buf(&xc)?,
             buf(&g)?,
-            n,
-            c,
-            hw,
             buf(&gc)?,
             buf(&bc)?,
-            slope,
             &stats,
             dx.as_mut(),
             &mut dg,
@@ -309,33 +298,18 @@ pub(crate) fn batch_norm_eval(
     gpu: GpuRef,
     tape: &Tape,
     [x, gamma, beta, mean, var]: [&Tensor; 5],
-    (c, hw): (usize, usize),
-    eps: f32,
-    slope: Option<f32>,
+    args: BatchNormArgs,
 ) -> Result<Tensor> {
-    let n = x.numel() / (c * hw).max(1);
+    let c = args.c;
     let mut y = alloc(&gpu, x.numel())?;
-    batchnorm_eval_fwd(&gpu, buf(x)?, n, c, hw, buf(gamma)?, buf(beta)?, buf(mean)?, buf(var)?, eps, slope, &mut y)?;
+    batchnorm_eval_fwd(&gpu, &args, buf(x)?, buf(gamma)?, buf(beta)?, buf(mean)?, buf(var)?, &mut y)?;
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
         let host = |t: &Tensor| t.to_vec();
         let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        super::cpu::batchnorm_eval_bwd(
-            &host(&xc)?,
-            &host(g)?,
-            c,
-            hw,
-            &host(&gc)?,
-            &host(&bc)?,
-            &host(&mc)?,
-            &host(&vc)?,
-            eps,
-            slope,
-            dx.as_deref_mut(),
-            &mut dg,
-            &mut db,
-        );
+        let (x, g, gamma, beta, mean, var) = (host(&xc)?, host(g)?, host(&gc)?, host(&bc)?, host(&mc)?, host(&vc)?);
+        super::cpu::batchnorm_eval_bwd(&args, &x, &g, &gamma, &beta, &mean, &var, dx.as_deref_mut(), &mut dg, &mut db);
         let dev = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> { wrap(gpu.upload(&v)?, shape) };
         if let Some(dx) = dx {
             grads.add_to(&xc, dev(dx, xc.shape())?)?;

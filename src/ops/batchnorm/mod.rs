@@ -7,6 +7,7 @@ pub mod cuda;
 
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
+use crate::kernel_args::BatchNormArgs;
 use crate::tensor::{fmt_shape, Tensor};
 use cpu as k;
 use std::sync::Arc;
@@ -73,6 +74,7 @@ pub fn batch_norm_act_train(
 ) -> Result<(Tensor, BatchMoments)> {
     let _p = crate::profile::scope("batch_norm.fwd");
     let (n, c, hw) = check(x, &[gamma, beta])?;
+    let args = BatchNormArgs { n, c, hw, eps, slope };
     if n * hw < 2 {
         return Err(Error::shape(format!(
             "batch_norm: training needs more than one value per channel, got input {}",
@@ -81,11 +83,11 @@ pub fn batch_norm_act_train(
     }
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("batch_norm", &[x, gamma, beta])? {
-        let (y, mean, var) = cuda::batch_norm_train(gpu, tape, (x, gamma, beta), (n, c, hw), eps, slope)?;
+        let (y, mean, var) = cuda::batch_norm_train(gpu, tape, (x, gamma, beta), args)?;
         return Ok((y, BatchMoments { mean, var }));
     }
     let mut y = crate::pool::take(x.numel());
-    let stats = k::batchnorm_train_fwd(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
+    let stats = k::batchnorm_train_fwd(&args, x.data()?, gamma.data()?, beta.data()?, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let saved = Arc::new(stats.clone());
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
@@ -93,20 +95,8 @@ pub fn batch_norm_act_train(
         let _p = crate::profile::scope("batch_norm.bwd");
         let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::batchnorm_train_bwd(
-            xc.data()?,
-            g.data()?,
-            n,
-            c,
-            hw,
-            gc.data()?,
-            bc.data()?,
-            slope,
-            &saved,
-            dx.as_deref_mut(),
-            &mut dg,
-            &mut db,
-        );
+        let (x, g, gamma, beta) = (xc.data()?, g.data()?, gc.data()?, bc.data()?);
+        k::batchnorm_train_bwd(&args, x, g, gamma, beta, &saved, dx.as_deref_mut(), &mut dg, &mut db);
         add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     });
     let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
@@ -138,33 +128,21 @@ pub fn batch_norm_act_eval(
     eps: f32,
     slope: Option<f32>,
 ) -> Result<Tensor> {
-    let (_, c, hw) = check(x, &[gamma, beta, mean, var])?;
+    let (n, c, hw) = check(x, &[gamma, beta, mean, var])?;
+    let args = BatchNormArgs { n, c, hw, eps, slope };
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("batch_norm", &[x, gamma, beta, mean, var])? {
-        return cuda::batch_norm_eval(gpu, tape, [x, gamma, beta, mean, var], (c, hw), eps, slope);
+        return cuda::batch_norm_eval(gpu, tape, [x, gamma, beta, mean, var], args);
     }
     let mut y = crate::pool::take(x.numel());
-    k::batchnorm_eval_fwd(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
+    k::batchnorm_eval_fwd(&args, x.data()?, gamma.data()?, beta.data()?, mean.data()?, var.data()?, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(out, &[x, gamma, beta], move |g, grads| {
         let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::batchnorm_eval_bwd(
-            xc.data()?,
-            g.data()?,
-            c,
-            hw,
-            gc.data()?,
-            bc.data()?,
-            mc.data()?,
-            vc.data()?,
-            eps,
-            slope,
-            dx.as_deref_mut(),
-            &mut dg,
-            &mut db,
-        );
+        let (x, g, gamma, beta) = (xc.data()?, g.data()?, gc.data()?, bc.data()?);
+        k::batchnorm_eval_bwd(&args, x, g, gamma, beta, mc.data()?, vc.data()?, dx.as_deref_mut(), &mut dg, &mut db);
         add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     }))
 }
