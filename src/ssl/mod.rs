@@ -19,8 +19,9 @@ use crate::tensor::Tensor;
 use std::fmt;
 use std::str::FromStr;
 
-/// Which objective trains the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which objective trains the model (config.json spells it as the CLI does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Method {
     /// Cross-entropy on the labeled batch only (the baseline).
     Supervised,
@@ -67,6 +68,19 @@ impl fmt::Display for Method {
             Method::MixMatchMuscle => "mixmatch-muscle",
             Method::Pretrain => "pretrain",
         })
+    }
+}
+
+impl From<Method> for String {
+    fn from(v: Method) -> String {
+        v.to_string()
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Method> {
+        s.parse()
     }
 }
 
