@@ -60,7 +60,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         lambda: 1.0,
         ramp_steps: 0,
         mi_labeled,
-        w_host: 75.0,
+        w_u: 75.0,
         temperature: 0.5,
         mixup_alpha: 0.75,
     };
@@ -104,7 +104,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
             lambda: 1.0,
             ramp_steps: 0,
             mi_labeled: false,
-            w_host: 75.0,
+            w_u: 75.0,
             temperature: 0.5,
             mixup_alpha: 0.75,
         };

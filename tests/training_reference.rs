@@ -112,7 +112,7 @@ fn objective(ramp_steps: u64) -> ObjectiveConfig {
         lambda: 1.0,
         ramp_steps,
         mi_labeled: false,
-        w_host: 0.0,
+        w_u: 0.0,
         temperature: 0.5,
         mixup_alpha: 0.75,
     }

@@ -98,7 +98,7 @@ pub struct ObjectiveConfig {
     /// Also feed the labeled images' two views into the MI term.
     pub mi_labeled: bool,
     /// MixMatch's maximum unlabeled-loss weight w_u (75 for CIFAR-10).
-    pub w_host: f32,
+    pub w_u: f32,
     /// MixMatch's sharpening temperature T.
     pub temperature: f32,
     /// MixMatch's Beta(alpha, alpha) for MixUp.
@@ -117,8 +117,8 @@ pub struct LossTerms {
     pub w_mi: f32,
     /// The host method's unsupervised term (MixMatch's L_U; 0 otherwise).
     pub host: f32,
-    /// Weight applied to the host term this step.
-    pub w_host: f32,
+    /// Weight applied to the host term this step (MixMatch's ramped w_u).
+    pub w_u: f32,
 }
 
 /// The first two unlabeled views of a batch, or a usage error naming `method`.

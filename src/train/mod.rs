@@ -441,7 +441,7 @@ impl Trainer {
                 lambda: cfg.lambda,
                 ramp_steps: cfg.ramp_steps(),
                 mi_labeled: cfg.mi_labeled,
-                w_host: cfg.w_host,
+                w_u: cfg.w_host,
                 temperature: cfg.temperature,
                 mixup_alpha: cfg.mixup_alpha,
             },
