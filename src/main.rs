@@ -424,14 +424,14 @@ fn run_train(a: &TrainArgs) -> Result<()> {
 fn run_sweep(a: &SweepArgs) -> Result<()> {
     let base = a.train.config()?;
     let dir = base.out.clone().ok_or_else(|| Error::usage("sweep: --out DIR is required"))?;
-    let grid = muscle::sweep::Grid {
+    let grid = muscle::app::sweep::Grid {
         methods: a.methods.iter().map(|m| m.parse()).collect::<Result<_>>()?,
         labels: a.label_counts.clone(),
         seeds: a.seeds.clone(),
         imbalance: a.imbalances.clone(),
     };
     let tty = std::io::stdout().is_terminal();
-    muscle::sweep::sweep(&base, &grid, &dir, &mut |cell, p| {
+    muscle::app::sweep::sweep(&base, &grid, &dir, &mut |cell, p| {
         if p.eval.is_some() || p.step == p.steps {
             print!("{cell}: ");
         }
@@ -522,7 +522,7 @@ fn run_bench(a: &BenchArgs) -> Result<()> {
     if a.profile {
         muscle::profile::enable();
     }
-    let r = muscle::bench::bench_training(&cfg, a.warmup, a.steps)?;
+    let r = muscle::app::bench::bench_training(&cfg, a.warmup, a.steps)?;
     if a.json {
         println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
     } else {
@@ -561,9 +561,9 @@ fn run_plot(a: &PlotArgs) -> Result<()> {
             } else {
                 a.title.clone()
             };
-            muscle::plot::plot_sweep(dir, a.imbalance, &title, &a.out)?
+            muscle::app::plot::plot_sweep(dir, a.imbalance, &title, &a.out)?
         }
-        (None, false) => muscle::plot::plot_runs(&a.runs, &a.title, &a.out)?,
+        (None, false) => muscle::app::plot::plot_runs(&a.runs, &a.title, &a.out)?,
         (None, true) => return Err(Error::usage("plot: give run folders or --sweep DIR")),
     }
     println!("wrote {}", a.out.display());
@@ -571,13 +571,13 @@ fn run_plot(a: &PlotArgs) -> Result<()> {
 }
 
 /// `muscle bench --op`: one kernel against the measured ceiling.
-fn run_bench_op(a: &BenchArgs, op: muscle::bench_op::Op) -> Result<()> {
+fn run_bench_op(a: &BenchArgs, op: muscle::app::bench_op::Op) -> Result<()> {
     let device: muscle::Device = a.device.parse()?;
     device.check_available()?;
     if let Some(t) = a.threads {
         muscle::cpu::set_threads(t)?;
     }
-    let b = muscle::bench_op::OpBench {
+    let b = muscle::app::bench_op::OpBench {
         op,
         rows: a.rows,
         classes: a.classes,
@@ -587,9 +587,9 @@ fn run_bench_op(a: &BenchArgs, op: muscle::bench_op::Op) -> Result<()> {
         model: a.model.clone(),
     };
     let results = match device {
-        muscle::Device::Cpu => muscle::bench_op::run(&b)?,
+        muscle::Device::Cpu => muscle::app::bench_op::run(&b)?,
         #[cfg(feature = "cuda")]
-        muscle::Device::Cuda(i) => muscle::bench_op_gpu::run(&b, i)?,
+        muscle::Device::Cuda(i) => muscle::app::bench_op_gpu::run(&b, i)?,
         #[cfg(not(feature = "cuda"))]
         muscle::Device::Cuda(_) => {
             return Err(Error::device("--device cuda: this binary was built without the `cuda` feature"))

@@ -1,7 +1,7 @@
 //! The sweep runner: a grid of cells, tables over seeds, and resumption that keeps finished cells.
 
+use muscle::app::sweep::{cell_name, sweep, Grid};
 use muscle::ssl::Method;
-use muscle::sweep::{cell_name, sweep, Grid};
 use muscle::train::TrainConfig;
 use std::path::Path;
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 560;
 const FONT: &str = "muscle-sans";
-static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans-subset.ttf");
 
 /// Line colours, in legend order (colour-blind-safe Okabe-Ito palette).
 const PALETTE: [RGBColor; 7] = [
@@ -130,7 +130,7 @@ pub fn render(series: &[Series], title: &str, x_label: &str, y_label: &str, log_
 fn write_png(img: &image::RgbImage, out: &Path) -> Result<()> {
     let tmp = out.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| Error::new(crate::ErrorKind::Io, format!("{}: {e}", tmp.display())))?;
+        .map_err(|e| Error::new(crate::error::ErrorKind::Io, format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }
 
