@@ -72,7 +72,7 @@ fn peak(c: &mut Criterion) {
 }
 
 fn mi_loss(c: &mut Criterion) {
-    use muscle::ops::mutual_info::cpu::{backward, forward};
+    use muscle::ops::mutual_info::cpu::{mi_bwd, mi_fwd};
     let mut g = c.benchmark_group("mi_loss_fwd_bwd");
     g.sample_size(10);
     for (n, classes) in [(4096, 10), (4096, 100), (262_144, 10), (262_144, 100)] {
@@ -83,8 +83,8 @@ fn mi_loss(c: &mut Criterion) {
         g.throughput(Throughput::Bytes((4 * n * classes * 4) as u64));
         g.bench_function(BenchmarkId::new(format!("C{classes}"), n), |bch| {
             bch.iter(|| {
-                let f = forward(&a, &b, n, classes, 1.0);
-                backward(&f, n, classes, 1.0, black_box(&mut ga), &mut gb);
+                let f = mi_fwd(&a, &b, n, classes, 1.0);
+                mi_bwd(&f, n, classes, 1.0, black_box(&mut ga), &mut gb);
             })
         });
     }
@@ -92,7 +92,7 @@ fn mi_loss(c: &mut Criterion) {
 }
 
 fn softmax_ce(c: &mut Criterion) {
-    use muscle::ops::softmax::cpu::cross_entropy_hard;
+    use muscle::ops::softmax::cpu::cross_entropy_hard_fwd;
     let mut g = c.benchmark_group("softmax_ce_hard");
     g.sample_size(10);
     for (n, classes) in [(262_144, 10), (65_536, 100)] {
@@ -102,7 +102,7 @@ fn softmax_ce(c: &mut Criterion) {
         // Logits read, gradient written.
         g.throughput(Throughput::Bytes((2 * n * classes * 4) as u64));
         g.bench_function(BenchmarkId::new(format!("C{classes}"), n), |bch| {
-            bch.iter(|| cross_entropy_hard(&x, &labels, classes, black_box(&mut grad)))
+            bch.iter(|| cross_entropy_hard_fwd(&x, &labels, classes, black_box(&mut grad)))
         });
     }
     g.finish();

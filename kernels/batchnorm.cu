@@ -82,7 +82,7 @@ extern "C" __global__ void batchnorm_stats_fwd_f32(const float* __restrict__ x, 
 }
 
 // batchnorm_finish_fwd_f32: per channel, the statistics from the split sums (in split order),
-// as src/ops/batchnorm/cpu.rs forward_train: mean, var, invstd (f32 outputs for the backward) and the
+// as src/ops/batchnorm/cpu.rs batchnorm_train_fwd: mean, var, invstd (f32 outputs for the backward) and the
 // folded scale / shift. Reads x (the shift k), part, gamma, beta; writes mean, var, invstd,
 // scale, shift (C each). Launch: ceil(C / 128) blocks of 128.
 extern "C" __global__ void batchnorm_finish_fwd_f32(const float* __restrict__ x, const double* __restrict__ part,

@@ -15,9 +15,9 @@
 // PyTorch); ties keep the first in row-major window order. Same test as the CPU.
 __device__ __forceinline__ bool takes(float v, float best) { return v > best || (v != v && best == best); }
 
-// maxpool2_fwd_f32: y = max of each 2 x 2 window, arg = its offset in the window.
+// maxpool_fwd_f32: y = max of each 2 x 2 window, arg = its offset in the window.
 // Reads x (planes x h x w); writes y, arg (planes x (h/2) x (w/2)).
-extern "C" __global__ void maxpool2_fwd_f32(const float* __restrict__ x, float* __restrict__ y,
+extern "C" __global__ void maxpool_fwd_f32(const float* __restrict__ x, float* __restrict__ y,
                                             unsigned char* __restrict__ arg, long long planes, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const long long total = planes * ho * wo;
@@ -37,9 +37,9 @@ extern "C" __global__ void maxpool2_fwd_f32(const float* __restrict__ x, float* 
     }
 }
 
-// maxpool2_bwd_f32: dx[i] = dy of i's window if i is that window's winner, else 0 (also for the
+// maxpool_bwd_f32: dx[i] = dy of i's window if i is that window's winner, else 0 (also for the
 // dropped trailing row / column). Reads dy, arg; writes dx (planes x h x w), every element.
-extern "C" __global__ void maxpool2_bwd_f32(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
+extern "C" __global__ void maxpool_bwd_f32(const float* __restrict__ dy, const unsigned char* __restrict__ arg,
                                             float* __restrict__ dx, long long planes, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const long long total = planes * h * w;

@@ -67,11 +67,11 @@ env_report() {
 }
 
 stage env env_report
-stage smoke env REQUIRE_GPU=1 ./gpu-tests gpu::leaky_relu_add_scale_match_cpu_bitwise --exact --nocapture
+stage smoke env REQUIRE_GPU=1 ./gpu-tests gpu::elementwise::leaky_relu_add_scale_match_cpu_bitwise --exact --nocapture
 smoke=$?
 if [ "$smoke" -eq 0 ]; then
     stage parity env REQUIRE_GPU=1 timeout 240 ./gpu-tests gpu:: --test-threads=1
-    stage timings env REQUIRE_GPU=1 timeout 120 ./gpu-tests gpu::kernel_timings_against_the_floor --exact --ignored --nocapture
+    stage timings env REQUIRE_GPU=1 timeout 120 ./gpu-tests gpu::timings::kernel_timings_against_the_floor --exact --ignored --nocapture
 else
     rows+=("| parity, timings | skipped: the smoke test failed | |")
 fi

@@ -68,3 +68,18 @@ pub fn reset() {
         t.clear();
     }
 }
+
+/// Median seconds of `reps` calls of `f` after one warm-up call: the timing every kernel benchmark
+/// (`muscle bench --op`, each family's `bench` module) reports.
+pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}

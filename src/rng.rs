@@ -31,6 +31,13 @@ pub struct Rng {
     used: usize,
 }
 
+/// `len` normal draws scaled by `std`, reproducible from `seed`: the inputs of the kernel
+/// benchmarks.
+pub fn normal_vec(len: usize, std: f32, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed, 0xbe);
+    (0..len).map(|_| std * r.normal()).collect()
+}
+
 impl Rng {
     /// A stream for `seed` and `stream` (e.g. hash of (purpose, step, sample)).
     pub fn new(seed: u64, stream: u64) -> Rng {

@@ -1,5 +1,6 @@
 //! The one integration-test binary (each tests/*.rs file would be a separate link).
 
+mod architecture;
 mod bad_inputs;
 mod cli;
 mod common;

@@ -7,11 +7,11 @@ use crate::error::{Error, Result};
 use crate::kernel_args::ConvShape;
 use crate::nn::{convnet_plan, Block};
 use crate::ops;
-use crate::rng::Rng;
+use crate::profile::median_secs;
+use crate::rng::normal_vec;
 use serde::Serialize;
 use std::hint::black_box;
 use std::str::FromStr;
-use std::time::Instant;
 
 /// A kernel family `muscle bench --op` can time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,25 +77,6 @@ pub struct OpResult {
     pub floor_ms: f64,
     /// Threads.
     pub threads: usize,
-}
-
-/// Median seconds of `reps` calls after one warm-up call.
-pub(crate) fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
-
-pub(crate) fn random(len: usize, std: f32, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed, 0xbe);
-    (0..len).map(|_| std * r.normal()).collect()
 }
 
 /// A memory-bound case: `bytes` of compulsory traffic in `secs`, against copy bandwidth `bw`.
@@ -165,25 +146,12 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
     match b.op {
         Op::Mi => {
             let bw = cpu::peak::copy_bandwidth_gbs(256);
-            let (la, lb) = (random(n * c, 3.0, 1), random(n * c, 3.0, 2));
-            let (mut ga, mut gb) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
-            let fwd = median_secs(b.reps, || {
-                black_box(ops::mutual_info::cpu::forward(&la, &lb, n, c, 1.0));
-            });
-            let both = median_secs(b.reps, || {
-                let f = ops::mutual_info::cpu::forward(&la, &lb, n, c, 1.0);
-                ops::mutual_info::cpu::backward(&f, n, c, 1.0, &mut ga, &mut gb);
-            });
+            let (fwd, both) = ops::mutual_info::bench::cpu_times(n, c, b.reps);
             Ok(mi_cases("mi", n, c, fwd, both, bw, fma_peak()?))
         }
         Op::SoftmaxCe => {
             let bw = cpu::peak::copy_bandwidth_gbs(256);
-            let x = random(n * c, 3.0, 3);
-            let labels: Vec<usize> = (0..n).map(|i| (i * 7) % c).collect();
-            let mut g = vec![0.0f32; n * c];
-            let t = median_secs(b.reps, || {
-                black_box(ops::softmax::cpu::cross_entropy_hard(&x, &labels, c, &mut g));
-            });
+            let t = ops::softmax::bench::cpu_time(n, c, b.reps);
             // Logits read, gradient written, labels read (as the u32/i64 a framework would hold: 8 bytes).
             let bytes = (2 * n * c * 4 + n * 8) as f64;
             Ok(vec![memory_case(format!("softmax-ce loss+grad n={n} C={c}"), t, bytes, bw)])
@@ -191,7 +159,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
         Op::Gemm => {
             let peak = fma_peak()?;
             let (m, nn, k) = b.mnk;
-            let (a, bm) = (random(m * k, 1.0, 4), random(k * nn, 1.0, 5));
+            let (a, bm) = (normal_vec(m * k, 1.0, 4), normal_vec(k * nn, 1.0, 5));
             let mut out = vec![0.0f32; m * nn];
             let threads = cpu::threads();
             let t = median_secs(b.reps, || {
@@ -205,16 +173,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
             for (layer, (s, count)) in conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
                 // Training never needs the input image's gradient: the first layer's backward is dW only.
                 let need_dx = layer > 0;
-                let x = random(s.n * s.ci * s.h * s.w, 1.0, 6);
-                let w = random(s.co * s.k(), 0.1, 7);
-                let dy = random(s.n * s.co * s.p(), 1.0, 8);
-                let mut y = vec![0.0f32; dy.len()];
-                let mut dw = vec![0.0f32; w.len()];
-                let mut dx = vec![0.0f32; x.len()];
-                let fwd = median_secs(b.reps, || ops::conv::cpu::forward(&s, &x, &w, black_box(&mut y)));
-                let bwd = median_secs(b.reps, || {
-                    ops::conv::cpu::backward(&s, &x, &w, &dy, &mut dw, need_dx.then_some(&mut dx[..]))
-                });
+                let (fwd, bwd) = ops::conv::bench::cpu_times(&s, need_dx, b.reps);
                 let name = conv_case_name(&s, count);
                 let macs = s.macs() as f64;
                 out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));
@@ -330,7 +289,7 @@ mod tests {
 
     #[test]
     fn wrn_shapes_hold_the_models_conv_weights() {
-        let model = crate::nn::WideResNet::new(3, 10, 28, 2, &mut Rng::new(0, 0));
+        let model = crate::nn::WideResNet::new(3, 10, 28, 2, &mut crate::rng::Rng::new(0, 0));
         let mut weights = Vec::new();
         crate::nn::Module::visit(&model, &mut |_, _, t| {
             if t.shape().len() == 4 {

@@ -3,30 +3,18 @@
 //! copy bandwidth for the memory-bound MI loss and softmax-CE, and the rate of a large square
 //! cuBLAS SGEMM for GEMM and convolution (FP32, no TF32).
 
-use super::bench_op::{compute_case, median_secs, memory_case, mi_cases, random, validate, Op, OpBench, OpResult};
+use super::bench_op::{compute_case, memory_case, mi_cases, validate, Op, OpBench, OpResult};
 use crate::cuda::{blas, context, Gpu};
 use crate::error::{Error, Result};
 use crate::ops;
-
-/// Median seconds of `reps` synchronised calls of `f` (after one warm-up call).
-fn timed(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut err = None;
-    let t = median_secs(reps, || {
-        if err.is_none() {
-            if let Err(e) = f().and_then(|_| gpu.synchronize()) {
-                err = Some(e);
-            }
-        }
-    });
-    err.map_or(Ok(t), Err)
-}
+use crate::rng::normal_vec;
 
 /// GB/s of a 256 MiB device-to-device copy, counting the read and the write.
 fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     let n = 64 << 20;
     let src = gpu.zeros::<f32>(n)?;
     let mut dst = gpu.zeros::<f32>(n)?;
-    let t = timed(gpu, 5, || {
+    let t = gpu.median_secs(5, || {
         gpu.stream().memcpy_dtod(&src, &mut dst).map_err(|e| Error::device(format!("device copy: {e}")))
     })?;
     Ok(2.0 * (n * 4) as f64 / t / 1e9)
@@ -37,7 +25,7 @@ fn sgemm_rate(gpu: &Gpu) -> Result<f64> {
     let m = 8192;
     let (a, b) = (gpu.zeros::<f32>(m * m)?, gpu.zeros::<f32>(m * m)?);
     let mut c = gpu.zeros::<f32>(m * m)?;
-    let t = timed(gpu, 3, || blas::sgemm(gpu, m, m, m, &a, false, &b, false, &mut c, 1.0, 0.0))?;
+    let t = gpu.median_secs(3, || blas::sgemm(gpu, m, m, m, &a, false, &b, false, &mut c, 1.0, 0.0))?;
     Ok(2.0 * (m as f64).powi(3) / t / 1e9)
 }
 
@@ -50,25 +38,12 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
     match b.op {
         Op::Mi => {
             let (bw, peak) = (copy_bandwidth(gpu)?, sgemm_rate(gpu)?);
-            let la = gpu.upload(&random(n * c, 3.0, 1))?;
-            let lb = gpu.upload(&random(n * c, 3.0, 2))?;
-            let (mut ga, mut gb) = (gpu.zeros::<f32>(n * c)?, gpu.zeros::<f32>(n * c)?);
-            let fwd = timed(gpu, b.reps, || ops::mutual_info::cuda::mi_fwd(gpu, &la, &lb, n, c, 1.0).map(drop))?;
-            let both = timed(gpu, b.reps, || {
-                let f = ops::mutual_info::cuda::mi_fwd(gpu, &la, &lb, n, c, 1.0)?;
-                ops::mutual_info::cuda::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb)
-            })?;
+            let (fwd, both) = ops::mutual_info::bench::cuda_times(gpu, n, c, b.reps)?;
             Ok(mi_cases("cuda mi", n, c, fwd, both, bw, peak))
         }
         Op::SoftmaxCe => {
             let bw = copy_bandwidth(gpu)?;
-            let x = gpu.upload(&random(n * c, 3.0, 3))?;
-            let labels: Vec<i32> = (0..n).map(|i| ((i * 7) % c) as i32).collect();
-            let labels = gpu.upload(&labels)?;
-            let mut g = gpu.zeros::<f32>(n * c)?;
-            let t = timed(gpu, b.reps, || {
-                ops::softmax::cuda::cross_entropy_hard_fwd(gpu, &x, &labels, &mut g, n, c).map(drop)
-            })?;
+            let t = ops::softmax::bench::cuda_time(gpu, n, c, b.reps)?;
             // Logits read, gradient written, labels read (4 bytes each here).
             let bytes = (2 * n * c * 4 + n * 4) as f64;
             Ok(vec![memory_case(format!("cuda softmax-ce loss+grad n={n} C={c}"), t, bytes, bw)])
@@ -76,10 +51,11 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
         Op::Gemm => {
             let peak = sgemm_rate(gpu)?;
             let (m, nn, kk) = b.mnk;
-            let a = gpu.upload(&random(m * kk, 1.0, 4))?;
-            let bm = gpu.upload(&random(kk * nn, 1.0, 5))?;
+            let a = gpu.upload(&normal_vec(m * kk, 1.0, 4))?;
+            let bm = gpu.upload(&normal_vec(kk * nn, 1.0, 5))?;
             let mut out = gpu.zeros::<f32>(m * nn)?;
-            let t = timed(gpu, b.reps, || blas::sgemm(gpu, m, nn, kk, &a, false, &bm, false, &mut out, 1.0, 0.0))?;
+            let t =
+                gpu.median_secs(b.reps, || blas::sgemm(gpu, m, nn, kk, &a, false, &bm, false, &mut out, 1.0, 0.0))?;
             Ok(vec![compute_case(format!("cuda gemm {m}x{nn}x{kk}"), t, (2 * m * nn * kk) as f64, peak)])
         }
         Op::Conv => conv(gpu, b),
@@ -88,25 +64,11 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
 
 #[cfg(feature = "cudnn")]
 fn conv(gpu: &Gpu, b: &OpBench) -> Result<Vec<OpResult>> {
-    use crate::ops::conv::cuda as cudnn;
     let peak = sgemm_rate(gpu)?;
     let mut out = Vec::new();
     for (layer, (s, count)) in super::bench_op::conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
         let need_dx = layer > 0;
-        let x = gpu.upload(&random(s.n * s.ci * s.h * s.w, 1.0, 6))?;
-        let w = gpu.upload(&random(s.co * s.k(), 0.1, 7))?;
-        let dy = gpu.upload(&random(s.n * s.co * s.p(), 1.0, 8))?;
-        let mut y = gpu.zeros::<f32>(s.n * s.co * s.p())?;
-        let mut dw = gpu.zeros::<f32>(s.co * s.k())?;
-        let mut dx = gpu.zeros::<f32>(s.n * s.ci * s.h * s.w)?;
-        let fwd = timed(gpu, b.reps, || cudnn::conv_forward(gpu, &s, &x, &w, &mut y))?;
-        let bwd = timed(gpu, b.reps, || {
-            cudnn::conv_backward_filter(gpu, &s, &x, &dy, &mut dw)?;
-            if need_dx {
-                cudnn::conv_backward_data(gpu, &s, &w, &dy, &mut dx)?;
-            }
-            Ok(())
-        })?;
+        let (fwd, bwd) = ops::conv::bench::cuda_times(gpu, &s, need_dx, b.reps)?;
         let name = format!("cuda {}", super::bench_op::conv_case_name(&s, count));
         let macs = s.macs() as f64;
         out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));

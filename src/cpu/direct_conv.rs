@@ -785,12 +785,7 @@ unsafe fn dw_add<const O: usize, const I0: usize, const NI: usize>(
 mod tests {
     use super::*;
     use crate::cpu::im2col::assert_forward_matches_naive;
-    use crate::rng::Rng;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed, 7);
-        (0..n).map(|_| r.normal()).collect()
-    }
+    use crate::rng::normal_vec;
 
     /// Partial channel blocks, odd channel counts, image counts that leave a partial group and
     /// a partial tile, vectors of one row segment (w 16, 32, 48), of several rows (w 8, 4), a
@@ -894,9 +889,9 @@ mod tests {
             return;
         }
         for (k, s) in shapes().into_iter().enumerate() {
-            let x = rand(s.n * s.ci * s.h * s.w, 10 + k as u64);
-            let w = rand(s.co * s.ci * 9, 20 + k as u64);
-            let dy = rand(s.n * s.co * s.h * s.w, 30 + k as u64);
+            let x = normal_vec(s.n * s.ci * s.h * s.w, 1.0, 10 + k as u64);
+            let w = normal_vec(s.co * s.ci * 9, 1.0, 20 + k as u64);
+            let dy = normal_vec(s.n * s.co * s.h * s.w, 1.0, 30 + k as u64);
             // dX as the dispatch computes it without Winograd: the forward tile on flipped weights.
             let mut dx = vec![f32::NAN; x.len()];
             forward(&ConvShape { ci: s.co, co: s.ci, ..s }, &dy, &s.flip_weights(&w), &mut dx);
@@ -929,9 +924,9 @@ mod tests {
         }
         assert!(!strided_dw_applies(&conv(1, 16, 7, 8, 8)) && !strided_dw_applies(&conv(1, 12, 8, 8, 8)));
         for (k, s) in shapes.into_iter().enumerate() {
-            let x = rand(s.n * s.ci * s.h * s.w, 40 + k as u64);
-            let w = rand(s.co * s.ci * 9, 50 + k as u64);
-            let dy = rand(s.n * s.co * s.p(), 60 + k as u64);
+            let x = normal_vec(s.n * s.ci * s.h * s.w, 1.0, 40 + k as u64);
+            let w = normal_vec(s.co * s.ci * 9, 1.0, 50 + k as u64);
+            let dy = normal_vec(s.n * s.co * s.p(), 1.0, 60 + k as u64);
             let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
             weight_grad_channel_last(&s, &x, &dy, &mut dw);
             input_grad_strided(&s, &w, &dy, &mut dx);

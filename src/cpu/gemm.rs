@@ -147,25 +147,20 @@ pub fn sgemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed, 0);
-        (0..n).map(|_| r.normal()).collect()
-    }
+    use crate::rng::normal_vec;
 
     #[test]
     fn matches_naive_for_every_transpose_and_accumulate() {
         // The second size is large enough to take the split-by-columns path on 2 threads.
         for &(m, n, k) in &[(37, 29, 53), (64, 300, 200)] {
-            let a = rand(m * k, 1);
-            let b = rand(k * n, 2);
+            let a = normal_vec(m * k, 1.0, 1);
+            let b = normal_vec(k * n, 1.0, 2);
             for &(ta, tb) in &[(false, false), (true, false), (false, true), (true, true)] {
                 for &acc in &[false, true] {
                     for &threads in &[1, 2] {
                         let am = Mat { data: &a, trans: ta };
                         let bm = Mat { data: &b, trans: tb };
-                        let mut c1 = rand(m * n, 3);
+                        let mut c1 = normal_vec(m * n, 1.0, 3);
                         let mut c2 = c1.clone();
                         sgemm(m, n, k, am, bm, &mut c1, acc, threads);
                         sgemm_naive(m, n, k, am, bm, &mut c2, acc);

@@ -298,12 +298,7 @@ pub(crate) fn assert_forward_matches_naive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed, 0);
-        (0..n).map(|_| r.normal()).collect()
-    }
+    use crate::rng::normal_vec;
 
     #[test]
     fn forward_matches_direct_convolution() {
@@ -315,8 +310,8 @@ mod tests {
             (2, 2, 6, 5, 3, 3, 1, 0),
         ] {
             let s = ConvShape { n, ci, h, w, co, kh: kk, kw: kk, stride, pad };
-            let x = rand(n * ci * h * w, 1);
-            let wt = rand(co * s.k(), 2);
+            let x = normal_vec(n * ci * h * w, 1.0, 1);
+            let wt = normal_vec(co * s.k(), 1.0, 2);
             let mut y = vec![0.0; n * co * s.p()];
             gemm_forward(&s, &x, &wt, &mut y);
             let r = conv2d_naive(&s, &x, &wt);
@@ -334,7 +329,7 @@ mod tests {
         {
             let s = ConvShape { n: 1, ci, h, w, co: 1, kh: kk, kw: kk, stride: 1, pad };
             assert_eq!((s.ho(), s.wo()), (h, w));
-            let x = rand(ci * h * w, 9);
+            let x = normal_vec(ci * h * w, 1.0, 9);
             let (mut fast, mut slow) = (vec![f32::NAN; s.k() * s.p()], vec![f32::NAN; s.k() * s.p()]);
             im2col_same(&s, &x, &mut fast);
             im2col_general(&s, &x, &mut slow);

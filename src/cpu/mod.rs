@@ -14,14 +14,14 @@ pub mod winograd;
 
 /// Sets the number of worker threads used by GEMM and the conv/BN kernels (once per process;
 /// later calls with another count are an error because rayon's global pool is fixed).
-pub fn set_threads(n: usize) -> crate::Result<()> {
+pub fn set_threads(n: usize) -> crate::error::Result<()> {
     if n == 0 {
-        return Err(crate::Error::usage("--threads: must be at least 1"));
+        return Err(crate::error::Error::usage("--threads: must be at least 1"));
     }
     match rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
         Ok(()) => Ok(()),
         Err(_) if rayon::current_num_threads() == n => Ok(()),
-        Err(_) => Err(crate::Error::usage(format!(
+        Err(_) => Err(crate::error::Error::usage(format!(
             "--threads: the thread pool already runs {} threads",
             rayon::current_num_threads()
         ))),

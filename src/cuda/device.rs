@@ -296,4 +296,18 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| device_err("CUDA stream", e))
     }
+
+    /// Median seconds of `reps` calls of `f`, each synchronised, after one warm-up call (the first
+    /// error stops the timing and is returned).
+    pub fn median_secs(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        let mut err = None;
+        let t = crate::profile::median_secs(reps, || {
+            if err.is_none() {
+                if let Err(e) = f().and_then(|_| self.synchronize()) {
+                    err = Some(e);
+                }
+            }
+        });
+        err.map_or(Ok(t), Err)
+    }
 }

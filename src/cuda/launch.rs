@@ -109,3 +109,33 @@ pub(crate) fn flat_checks(kernel: &str, n: usize, bufs: &[(&str, usize)]) -> Res
 }
 
 pub(crate) use launch;
+
+/// Defines the launcher of a one-warp-per-row kernel `kernel(buffers..., int n, int c)` over
+/// row-major n x c buffers: both sizes nonzero and within `int`, every buffer at least n x c
+/// elements (checked, named in the error), then one warp per row.
+macro_rules! rows_launcher {
+    ($(#[$doc:meta])* $name:ident => $kernel:literal ($($buf:ident: $ty:ty),+ $(,)?)) => {
+        $(#[$doc])*
+        pub fn $name(gpu: &$crate::cuda::Gpu, $($buf: $ty,)+ n: usize, c: usize) -> $crate::error::Result<()> {
+            let k = $kernel;
+            let (ni, ci) = $crate::cuda::launch::row_checks(k, n, c, &[$((stringify!($buf), $buf.len())),+])?;
+            $crate::cuda::launch::launch!(gpu, k, $crate::cuda::launch::rows_cfg(k, n)?, $($buf,)+ &ni, &ci)
+        }
+    };
+}
+
+/// Defines the launcher of a grid-stride kernel `kernel(buffers..., long long n, scalars...)`
+/// over the first `n` elements of each buffer: n nonzero, every buffer at least n elements
+/// (checked, named in the error).
+macro_rules! flat_launcher {
+    ($(#[$doc:meta])* $name:ident => $kernel:literal ($($buf:ident: $ty:ty),+ ; $($s:ident: $sty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        pub fn $name(gpu: &$crate::cuda::Gpu, $($buf: $ty,)+ n: usize $(, $s: $sty)*) -> $crate::error::Result<()> {
+            let k = $kernel;
+            let nl = $crate::cuda::launch::flat_checks(k, n, &[$((stringify!($buf), $buf.len())),+])?;
+            $crate::cuda::launch::launch!(gpu, k, $crate::cuda::launch::flat_cfg(n), $($buf,)+ &nl $(, &$s)*)
+        }
+    };
+}
+
+pub(crate) use {flat_launcher, rows_launcher};

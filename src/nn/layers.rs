@@ -8,6 +8,22 @@ use crate::ops;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+/// Writes a layer's `visit` and `visit_mut` from one list of `field: Role`, in state_dict order,
+/// each tensor named `{prefix}.{field}` as in PyTorch: checkpoints are written through one and
+/// read through the other, so the two must never disagree.
+macro_rules! visit_fields {
+    ($($field:ident: $role:ident),+) => {
+        /// Lists the parameters and buffers in state_dict order.
+        pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Role, &Tensor)) {
+            $(f(&format!("{prefix}.{}", stringify!($field)), Role::$role, &self.$field);)+
+        }
+        /// The same, mutably.
+        pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
+            $(f(&format!("{prefix}.{}", stringify!($field)), Role::$role, &mut self.$field);)+
+        }
+    };
+}
+
 /// Whether a forward pass trains (batch statistics, dropout) or evaluates.
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardCtx {
@@ -50,14 +66,7 @@ impl Conv2d {
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
         ops::conv2d(tape, x, &self.weight, self.params)
     }
-    /// Lists the weight.
-    pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Role, &Tensor)) {
-        f(&format!("{prefix}.weight"), Role::Weight, &self.weight);
-    }
-    /// Lists the weight, mutably.
-    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
-        f(&format!("{prefix}.weight"), Role::Weight, &mut self.weight);
-    }
+    visit_fields!(weight: Weight);
 }
 
 /// Batch normalisation with running statistics (PyTorch semantics: biased variance normalises,
@@ -126,23 +135,13 @@ impl BatchNorm2d {
         Ok(y)
     }
 
-    /// Lists parameters and buffers in state_dict order.
-    pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Role, &Tensor)) {
-        f(&format!("{prefix}.weight"), Role::BnWeight, &self.weight);
-        f(&format!("{prefix}.bias"), Role::BnBias, &self.bias);
-        f(&format!("{prefix}.running_mean"), Role::RunningMean, &self.running_mean);
-        f(&format!("{prefix}.running_var"), Role::RunningVar, &self.running_var);
-        f(&format!("{prefix}.num_batches_tracked"), Role::NumBatchesTracked, &self.num_batches_tracked);
-    }
-
-    /// The same, mutably.
-    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
-        f(&format!("{prefix}.weight"), Role::BnWeight, &mut self.weight);
-        f(&format!("{prefix}.bias"), Role::BnBias, &mut self.bias);
-        f(&format!("{prefix}.running_mean"), Role::RunningMean, &mut self.running_mean);
-        f(&format!("{prefix}.running_var"), Role::RunningVar, &mut self.running_var);
-        f(&format!("{prefix}.num_batches_tracked"), Role::NumBatchesTracked, &mut self.num_batches_tracked);
-    }
+    visit_fields!(
+        weight: BnWeight,
+        bias: BnBias,
+        running_mean: RunningMean,
+        running_var: RunningVar,
+        num_batches_tracked: NumBatchesTracked
+    );
 }
 
 /// A dense layer, PyTorch layout: weight [out, in], bias [out].
@@ -163,14 +162,5 @@ impl Linear {
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
         ops::linear(tape, x, &self.weight, Some(&self.bias))
     }
-    /// Lists weight and bias.
-    pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Role, &Tensor)) {
-        f(&format!("{prefix}.weight"), Role::Weight, &self.weight);
-        f(&format!("{prefix}.bias"), Role::Bias, &self.bias);
-    }
-    /// The same, mutably.
-    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
-        f(&format!("{prefix}.weight"), Role::Weight, &mut self.weight);
-        f(&format!("{prefix}.bias"), Role::Bias, &mut self.bias);
-    }
+    visit_fields!(weight: Weight, bias: Bias);
 }

@@ -146,19 +146,12 @@ impl Model {
     /// Moves the parameters and buffers to `device` (identities kept). The batch counters of
     /// batch norm stay on the host: they are bookkeeping, never an operand of a kernel.
     pub fn to_device(&mut self, device: Device) -> Result<()> {
-        let mut err = None;
-        self.visit_mut(&mut |name, role, t| {
-            if err.is_some() || role == Role::NumBatchesTracked {
-                return;
+        self.try_visit_mut(&mut |name, role, t| {
+            if role != Role::NumBatchesTracked {
+                *t = t.to_device(device).map_err(|e| e.context(format!("moving {name} to {device}")))?;
             }
-            match t.to_device(device) {
-                Ok(moved) => *t = moved,
-                Err(e) => err = Some(e.context(format!("moving {name} to {device}"))),
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+            Ok(())
+        })?;
         self.device = device;
         Ok(())
     }
@@ -195,25 +188,15 @@ impl Model {
 /// must be present with the same shape. Values are copied, identities kept.
 pub fn load_named(model: &mut dyn Module, tensors: &[(String, Tensor)]) -> Result<()> {
     let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut err = None;
-    model.visit_mut(&mut |name, _, dst| {
-        if err.is_some() {
-            return;
-        }
-        let res = match map.get(name) {
-            None => Err(Error::format(format!("missing tensor '{name}'"))),
-            Some(src) if src.shape() != dst.shape() => Err(Error::format(format!(
-                "tensor '{name}': shape {} does not fit the model's {}",
-                fmt_shape(src.shape()),
-                fmt_shape(dst.shape())
-            ))),
-            Some(src) => dst.assign(src),
-        };
-        if let Err(e) = res {
-            err = Some(e);
-        }
-    });
-    err.map_or(Ok(()), Err)
+    model.try_visit_mut(&mut |name, _, dst| match map.get(name) {
+        None => Err(Error::format(format!("missing tensor '{name}'"))),
+        Some(src) if src.shape() != dst.shape() => Err(Error::format(format!(
+            "tensor '{name}': shape {} does not fit the model's {}",
+            fmt_shape(src.shape()),
+            fmt_shape(dst.shape())
+        ))),
+        Some(src) => dst.assign(src),
+    })
 }
 
 impl Module for Model {

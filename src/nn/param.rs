@@ -1,5 +1,6 @@
 //! What a model exposes to optimizers and checkpoints: named tensors with a role.
 
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// What a named tensor of a model is for.
@@ -35,6 +36,21 @@ pub trait Module {
     fn visit(&self, f: &mut dyn FnMut(&str, Role, &Tensor));
     /// The same, with mutable tensors (optimizer steps, loading a checkpoint).
     fn visit_mut(&mut self, f: &mut dyn FnMut(&str, Role, &mut Tensor));
+
+    /// `visit` with a fallible `f`: after the first error `f` is not called again, and that
+    /// error is returned.
+    fn try_visit(&self, f: &mut dyn FnMut(&str, Role, &Tensor) -> Result<()>) -> Result<()> {
+        let mut err = None;
+        self.visit(&mut |name, role, t| err = err.take().or_else(|| f(name, role, t).err()));
+        err.map_or(Ok(()), Err)
+    }
+
+    /// `visit_mut` with a fallible `f`, stopping the same way.
+    fn try_visit_mut(&mut self, f: &mut dyn FnMut(&str, Role, &mut Tensor) -> Result<()>) -> Result<()> {
+        let mut err = None;
+        self.visit_mut(&mut |name, role, t| err = err.take().or_else(|| f(name, role, t).err()));
+        err.map_or(Ok(()), Err)
+    }
 
     /// Number of trainable scalars.
     fn num_parameters(&self) -> usize {

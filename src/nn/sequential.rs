@@ -116,27 +116,26 @@ pub enum Block {
     Dropout(f32),
 }
 
+/// Writes `visit` (`visits!(visit)`) and `visit_mut` (`visits!(visit_mut, mut)`) from one listing:
+/// checkpoints are written through one and read through the other, so the two must never disagree.
+macro_rules! visits {
+    ($visit:ident $(, $mut:tt)?) => {
+        fn $visit(&$($mut)? self, f: &mut dyn FnMut(&str, Role, &$($mut)? Tensor)) {
+            for (i, l) in (0..).zip(&$($mut)? self.features) {
+                match l {
+                    Layer::Conv(c) => c.$visit(&format!("features.{i}"), f),
+                    Layer::Bn(b) => b.$visit(&format!("features.{i}"), f),
+                    _ => {}
+                }
+            }
+            self.fc.$visit("fc", f);
+        }
+    };
+}
+
 impl Module for Sequential {
-    fn visit(&self, f: &mut dyn FnMut(&str, Role, &Tensor)) {
-        for (i, l) in self.features.iter().enumerate() {
-            match l {
-                Layer::Conv(c) => c.visit(&format!("features.{i}"), f),
-                Layer::Bn(b) => b.visit(&format!("features.{i}"), f),
-                _ => {}
-            }
-        }
-        self.fc.visit("fc", f);
-    }
-    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
-        for (i, l) in self.features.iter_mut().enumerate() {
-            match l {
-                Layer::Conv(c) => c.visit_mut(&format!("features.{i}"), f),
-                Layer::Bn(b) => b.visit_mut(&format!("features.{i}"), f),
-                _ => {}
-            }
-        }
-        self.fc.visit_mut("fc", f);
-    }
+    visits!(visit);
+    visits!(visit_mut, mut);
 }
 
 /// The CPU-sized `convnet` of METHOD.md with base width `w`.

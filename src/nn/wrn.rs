@@ -13,6 +13,38 @@ use crate::tensor::Tensor;
 const SLOPE: f32 = 0.1;
 const BN_MOMENTUM: f32 = 0.001;
 
+/// Writes `visit` (`block_visits!(visit)`) and `visit_mut` (`block_visits!(visit_mut, mut)`) of a
+/// block from one listing: checkpoints are written through one and read through the other.
+macro_rules! block_visits {
+    ($visit:ident $(, $mut:tt)?) => {
+        fn $visit(&$($mut)? self, p: &str, f: &mut dyn FnMut(&str, Role, &$($mut)? Tensor)) {
+            self.bn1.$visit(&format!("{p}.bn1"), f);
+            self.conv1.$visit(&format!("{p}.conv1"), f);
+            self.bn2.$visit(&format!("{p}.bn2"), f);
+            self.conv2.$visit(&format!("{p}.conv2"), f);
+            if let Some(s) = &$($mut)? self.shortcut {
+                s.$visit(&format!("{p}.convShortcut"), f);
+            }
+        }
+    };
+}
+
+/// The same for the whole network, blocks named `block{stage}.layer.{i}` (stages from 1).
+macro_rules! visits {
+    ($visit:ident $(, $mut:tt)?) => {
+        fn $visit(&$($mut)? self, f: &mut dyn FnMut(&str, Role, &$($mut)? Tensor)) {
+            self.conv1.$visit("conv1", f);
+            for (s, stage) in (1..).zip(&$($mut)? self.blocks) {
+                for (i, b) in (0..).zip(stage) {
+                    b.$visit(&format!("block{s}.layer.{i}"), f);
+                }
+            }
+            self.bn1.$visit("bn1", f);
+            self.fc.$visit("fc", f);
+        }
+    };
+}
+
 /// A pre-activation residual block.
 #[derive(Clone, Debug)]
 pub struct BasicBlock {
@@ -63,25 +95,8 @@ impl BasicBlock {
         ops::add(tape, &skip, &h)
     }
 
-    fn visit(&self, p: &str, f: &mut dyn FnMut(&str, Role, &Tensor)) {
-        self.bn1.visit(&format!("{p}.bn1"), f);
-        self.conv1.visit(&format!("{p}.conv1"), f);
-        self.bn2.visit(&format!("{p}.bn2"), f);
-        self.conv2.visit(&format!("{p}.conv2"), f);
-        if let Some(s) = &self.shortcut {
-            s.visit(&format!("{p}.convShortcut"), f);
-        }
-    }
-
-    fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
-        self.bn1.visit_mut(&format!("{p}.bn1"), f);
-        self.conv1.visit_mut(&format!("{p}.conv1"), f);
-        self.bn2.visit_mut(&format!("{p}.bn2"), f);
-        self.conv2.visit_mut(&format!("{p}.conv2"), f);
-        if let Some(s) = &mut self.shortcut {
-            s.visit_mut(&format!("{p}.convShortcut"), f);
-        }
-    }
+    block_visits!(visit);
+    block_visits!(visit_mut, mut);
 }
 
 /// WRN-depth-widen: conv3x3 16, three stages of (depth - 4) / 6 blocks, BN, LReLU, pool, dense.
@@ -129,24 +144,6 @@ impl WideResNet {
 }
 
 impl Module for WideResNet {
-    fn visit(&self, f: &mut dyn FnMut(&str, Role, &Tensor)) {
-        self.conv1.visit("conv1", f);
-        for (s, stage) in self.blocks.iter().enumerate() {
-            for (i, b) in stage.iter().enumerate() {
-                b.visit(&format!("block{}.layer.{i}", s + 1), f);
-            }
-        }
-        self.bn1.visit("bn1", f);
-        self.fc.visit("fc", f);
-    }
-    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, Role, &mut Tensor)) {
-        self.conv1.visit_mut("conv1", f);
-        for (s, stage) in self.blocks.iter_mut().enumerate() {
-            for (i, b) in stage.iter_mut().enumerate() {
-                b.visit_mut(&format!("block{}.layer.{i}", s + 1), f);
-            }
-        }
-        self.bn1.visit_mut("bn1", f);
-        self.fc.visit_mut("fc", f);
-    }
+    visits!(visit);
+    visits!(visit_mut, mut);
 }

@@ -4,11 +4,11 @@
 
 use super::cpu::adam_step;
 use super::{
-    check_base_lr, check_beta, check_non_negative, check_step, parse_state, parse_step, DecayScope, Optimizer,
-    ParamStates,
+    check_base_lr, check_beta, check_non_negative, check_step, parse_state, parse_step, update_each, DecayScope,
+    Optimizer, ParamStates,
 };
 use crate::autograd::Gradients;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernel_args::AdamScalars;
 use crate::nn::Module;
 use crate::tensor::Tensor;
@@ -102,25 +102,16 @@ impl Optimizer for Adam {
         check_step(&*model, grads, lr, |name| self.states.get(name).map(|s| s.exp_avg.shape()))?;
         let cfg = self.cfg;
         let states = &mut self.states;
-        let mut err: Option<Error> = None;
-        model.visit_mut(&mut |name, role, p| {
-            if err.is_some() || !role.is_trainable() {
-                return;
-            }
-            let Some(g) = grads.get(p) else { return };
+        update_each(model, grads, cfg.decay_scope, cfg.weight_decay, &mut |name, p, g, wd| {
             let st = states.get_or_insert(name, || AdamState {
                 step: 0,
                 exp_avg: Tensor::zeros(p.shape()),
                 exp_avg_sq: Tensor::zeros(p.shape()),
             });
             st.step += 1;
-            let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay } else { 0.0 };
             let s = AdamScalars::new(lr, cfg.beta1, cfg.beta2, cfg.eps, wd, cfg.decoupled, st.step);
-            if let Err(e) = update(p, g, st, &s) {
-                err = Some(e.context(name));
-            }
-        });
-        err.map_or(Ok(()), Err)
+            update(p, g, st, &s)
+        })
     }
 
     fn base_lr(&self) -> f32 {
@@ -141,9 +132,7 @@ impl Optimizer for Adam {
     fn load_state_tensors(&mut self, model: &dyn Module, state: &[(String, Tensor)]) -> Result<()> {
         let groups = parse_state(model, state, &PREFIXES, Some(PREFIXES[0]))?;
         let mut entries = Vec::with_capacity(groups.len());
-        for (name, tensors) in groups {
-            let [step, exp_avg, exp_avg_sq]: [Tensor; 3] =
-                tensors.try_into().map_err(|_| Error::format("optimizer state: internal slot count"))?;
+        for (name, [step, exp_avg, exp_avg_sq]) in groups {
             let step = parse_step(&format!("{}{name}", PREFIXES[0]), &step)?;
             entries.push((name, AdamState { step, exp_avg, exp_avg_sq }));
         }
@@ -154,7 +143,7 @@ impl Optimizer for Adam {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_model::{fake_grad, Tiny};
+    use super::super::test_model::{assert_close, check_resume, fake_grad, step_with_reference, Tiny, TRAINABLE};
     use super::*;
 
     /// torch.optim.Adam / AdamW (single-tensor path, amsgrad off), in f64, for one tensor.
@@ -191,36 +180,17 @@ mod tests {
         }
     }
 
-    fn assert_close(name: &str, got: &[f32], want: &[f64]) {
-        assert_eq!(got.len(), want.len());
-        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
-            let tol = 2e-6 * (1.0 + b.abs());
-            assert!((a as f64 - b).abs() <= tol, "{name}[{i}]: got {a}, want {b}");
-        }
-    }
-
-    const TRAINABLE: [&str; 4] = ["w", "b", "g", "beta"];
-
     /// Runs `steps` steps of `cfg` on Tiny with a changing learning rate, and compares every
     /// trainable tensor with the f64 reference.
     fn check_against_reference(cfg: AdamConfig, steps: usize) {
-        let mut model = Tiny::new();
-        let mut reference: Vec<RefAdam> = TRAINABLE.iter().map(|n| RefAdam::new(&model.values(n))).collect();
+        let mut reference: Vec<RefAdam> = TRAINABLE.iter().map(|n| RefAdam::new(&Tiny::new().values(n))).collect();
         let mut opt = Adam::new(cfg).unwrap();
-        for k in 0..steps {
-            let lr = cfg.lr * (1.0 - 0.2 * k as f32);
-            let gv: Vec<(&str, Vec<f32>)> =
-                TRAINABLE.iter().map(|&n| (n, fake_grad(n, model.get(n).numel(), k))).collect();
-            let grads = model.grads(&gv);
-            opt.step(&mut model, &grads, lr).unwrap();
-            for (r, (name, g)) in reference.iter_mut().zip(&gv) {
-                let role = model.tensors.iter().find(|(n, _, _)| n == name).unwrap().1;
-                let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay as f64 } else { 0.0 };
-                r.step(g, lr as f64, cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64, wd, cfg.decoupled);
-            }
-        }
+        let model = step_with_reference(&mut opt, cfg.lr, steps, |i, g, lr, role| {
+            let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay as f64 } else { 0.0 };
+            reference[i].step(g, lr, cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64, wd, cfg.decoupled);
+        });
         for (r, name) in reference.iter().zip(TRAINABLE) {
-            assert_close(&format!("{name} after {steps} steps"), &model.values(name), &r.p);
+            assert_close(&format!("{name} after {steps} steps"), &model.values(name), &r.p, 2e-6);
         }
     }
 
@@ -325,37 +295,7 @@ mod tests {
     #[test]
     fn state_round_trip_continues_bit_identically() {
         let cfg = AdamConfig { decay_scope: DecayScope::KernelsOnly, ..AdamConfig::adamw(0.01, 0.3) };
-        let grads_at = |m: &Tiny, k: usize| {
-            let gv: Vec<(&str, Vec<f32>)> = TRAINABLE.iter().map(|&n| (n, fake_grad(n, m.get(n).numel(), k))).collect();
-            m.grads(&gv)
-        };
-        let mut a = Tiny::new();
-        let mut opt_a = Adam::new(cfg).unwrap();
-        for k in 0..3 {
-            let g = grads_at(&a, k);
-            opt_a.step(&mut a, &g, 0.01).unwrap();
-        }
-        let saved = opt_a.state_tensors();
-        let mut b = a.clone();
-        let mut opt_b = Adam::new(cfg).unwrap();
-        opt_b.load_state_tensors(&b, &saved).unwrap();
-        // A fresh optimizer must diverge, or the comparison below proves nothing.
-        let mut c = a.clone();
-        let mut opt_c = Adam::new(cfg).unwrap();
-        for k in 3..6 {
-            let g = grads_at(&a, k);
-            opt_a.step(&mut a, &g, 0.01).unwrap();
-            let g = grads_at(&b, k);
-            opt_b.step(&mut b, &g, 0.01).unwrap();
-            let g = grads_at(&c, k);
-            opt_c.step(&mut c, &g, 0.01).unwrap();
-        }
-        assert_eq!(a.bits(), b.bits());
-        assert_ne!(a.bits(), c.bits());
-        let bits = |s: Vec<(String, Tensor)>| -> Vec<(String, Vec<u32>)> {
-            s.into_iter().map(|(n, t)| (n, t.to_vec().unwrap().into_iter().map(f32::to_bits).collect())).collect()
-        };
-        assert_eq!(bits(opt_a.state_tensors()), bits(opt_b.state_tensors()));
+        let saved = check_resume(|| Adam::new(cfg).unwrap(), &TRAINABLE, 0.01, 3, 3);
         // The snapshot taken mid-way was not changed by the later steps.
         assert_eq!(saved[0].1.item().unwrap(), 3.0);
     }

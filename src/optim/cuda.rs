@@ -6,7 +6,7 @@ fn follow(t: &mut Tensor, like: &Tensor) -> Result<()> {
     Ok(())
 }
 
-use crate::cuda::launch::{flat_cfg, flat_checks, launch};
+use crate::cuda::launch::{flat_cfg, flat_checks, flat_launcher, launch};
 use crate::cuda::{context, CudaSlice, Gpu};
 use crate::error::Result;
 use crate::kernel_args::{AdamScalars, SgdScalars};
@@ -73,12 +73,10 @@ pub fn sgd_step(
     }
 }
 
-/// avg = decay avg + (1 - decay) value on the first `n` elements. CPU twin:
-/// `cpu::ema_update` (bit-identical arithmetic).
-pub fn ema_update(gpu: &Gpu, avg: &mut CudaSlice<f32>, value: &CudaSlice<f32>, n: usize, decay: f32) -> Result<()> {
-    let k = "ema_update_fwd_f32";
-    let nl = flat_checks(k, n, &[("avg", avg.len()), ("value", value.len())])?;
-    launch!(gpu, k, flat_cfg(n), avg, value, &nl, &decay)
+flat_launcher! {
+    /// avg = decay avg + (1 - decay) value on the first `n` elements. CPU twin:
+    /// `cpu::ema_update` (bit-identical arithmetic).
+    ema_update => "ema_update_fwd_f32" (avg: &mut CudaSlice<f32>, value: &CudaSlice<f32>; decay: f32)
 }
 
 // ---------------------------------------------------------------------------------------------

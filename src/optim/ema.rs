@@ -90,30 +90,21 @@ impl Ema {
 
     /// Checks that `model` lists the same names, roles and shapes in the same order.
     fn check_layout(&self, model: &dyn Module) -> Result<()> {
-        let mut err = None;
-        let mut i = 0;
-        model.visit(&mut |name, role, t| {
-            if err.is_none() {
-                err = match self.entries.get(i) {
-                    None => Some(Error::shape(format!("EMA: the model has a tensor {name} the average lacks"))),
-                    Some(e) if e.name != name || e.role != role => Some(Error::shape(format!(
-                        "EMA: tensor {i} is {name} ({role:?}) in the model but {} ({:?}) in the average",
-                        e.name, e.role
-                    ))),
-                    Some(e) if e.tensor.shape() != t.shape() => Some(Error::shape(format!(
-                        "EMA: {name} has shape {} in the model but {} in the average",
-                        fmt_shape(t.shape()),
-                        fmt_shape(e.tensor.shape())
-                    ))),
-                    Some(_) => None,
-                };
-            }
-            i += 1;
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        if let Some(e) = self.entries.get(i) {
+        let mut entries = self.entries.iter().enumerate();
+        model.try_visit(&mut |name, role, t| match entries.next() {
+            None => Err(Error::shape(format!("EMA: the model has a tensor {name} the average lacks"))),
+            Some((i, e)) if e.name != name || e.role != role => Err(Error::shape(format!(
+                "EMA: tensor {i} is {name} ({role:?}) in the model but {} ({:?}) in the average",
+                e.name, e.role
+            ))),
+            Some((_, e)) if e.tensor.shape() != t.shape() => Err(Error::shape(format!(
+                "EMA: {name} has shape {} in the model but {} in the average",
+                fmt_shape(t.shape()),
+                fmt_shape(e.tensor.shape())
+            ))),
+            Some(_) => Ok(()),
+        })?;
+        if let Some((_, e)) = entries.next() {
             return Err(Error::shape(format!("EMA: the model lacks the tensor {}", e.name)));
         }
         Ok(())
@@ -125,12 +116,8 @@ impl Ema {
         let d = self.decay.at(step);
         let average_buffers = self.average_buffers;
         let mut entries = self.entries.iter_mut();
-        let mut err = None;
-        model.visit(&mut |name, role, t| {
-            let Some(e) = entries.next() else { return };
-            if err.is_some() {
-                return;
-            }
+        model.try_visit(&mut |name, role, t| {
+            let Some(e) = entries.next() else { return Ok(()) };
             let average = role.is_trainable() || (average_buffers && role != Role::NumBatchesTracked);
             let run = |avg: &mut Tensor| -> Result<()> {
                 if avg.device() != t.device() {
@@ -146,29 +133,18 @@ impl Ema {
                 ema_update(avg.data_mut()?, t.data()?, d);
                 Ok(())
             };
-            if let Err(x) = run(&mut e.tensor) {
-                err = Some(x.context(format!("EMA of {name}")));
-            }
-        });
-        err.map_or(Ok(()), Err)
+            run(&mut e.tensor).map_err(|x| x.context(format!("EMA of {name}")))
+        })
     }
 
     /// Writes the averaged values into `model` (same architecture), buffers included.
     pub fn apply_to(&self, model: &mut dyn Module) -> Result<()> {
         self.check_layout(&*model)?;
         let mut entries = self.entries.iter();
-        let mut err = None;
-        model.visit_mut(&mut |name, _, t| {
-            let Some(e) = entries.next() else { return };
-            if err.is_some() {
-                return;
-            }
-            let run = |t: &mut Tensor| -> Result<()> { t.assign(&e.tensor) };
-            if let Err(x) = run(t) {
-                err = Some(x.context(format!("EMA into {name}")));
-            }
-        });
-        err.map_or(Ok(()), Err)
+        model.try_visit_mut(&mut |name, _, t| {
+            let Some(e) = entries.next() else { return Ok(()) };
+            t.assign(&e.tensor).map_err(|x| x.context(format!("EMA into {name}")))
+        })
     }
 
     /// The averaged tensors with the model's names, in visit order (for checkpoints).

@@ -98,29 +98,47 @@ fn check_step<'a>(
     if !(lr.is_finite() && lr >= 0.0) {
         return Err(Error::usage(format!("learning rate of this step must be finite and non-negative, got {lr}")));
     }
-    let mut err = None;
-    model.visit(&mut |name, role, p| {
-        if err.is_some() || !role.is_trainable() {
-            return;
+    model.try_visit(&mut |name, role, p| {
+        if !role.is_trainable() {
+            return Ok(());
         }
-        let Some(g) = grads.get(p) else { return };
+        let Some(g) = grads.get(p) else { return Ok(()) };
         if g.shape() != p.shape() {
-            err = Some(Error::shape(format!(
+            return Err(Error::shape(format!(
                 "gradient of {name} has shape {}, the parameter {}",
                 fmt_shape(g.shape()),
                 fmt_shape(p.shape())
             )));
-        } else if let Some(s) = state_shape(name) {
-            if s != p.shape() {
-                err = Some(Error::shape(format!(
-                    "optimizer state of {name} has shape {}, the parameter {}",
-                    fmt_shape(s),
-                    fmt_shape(p.shape())
-                )));
-            }
         }
-    });
-    err.map_or(Ok(()), Err)
+        match state_shape(name) {
+            Some(s) if s != p.shape() => Err(Error::shape(format!(
+                "optimizer state of {name} has shape {}, the parameter {}",
+                fmt_shape(s),
+                fmt_shape(p.shape())
+            ))),
+            _ => Ok(()),
+        }
+    })
+}
+
+/// The walk of every optimizer step: calls `update(name, parameter, gradient, weight decay)` for
+/// each trainable tensor of `model` that has a gradient, in visit order, with `weight_decay` where
+/// `scope` applies and 0 elsewhere. The first error stops the walk and is returned naming the tensor.
+fn update_each(
+    model: &mut dyn Module,
+    grads: &Gradients,
+    scope: DecayScope,
+    weight_decay: f32,
+    update: &mut dyn FnMut(&str, &mut Tensor, &Tensor, f32) -> Result<()>,
+) -> Result<()> {
+    model.try_visit_mut(&mut |name, role, p| {
+        if !role.is_trainable() {
+            return Ok(());
+        }
+        let Some(g) = grads.get(p) else { return Ok(()) };
+        let wd = if scope.applies(role) { weight_decay } else { 0.0 };
+        update(name, p, g, wd).map_err(|e| e.context(name))
+    })
 }
 
 /// Per-parameter state in creation order, found by parameter name.
@@ -168,22 +186,22 @@ impl<S> ParamStates<S> {
 }
 
 /// Splits `state` into per-parameter groups: one tensor per prefix in `prefixes` (each like
-/// `"exp_avg."`), in the order the parameters first appear. Every group must be complete, name a
-/// trainable tensor of `model`, and hold tensors of the parameter's shape, except the prefix
-/// `scalar` (a step count), which must hold one element.
-fn parse_state(
+/// `"exp_avg."`), in prefix order, with groups in the order the parameters first appear. Every
+/// group must be complete, name a trainable tensor of `model`, and hold tensors of the parameter's
+/// shape, except the prefix `scalar` (a step count), which must hold one element.
+fn parse_state<const N: usize>(
     model: &dyn Module,
     state: &[(String, Tensor)],
-    prefixes: &[&str],
+    prefixes: &[&str; N],
     scalar: Option<&str>,
-) -> Result<Vec<(String, Vec<Tensor>)>> {
+) -> Result<Vec<(String, [Tensor; N])>> {
     let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
     model.visit(&mut |name, role, t| {
         if role.is_trainable() {
             shapes.insert(name.to_string(), t.shape().to_vec());
         }
     });
-    let mut groups: Vec<(String, Vec<Option<Tensor>>)> = Vec::new();
+    let mut groups: Vec<(String, [Option<Tensor>; N])> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for (key, t) in state {
         let Some((slot, param)) =
@@ -212,7 +230,7 @@ fn parse_state(
             )));
         }
         let g = *index.entry(param.to_string()).or_insert_with(|| {
-            groups.push((param.to_string(), vec![None; prefixes.len()]));
+            groups.push((param.to_string(), std::array::from_fn(|_| None)));
             groups.len() - 1
         });
         let cell = &mut groups[g].1[slot];
@@ -229,6 +247,7 @@ fn parse_state(
                 .zip(prefixes)
                 .map(|(t, p)| t.ok_or_else(|| Error::format(format!("optimizer state {p}{name}: missing"))))
                 .collect::<Result<Vec<_>>>()?;
+            let tensors = tensors.try_into().map_err(|_| Error::format("optimizer state: internal slot count"))?;
             Ok((name, tensors))
         })
         .collect()

@@ -2,7 +2,9 @@
 //! dampening 0, optional Nesterov look-ahead.
 
 use super::cpu::sgd_step;
-use super::{check_base_lr, check_non_negative, check_step, parse_state, DecayScope, Optimizer, ParamStates};
+use super::{
+    check_base_lr, check_non_negative, check_step, parse_state, update_each, DecayScope, Optimizer, ParamStates,
+};
 use crate::autograd::Gradients;
 use crate::error::{Error, Result};
 use crate::kernel_args::SgdScalars;
@@ -77,22 +79,13 @@ impl Optimizer for Sgd {
         check_step(&*model, grads, lr, |name| self.buffers.get(name).map(|b| b.shape()))?;
         let cfg = self.cfg;
         let buffers = &mut self.buffers;
-        let mut err: Option<Error> = None;
-        model.visit_mut(&mut |name, role, p| {
-            if err.is_some() || !role.is_trainable() {
-                return;
-            }
-            let Some(g) = grads.get(p) else { return };
+        update_each(model, grads, cfg.decay_scope, cfg.weight_decay, &mut |name, p, g, wd| {
             // PyTorch keeps no buffer without momentum, so neither does a checkpoint.
             let buf =
                 if cfg.momentum != 0.0 { Some(buffers.get_or_insert(name, || Tensor::zeros(p.shape()))) } else { None };
-            let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay } else { 0.0 };
             let s = SgdScalars { lr, momentum: cfg.momentum, weight_decay: wd, nesterov: cfg.nesterov };
-            if let Err(e) = update(p, g, buf, &s) {
-                err = Some(e.context(name));
-            }
-        });
-        err.map_or(Ok(()), Err)
+            update(p, g, buf, &s)
+        })
     }
 
     fn base_lr(&self) -> f32 {
@@ -110,20 +103,14 @@ impl Optimizer for Sgd {
             }
         }
         let groups = parse_state(model, state, &[PREFIX], None)?;
-        let mut entries = Vec::with_capacity(groups.len());
-        for (name, tensors) in groups {
-            let buf =
-                tensors.into_iter().next().ok_or_else(|| Error::format("optimizer state: internal slot count"))?;
-            entries.push((name, buf));
-        }
-        self.buffers = ParamStates::from_entries(entries);
+        self.buffers = ParamStates::from_entries(groups.into_iter().map(|(name, [buf])| (name, buf)).collect());
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_model::{fake_grad, Tiny};
+    use super::super::test_model::{assert_close, check_resume, step_with_reference, Tiny, TRAINABLE};
     use super::*;
 
     /// torch.optim.SGD (single-tensor path, dampening 0, maximize off), in f64, for one tensor.
@@ -153,34 +140,18 @@ mod tests {
         }
     }
 
-    const TRAINABLE: [&str; 4] = ["w", "b", "g", "beta"];
-
     fn check_against_reference(cfg: SgdConfig, steps: usize) {
-        let mut model = Tiny::new();
         let mut reference: Vec<RefSgd> = TRAINABLE
             .iter()
-            .map(|n| RefSgd { p: model.values(n).iter().map(|&v| v as f64).collect(), buf: None })
+            .map(|n| RefSgd { p: Tiny::new().values(n).iter().map(|&v| v as f64).collect(), buf: None })
             .collect();
         let mut opt = Sgd::new(cfg).unwrap();
-        for k in 0..steps {
-            let lr = cfg.lr * (1.0 - 0.2 * k as f32);
-            let gv: Vec<(&str, Vec<f32>)> =
-                TRAINABLE.iter().map(|&n| (n, fake_grad(n, model.get(n).numel(), k))).collect();
-            let grads = model.grads(&gv);
-            opt.step(&mut model, &grads, lr).unwrap();
-            for (r, (name, g)) in reference.iter_mut().zip(&gv) {
-                let role = model.tensors.iter().find(|(n, _, _)| n == name).unwrap().1;
-                let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay as f64 } else { 0.0 };
-                r.step(g, lr as f64, cfg.momentum as f64, wd, cfg.nesterov);
-            }
-        }
+        let model = step_with_reference(&mut opt, cfg.lr, steps, |i, g, lr, role| {
+            let wd = if cfg.decay_scope.applies(role) { cfg.weight_decay as f64 } else { 0.0 };
+            reference[i].step(g, lr, cfg.momentum as f64, wd, cfg.nesterov);
+        });
         for (r, name) in reference.iter().zip(TRAINABLE) {
-            for (i, (&a, &b)) in model.values(name).iter().zip(&r.p).enumerate() {
-                assert!(
-                    (a as f64 - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                    "{cfg:?} {steps} steps: {name}[{i}] {a} vs {b}"
-                );
-            }
+            assert_close(&format!("{cfg:?} {steps} steps: {name}"), &model.values(name), &r.p, 1e-6);
         }
     }
 
@@ -202,38 +173,12 @@ mod tests {
     #[test]
     fn momentum_state_round_trip_is_bit_identical() {
         let cfg = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.01, ..SgdConfig::new(0.1) };
-        let grads_at = |m: &Tiny, k: usize| {
-            let gv: Vec<(&str, Vec<f32>)> =
-                ["w", "g"].iter().map(|&n| (n, fake_grad(n, m.get(n).numel(), k))).collect();
-            m.grads(&gv)
-        };
-        let mut a = Tiny::new();
-        let mut opt_a = Sgd::new(cfg).unwrap();
-        for k in 0..2 {
-            let g = grads_at(&a, k);
-            opt_a.step(&mut a, &g, 0.1).unwrap();
-        }
-        let saved = opt_a.state_tensors();
+        let saved = check_resume(|| Sgd::new(cfg).unwrap(), &["w", "g"], 0.1, 2, 3);
         let names: Vec<&str> = saved.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["momentum_buffer.w", "momentum_buffer.g"]);
-        let mut b = a.clone();
-        let mut opt_b = Sgd::new(cfg).unwrap();
-        opt_b.load_state_tensors(&b, &saved).unwrap();
-        let mut c = a.clone();
-        let mut opt_c = Sgd::new(cfg).unwrap();
-        for k in 2..5 {
-            let g = grads_at(&a, k);
-            opt_a.step(&mut a, &g, 0.1).unwrap();
-            let g = grads_at(&b, k);
-            opt_b.step(&mut b, &g, 0.1).unwrap();
-            let g = grads_at(&c, k);
-            opt_c.step(&mut c, &g, 0.1).unwrap();
-        }
-        assert_eq!(a.bits(), b.bits());
-        assert_ne!(a.bits(), c.bits());
         let mut wrong = saved.clone();
         wrong[0].1 = Tensor::zeros(&[3, 2]);
-        let e = opt_b.load_state_tensors(&b, &wrong).unwrap_err();
+        let e = Sgd::new(cfg).unwrap().load_state_tensors(&Tiny::new(), &wrong).unwrap_err();
         assert!(e.message().contains("momentum_buffer.w"), "{}", e.message());
     }
 

@@ -7,9 +7,8 @@
 //! mixed unlabeled rows' probabilities), plus w_mi(t) L_mi between the two guessing views in
 //! `mixmatch-muscle`, where the guessing forward keeps its gradient for that term.
 
-use super::{LossTerms, ObjectiveConfig};
+use super::{LossTerms, ObjectiveConfig, StepInput};
 use crate::autograd::Tape;
-use crate::data::StepBatch;
 use crate::error::Result;
 use crate::nn::{ForwardCtx, Model};
 use crate::ops;
@@ -63,15 +62,9 @@ fn mix_rows(data: &[f32], row: usize, mu: f32, perm: &[usize]) -> Vec<f32> {
 }
 
 /// The MixMatch loss (with the MI term when `cfg.method` is MixMatchMuscle).
-pub fn mixmatch_loss(
-    cfg: &ObjectiveConfig,
-    model: &mut Model,
-    tape: &Tape,
-    batch: &StepBatch,
-    step: u64,
-    seed: u64,
-) -> Result<LossTerms> {
-    let [u1, u2] = super::two_views(batch, "mixmatch")?;
+pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) -> Result<LossTerms> {
+    let StepInput { tape, batch, step, seed } = *input;
+    let [u1, u2] = input.two_views("mixmatch")?;
     let with_mi = cfg.method == super::Method::MixMatchMuscle;
     let (nl, nu) = (batch.labels.len(), u1.shape()[0]);
     let classes = model.spec().classes;

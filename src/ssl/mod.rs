@@ -121,11 +121,26 @@ pub struct LossTerms {
     pub w_u: f32,
 }
 
-/// The first two unlabeled views of a batch, or a usage error naming `method`.
-fn two_views<'a>(batch: &'a StepBatch, method: &str) -> Result<[&'a Tensor; 2]> {
-    match batch.views.as_slice() {
-        [a, b, ..] => Ok([a, b]),
-        _ => Err(Error::usage(format!("{method} needs two unlabeled views per step"))),
+/// What every objective computes one step's loss from.
+#[derive(Clone, Copy)]
+pub struct StepInput<'a> {
+    /// The tape the loss is recorded on.
+    pub tape: &'a Tape,
+    /// The step's batch.
+    pub batch: &'a StepBatch,
+    /// The step (keys dropout masks and random draws, and drives the ramp-ups).
+    pub step: u64,
+    /// The run seed (keys dropout masks and random draws).
+    pub seed: u64,
+}
+
+impl StepInput<'_> {
+    /// The first two unlabeled views of the batch, or a usage error naming `method`.
+    fn two_views(&self, method: &str) -> Result<[&Tensor; 2]> {
+        match self.batch.views.as_slice() {
+            [a, b, ..] => Ok([a, b]),
+            _ => Err(Error::usage(format!("{method} needs two unlabeled views per step"))),
+        }
     }
 }
 
@@ -138,10 +153,11 @@ pub fn step_loss(
     step: u64,
     seed: u64,
 ) -> Result<LossTerms> {
+    let input = StepInput { tape, batch, step, seed };
     match cfg.method {
-        Method::Supervised => supervised_loss(model, tape, batch, step, seed),
-        Method::Muscle => muscle_loss(cfg, model, tape, batch, step, seed),
-        Method::MixMatch | Method::MixMatchMuscle => mixmatch_loss(cfg, model, tape, batch, step, seed),
-        Method::Pretrain => pretrain_loss(cfg, model, tape, batch, step, seed),
+        Method::Supervised => supervised_loss(model, &input),
+        Method::Muscle => muscle_loss(cfg, model, &input),
+        Method::MixMatch | Method::MixMatchMuscle => mixmatch_loss(cfg, model, &input),
+        Method::Pretrain => pretrain_loss(cfg, model, &input),
     }
 }

@@ -1,9 +1,7 @@
 //! Stand-alone MUSCLE: L = L_sup + w_mi(t) * L_mi, with L_mi the IIC loss between the model's
 //! predictions on two augmented views of each unlabeled image.
 
-use super::{LossTerms, ObjectiveConfig};
-use crate::autograd::Tape;
-use crate::data::StepBatch;
+use super::{LossTerms, ObjectiveConfig, StepInput};
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Model};
 use crate::ops;
@@ -11,15 +9,9 @@ use crate::optim::ramp;
 
 /// One forward over [labeled, view 1, view 2] so batch-norm statistics cover every image, then
 /// the supervised term on the labeled rows and the IIC term between the two views' rows.
-pub fn muscle_loss(
-    cfg: &ObjectiveConfig,
-    model: &mut Model,
-    tape: &Tape,
-    batch: &StepBatch,
-    step: u64,
-    seed: u64,
-) -> Result<LossTerms> {
-    let [v1, v2] = super::two_views(batch, "muscle")?;
+pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) -> Result<LossTerms> {
+    let StepInput { tape, batch, step, seed } = *input;
+    let [v1, v2] = input.two_views("muscle")?;
     let nl = batch.labels.len();
     let nu = v1.shape()[0];
     let ctx = ForwardCtx::train(seed, step);

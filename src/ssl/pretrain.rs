@@ -1,23 +1,15 @@
 //! Unsupervised pre-training: the IIC loss alone between two views of unlabeled images (IIC's
 //! clustering objective), optionally with more outputs than classes (over-clustering).
 
-use super::{LossTerms, ObjectiveConfig};
-use crate::autograd::Tape;
-use crate::data::StepBatch;
+use super::{LossTerms, ObjectiveConfig, StepInput};
 use crate::error::Result;
 use crate::nn::{ForwardCtx, Model};
 use crate::ops;
 
 /// L = L_mi(f(A(u)), f(A'(u))), one forward over both views.
-pub fn pretrain_loss(
-    cfg: &ObjectiveConfig,
-    model: &mut Model,
-    tape: &Tape,
-    batch: &StepBatch,
-    step: u64,
-    seed: u64,
-) -> Result<LossTerms> {
-    let [v1, v2] = super::two_views(batch, "pre-training")?;
+pub fn pretrain_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) -> Result<LossTerms> {
+    let StepInput { tape, step, seed, .. } = *input;
+    let [v1, v2] = input.two_views("pre-training")?;
     let nu = v1.shape()[0];
     let x = ops::concat_rows(tape, &[v1, v2])?;
     let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;

@@ -26,7 +26,7 @@ fn batchnorm_train_matches_cpu() {
             for slope in [None, Some(0.1f32)] {
                 let what = format!("n {n} C {c} hw {hw} slope {slope:?}");
                 let mut want_y = vec![0.0; x.len()];
-                let st = cpu::forward_train(&x, n, c, hw, &gamma, &beta, eps, slope, &mut want_y);
+                let st = cpu::batchnorm_train_fwd(&x, n, c, hw, &gamma, &beta, eps, slope, &mut want_y);
                 let mut y = zeros(gpu, x.len());
                 let gs = k::batchnorm_train_fwd(gpu, &xd, n, c, hw, &gd, &bd, eps, slope, &mut y).unwrap();
                 // Statistics: f64 sums on the GPU, f32 lanes then f64 on the CPU: 1e-5 relative
@@ -53,7 +53,7 @@ fn batchnorm_train_matches_cpu() {
                     shift: zeros(gpu, c),
                 };
                 let (mut want_dx, mut want_dg, mut want_db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
-                cpu::backward_train(
+                cpu::batchnorm_train_bwd(
                     &x,
                     &dy,
                     n,
@@ -96,7 +96,7 @@ fn batchnorm_eval_matches_cpu_bitwise() {
         let d: Vec<CudaSlice<f32>> = [&x, &gamma, &beta, &mean, &var].iter().map(|v| up(gpu, v)).collect();
         for slope in [None, Some(0.1f32)] {
             let mut want = vec![0.0; x.len()];
-            cpu::forward_eval(&x, c, hw, &gamma, &beta, &mean, &var, 1e-5, slope, &mut want);
+            cpu::batchnorm_eval_fwd(&x, c, hw, &gamma, &beta, &mean, &var, 1e-5, slope, &mut want);
             let mut y = zeros(gpu, x.len());
             k::batchnorm_eval_fwd(gpu, &d[0], n, c, hw, &d[1], &d[2], &d[3], &d[4], 1e-5, slope, &mut y).unwrap();
             assert_bits(&format!("eval slope {slope:?}"), &down(gpu, &y), &want);
@@ -105,15 +105,15 @@ fn batchnorm_eval_matches_cpu_bitwise() {
 }
 
 #[test]
-fn bn_running_update_matches_cpu_bitwise() {
-    with_gpu("bn_running_update_matches_cpu_bitwise", |gpu| {
+fn batchnorm_running_update_matches_cpu_bitwise() {
+    with_gpu("batchnorm_running_update_matches_cpu_bitwise", |gpu| {
         // Two roundings per product and one per sum, in the CPU's order on both sides.
         for &(n, momentum, factor) in
             &[(1usize, 0.1f32, 1.0f32), (32, 0.1, 577.0 / 576.0), (1000, 0.001, 1.0), (4099, 0.3, 1.5)]
         {
             let (r0, b) = (randv(n, 1.0, 41), randv(n, 2.0, 42));
             let mut want = r0.clone();
-            cpu::running_update(&mut want, &b, momentum, factor);
+            cpu::batchnorm_running_fwd(&mut want, &b, momentum, factor);
             let mut r = up(gpu, &r0);
             k::batchnorm_running_fwd(gpu, &mut r, &up(gpu, &b), n, momentum, factor).expect("batchnorm_running_fwd");
             assert_bits(&format!("running n {n} momentum {momentum}"), &down(gpu, &r), &want);

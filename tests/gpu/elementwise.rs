@@ -37,17 +37,17 @@ fn leaky_relu_add_scale_match_cpu_bitwise() {
             let mut out = zeros(gpu, n);
             let mut want = vec![0.0; n];
             for slope in [0.0f32, 0.1] {
-                cpu::leaky_relu_forward(&x, slope, &mut want);
+                cpu::leaky_relu_fwd(&x, slope, &mut want);
                 k::leaky_relu_fwd(gpu, &xd, &mut out, n, slope).unwrap();
                 assert_bits(&format!("leaky_relu n {n} slope {slope}"), &down(gpu, &out), &want);
-                cpu::leaky_relu_backward(&x, &dy, slope, &mut want);
+                cpu::leaky_relu_bwd(&x, &dy, slope, &mut want);
                 k::leaky_relu_bwd(gpu, &xd, &dyd, &mut out, n, slope).unwrap();
                 assert_bits(&format!("leaky_relu backward n {n} slope {slope}"), &down(gpu, &out), &want);
             }
-            cpu::add(&x, &dy, &mut want);
+            cpu::add_fwd(&x, &dy, &mut want);
             k::add_fwd(gpu, &xd, &dyd, &mut out, n).unwrap();
             assert_bits(&format!("add n {n}"), &down(gpu, &out), &want);
-            cpu::scale(&x, -0.37, &mut want);
+            cpu::scale_fwd(&x, -0.37, &mut want);
             k::scale_fwd(gpu, &xd, &mut out, n, -0.37).unwrap();
             assert_bits(&format!("scale n {n}"), &down(gpu, &out), &want);
         }

@@ -51,12 +51,12 @@ fn bias_kernels_match_cpu_bitwise() {
             let b = randv(cols, 1.0, 11 + cols as u64);
             let g = randv(rows * cols, 1.0, 12 + rows as u64);
             let mut want_y = vec![0.0; rows * cols];
-            cpu::broadcast_rows(&b, &mut want_y);
+            cpu::bias_rows_fwd(&b, &mut want_y);
             let mut y = zeros(gpu, rows * cols);
             k::bias_rows_fwd(gpu, &up(gpu, &b), &mut y, rows, cols).expect("bias_rows_fwd");
             assert_bits(&format!("bias rows {rows} x {cols}"), &down(gpu, &y), &want_y);
             let mut want_db = vec![0.0; cols];
-            cpu::column_sums(&g, &mut want_db);
+            cpu::bias_grad_bwd(&g, &mut want_db);
             let mut db = zeros(gpu, cols);
             k::bias_grad_bwd(gpu, &up(gpu, &g), &mut db, rows, cols).expect("bias_grad_bwd");
             assert_bits(&format!("bias grad {rows} x {cols}"), &down(gpu, &db), &want_db);

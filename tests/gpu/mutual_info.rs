@@ -19,9 +19,9 @@ fn mi_partition_depends_on_sizes_only() {
 /// max(1, |L|); the gradients are f32 products with G^ through a cancelling softmax backward,
 /// checked at 1e-4 of their largest entry, as the CPU kernel is checked against f64.
 fn check_mi(gpu: &Gpu, a: &[f32], b: &[f32], n: usize, c: usize, lambda: f32, reference: bool, what: &str) {
-    let cpu_f = cpu::forward(a, b, n, c, lambda);
+    let cpu_f = cpu::mi_fwd(a, b, n, c, lambda);
     let (mut ca, mut cb) = (vec![0.0; n * c], vec![0.0; n * c]);
-    cpu::backward(&cpu_f, n, c, 1.0, &mut ca, &mut cb);
+    cpu::mi_bwd(&cpu_f, n, c, 1.0, &mut ca, &mut cb);
 
     let (ad, bd) = (up(gpu, a), up(gpu, b));
     let f = k::mi_fwd(gpu, &ad, &bd, n, c, lambda).unwrap_or_else(|e| panic!("{what}: {e}"));

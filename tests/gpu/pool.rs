@@ -19,18 +19,18 @@ fn maxpool2_matches_cpu_with_ties_and_nan() {
             let (ho, wo) = (h / 2, w / 2);
             let out = planes * ho * wo;
             let (mut want_y, mut want_a) = (vec![0.0; out], vec![0u8; out]);
-            cpu::maxpool_forward(&x, planes, h, w, 2, &mut want_y, &mut want_a);
+            cpu::maxpool_fwd(&x, planes, h, w, 2, &mut want_y, &mut want_a);
             let xd = up(gpu, &x);
             let mut y = zeros(gpu, out);
             let mut arg = gpu.zeros::<u8>(out).unwrap();
-            k::maxpool2_fwd(gpu, &xd, planes, h, w, &mut y, &mut arg).unwrap();
+            k::maxpool_fwd(gpu, &xd, planes, h, w, &mut y, &mut arg).unwrap();
             assert_bits(&format!("{what}: y"), &down(gpu, &y), &want_y);
             assert_eq!(down(gpu, &arg), want_a, "{what}: argmax");
             let dy = randv(out, 1.0, 9);
             let mut want_dx = vec![0.0; planes * h * w];
-            cpu::maxpool_backward(&dy, &want_a, planes, h, w, 2, &mut want_dx);
+            cpu::maxpool_bwd(&dy, &want_a, planes, h, w, 2, &mut want_dx);
             let mut dx = zeros(gpu, planes * h * w);
-            k::maxpool2_bwd(gpu, &up(gpu, &dy), &arg, planes, h, w, &mut dx).unwrap();
+            k::maxpool_bwd(gpu, &up(gpu, &dy), &arg, planes, h, w, &mut dx).unwrap();
             // Values, not bits: the CPU writes 0 + dy, the GPU dy (they differ only for -0.0).
             assert_close(&format!("{what}: dx"), &down(gpu, &dx), &want_dx, 0.0, 0.0);
         }
@@ -44,7 +44,7 @@ fn avgpool_matches_cpu() {
             let what = format!("{planes} x {hw}");
             let x = randv(planes * hw, 1.0, 11);
             let mut want = vec![0.0; planes];
-            cpu::avgpool_forward(&x, hw, &mut want);
+            cpu::avgpool_fwd(&x, hw, &mut want);
             let mut y = zeros(gpu, planes);
             k::avgpool_fwd(gpu, &up(gpu, &x), planes, hw, &mut y).unwrap();
             // Sequential f32 sum on the CPU, a shuffle tree on the GPU: both within hw ulps of the
@@ -53,7 +53,7 @@ fn avgpool_matches_cpu() {
             assert_close(&format!("{what}: y"), &down(gpu, &y), &want, 0.0, tol);
             let dy = randv(planes, 1.0, 12);
             let mut want_dx = vec![0.0; planes * hw];
-            cpu::avgpool_backward(&dy, hw, &mut want_dx);
+            cpu::avgpool_bwd(&dy, hw, &mut want_dx);
             let mut dx = zeros(gpu, planes * hw);
             k::avgpool_bwd(gpu, &up(gpu, &dy), planes, hw, &mut dx).unwrap();
             assert_bits(&format!("{what}: dx"), &down(gpu, &dx), &want_dx);

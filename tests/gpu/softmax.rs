@@ -22,7 +22,7 @@ fn softmax_and_log_softmax_match_cpu() {
             // the f32 row sum differs, ~1e-6 relative at C = 2000); atol 1e-37 for denormal
             // results, whose relative precision is lower.
             let mut want = vec![0.0; n * c];
-            cpu::softmax_forward(&x, c, &mut want);
+            cpu::softmax_fwd(&x, c, &mut want);
             k::softmax_fwd(gpu, &xd, &mut y, n, c).unwrap();
             let yv = down(gpu, &y);
             assert_close(&format!("softmax {what}"), &yv, &want, 1e-5, 1e-37);
@@ -30,17 +30,17 @@ fn softmax_and_log_softmax_match_cpu() {
             // error is measured against the largest gradient: 1e-5.
             let yc = up(gpu, &want);
             let mut wantd = vec![0.0; n * c];
-            cpu::softmax_backward(&want, &dy, c, &mut wantd);
+            cpu::softmax_bwd(&want, &dy, c, &mut wantd);
             k::softmax_bwd(gpu, &yc, &dyd, &mut dx, n, c).unwrap();
             assert_scaled(&format!("softmax backward {what}"), &down(gpu, &dx), &wantd, 1e-5);
 
             // Log-softmax: values up to 160 in magnitude; one ulp of 160 is 1.5e-5, so 1e-6
             // relative plus 2e-5 absolute.
-            cpu::log_softmax_forward(&x, c, &mut want);
+            cpu::log_softmax_fwd(&x, c, &mut want);
             k::log_softmax_fwd(gpu, &xd, &mut y, n, c).unwrap();
             assert_close(&format!("log_softmax {what}"), &down(gpu, &y), &want, 1e-6, 2e-5);
             let yc = up(gpu, &want);
-            cpu::log_softmax_backward(&want, &dy, c, &mut wantd);
+            cpu::log_softmax_bwd(&want, &dy, c, &mut wantd);
             k::log_softmax_bwd(gpu, &yc, &dyd, &mut dx, n, c).unwrap();
             assert_scaled(&format!("log_softmax backward {what}"), &down(gpu, &dx), &wantd, 1e-5);
         }
@@ -56,7 +56,7 @@ fn cross_entropy_hard_matches_cpu() {
             let mut r = Rng::new(40 + t as u64, 1);
             let labels: Vec<usize> = (0..n).map(|_| r.below(c as u32) as usize).collect();
             let mut want_grad = vec![0.0; n * c];
-            let want = cpu::cross_entropy_hard(&x, &labels, c, &mut want_grad);
+            let want = cpu::cross_entropy_hard_fwd(&x, &labels, c, &mut want_grad);
             let li: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
             let (xd, ld) = (up(gpu, &x), up(gpu, &li));
             let mut grad = zeros(gpu, n * c);
@@ -85,14 +85,14 @@ fn cross_entropy_soft_matches_cpu() {
             // Targets: softmax rows of random logits, every third row scaled by 0.7 (weights that
             // do not sum to 1 exercise the sum(q) factor of the gradient).
             let mut q = vec![0.0; n * c];
-            cpu::softmax_forward(&randv(n * c, 2.0, 60 + t as u64), c, &mut q);
+            cpu::softmax_fwd(&randv(n * c, 2.0, 60 + t as u64), c, &mut q);
             for (i, row) in q.chunks_mut(c).enumerate() {
                 if i % 3 == 2 {
                     row.iter_mut().for_each(|v| *v *= 0.7);
                 }
             }
             let mut want_grad = vec![0.0; n * c];
-            let want = cpu::cross_entropy_soft(&x, &q, c, &mut want_grad);
+            let want = cpu::cross_entropy_soft_fwd(&x, &q, c, &mut want_grad);
             let (xd, qd) = (up(gpu, &x), up(gpu, &q));
             let mut grad = zeros(gpu, n * c);
             let loss = down(gpu, &k::cross_entropy_soft_fwd(gpu, &xd, &qd, &mut grad, n, c).unwrap())[0];

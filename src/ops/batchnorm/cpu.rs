@@ -104,7 +104,7 @@ pub struct BatchStats {
 /// running = (1 - momentum) running + momentum batch factor, per channel: batch norm's running
 /// estimate (PyTorch's momentum; `factor` n / (n - 1) unbiases the variance, 1 for the mean).
 /// CUDA twin: `batchnorm_running_fwd_f32` (same rounding, bit for bit).
-pub fn running_update(running: &mut [f32], batch: &[f32], momentum: f32, factor: f32) {
+pub fn batchnorm_running_fwd(running: &mut [f32], batch: &[f32], momentum: f32, factor: f32) {
     for (r, &b) in running.iter_mut().zip(batch) {
         *r = (1.0 - momentum) * *r + momentum * b * factor;
     }
@@ -177,7 +177,7 @@ fn act(z: f32, slope: f32) -> f32 {
 
 /// Training forward: normalise with the batch statistics (then LeakyReLU with `slope` when
 /// given); returns the statistics.
-pub fn forward_train(
+pub fn batchnorm_train_fwd(
     x: &[f32],
     n: usize,
     c: usize,
@@ -234,7 +234,7 @@ pub fn forward_train(
 }
 
 /// Evaluation forward: normalise with running statistics (then LeakyReLU when given).
-pub fn forward_eval(
+pub fn batchnorm_eval_fwd(
     x: &[f32],
     c: usize,
     hw: usize,
@@ -257,7 +257,7 @@ pub fn forward_eval(
 
 /// Training backward: dx (overwritten, when given), and dgamma, dbeta (overwritten). With
 /// `slope`, `dy` is the gradient of the activation's output.
-pub fn backward_train(
+pub fn batchnorm_train_bwd(
     x: &[f32],
     dy: &[f32],
     n: usize,
@@ -311,7 +311,7 @@ pub fn backward_train(
 }
 
 /// Evaluation backward (running statistics are constants): dx, dgamma, dbeta.
-pub fn backward_eval(
+pub fn batchnorm_eval_bwd(
     x: &[f32],
     dy: &[f32],
     c: usize,
@@ -371,9 +371,9 @@ mod tests {
             let beta = rand(c, 4, 0.0);
             let (eps, slope) = (1e-5f32, 0.1f32);
             let mut y = vec![0.0; x.len()];
-            let stats = forward_train(&x, n, c, hw, &gamma, &beta, eps, Some(slope), &mut y);
+            let stats = batchnorm_train_fwd(&x, n, c, hw, &gamma, &beta, eps, Some(slope), &mut y);
             let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
-            backward_train(&x, &dy, n, c, hw, &gamma, &beta, Some(slope), &stats, Some(&mut dx), &mut dg, &mut db);
+            batchnorm_train_bwd(&x, &dy, n, c, hw, &gamma, &beta, Some(slope), &stats, Some(&mut dx), &mut dg, &mut db);
             let m = (n * hw) as f64;
             let at = |i: usize, ch: usize, p: usize| (i * c + ch) * hw + p;
             for ch in 0..c {

@@ -68,7 +68,7 @@ fn bn_checks(
 
 /// Training forward of batch norm over (N, H, W) per channel (NCHW, `hw` = H W), with LeakyReLU
 /// of `slope` fused when given; returns the batch statistics. CPU twin:
-/// `cpu::forward_train`. (The running-statistics update is the op's, not this
+/// `cpu::batchnorm_train_fwd`. (The running-statistics update is the op's, not this
 /// kernel's.)
 pub fn batchnorm_train_fwd(
     gpu: &Gpu,
@@ -119,7 +119,7 @@ pub fn batchnorm_train_fwd(
 }
 
 /// Evaluation forward with running statistics `mean`, `var` (then LeakyReLU when given).
-/// CPU twin: `cpu::forward_eval`.
+/// CPU twin: `cpu::batchnorm_eval_fwd`.
 pub fn batchnorm_eval_fwd(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
@@ -144,7 +144,7 @@ pub fn batchnorm_eval_fwd(
 
 /// Training backward: `dx` (when given), `dgamma`, `dbeta` (overwritten), from the forward's
 /// statistics (`mean`, `invstd` of `stats` are used). With `slope`, `dy` is the gradient of the
-/// activation's output. CPU twin: `cpu::backward_train`.
+/// activation's output. CPU twin: `cpu::batchnorm_train_bwd`.
 pub fn batchnorm_train_bwd(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
@@ -228,7 +228,7 @@ pub fn batchnorm_train_bwd(
 }
 
 /// running = (1 - momentum) running + (momentum batch) factor on `n` channels, rounded as the
-/// CPU rounds. CPU twin: `cpu::running_update`.
+/// CPU rounds. CPU twin: `cpu::batchnorm_running_fwd`.
 pub fn batchnorm_running_fwd(
     gpu: &Gpu,
     running: &mut CudaSlice<f32>,
@@ -321,7 +321,7 @@ pub(crate) fn batch_norm_eval(
         let host = |t: &Tensor| t.to_vec();
         let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        super::cpu::backward_eval(
+        super::cpu::batchnorm_eval_bwd(
             &host(&xc)?,
             &host(g)?,
             c,
@@ -346,7 +346,7 @@ pub(crate) fn batch_norm_eval(
 }
 
 /// Batch norm's running estimate on the GPU: running = (1 - momentum) running + momentum batch
-/// factor, rounded as the CPU twin (`cpu::running_update`) rounds.
+/// factor, rounded as the CPU twin (`cpu::batchnorm_running_fwd`) rounds.
 pub(crate) fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, factor: f32) -> Result<()> {
     if running.device() != batch.device() {
         *running = running.to_device(batch.device())?;

@@ -25,6 +25,21 @@ fn check(x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
+/// Hands a CPU backward's gradients to the tape: dx (computed when x needs one), dgamma, dbeta.
+fn add_grads(
+    grads: &mut crate::autograd::Gradients,
+    [x, gamma, beta]: [&Tensor; 3],
+    dx: Option<Vec<f32>>,
+    dg: Vec<f32>,
+    db: Vec<f32>,
+) -> Result<()> {
+    if let Some(dx) = dx {
+        grads.add_to(x, Tensor::cpu(dx, x.shape().to_vec()))?;
+    }
+    grads.add_to(gamma, Tensor::cpu(dg, gamma.shape().to_vec()))?;
+    grads.add_to(beta, Tensor::cpu(db, beta.shape().to_vec()))
+}
+
 /// A training batch's per-channel mean and biased variance ([c] each, on the input's device): what
 /// the layer folds into its running estimates.
 #[derive(Debug, Clone)]
@@ -70,7 +85,7 @@ pub fn batch_norm_act_train(
         return Ok((y, BatchMoments { mean, var }));
     }
     let mut y = crate::pool::take(x.numel());
-    let stats = k::forward_train(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
+    let stats = k::batchnorm_train_fwd(x.data()?, n, c, hw, gamma.data()?, beta.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let saved = Arc::new(stats.clone());
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
@@ -78,7 +93,7 @@ pub fn batch_norm_act_train(
         let _p = crate::profile::scope("batch_norm.bwd");
         let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::backward_train(
+        k::batchnorm_train_bwd(
             xc.data()?,
             g.data()?,
             n,
@@ -92,11 +107,7 @@ pub fn batch_norm_act_train(
             &mut dg,
             &mut db,
         );
-        if let Some(dx) = dx {
-            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
-        }
-        grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
-        grads.add_to(&bc, Tensor::cpu(db, vec![c]))
+        add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     });
     let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
     Ok((out, moments))
@@ -133,13 +144,13 @@ pub fn batch_norm_act_eval(
         return cuda::batch_norm_eval(gpu, tape, [x, gamma, beta, mean, var], (c, hw), eps, slope);
     }
     let mut y = crate::pool::take(x.numel());
-    k::forward_eval(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
+    k::batchnorm_eval_fwd(x.data()?, c, hw, gamma.data()?, beta.data()?, mean.data()?, var.data()?, eps, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(out, &[x, gamma, beta], move |g, grads| {
         let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        k::backward_eval(
+        k::batchnorm_eval_bwd(
             xc.data()?,
             g.data()?,
             c,
@@ -154,11 +165,7 @@ pub fn batch_norm_act_eval(
             &mut dg,
             &mut db,
         );
-        if let Some(dx) = dx {
-            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
-        }
-        grads.add_to(&gc, Tensor::cpu(dg, vec![c]))?;
-        grads.add_to(&bc, Tensor::cpu(db, vec![c]))
+        add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     }))
 }
 
@@ -171,6 +178,6 @@ pub fn running_update(running: &mut Tensor, batch: &Tensor, momentum: f32, facto
     if batch.device() != crate::device::Device::Cpu {
         return cuda::running_update(running, batch, momentum, factor);
     }
-    k::running_update(running.data_mut()?, batch.data()?, momentum, factor);
+    k::batchnorm_running_fwd(running.data_mut()?, batch.data()?, momentum, factor);
     Ok(())
 }

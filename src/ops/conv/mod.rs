@@ -1,5 +1,6 @@
 //! 2-d convolution without bias (every model here follows each conv by batch norm).
 
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cudnn")]
 pub mod cuda;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 const PAR_MIN: usize = 1 << 15;
 
 /// y = x > 0 ? x : slope * x (slope 0 is ReLU).
-pub fn leaky_relu_forward(x: &[f32], slope: f32, y: &mut [f32]) {
+pub fn leaky_relu_fwd(x: &[f32], slope: f32, y: &mut [f32]) {
     let f = |(d, &v): (&mut f32, &f32)| *d = if v > 0.0 { v } else { slope * v };
     if x.len() < PAR_MIN {
         y.iter_mut().zip(x).for_each(f);
@@ -16,7 +16,7 @@ pub fn leaky_relu_forward(x: &[f32], slope: f32, y: &mut [f32]) {
 }
 
 /// dx = dy * (x > 0 ? 1 : slope).
-pub fn leaky_relu_backward(x: &[f32], dy: &[f32], slope: f32, dx: &mut [f32]) {
+pub fn leaky_relu_bwd(x: &[f32], dy: &[f32], slope: f32, dx: &mut [f32]) {
     let f = |((d, &g), &v): ((&mut f32, &f32), &f32)| *d = if v > 0.0 { g } else { slope * g };
     if x.len() < PAR_MIN {
         dx.iter_mut().zip(dy).zip(x).for_each(f);
@@ -26,7 +26,7 @@ pub fn leaky_relu_backward(x: &[f32], dy: &[f32], slope: f32, dx: &mut [f32]) {
 }
 
 /// y = a + b.
-pub fn add(a: &[f32], b: &[f32], y: &mut [f32]) {
+pub fn add_fwd(a: &[f32], b: &[f32], y: &mut [f32]) {
     let f = |((d, &u), &v): ((&mut f32, &f32), &f32)| *d = u + v;
     if a.len() < PAR_MIN {
         y.iter_mut().zip(a).zip(b).for_each(f);
@@ -36,6 +36,6 @@ pub fn add(a: &[f32], b: &[f32], y: &mut [f32]) {
 }
 
 /// y = s * x.
-pub fn scale(x: &[f32], s: f32, y: &mut [f32]) {
+pub fn scale_fwd(x: &[f32], s: f32, y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(d, &v)| *d = s * v);
 }

@@ -2,50 +2,35 @@
 //! unsafe launch; CPU twins in `cpu.rs` beside this file) and the ops on GPU tensors.
 
 use crate::autograd::Tape;
-use crate::cuda::launch::{flat_cfg, flat_checks, launch};
+use crate::cuda::launch::{flat_cfg, flat_checks, flat_launcher, launch};
 use crate::cuda::{CudaSlice, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
-/// y = x > 0 ? x : slope x on the first `n` elements. CPU twin:
-/// `cpu::leaky_relu_forward`.
-pub fn leaky_relu_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, slope: f32) -> Result<()> {
-    let k = "leaky_relu_fwd_f32";
-    let nl = flat_checks(k, n, &[("x", x.len()), ("y", y.len())])?;
-    launch!(gpu, k, flat_cfg(n), x, y, &nl, &slope)
+flat_launcher! {
+    /// y = x > 0 ? x : slope x on the first `n` elements. CPU twin:
+    /// `cpu::leaky_relu_fwd`.
+    leaky_relu_fwd => "leaky_relu_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>; slope: f32)
 }
 
-/// dx = x > 0 ? dy : slope dy. CPU twin: `cpu::leaky_relu_backward`.
-pub fn leaky_relu_bwd(
-    gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
-    n: usize,
-    slope: f32,
-) -> Result<()> {
-    let k = "leaky_relu_bwd_f32";
-    let nl = flat_checks(k, n, &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())])?;
-    launch!(gpu, k, flat_cfg(n), x, dy, dx, &nl, &slope)
+flat_launcher! {
+    /// dx = x > 0 ? dy : slope dy. CPU twin: `cpu::leaky_relu_bwd`.
+    leaky_relu_bwd => "leaky_relu_bwd_f32" (x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>; slope: f32)
 }
 
-/// y = a + b. CPU twin: `cpu::add`.
-pub fn add_fwd(gpu: &Gpu, a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-    let k = "add_fwd_f32";
-    let nl = flat_checks(k, n, &[("a", a.len()), ("b", b.len()), ("y", y.len())])?;
-    launch!(gpu, k, flat_cfg(n), a, b, y, &nl)
+flat_launcher! {
+    /// y = a + b. CPU twin: `cpu::add`.
+    add_fwd => "add_fwd_f32" (a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>;)
 }
 
-/// y = s x. CPU twin: `cpu::scale`.
-pub fn scale_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, s: f32) -> Result<()> {
-    let k = "scale_fwd_f32";
-    let nl = flat_checks(k, n, &[("x", x.len()), ("y", y.len())])?;
-    launch!(gpu, k, flat_cfg(n), x, y, &nl, &s)
+flat_launcher! {
+    /// y = s x. CPU twin: `cpu::scale`.
+    scale_fwd => "scale_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>; s: f32)
 }
 
 /// Inverted dropout: `mask` = 0 with probability `p`, else 1 / (1 - p); y = x * mask. The mask
-/// is the one `ops::dropout::dropout` draws for the same (`seed`, `stream`), bit for bit
+/// is the one `ops::elementwise::dropout` draws for the same (`seed`, `stream`), bit for bit
 /// ([`dropout_mask_host`] is the kernel's indexing in Rust).
 pub fn dropout_fwd(
     gpu: &Gpu,
@@ -68,23 +53,15 @@ pub fn dropout_fwd(
     launch!(gpu, k, flat_cfg(n.div_ceil(4)), x, y, mask, &nl, &p, &keep, &seed_lo, &seed_hi, &stream_lo, &stream_hi)
 }
 
-/// dx = dy * mask (the mask of [`dropout_fwd`]).
-pub fn dropout_bwd(
-    gpu: &Gpu,
-    dy: &CudaSlice<f32>,
-    mask: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
-    n: usize,
-) -> Result<()> {
-    let k = "dropout_bwd_f32";
-    let nl = flat_checks(k, n, &[("dy", dy.len()), ("mask", mask.len()), ("dx", dx.len())])?;
-    launch!(gpu, k, flat_cfg(n), dy, mask, dx, &nl)
+flat_launcher! {
+    /// dx = dy * mask (the mask of [`dropout_fwd`]).
+    dropout_bwd => "dropout_bwd_f32" (dy: &CudaSlice<f32>, mask: &CudaSlice<f32>, dx: &mut CudaSlice<f32>;)
 }
 
 /// The dropout kernel's mask computed on the host with the kernel's indexing: element i takes
 /// word i % 4 of Philox block i / 4 of stream (`seed`, `stream`), as `(u32 >> 8) * 2^-24`.
 /// Because `Rng::uniform` consumes one u32 per call and numbers its blocks by a counter, this is
-/// exactly the sequence `ops::dropout::dropout` draws (a CPU-only test checks it).
+/// exactly the sequence `ops::elementwise::dropout` draws (a CPU-only test checks it).
 pub fn dropout_mask_host(n: usize, p: f32, seed: u64, stream: u64) -> Vec<f32> {
     let keep = 1.0f32 / (1.0 - p);
     let key = [seed as u32, (seed >> 32) as u32];

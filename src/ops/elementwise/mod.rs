@@ -24,13 +24,13 @@ pub fn leaky_relu(tape: &Tape, x: &Tensor, slope: f32) -> Result<Tensor> {
     }
     let _p = crate::profile::scope("leaky_relu.fwd");
     let mut y = crate::pool::take(x.numel());
-    k::leaky_relu_forward(x.data()?, slope, &mut y);
+    k::leaky_relu_fwd(x.data()?, slope, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let xs = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
         let _p = crate::profile::scope("leaky_relu.bwd");
         let mut dx = crate::pool::take(xs.numel());
-        k::leaky_relu_backward(xs.data()?, g.data()?, slope, &mut dx);
+        k::leaky_relu_bwd(xs.data()?, g.data()?, slope, &mut dx);
         grads.add_to(&xs, Tensor::cpu(dx, xs.shape().to_vec()))
     }))
 }
@@ -43,7 +43,7 @@ pub fn add(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return cuda::add(gpu, tape, a, b);
     }
     let mut y = crate::pool::take(a.numel());
-    k::add(a.data()?, b.data()?, &mut y);
+    k::add_fwd(a.data()?, b.data()?, &mut y);
     let out = Tensor::cpu(y, a.shape().to_vec());
     let (ac, bc) = (a.clone(), b.clone());
     Ok(tape.record(out, &[a, b], move |g, grads| {
@@ -59,12 +59,12 @@ pub fn scale(tape: &Tape, x: &Tensor, s: f32) -> Result<Tensor> {
         return cuda::scale(gpu, tape, x, s);
     }
     let mut y = crate::pool::take(x.numel());
-    k::scale(x.data()?, s, &mut y);
+    k::scale_fwd(x.data()?, s, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
         let mut dx = crate::pool::take(g.numel());
-        k::scale(g.data()?, s, &mut dx);
+        k::scale_fwd(g.data()?, s, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))
 }

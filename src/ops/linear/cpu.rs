@@ -2,7 +2,7 @@
 //! CUDA twins: `bias_rows_fwd_f32` and `bias_grad_bwd_f32` in kernels/elementwise.cu.
 
 /// y[r, j] = b[j] for every row of the rows x `b.len()` matrix `y`.
-pub fn broadcast_rows(b: &[f32], y: &mut [f32]) {
+pub fn bias_rows_fwd(b: &[f32], y: &mut [f32]) {
     if b.is_empty() {
         return;
     }
@@ -10,7 +10,7 @@ pub fn broadcast_rows(b: &[f32], y: &mut [f32]) {
 }
 
 /// db[j] = sum over rows of g[r, j], in row order (the GPU kernel sums in the same order).
-pub fn column_sums(g: &[f32], db: &mut [f32]) {
+pub fn bias_grad_bwd(g: &[f32], db: &mut [f32]) {
     db.fill(0.0);
     if db.is_empty() {
         return;
@@ -28,11 +28,11 @@ mod tests {
     fn broadcast_and_sum_are_adjoint() {
         let b = [1.0, -2.0, 0.5];
         let mut y = vec![0.0; 12];
-        broadcast_rows(&b, &mut y);
+        bias_rows_fwd(&b, &mut y);
         assert_eq!(&y[9..], &b);
         let g: Vec<f32> = (0..12).map(|i| i as f32).collect();
         let mut db = [9.0; 3];
-        column_sums(&g, &mut db);
+        bias_grad_bwd(&g, &mut db);
         assert_eq!(db, [18.0, 22.0, 26.0]);
     }
 }

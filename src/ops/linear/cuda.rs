@@ -10,7 +10,7 @@ use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
 /// y[r, j] = b[j] for an rows x cols `y`: the bias a dense layer's GEMM then accumulates onto.
-/// CPU twin: `cpu::broadcast_rows`.
+/// CPU twin: `cpu::bias_rows_fwd`.
 pub fn bias_rows_fwd(gpu: &Gpu, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
     let k = "bias_rows_fwd_f32";
     nonzero(k, &[("rows", rows), ("columns", cols)])?;
@@ -20,7 +20,7 @@ pub fn bias_rows_fwd(gpu: &Gpu, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows
     launch!(gpu, k, flat_cfg(rows * cols), b, y, &rl, &ci)
 }
 
-/// db[j] = sum over the rows of g[r, j] (row order, as the CPU). CPU twin: `cpu::column_sums`.
+/// db[j] = sum over the rows of g[r, j] (row order, as the CPU). CPU twin: `cpu::bias_grad_bwd`.
 pub fn bias_grad_bwd(gpu: &Gpu, g: &CudaSlice<f32>, db: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
     let k = "bias_grad_bwd_f32";
     nonzero(k, &[("rows", rows), ("columns", cols)])?;

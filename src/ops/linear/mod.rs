@@ -74,7 +74,7 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
     }
     let mut y = crate::pool::take(n * fout);
     if let Some(b) = b {
-        cpu::broadcast_rows(b.data()?, &mut y);
+        cpu::bias_rows_fwd(b.data()?, &mut y);
     }
     sgemm(n, fout, fin, Mat::n(x.data()?), Mat::t(w.data()?), &mut y, b.is_some(), threads());
     let out = Tensor::cpu(y, vec![n, fout]);
@@ -95,7 +95,7 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
         }
         if let Some(bc) = bc.filter(|b| b.requires_grad()) {
             let mut db = vec![0.0f32; fout];
-            cpu::column_sums(g, &mut db);
+            cpu::bias_grad_bwd(g, &mut db);
             grads.add_to(&bc, Tensor::cpu(db, vec![fout]))?;
         }
         Ok(())

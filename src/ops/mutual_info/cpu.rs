@@ -119,7 +119,7 @@ fn forward_chunk_rows(n: usize, c: usize) -> usize {
 }
 
 /// Loss and everything the backward needs, from the logits of both views (n x C each, row-major).
-pub fn forward(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f32) -> MiForward {
+pub fn mi_fwd(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f32) -> MiForward {
     debug_assert!(n >= 1 && c >= 1);
     debug_assert!(logits_a.len() == n * c && logits_b.len() == n * c);
     let (mut z, mut w) = (crate::pool::take(n * c), crate::pool::take(n * c));
@@ -626,7 +626,7 @@ fn backward_chunk_best(
 
 /// Gradients of `upstream * L` with respect to both views' logits (n x C each, overwritten):
 /// dL/da_i = (1/s) z_i * (G^ w_i - (z_i^T G^ w_i) 1), and the same for b with z and w swapped.
-pub fn backward(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [f32], grad_b: &mut [f32]) {
+pub fn mi_bwd(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [f32], grad_b: &mut [f32]) {
     debug_assert!(grad_a.len() == n * c && grad_b.len() == n * c && fwd.z.len() == n * c);
     let scale = (upstream as f64 / fwd.s) as f32;
     let step = CHUNK_ROWS * c;
@@ -761,9 +761,9 @@ mod tests {
     }
 
     fn run(a: &[f32], b: &[f32], n: usize, c: usize, lambda: f32) -> (MiForward, Vec<f32>, Vec<f32>) {
-        let f = forward(a, b, n, c, lambda);
+        let f = mi_fwd(a, b, n, c, lambda);
         let (mut ga, mut gb) = (vec![0.0; n * c], vec![0.0; n * c]);
-        backward(&f, n, c, 1.0, &mut ga, &mut gb);
+        mi_bwd(&f, n, c, 1.0, &mut ga, &mut gb);
         (f, ga, gb)
     }
 
@@ -829,7 +829,7 @@ mod tests {
             assert_eq!(f.clamped, c * c - c);
             assert!(ga.iter().chain(&gb).all(|v| v.is_finite()));
         }
-        let f = forward(&a, &a, n, c, 1.0);
+        let f = mi_fwd(&a, &a, n, c, 1.0);
         assert!((f.loss + std::f32::consts::LN_10).abs() < 1e-5, "C = 10, lambda = 1: {}", f.loss);
     }
 
@@ -927,7 +927,7 @@ mod tests {
         let a = randn(n * c, 1.5, 7);
         let b = randn(n * c, 1.5, 8);
         let lambda = 1.5f32;
-        let f = forward(&a, &b, n, c, lambda);
+        let f = mi_fwd(&a, &b, n, c, lambda);
         assert_eq!(f.clamped, 0);
         let l = lambda as f64;
         let m: Vec<f64> = f.p.chunks(c).map(|r| r.iter().sum()).collect();
@@ -942,7 +942,7 @@ mod tests {
             }
         }
         // The lambda = 1 loss is -I(z; z'), in [-ln C, 0].
-        let f1 = forward(&a, &b, n, c, 1.0);
+        let f1 = mi_fwd(&a, &b, n, c, 1.0);
         assert!(f1.loss <= 0.0 && f1.loss as f64 >= -(c as f64).ln());
     }
 
@@ -951,11 +951,11 @@ mod tests {
         let (n, c) = (9, 4);
         let a = randn(n * c, 2.0, 3);
         let b = randn(n * c, 2.0, 4);
-        let f = forward(&a, &b, n, c, 1.0);
+        let f = mi_fwd(&a, &b, n, c, 1.0);
         let (mut ga, mut gb) = (vec![0.0; n * c], vec![0.0; n * c]);
         let (mut ha, mut hb) = (vec![0.0; n * c], vec![0.0; n * c]);
-        backward(&f, n, c, 1.0, &mut ga, &mut gb);
-        backward(&f, n, c, -2.5, &mut ha, &mut hb);
+        mi_bwd(&f, n, c, 1.0, &mut ga, &mut gb);
+        mi_bwd(&f, n, c, -2.5, &mut ha, &mut hb);
         for (x, y) in ga.iter().chain(&gb).zip(ha.iter().chain(&hb)) {
             assert!((-2.5 * x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{x} {y}");
         }

@@ -1,6 +1,7 @@
 //! The IIC mutual-information loss between two views' logits (METHOD.md, "The IIC
 //! mutual-information loss (exact)"): a scalar whose backward reaches both logit tensors.
 
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -56,7 +57,7 @@ pub fn mutual_info_loss_with_stats(
         let loss = joint_entropy - 2.0 * lambda as f64 * marginal_entropy;
         return Ok((out, MiStats { loss, joint_entropy, marginal_entropy }));
     }
-    let fwd = k::forward(logits_a.data()?, logits_b.data()?, n, c, lambda);
+    let fwd = k::mi_fwd(logits_a.data()?, logits_b.data()?, n, c, lambda);
     let stats = MiStats {
         loss: fwd.joint_entropy - 2.0 * lambda as f64 * fwd.marginal_entropy,
         joint_entropy: fwd.joint_entropy,
@@ -66,7 +67,7 @@ pub fn mutual_info_loss_with_stats(
     let (ac, bc) = (logits_a.clone(), logits_b.clone());
     let out = tape.record(out, &[logits_a, logits_b], move |g, grads| {
         let (mut ga, mut gb) = (crate::pool::take(n * c), crate::pool::take(n * c));
-        k::backward(&fwd, n, c, g.item()?, &mut ga, &mut gb);
+        k::mi_bwd(&fwd, n, c, g.item()?, &mut ga, &mut gb);
         grads.add_to(&ac, Tensor::cpu(ga, vec![n, c]))?;
         grads.add_to(&bc, Tensor::cpu(gb, vec![n, c]))
     });

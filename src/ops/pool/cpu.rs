@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 /// Max-pool each [h, w] plane by k x k windows (stride k); `arg` keeps the winner's offset in
 /// the window for the backward.
-pub fn maxpool_forward(x: &[f32], planes: usize, h: usize, w: usize, k: usize, y: &mut [f32], arg: &mut [u8]) {
+pub fn maxpool_fwd(x: &[f32], planes: usize, h: usize, w: usize, k: usize, y: &mut [f32], arg: &mut [u8]) {
     let (ho, wo) = (h / k, w / k);
     y.par_chunks_mut(ho * wo).zip(arg.par_chunks_mut(ho * wo)).zip(x.par_chunks(h * w)).with_min_len(16).for_each(
         |((yp, ap), xp)| {
@@ -61,7 +61,7 @@ fn maxpool2_plane(xp: &[f32], w: usize, ho: usize, wo: usize, yp: &mut [f32], ap
 }
 
 /// Routes each output gradient to its window's winner; dx is overwritten.
-pub fn maxpool_backward(dy: &[f32], arg: &[u8], planes: usize, h: usize, w: usize, k: usize, dx: &mut [f32]) {
+pub fn maxpool_bwd(dy: &[f32], arg: &[u8], planes: usize, h: usize, w: usize, k: usize, dx: &mut [f32]) {
     let (ho, wo) = (h / k, w / k);
     dx.par_chunks_mut(h * w).zip(dy.par_chunks(ho * wo)).zip(arg.par_chunks(ho * wo)).with_min_len(16).for_each(
         |((dxp, dyp), ap)| {
@@ -78,14 +78,14 @@ pub fn maxpool_backward(dy: &[f32], arg: &[u8], planes: usize, h: usize, w: usiz
 }
 
 /// Mean of each plane of `hw` elements.
-pub fn avgpool_forward(x: &[f32], hw: usize, y: &mut [f32]) {
+pub fn avgpool_fwd(x: &[f32], hw: usize, y: &mut [f32]) {
     for (d, p) in y.iter_mut().zip(x.chunks(hw)) {
         *d = p.iter().sum::<f32>() / hw as f32;
     }
 }
 
 /// Spreads each plane's gradient evenly over its `hw` elements.
-pub fn avgpool_backward(dy: &[f32], hw: usize, dx: &mut [f32]) {
+pub fn avgpool_bwd(dy: &[f32], hw: usize, dx: &mut [f32]) {
     for (p, &g) in dx.chunks_mut(hw).zip(dy) {
         p.fill(g / hw as f32);
     }
@@ -125,7 +125,7 @@ mod tests {
         for k in [2, 3] {
             let (ho, wo) = (h / k, w / k);
             let (mut y, mut a) = (vec![0.0; planes * ho * wo], vec![0u8; planes * ho * wo]);
-            maxpool_forward(&x, planes, h, w, k, &mut y, &mut a);
+            maxpool_fwd(&x, planes, h, w, k, &mut y, &mut a);
             let (yr, ar) = naive(&x, planes, h, w, k);
             assert_eq!(a, ar, "k = {k}");
             for (u, v) in y.iter().zip(&yr) {

@@ -9,8 +9,8 @@ use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
 /// 2 x 2 max-pool (stride 2) of `planes` planes of h x w: `y` and the winner's offset `arg`
-/// (planes x h/2 x w/2). CPU twin: `cpu::maxpool_forward` with k = 2.
-pub fn maxpool2_fwd(
+/// (planes x h/2 x w/2). CPU twin: `cpu::maxpool_fwd` with k = 2.
+pub fn maxpool_fwd(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
     planes: usize,
@@ -19,7 +19,7 @@ pub fn maxpool2_fwd(
     y: &mut CudaSlice<f32>,
     arg: &mut CudaSlice<u8>,
 ) -> Result<()> {
-    let k = "maxpool2_fwd_f32";
+    let k = "maxpool_fwd_f32";
     nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
     need(k, "x", x.len(), elems(k, planes, elems(k, h, w)?)?)?;
     let out = planes * (h / 2) * (w / 2);
@@ -31,8 +31,8 @@ pub fn maxpool2_fwd(
 }
 
 /// Routes each output gradient to its window's winner; `dx` (planes x h x w) is overwritten,
-/// zeros included. CPU twin: `cpu::maxpool_backward` with k = 2.
-pub fn maxpool2_bwd(
+/// zeros included. CPU twin: `cpu::maxpool_bwd` with k = 2.
+pub fn maxpool_bwd(
     gpu: &Gpu,
     dy: &CudaSlice<f32>,
     arg: &CudaSlice<u8>,
@@ -41,7 +41,7 @@ pub fn maxpool2_bwd(
     w: usize,
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let k = "maxpool2_bwd_f32";
+    let k = "maxpool_bwd_f32";
     nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
     let total = elems(k, planes, elems(k, h, w)?)?;
     need(k, "dx", dx.len(), total)?;
@@ -53,7 +53,7 @@ pub fn maxpool2_bwd(
     launch!(gpu, k, flat_cfg(total), dy, arg, dx, &pl, &hi, &wi)
 }
 
-/// Mean of each plane of `hw` elements. CPU twin: `cpu::avgpool_forward`.
+/// Mean of each plane of `hw` elements. CPU twin: `cpu::avgpool_fwd`.
 pub fn avgpool_fwd(gpu: &Gpu, x: &CudaSlice<f32>, planes: usize, hw: usize, y: &mut CudaSlice<f32>) -> Result<()> {
     let k = "avgpool_fwd_f32";
     nonzero(k, &[("planes", planes), ("plane size", hw)])?;
@@ -64,7 +64,7 @@ pub fn avgpool_fwd(gpu: &Gpu, x: &CudaSlice<f32>, planes: usize, hw: usize, y: &
 }
 
 /// Spreads each plane's gradient evenly over its `hw` elements. CPU twin:
-/// `cpu::avgpool_backward`.
+/// `cpu::avgpool_bwd`.
 pub fn avgpool_bwd(gpu: &Gpu, dy: &CudaSlice<f32>, planes: usize, hw: usize, dx: &mut CudaSlice<f32>) -> Result<()> {
     let k = "avgpool_bwd_f32";
     nonzero(k, &[("planes", planes), ("plane size", hw)])?;
@@ -93,12 +93,12 @@ pub(crate) fn max_pool2d(
     let len = planes * (h / 2) * (w / 2);
     let mut y = alloc(&gpu, len)?;
     let mut arg = gpu.zeros::<u8>(len.max(1))?;
-    maxpool2_fwd(&gpu, buf(x)?, planes, h, w, &mut y, &mut arg)?;
+    maxpool_fwd(&gpu, buf(x)?, planes, h, w, &mut y, &mut arg)?;
     let xc = x.clone();
     Ok(tape.record(wrap(y, &[n, c, h / 2, w / 2])?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
         let mut dx = alloc(&gpu, xc.numel())?;
-        maxpool2_bwd(&gpu, buf(&g)?, &arg, planes, h, w, &mut dx)?;
+        maxpool_bwd(&gpu, buf(&g)?, &arg, planes, h, w, &mut dx)?;
         grads.add_to(&xc, wrap(dx, xc.shape())?)
     }))
 }

@@ -23,13 +23,13 @@ pub fn max_pool2d(tape: &Tape, x: &Tensor, size: usize) -> Result<Tensor> {
     let (ho, wo) = (h / size, w / size);
     let mut y = crate::pool::take(n * c * ho * wo);
     let mut arg = vec![0u8; y.len()];
-    k::maxpool_forward(x.data()?, n * c, h, w, size, &mut y, &mut arg);
+    k::maxpool_fwd(x.data()?, n * c, h, w, size, &mut y, &mut arg);
     let out = Tensor::cpu(y, vec![n, c, ho, wo]);
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
         let _p = crate::profile::scope("max_pool.bwd");
         let mut dx = crate::pool::take(xc.numel());
-        k::maxpool_backward(g.data()?, &arg, n * c, h, w, size, &mut dx);
+        k::maxpool_bwd(g.data()?, &arg, n * c, h, w, size, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))
 }
@@ -45,12 +45,12 @@ pub fn global_avg_pool(tape: &Tape, x: &Tensor) -> Result<Tensor> {
         return cuda::global_avg_pool(gpu, tape, x, [n, c, h, w]);
     }
     let mut y = crate::pool::take(n * c);
-    k::avgpool_forward(x.data()?, h * w, &mut y);
+    k::avgpool_fwd(x.data()?, h * w, &mut y);
     let out = Tensor::cpu(y, vec![n, c]);
     let xc = x.clone();
     Ok(tape.record(out, &[x], move |g, grads| {
         let mut dx = crate::pool::take(xc.numel());
-        k::avgpool_backward(g.data()?, h * w, &mut dx);
+        k::avgpool_bwd(g.data()?, h * w, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))
 }

@@ -14,7 +14,7 @@ const CHUNK_ROWS: usize = 1024;
 
 multiversion! {
     /// Row softmax of an n x c matrix.
-    pub fn softmax_forward(x: &[f32], c: usize, y: &mut [f32]) {
+    pub fn softmax_fwd(x: &[f32], c: usize, y: &mut [f32]) {
         for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
             softmax_row(xr, yr);
         }
@@ -23,7 +23,7 @@ multiversion! {
 
 multiversion! {
     /// dx = y * (dy - <y, dy>) per row.
-    pub fn softmax_backward(y: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
+    pub fn softmax_bwd(y: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
         for ((yr, gr), dr) in y.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
             let dot = simd::dot(yr, gr);
             for ((d, &p), &g) in dr.iter_mut().zip(yr).zip(gr) {
@@ -35,7 +35,7 @@ multiversion! {
 
 multiversion! {
     /// Row log-softmax of an n x c matrix.
-    pub fn log_softmax_forward(x: &[f32], c: usize, y: &mut [f32]) {
+    pub fn log_softmax_fwd(x: &[f32], c: usize, y: &mut [f32]) {
         for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
             let l = logsumexp_row(xr);
             for (o, &v) in yr.iter_mut().zip(xr) {
@@ -47,7 +47,7 @@ multiversion! {
 
 multiversion! {
     /// dx = dy - softmax * sum(dy) per row, from the log-softmax output y.
-    pub fn log_softmax_backward(y: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
+    pub fn log_softmax_bwd(y: &[f32], dy: &[f32], c: usize, dx: &mut [f32]) {
         for ((yr, gr), dr) in y.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
             let s = simd::sum(gr);
             for ((d, &l), &g) in dr.iter_mut().zip(yr).zip(gr) {
@@ -122,7 +122,7 @@ mod avx512 {
 }
 
 /// Mean cross-entropy of logits (n x c) against class indices; `grad` gets d(mean loss)/d logits.
-pub fn cross_entropy_hard(x: &[f32], labels: &[usize], c: usize, grad: &mut [f32]) -> f32 {
+pub fn cross_entropy_hard_fwd(x: &[f32], labels: &[usize], c: usize, grad: &mut [f32]) -> f32 {
     let n = labels.len();
     let inv_n = 1.0 / n as f32;
     let step = CHUNK_ROWS * c;
@@ -146,7 +146,7 @@ pub fn cross_entropy_hard(x: &[f32], labels: &[usize], c: usize, grad: &mut [f32
 }
 
 /// Mean over rows of -sum_c q_c log softmax(x)_c for target rows q (n x c); `grad` as above.
-pub fn cross_entropy_soft(x: &[f32], q: &[f32], c: usize, grad: &mut [f32]) -> f32 {
+pub fn cross_entropy_soft_fwd(x: &[f32], q: &[f32], c: usize, grad: &mut [f32]) -> f32 {
     let n = x.len() / c;
     let inv_n = 1.0 / n as f32;
     let step = CHUNK_ROWS * c;
@@ -203,12 +203,12 @@ mod tests {
             labels.iter().enumerate().for_each(|(i, &y)| onehot[i * c + y] = 1.0);
             let (want, want_g) = reference(&x, &onehot, c);
             let mut g = vec![0.0f32; n * c];
-            let got = cross_entropy_hard(&x, &labels, c, &mut g);
+            let got = cross_entropy_hard_fwd(&x, &labels, c, &mut g);
             assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "hard n {n} c {c}: {got} vs {want}");
             assert_close(&g, &want_g, 1e-5, "hard grad");
             let q: Vec<f32> = randn(n * c, 1.0, 90 + k as u64).iter().map(|v| v.abs()).collect();
             let (want, want_g) = reference(&x, &q, c);
-            let got = cross_entropy_soft(&x, &q, c, &mut g);
+            let got = cross_entropy_soft_fwd(&x, &q, c, &mut g);
             assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "soft n {n} c {c}: {got} vs {want}");
             assert_close(&g, &want_g, 1e-5, "soft grad");
         }
@@ -219,7 +219,7 @@ mod tests {
         let (n, c) = (33, 17);
         let x = randn(n * c, 30.0, 4);
         let mut y = vec![0.0f32; n * c];
-        softmax_forward(&x, c, &mut y);
+        softmax_fwd(&x, c, &mut y);
         for (xr, yr) in x.chunks(c).zip(y.chunks(c)) {
             let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
             let s: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
@@ -239,7 +239,7 @@ mod tests {
         let on = |t: usize| match rayon::ThreadPoolBuilder::new().num_threads(t).build() {
             Ok(pool) => pool.install(|| {
                 let mut g = vec![0.0f32; n * c];
-                (cross_entropy_hard(&x, &labels, c, &mut g).to_bits(), g)
+                (cross_entropy_hard_fwd(&x, &labels, c, &mut g).to_bits(), g)
             }),
             Err(e) => panic!("thread pool: {e}"),
         };

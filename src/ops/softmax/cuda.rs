@@ -2,53 +2,31 @@
 //! unsafe launch; CPU twins in `cpu.rs` beside this file) and the ops on GPU tensors.
 
 use crate::autograd::Tape;
-use crate::cuda::launch::{cfg, flat_cfg, flat_checks, int, launch, need, row_checks, rows_cfg};
+use crate::cuda::launch::{cfg, flat_cfg, flat_checks, int, launch, need, row_checks, rows_cfg, rows_launcher};
 use crate::cuda::{CudaSlice, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
-/// Row softmax of `x` (n x c) into `y`. CPU twin: `cpu::softmax_forward`.
-pub fn softmax_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, c: usize) -> Result<()> {
-    let k = "softmax_fwd_f32";
-    let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("y", y.len())])?;
-    launch!(gpu, k, rows_cfg(k, n)?, x, y, &ni, &ci)
+rows_launcher! {
+    /// Row softmax of `x` (n x c) into `y`. CPU twin: `cpu::softmax_fwd`.
+    softmax_fwd => "softmax_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>)
 }
 
-/// dx = y * (dy - <y, dy>) per row. CPU twin: `cpu::softmax_backward`.
-pub fn softmax_bwd(
-    gpu: &Gpu,
-    y: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
-    n: usize,
-    c: usize,
-) -> Result<()> {
-    let k = "softmax_bwd_f32";
-    let (ni, ci) = row_checks(k, n, c, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
-    launch!(gpu, k, rows_cfg(k, n)?, y, dy, dx, &ni, &ci)
+rows_launcher! {
+    /// dx = y * (dy - <y, dy>) per row. CPU twin: `cpu::softmax_bwd`.
+    softmax_bwd => "softmax_bwd_f32" (y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>)
 }
 
-/// Row log-softmax. CPU twin: `cpu::log_softmax_forward`.
-pub fn log_softmax_fwd(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, c: usize) -> Result<()> {
-    let k = "log_softmax_fwd_f32";
-    let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("y", y.len())])?;
-    launch!(gpu, k, rows_cfg(k, n)?, x, y, &ni, &ci)
+rows_launcher! {
+    /// Row log-softmax. CPU twin: `cpu::log_softmax_fwd`.
+    log_softmax_fwd => "log_softmax_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>)
 }
 
-/// dx = dy - exp(y) * sum(dy) per row, y the log-softmax output. CPU twin:
-/// `cpu::log_softmax_backward`.
-pub fn log_softmax_bwd(
-    gpu: &Gpu,
-    y: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
-    n: usize,
-    c: usize,
-) -> Result<()> {
-    let k = "log_softmax_bwd_f32";
-    let (ni, ci) = row_checks(k, n, c, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
-    launch!(gpu, k, rows_cfg(k, n)?, y, dy, dx, &ni, &ci)
+rows_launcher! {
+    /// dx = dy - exp(y) * sum(dy) per row, y the log-softmax output. CPU twin:
+    /// `cpu::log_softmax_bwd`.
+    log_softmax_bwd => "log_softmax_bwd_f32" (y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>)
 }
 
 /// Deterministic f64 mean of `v[..n]` into a new one-element buffer.

@@ -3,6 +3,7 @@
 //! (MixMatch's L_U). A fused loss computes its gradient in the forward pass; the backward scales
 //! it by the upstream gradient.
 
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -15,36 +16,34 @@ use cpu as k;
 
 /// Softmax of each row.
 pub fn softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
-    let (_, c) = rows_cols(x, "softmax input")?;
-    #[cfg(feature = "cuda")]
-    if let Some(gpu) = crate::ops::gpu::on_gpu("softmax", &[x])? {
-        return cuda::softmax(gpu, tape, x, c, false);
-    }
-    let mut y = crate::pool::take(x.numel());
-    k::softmax_forward(x.data()?, c, &mut y);
-    let out = Tensor::cpu(y, x.shape().to_vec());
-    let (xc, yc) = (x.clone(), out.clone());
-    Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = crate::pool::take(xc.numel());
-        k::softmax_backward(yc.data()?, g.data()?, c, &mut dx);
-        grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
-    }))
+    row_softmax(tape, x, false)
 }
 
 /// Log-softmax of each row.
 pub fn log_softmax(tape: &Tape, x: &Tensor) -> Result<Tensor> {
-    let (_, c) = rows_cols(x, "log_softmax input")?;
+    row_softmax(tape, x, true)
+}
+
+/// Softmax (`log` false) or log-softmax (`log` true) of each row; both backwards read only the
+/// output.
+fn row_softmax(tape: &Tape, x: &Tensor, log: bool) -> Result<Tensor> {
+    let what = if log { "log_softmax" } else { "softmax" };
+    let (_, c) = rows_cols(x, &format!("{what} input"))?;
     #[cfg(feature = "cuda")]
-    if let Some(gpu) = crate::ops::gpu::on_gpu("log_softmax", &[x])? {
-        return cuda::softmax(gpu, tape, x, c, true);
+    if let Some(gpu) = crate::ops::gpu::on_gpu(what, &[x])? {
+        return cuda::softmax(gpu, tape, x, c, log);
     }
+    type Fwd = fn(&[f32], usize, &mut [f32]);
+    type Bwd = fn(&[f32], &[f32], usize, &mut [f32]);
+    let (fwd, bwd): (Fwd, Bwd) =
+        if log { (k::log_softmax_fwd, k::log_softmax_bwd) } else { (k::softmax_fwd, k::softmax_bwd) };
     let mut y = crate::pool::take(x.numel());
-    k::log_softmax_forward(x.data()?, c, &mut y);
+    fwd(x.data()?, c, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
     let (xc, yc) = (x.clone(), out.clone());
     Ok(tape.record(out, &[x], move |g, grads| {
         let mut dx = crate::pool::take(xc.numel());
-        k::log_softmax_backward(yc.data()?, g.data()?, c, &mut dx);
+        bwd(yc.data()?, g.data()?, c, &mut dx);
         grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
     }))
 }
@@ -78,7 +77,7 @@ pub fn cross_entropy(tape: &Tape, logits: &Tensor, labels: &[usize]) -> Result<T
         return cuda::cross_entropy(gpu, tape, logits, labels, c);
     }
     let mut grad = crate::pool::take(n * c);
-    let loss = k::cross_entropy_hard(logits.data()?, labels, c, &mut grad);
+    let loss = k::cross_entropy_hard_fwd(logits.data()?, labels, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
 }
 
@@ -94,7 +93,7 @@ pub fn cross_entropy_soft(tape: &Tape, logits: &Tensor, targets: &Tensor) -> Res
         return cuda::cross_entropy_soft(gpu, tape, logits, targets, (n, c));
     }
     let mut grad = crate::pool::take(n * c);
-    let loss = k::cross_entropy_soft(logits.data()?, targets.data()?, c, &mut grad);
+    let loss = k::cross_entropy_soft_fwd(logits.data()?, targets.data()?, c, &mut grad);
     Ok(fused(tape, logits, loss, grad))
 }
 
