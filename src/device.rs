@@ -4,6 +4,18 @@ use crate::error::{Error, Result};
 use std::fmt;
 use std::str::FromStr;
 
+/// The cargo features this binary was built with (they decide which devices it can use).
+pub fn build_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    if cfg!(feature = "cudnn") {
+        f.push("cudnn");
+    }
+    f
+}
+
 /// A compute device (config.json spells it as the CLI does: cpu, cuda:N).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(into = "String", try_from = "String")]

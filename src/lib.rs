@@ -33,15 +33,3 @@ pub use autograd::{Gradients, Tape};
 pub use device::Device;
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::Tensor;
-
-/// The cargo features this binary was built with.
-pub fn build_features() -> Vec<&'static str> {
-    let mut f = Vec::new();
-    if cfg!(feature = "cuda") {
-        f.push("cuda");
-    }
-    if cfg!(feature = "cudnn") {
-        f.push("cudnn");
-    }
-    f
-}

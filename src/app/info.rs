@@ -7,7 +7,7 @@ use crate::train::TrainConfig;
 /// `muscle info`: prints the version, features, threads, devices and methods.
 pub fn command() -> Result<()> {
     println!("muscle {}", env!("CARGO_PKG_VERSION"));
-    let f = crate::build_features();
+    let f = crate::device::build_features();
     println!("features: {}", if f.is_empty() { "cpu-only".to_string() } else { f.join(",") });
     println!("threads: {} (default for --threads)", TrainConfig::DEFAULT.threads());
     println!("devices: cpu{}", if cfg!(feature = "cuda") { ", cuda (see below)" } else { "" });

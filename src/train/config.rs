@@ -352,7 +352,7 @@ impl TrainConfig {
         let mut v = serde_json::to_value(self.resolved()).map_err(unwritable)?;
         v["version"] = env!("CARGO_PKG_VERSION").into();
         v["git_commit"] = option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown").into();
-        v["features"] = crate::build_features().into();
+        v["features"] = crate::device::build_features().into();
         let text = serde_json::to_string_pretty(&v).map_err(unwritable)?;
         Ok(format!("{text}\n"))
     }
