@@ -109,7 +109,7 @@ fn softmax_ce(c: &mut Criterion) {
 }
 
 fn training_steps(c: &mut Criterion) {
-    use muscle::bench::StepRunner;
+    use muscle::app::bench::StepRunner;
     use muscle::nn::ModelKind;
     use muscle::ssl::Method;
     use muscle::train::TrainConfig;

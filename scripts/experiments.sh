@@ -33,7 +33,7 @@ log "sweep: 40 labels, seed 1"
 $BIN sweep $common --methods $methods --label-counts 40 --seeds 1 --out "$OUT/grid"
 # Claim 3: a biased labeled set (R = 10) at 250 labels.
 log "sweep: 250 labels, imbalance 10"
-$BIN sweep $common --methods $methods --label-counts 250 --seeds 0 --imbalances 10 --out "$OUT/grid"
+$BIN sweep $common --methods $methods --label-counts 250 --seeds 0 --label-imbalances 10 --out "$OUT/grid"
 # Claim 4: IIC pre-training on the unlabeled images, then 40 labels with supervised and MUSCLE
 # fine-tuning (the scratch runs are the grid's 40-label cells).
 if [ ! -f "$OUT/pretrain/summary.json" ]; then

@@ -4,8 +4,21 @@ use crate::error::{Error, Result};
 use std::fmt;
 use std::str::FromStr;
 
-/// A compute device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The cargo features this binary was built with (they decide which devices it can use).
+pub fn build_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    if cfg!(feature = "cudnn") {
+        f.push("cudnn");
+    }
+    f
+}
+
+/// A compute device (config.json spells it as the CLI does: cpu, cuda:N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Device {
     /// The host CPU (the reference backend).
     Cpu,
@@ -33,6 +46,19 @@ impl FromStr for Device {
                 _ => Err(Error::usage(format!("--device: unknown device '{s}' (expected cpu, cuda or cuda:N)"))),
             },
         }
+    }
+}
+
+impl From<Device> for String {
+    fn from(v: Device) -> String {
+        v.to_string()
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Device> {
+        s.parse()
     }
 }
 

@@ -6,11 +6,8 @@
 //! [`nn`] layers and models; [`optim`] optimizers and schedules.
 
 pub mod alloc_count;
+pub mod app;
 pub mod autograd;
-pub mod bench;
-pub mod bench_op;
-#[cfg(feature = "cuda")]
-pub mod bench_op_gpu;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -24,12 +21,10 @@ pub mod nn;
 pub mod npy;
 pub mod ops;
 pub mod optim;
-pub mod plot;
 pub mod pool;
 pub mod profile;
 pub mod rng;
 pub mod ssl;
-pub mod sweep;
 pub mod tensor;
 pub mod testing;
 pub mod train;
@@ -38,15 +33,3 @@ pub use autograd::{Gradients, Tape};
 pub use device::Device;
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::Tensor;
-
-/// The cargo features this binary was built with.
-pub fn build_features() -> Vec<&'static str> {
-    let mut f = Vec::new();
-    if cfg!(feature = "cuda") {
-        f.push("cuda");
-    }
-    if cfg!(feature = "cudnn") {
-        f.push("cudnn");
-    }
-    f
-}

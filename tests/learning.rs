@@ -60,7 +60,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         lambda: 1.0,
         ramp_steps: 0,
         mi_labeled,
-        w_host: 75.0,
+        w_u: 75.0,
         temperature: 0.5,
         mixup_alpha: 0.75,
     };
@@ -104,7 +104,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
             lambda: 1.0,
             ramp_steps: 0,
             mi_labeled: false,
-            w_host: 75.0,
+            w_u: 75.0,
             temperature: 0.5,
             mixup_alpha: 0.75,
         };
@@ -131,11 +131,11 @@ fn a_short_muscle_run_on_the_embedded_set_clears_an_accuracy_floor() {
     // pinned: at the default's 1e-3 this 200-step run reaches 0.563.
     let cfg = muscle::train::TrainConfig {
         steps: 200,
-        lr: 2e-3,
+        lr: Some(2e-3),
         eval_every: 200,
-        batch: 32,
-        unlabeled_batch: 128,
-        model: ModelKind::ConvNet { width: 16 },
+        batch: Some(32),
+        unlabeled_batch: Some(128),
+        width: 16,
         ..Default::default()
     };
     let s = muscle::train::train(&cfg, &mut |_| {}).expect("train");
@@ -153,9 +153,9 @@ fn pretraining_then_fine_tuning_from_its_checkpoint() {
     let base = TrainConfig {
         steps: 4,
         eval_every: 4,
-        batch: 16,
-        unlabeled_batch: 32,
-        model: ModelKind::ConvNet { width: 8 },
+        batch: Some(16),
+        unlabeled_batch: Some(32),
+        width: 8,
         ..Default::default()
     };
     let pre = TrainConfig { method: Method::Pretrain, overcluster: 2, out: Some(dir.clone()), ..base.clone() };

@@ -10,6 +10,7 @@ mod gradients;
 mod learning;
 mod mi_reference;
 mod models;
+mod old_runs;
 mod reliability;
 mod sweep;
 mod training_reference;

@@ -22,7 +22,8 @@ const SMALL: &[&str] = &[
     "2",
 ];
 
-fn scratch(name: &str) -> PathBuf {
+/// A fresh, empty folder under the target dir.
+pub(crate) fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
@@ -41,7 +42,7 @@ fn run_to_end(args: &[&str], out: &Path) {
 }
 
 /// metrics.jsonl without the timing field, which legitimately differs between runs.
-fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .expect("metrics")
         .lines()

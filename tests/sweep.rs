@@ -1,7 +1,7 @@
 //! The sweep runner: a grid of cells, tables over seeds, and resumption that keeps finished cells.
 
+use muscle::app::sweep::{cell_name, sweep, Grid};
 use muscle::ssl::Method;
-use muscle::sweep::{cell_name, sweep, Grid};
 use muscle::train::TrainConfig;
 use std::path::Path;
 
@@ -12,16 +12,16 @@ fn a_grid_writes_tables_and_a_rerun_only_redoes_missing_cells() {
     let base = TrainConfig {
         steps: 2,
         eval_every: 2,
-        batch: 8,
-        unlabeled_batch: 16,
-        model: muscle::nn::ModelKind::ConvNet { width: 4 },
+        batch: Some(8),
+        unlabeled_batch: Some(16),
+        width: 4,
         ..Default::default()
     };
     let grid = Grid {
         methods: vec![Method::Supervised, Method::Muscle],
         labels: vec![10, 20],
         seeds: vec![0, 1],
-        imbalance: vec![1.0],
+        label_imbalances: vec![1.0],
     };
     let mut cells = 0;
     sweep(&base, &grid, &dir, &mut |_, p| cells += (p.step == p.steps) as usize).expect("sweep");

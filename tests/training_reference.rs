@@ -112,7 +112,7 @@ fn objective(ramp_steps: u64) -> ObjectiveConfig {
         lambda: 1.0,
         ramp_steps,
         mi_labeled: false,
-        w_host: 0.0,
+        w_u: 0.0,
         temperature: 0.5,
         mixup_alpha: 0.75,
     }
@@ -182,12 +182,12 @@ fn a_muscle_training_trajectory_matches_pytorch() {
     let steps = get(&fx, "steps") as u64;
     let cfg = TrainConfig {
         steps,
-        batch: b,
-        unlabeled_batch: u,
-        lr: get(&fx, "lr") as f32,
-        weight_decay: get(&fx, "weight_decay") as f32,
+        batch: Some(b),
+        unlabeled_batch: Some(u),
+        lr: Some(get(&fx, "lr") as f32),
+        weight_decay: Some(get(&fx, "weight_decay") as f32),
         w_mi: get(&fx, "w_mi") as f32,
-        threads: 2,
+        threads: Some(2),
         ..TrainConfig::default()
     };
     assert_eq!(cfg.ramp_steps(), get(&fx, "ramp_steps") as u64, "the fixture's ramp is the config's");

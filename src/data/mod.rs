@@ -131,8 +131,9 @@ pub struct TrainTest {
     pub test: Dataset,
 }
 
-/// The data set formats `load` reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The data set formats `load` reads (config.json spells them as the CLI does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum DatasetKind {
     /// Fashion-MNIST, IDX files (gzipped or raw).
     FashionMnist,
@@ -182,6 +183,19 @@ impl FromStr for DatasetKind {
             let valid: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
             Error::usage(format!("unknown --dataset '{s}' (valid: {})", valid.join(", ")))
         })
+    }
+}
+
+impl From<DatasetKind> for String {
+    fn from(v: DatasetKind) -> String {
+        v.to_string()
+    }
+}
+
+impl TryFrom<String> for DatasetKind {
+    type Error = Error;
+    fn try_from(s: String) -> Result<DatasetKind> {
+        s.parse()
     }
 }
 

@@ -23,21 +23,21 @@ pub struct Split {
     pub val: Vec<usize>,
 }
 
-/// Per-class label counts for N labels: N / C each when `imbalance` is 1, else the biased counts
+/// Per-class label counts for N labels: N / C each when `label_imbalance` is 1, else the biased counts
 /// w_c = R^(-c/(C-1)), n_c = max(1, floor(N w_c / sum w)), remainder one by one to classes 0, 1, ...
-pub fn biased_counts(labels: usize, classes: usize, imbalance: f64) -> Result<Vec<usize>> {
+pub fn biased_counts(labels: usize, classes: usize, label_imbalance: f64) -> Result<Vec<usize>> {
     if classes == 0 {
         return Err(Error::usage("a data set with no classes cannot be split"));
     }
     if labels == 0 {
         return Err(Error::usage("--labels 0: at least one labeled image per class is needed"));
     }
-    if !imbalance.is_finite() || imbalance < 1.0 {
+    if !label_imbalance.is_finite() || label_imbalance < 1.0 {
         return Err(Error::usage(format!(
-            "--imbalance {imbalance}: the ratio of the largest to the smallest class must be a number >= 1"
+            "--label-imbalance {label_imbalance}: the ratio of the largest to the smallest class must be a number >= 1"
         )));
     }
-    if imbalance == 1.0 || classes == 1 {
+    if label_imbalance == 1.0 || classes == 1 {
         if !labels.is_multiple_of(classes) {
             return Err(Error::usage(format!(
                 "--labels {labels} is not a multiple of the {classes} classes (a balanced split needs N / classes \
@@ -46,7 +46,7 @@ pub fn biased_counts(labels: usize, classes: usize, imbalance: f64) -> Result<Ve
         }
         return Ok(vec![labels / classes; classes]);
     }
-    let weights: Vec<f64> = (0..classes).map(|c| imbalance.powf(-(c as f64) / (classes - 1) as f64)).collect();
+    let weights: Vec<f64> = (0..classes).map(|c| label_imbalance.powf(-(c as f64) / (classes - 1) as f64)).collect();
     let total: f64 = weights.iter().sum();
     let mut counts: Vec<usize> =
         weights.iter().map(|w| ((labels as f64 * w / total).floor() as usize).max(1)).collect();
@@ -75,11 +75,11 @@ pub fn label_counts(ds: &Dataset, idx: &[usize]) -> Result<Vec<usize>> {
     Ok(counts)
 }
 
-/// Splits `train` into `labels` labeled images (class-balanced, or biased by `imbalance` > 1),
+/// Splits `train` into `labels` labeled images (class-balanced, or biased by `label_imbalance` > 1),
 /// `val` held-out validation images (class-balanced) and the unlabeled rest, reproducibly from `seed`.
-pub fn split(train: &Dataset, labels: usize, val: usize, imbalance: f64, seed: u64) -> Result<Split> {
+pub fn split(train: &Dataset, labels: usize, val: usize, label_imbalance: f64, seed: u64) -> Result<Split> {
     let classes = train.classes;
-    let counts = biased_counts(labels, classes, imbalance)?;
+    let counts = biased_counts(labels, classes, label_imbalance)?;
     if !val.is_multiple_of(classes) {
         return Err(Error::usage(format!("--val {val} is not a multiple of the {classes} classes")));
     }

@@ -20,8 +20,9 @@ use crate::tensor::{fmt_shape, Tensor};
 use std::fmt;
 use std::str::FromStr;
 
-/// Which architecture.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which architecture (config.json spells it by name, as the CLI does; the width is its own option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum ModelKind {
     /// The CPU-sized conv net with base width `width`.
     ConvNet {
@@ -53,6 +54,19 @@ impl fmt::Display for ModelKind {
             ModelKind::Wrn28x2 => f.write_str("wrn-28-2"),
             ModelKind::Cnn13 => f.write_str("cnn13"),
         }
+    }
+}
+
+impl From<ModelKind> for String {
+    fn from(v: ModelKind) -> String {
+        v.to_string()
+    }
+}
+
+impl TryFrom<String> for ModelKind {
+    type Error = Error;
+    fn try_from(s: String) -> Result<ModelKind> {
+        s.parse()
     }
 }
 

@@ -108,7 +108,7 @@ pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let pu = ops::softmax(tape, &ops::narrow_rows(tape, &logits, nl, 2 * nu)?)?;
     let qu = Tensor::from_vec(tm[nl * classes..].to_vec(), &[2 * nu, classes])?.to_device(logits.device())?;
     let lu = ops::mse(tape, &pu, &qu)?;
-    let w_u = ramp(cfg.w_host, step, cfg.ramp_steps);
+    let w_u = ramp(cfg.w_u, step, cfg.ramp_steps);
     let mut total = ops::add(tape, &lx, &ops::scale(tape, &lu, w_u)?)?;
     let (mut mi_value, mut w) = (0.0, 0.0);
     if with_mi {
@@ -119,7 +119,7 @@ pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
         mi_value = mi.item()?;
         total = ops::add(tape, &total, &ops::scale(tape, &mi, w)?)?;
     }
-    Ok(LossTerms { sup: lx.item()?, host: lu.item()?, w_host: w_u, mi: mi_value, w_mi: w, total })
+    Ok(LossTerms { sup: lx.item()?, host: lu.item()?, w_u, mi: mi_value, w_mi: w, total })
 }
 
 #[cfg(test)]

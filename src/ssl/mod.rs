@@ -19,8 +19,9 @@ use crate::tensor::Tensor;
 use std::fmt;
 use std::str::FromStr;
 
-/// Which objective trains the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which objective trains the model (config.json spells it as the CLI does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Method {
     /// Cross-entropy on the labeled batch only (the baseline).
     Supervised,
@@ -70,6 +71,19 @@ impl fmt::Display for Method {
     }
 }
 
+impl From<Method> for String {
+    fn from(v: Method) -> String {
+        v.to_string()
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Method> {
+        s.parse()
+    }
+}
+
 /// Hyper-parameters of the objective.
 #[derive(Clone, Debug)]
 pub struct ObjectiveConfig {
@@ -84,7 +98,7 @@ pub struct ObjectiveConfig {
     /// Also feed the labeled images' two views into the MI term.
     pub mi_labeled: bool,
     /// MixMatch's maximum unlabeled-loss weight w_u (75 for CIFAR-10).
-    pub w_host: f32,
+    pub w_u: f32,
     /// MixMatch's sharpening temperature T.
     pub temperature: f32,
     /// MixMatch's Beta(alpha, alpha) for MixUp.
@@ -103,8 +117,8 @@ pub struct LossTerms {
     pub w_mi: f32,
     /// The host method's unsupervised term (MixMatch's L_U; 0 otherwise).
     pub host: f32,
-    /// Weight applied to the host term this step.
-    pub w_host: f32,
+    /// Weight applied to the host term this step (MixMatch's ramped w_u).
+    pub w_u: f32,
 }
 
 /// What every objective computes one step's loss from.

@@ -11,5 +11,5 @@ pub fn supervised_loss(model: &mut Model, input: &StepInput) -> Result<LossTerms
     let logits = model.forward(tape, &batch.labeled, &ForwardCtx::train(seed, step))?;
     let total = ops::cross_entropy(tape, &logits, &batch.labels)?;
     let sup = total.item()?;
-    Ok(LossTerms { total, sup, mi: 0.0, w_mi: 0.0, host: 0.0, w_host: 0.0 })
+    Ok(LossTerms { total, sup, mi: 0.0, w_mi: 0.0, host: 0.0, w_u: 0.0 })
 }

@@ -2,6 +2,7 @@
 //! read through the `safetensors` crate's validating parser, replaced atomically on disk.
 
 use crate::error::{Error, Result};
+use crate::npy::{self, Matrix};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -162,6 +163,38 @@ impl Checkpoint {
     pub fn save(&self, path: &Path) -> Result<()> {
         write_atomic(path, &self.to_bytes())
     }
+}
+
+/// Reads an n x C matrix (logits, for `muscle mi`) from a .npy file, or from the single 2-d f32 or
+/// f64 tensor of a .safetensors file.
+pub fn read_matrix(path: &Path) -> Result<Matrix> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        return npy::read_npy(path);
+    }
+    let ck = Checkpoint::load(path)?;
+    let [e] = ck.entries.as_slice() else {
+        return Err(Error::format(format!(
+            "{}: expected exactly one tensor, found {}",
+            path.display(),
+            ck.entries.len()
+        )));
+    };
+    let [rows, cols] = e.shape[..] else {
+        return Err(Error::format(format!(
+            "{}: tensor '{}' of shape {:?} is not 2-d",
+            path.display(),
+            e.name,
+            e.shape
+        )));
+    };
+    let data = match &e.values {
+        Values::F64(v) => v.clone(),
+        Values::F32(v) => v.iter().map(|&x| x as f64).collect(),
+        Values::I64(_) => {
+            return Err(Error::format(format!("{}: tensor '{}' is not f32 or f64", path.display(), e.name)))
+        }
+    };
+    Ok(Matrix { rows, cols, data })
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.

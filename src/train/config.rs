@@ -1,16 +1,24 @@
-//! Everything a training run depends on, as one value (written to config.json).
+//! Every option of a training run as one value: parsed from the command line (clap's `Args`),
+//! written to config.json and read back by `--resume` (serde), varied cell by cell by a sweep.
+//!
+//! Options whose default depends on the method (optimizer, learning rate, weight decay, schedule,
+//! batch sizes) are `None` until given; [`MethodDefaults::of`] is the one place their defaults
+//! live, the accessors of the same name return the value in force, and [`TrainConfig::resolved`]
+//! writes those values in (config.json stores the resolved config).
 
 use crate::data::{BatchPlan, DatasetKind};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::ModelKind;
 use crate::ssl::Method;
-use serde_json::{json, Value};
-use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Which optimizer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum OptimizerKind {
     /// Adam with L2 decay in the gradient.
     Adam,
@@ -32,122 +40,250 @@ impl FromStr for OptimizerKind {
     }
 }
 
-/// Options of `muscle train`: METHOD.md's default recipe, except 600 steps at lr 1e-3 (chosen on a
-/// validation split, README "Default recipe"), unless told otherwise.
-#[derive(Clone, Debug)]
-pub struct TrainConfig {
-    /// Data set format.
-    pub dataset: DatasetKind,
-    /// Folder with the full data; None: the embedded Fashion-MNIST subset.
-    pub data: Option<PathBuf>,
-    /// Resize image-folder images to S x S.
-    pub resize: Option<usize>,
-    /// Convert image-folder images to this many channels.
-    pub channels: Option<usize>,
-    /// Objective.
-    pub method: Method,
-    /// Architecture.
-    pub model: ModelKind,
-    /// Number of labeled images.
-    pub labels: usize,
-    /// Held-out validation images (class-balanced).
-    pub val: usize,
-    /// Label imbalance ratio R (1 = balanced).
-    pub imbalance: f64,
-    /// Seed of the split, initialisation, batches, augmentation and dropout.
-    pub seed: u64,
-    /// Seed of the labeled / validation split alone, when it differs from `seed` (to measure the
-    /// spread over initialisations and batches on one fixed labeled set).
-    pub split_seed: Option<u64>,
-    /// Optimizer steps.
-    pub steps: u64,
-    /// Labeled images per step.
-    pub batch: usize,
-    /// Unlabeled images per step (each seen in two views).
-    pub unlabeled_batch: usize,
-    /// Base learning rate.
-    pub lr: f32,
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Sgd => "sgd",
+        })
+    }
+}
+
+impl From<OptimizerKind> for String {
+    fn from(k: OptimizerKind) -> String {
+        k.to_string()
+    }
+}
+
+impl TryFrom<String> for OptimizerKind {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+/// How the learning rate moves over a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum ScheduleKind {
+    /// Half a cosine from the base rate down to 0 at the last step.
+    Cosine,
+    /// The base rate throughout.
+    Constant,
+}
+
+impl FromStr for ScheduleKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(ScheduleKind::Cosine),
+            "constant" => Ok(ScheduleKind::Constant),
+            _ => Err(Error::usage(format!("--schedule: unknown schedule '{s}' (expected cosine or constant)"))),
+        }
+    }
+}
+
+impl fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScheduleKind::Cosine => "cosine",
+            ScheduleKind::Constant => "constant",
+        })
+    }
+}
+
+impl From<ScheduleKind> for String {
+    fn from(k: ScheduleKind) -> String {
+        k.to_string()
+    }
+}
+
+impl TryFrom<String> for ScheduleKind {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+/// The defaults of the options that depend on the method.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MethodDefaults {
     /// Optimizer.
     pub optimizer: OptimizerKind,
-    /// Weight decay (decoupled for AdamW, multiplied by the lr as PyTorch does).
+    /// Base learning rate.
+    pub lr: f32,
+    /// Weight decay.
     pub weight_decay: f32,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleKind,
+    /// Labeled images per step.
+    pub batch: usize,
+    /// Unlabeled images per step.
+    pub unlabeled_batch: usize,
+}
+
+impl MethodDefaults {
+    /// The defaults for `method`: METHOD.md's recipe, except 600 steps at lr 1e-3 (chosen on a
+    /// validation split, README "Default recipe"), for every method so far.
+    pub fn of(method: Method) -> MethodDefaults {
+        match method {
+            Method::Supervised | Method::Muscle | Method::MixMatch | Method::MixMatchMuscle | Method::Pretrain => {
+                MethodDefaults {
+                    optimizer: OptimizerKind::AdamW,
+                    lr: 1e-3,
+                    weight_decay: 5e-4,
+                    schedule: ScheduleKind::Cosine,
+                    batch: 64,
+                    unlabeled_batch: 256,
+                }
+            }
+        }
+    }
+}
+
+/// The convnet's base width unless told otherwise.
+const DEFAULT_WIDTH: usize = 32;
+
+/// Options of `muscle train` (and of each run of `pretrain` and `sweep`), as the command line,
+/// config.json and the library spell them.
+#[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Data set format: fashion-mnist, mnist, cifar10, cifar100, folder.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.dataset)]
+    pub dataset: DatasetKind,
+    /// Folder with the full data set; without it, the embedded Fashion-MNIST subset
+    /// (10,000 train / 2,000 test images) is used.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Image folders: resize every image to S x S.
+    #[arg(long)]
+    pub resize: Option<usize>,
+    /// Image folders: convert to 1 (grey) or 3 (colour) channels.
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Objective: supervised, muscle, mixmatch, mixmatch-muscle.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.method)]
+    pub method: Method,
+    /// Architecture: convnet, wrn-28-2, cnn13.
+    // By name: a convnet's width is `width` (see `model_kind`), not this value's.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.model)]
+    pub model: ModelKind,
+    /// convnet base width.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.width)]
+    #[serde(default = "default_width", deserialize_with = "width_or_default")]
+    pub width: usize,
+    /// Number of labeled images (class-balanced, drawn by --split-seed, else --seed).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.labels)]
+    pub labels: usize,
+    /// Class-balanced validation images held out of the labeled and unlabeled sets.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.val)]
+    pub val: usize,
+    /// Largest / smallest per-class label count (1 = balanced).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.label_imbalance)]
+    pub label_imbalance: f64,
+    /// Seed of the split, initialisation, batches, augmentation and dropout.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.seed)]
+    pub seed: u64,
+    /// Seed of the labeled / validation split alone [default: --seed]; with it, --seed varies
+    /// only the initialisation, batches and augmentation on one fixed labeled set.
+    #[arg(long)]
+    pub split_seed: Option<u64>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.steps)]
+    pub steps: u64,
+    /// Labeled images per step [default: 64 for every method].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Unlabeled images per step (each forwarded in two augmented views) [default: 256 for every
+    /// method].
+    #[arg(long)]
+    pub unlabeled_batch: Option<usize>,
+    /// Base learning rate [default: 1e-3 for every method].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Learning-rate schedule: cosine (decayed to 0 at the last step) or constant [default:
+    /// cosine for every method].
+    #[arg(long)]
+    pub schedule: Option<ScheduleKind>,
+    /// Optimizer: adamw, adam, sgd [default: adamw for every method].
+    #[arg(long)]
+    pub optimizer: Option<OptimizerKind>,
+    /// Weight decay (AdamW: decoupled, times the lr) [default: 5e-4 for every method].
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
     /// SGD momentum.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.momentum)]
     pub momentum: f32,
-    /// Decay only conv and dense kernels (MixMatch), not biases and BN parameters.
+    /// Decay only conv and dense kernels, not biases and BN parameters (MixMatch's choice).
+    #[arg(long)]
+    #[serde(default)]
     pub decay_kernels_only: bool,
-    /// Cosine learning-rate schedule over the run (else constant).
-    pub cosine: bool,
     /// Maximum weight of the MI term.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.w_mi)]
     pub w_mi: f32,
-    /// IIC lambda.
+    /// IIC lambda (1: mutual information; > 1 favours balanced predictions).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.lambda)]
     pub lambda: f32,
-    /// Also feed two views of the labeled images into the MI term.
+    /// Also feed two augmented views of the labeled images into the MI term.
+    #[arg(long)]
     pub mi_labeled: bool,
-    /// MixMatch: maximum weight of L_U.
-    pub w_host: f32,
-    /// MixMatch: sharpening temperature.
+    /// MixMatch: maximum weight of the unlabeled loss L_U (75 for CIFAR-10, 150 for CIFAR-100).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.w_u)]
+    pub w_u: f32,
+    /// MixMatch: sharpening temperature of the guessed labels.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.temperature)]
     pub temperature: f32,
-    /// MixMatch: MixUp's Beta parameter.
+    /// MixMatch: MixUp coefficient mu ~ Beta(alpha, alpha).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.mixup_alpha)]
     pub mixup_alpha: f32,
-    /// Fraction of the steps over which unsupervised weights ramp up linearly.
+    /// Fraction of the steps over which the MI (and MixMatch's L_U) weight ramps up linearly.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.ramp)]
     pub ramp: f64,
-    /// EMA decay (the schedule's maximum).
+    /// EMA decay of the evaluated weights (ramped as min(ema, (1+t)/(10+t))).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.ema)]
     pub ema: f32,
-    /// Evaluate every this many steps (and at the end).
+    /// Evaluate (raw and EMA weights) every this many steps, and at the end.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.eval_every)]
     pub eval_every: u64,
     /// Images per evaluation batch.
+    #[arg(skip = TrainConfig::DEFAULT.eval_batch)]
     pub eval_batch: usize,
-    /// Worker threads.
-    pub threads: usize,
-    /// Compute device.
+    /// Worker threads for GEMM, convolution, BN and augmentation [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Device: cpu, or cuda[:N] in a build with the cuda feature.
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.device)]
     pub device: Device,
-    /// Output folder.
+    /// Output folder: config.json, metrics.jsonl, checkpoints, summary.json.
+    #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Start from this checkpoint's weights (fine-tuning); a head of another size is re-initialised.
+    /// Fine-tune: start from this checkpoint's weights (e.g. from `muscle pretrain`); a
+    /// classifier head of another size is re-initialised.
+    #[arg(long, value_name = "CKPT")]
     pub init: Option<PathBuf>,
     /// Outputs per class of the model (pre-training's over-clustering; 1 otherwise).
+    #[arg(skip = TrainConfig::DEFAULT.overcluster)]
+    #[serde(default = "one")]
     pub overcluster: usize,
+}
+
+fn default_width() -> usize {
+    DEFAULT_WIDTH
+}
+
+fn one() -> usize {
+    1
+}
+
+/// config.json's `width`, which runs of other models wrote as null.
+fn width_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    Ok(Option::<usize>::deserialize(d)?.unwrap_or(DEFAULT_WIDTH))
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig {
-            dataset: DatasetKind::FashionMnist,
-            data: None,
-            resize: None,
-            channels: None,
-            method: Method::Muscle,
-            model: ModelKind::ConvNet { width: 32 },
-            labels: 40,
-            val: 0,
-            imbalance: 1.0,
-            seed: 0,
-            split_seed: None,
-            steps: 600,
-            batch: 64,
-            unlabeled_batch: 256,
-            lr: 1e-3,
-            optimizer: OptimizerKind::AdamW,
-            weight_decay: 5e-4,
-            momentum: 0.9,
-            decay_kernels_only: false,
-            cosine: true,
-            w_mi: 1.0,
-            lambda: 1.0,
-            mi_labeled: false,
-            w_host: 75.0,
-            temperature: 0.5,
-            mixup_alpha: 0.75,
-            ramp: 0.2,
-            ema: 0.999,
-            eval_every: 200,
-            eval_batch: 500,
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            device: Device::Cpu,
-            out: None,
-            init: None,
-            overcluster: 1,
-        }
+        TrainConfig::DEFAULT
     }
 }
 
@@ -160,27 +296,151 @@ fn positive(name: &str, ok: bool) -> Result<()> {
 }
 
 impl TrainConfig {
+    /// The defaults of `muscle train` (the command line takes its defaults from here).
+    pub const DEFAULT: TrainConfig = TrainConfig {
+        dataset: DatasetKind::FashionMnist,
+        data: None,
+        resize: None,
+        channels: None,
+        method: Method::Muscle,
+        model: ModelKind::ConvNet { width: DEFAULT_WIDTH },
+        width: DEFAULT_WIDTH,
+        labels: 40,
+        val: 0,
+        label_imbalance: 1.0,
+        seed: 0,
+        split_seed: None,
+        steps: 600,
+        batch: None,
+        unlabeled_batch: None,
+        lr: None,
+        schedule: None,
+        optimizer: None,
+        weight_decay: None,
+        momentum: 0.9,
+        decay_kernels_only: false,
+        w_mi: 1.0,
+        lambda: 1.0,
+        mi_labeled: false,
+        w_u: 75.0,
+        temperature: 0.5,
+        mixup_alpha: 0.75,
+        ramp: 0.2,
+        ema: 0.999,
+        eval_every: 200,
+        eval_batch: 500,
+        threads: None,
+        device: Device::Cpu,
+        out: None,
+        init: None,
+        overcluster: 1,
+    };
+
+    /// The config a run wrote to its config.json at `path` (earlier versions' files included).
+    pub fn load(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: TrainConfig =
+            serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        cfg.validate().map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    /// Every option's value (the method's defaults filled in), with the crate version, git commit
+    /// and cargo features: the text of config.json.
+    pub fn to_json(&self) -> Result<String> {
+        let unwritable = |e: serde_json::Error| Error::usage(format!("the options cannot be written as JSON: {e}"));
+        let mut v = serde_json::to_value(self.resolved()).map_err(unwritable)?;
+        v["version"] = env!("CARGO_PKG_VERSION").into();
+        v["git_commit"] = option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown").into();
+        v["features"] = crate::device::build_features().into();
+        let text = serde_json::to_string_pretty(&v).map_err(unwritable)?;
+        Ok(format!("{text}\n"))
+    }
+
+    /// This config with every option that defaults by method (and the thread count) set to the
+    /// value in force.
+    pub fn resolved(&self) -> TrainConfig {
+        TrainConfig {
+            batch: Some(self.batch()),
+            unlabeled_batch: Some(self.unlabeled_batch()),
+            lr: Some(self.lr()),
+            schedule: Some(self.schedule()),
+            optimizer: Some(self.optimizer()),
+            weight_decay: Some(self.weight_decay()),
+            threads: Some(self.threads()),
+            ..self.clone()
+        }
+    }
+
+    /// The defaults of this config's method.
+    pub fn method_defaults(&self) -> MethodDefaults {
+        MethodDefaults::of(self.method)
+    }
+
+    /// Labeled images per step.
+    pub fn batch(&self) -> usize {
+        self.batch.unwrap_or(self.method_defaults().batch)
+    }
+
+    /// Unlabeled images per step.
+    pub fn unlabeled_batch(&self) -> usize {
+        self.unlabeled_batch.unwrap_or(self.method_defaults().unlabeled_batch)
+    }
+
+    /// Base learning rate.
+    pub fn lr(&self) -> f32 {
+        self.lr.unwrap_or(self.method_defaults().lr)
+    }
+
+    /// Learning-rate schedule.
+    pub fn schedule(&self) -> ScheduleKind {
+        self.schedule.unwrap_or(self.method_defaults().schedule)
+    }
+
+    /// Optimizer.
+    pub fn optimizer(&self) -> OptimizerKind {
+        self.optimizer.unwrap_or(self.method_defaults().optimizer)
+    }
+
+    /// Weight decay.
+    pub fn weight_decay(&self) -> f32 {
+        self.weight_decay.unwrap_or(self.method_defaults().weight_decay)
+    }
+
+    /// Worker threads (all cores unless told otherwise).
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+
+    /// The architecture with its width.
+    pub fn model_kind(&self) -> ModelKind {
+        match self.model {
+            ModelKind::ConvNet { .. } => ModelKind::ConvNet { width: self.width },
+            other => other,
+        }
+    }
+
     /// Rejects values that can never be valid, naming the option.
     pub fn validate(&self) -> Result<()> {
         positive("--steps", self.steps > 0)?;
         positive("--overcluster", self.overcluster > 0)?;
-        positive("--batch", self.batch > 0)?;
+        positive("--batch", self.batch() > 0)?;
         positive("--labels", self.labels > 0)?;
         positive("--eval-every", self.eval_every > 0)?;
         positive("--eval-batch", self.eval_batch > 0)?;
-        positive("--threads", self.threads > 0)?;
-        positive("--lr", self.lr.is_finite() && self.lr > 0.0)?;
+        positive("--threads", self.threads() > 0)?;
+        positive("--lr", self.lr().is_finite() && self.lr() > 0.0)?;
         positive("--lambda", self.lambda.is_finite() && self.lambda > 0.0)?;
         if self.method.uses_unlabeled() {
-            positive("--unlabeled-batch", self.unlabeled_batch > 0)?;
+            positive("--unlabeled-batch", self.unlabeled_batch() > 0)?;
         }
-        if !(self.imbalance.is_finite() && self.imbalance >= 1.0) {
+        if !(self.label_imbalance.is_finite() && self.label_imbalance >= 1.0) {
             return Err(Error::usage("--label-imbalance: must be at least 1"));
         }
         if !(self.w_mi.is_finite() && self.w_mi >= 0.0) {
             return Err(Error::usage("--w-mi: must be a finite value >= 0"));
         }
-        if !(self.w_host.is_finite() && self.w_host >= 0.0) {
+        if !(self.w_u.is_finite() && self.w_u >= 0.0) {
             return Err(Error::usage("--w-u: must be a finite value >= 0"));
         }
         positive("--temperature", self.temperature.is_finite() && self.temperature > 0.0)?;
@@ -188,13 +448,14 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.ramp) {
             return Err(Error::usage("--ramp: must be a fraction in [0, 1]"));
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+        let weight_decay = self.weight_decay();
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
             return Err(Error::usage("--weight-decay: must be a finite value >= 0"));
         }
         if !(0.0..1.0).contains(&self.ema) {
             return Err(Error::usage("--ema: must be in [0, 1)"));
         }
-        if let ModelKind::ConvNet { width: 0 } = self.model {
+        if let ModelKind::ConvNet { width: 0 } = self.model_kind() {
             return Err(Error::usage("--width: must be positive"));
         }
         Ok(())
@@ -204,8 +465,8 @@ impl TrainConfig {
     pub fn batch_plan(&self) -> BatchPlan {
         let views = if self.method.uses_unlabeled() { 2 } else { 0 };
         BatchPlan {
-            labeled: if self.method == Method::Pretrain { 0 } else { self.batch },
-            unlabeled: self.unlabeled_batch,
+            labeled: if self.method == Method::Pretrain { 0 } else { self.batch() },
+            unlabeled: self.unlabeled_batch(),
             views,
             labeled_second_view: self.mi_labeled && self.method.uses_unlabeled(),
         }
@@ -226,107 +487,78 @@ impl TrainConfig {
     pub fn ramp_steps(&self) -> u64 {
         (self.ramp * self.steps as f64).round() as u64
     }
+}
 
-    /// The config a run wrote to its config.json (`path` names the file in errors).
-    pub fn from_json(v: &Value, path: &std::path::Path) -> Result<TrainConfig> {
-        let bad = |key: &str| Error::format(format!("{}: '{key}' is missing or invalid", path.display()));
-        let s = |key: &str| v.get(key).and_then(Value::as_str).ok_or_else(|| bad(key));
-        let u = |key: &str| v.get(key).and_then(Value::as_u64).ok_or_else(|| bad(key));
-        let f = |key: &str| v.get(key).and_then(Value::as_f64).ok_or_else(|| bad(key));
-        let b = |key: &str| v.get(key).and_then(Value::as_bool).ok_or_else(|| bad(key));
-        let opt_u = |key: &str| v.get(key).and_then(Value::as_u64).map(|x| x as usize);
-        let ctx = |e: Error| Error::format(format!("{}: {e}", path.display()));
-        let mut model: ModelKind = s("model")?.parse().map_err(ctx)?;
-        if let ModelKind::ConvNet { width } = &mut model {
-            *width = u("width")? as usize;
-        }
-        let cfg = TrainConfig {
-            dataset: s("dataset")?.parse().map_err(ctx)?,
-            data: v.get("data").and_then(Value::as_str).map(PathBuf::from),
-            resize: opt_u("resize"),
-            channels: opt_u("channels"),
-            method: s("method")?.parse().map_err(ctx)?,
-            model,
-            labels: u("labels")? as usize,
-            val: u("val")? as usize,
-            imbalance: f("label_imbalance")?,
-            seed: u("seed")?,
-            split_seed: v.get("split_seed").and_then(Value::as_u64),
-            steps: u("steps")?,
-            batch: u("batch")? as usize,
-            unlabeled_batch: u("unlabeled_batch")? as usize,
-            lr: f("lr")? as f32,
-            optimizer: s("optimizer")?.parse().map_err(ctx)?,
-            weight_decay: f("weight_decay")? as f32,
-            momentum: f("momentum")? as f32,
-            decay_kernels_only: v.get("decay_kernels_only").and_then(Value::as_bool).unwrap_or(false),
-            cosine: s("schedule")? == "cosine",
-            w_mi: f("w_mi")? as f32,
-            lambda: f("lambda")? as f32,
-            mi_labeled: b("mi_labeled")?,
-            w_host: f("w_u")? as f32,
-            temperature: f("temperature")? as f32,
-            mixup_alpha: f("mixup_alpha")? as f32,
-            ramp: f("ramp")?,
-            ema: f("ema")? as f32,
-            eval_every: u("eval_every")?,
-            eval_batch: u("eval_batch")? as usize,
-            threads: u("threads")? as usize,
-            device: s("device")?.parse().map_err(ctx)?,
-            out: v.get("out").and_then(Value::as_str).map(PathBuf::from),
-            init: v.get("init").and_then(Value::as_str).map(PathBuf::from),
-            overcluster: opt_u("overcluster").unwrap_or(1),
-        };
-        cfg.validate().map_err(ctx)?;
-        Ok(cfg)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: TrainConfig,
     }
 
-    /// Every option's value, for config.json.
-    pub fn to_json(&self) -> Value {
-        let width = match self.model {
-            ModelKind::ConvNet { width } => Some(width),
-            _ => None,
-        };
-        json!({
-            "dataset": self.dataset.name(),
-            "data": self.data.as_ref().map(|p| p.display().to_string()),
-            "resize": self.resize,
-            "channels": self.channels,
-            "method": self.method.to_string(),
-            "model": self.model.to_string(),
-            "width": width,
-            "labels": self.labels,
-            "val": self.val,
-            "label_imbalance": self.imbalance,
-            "seed": self.seed,
-            "split_seed": self.split_seed,
-            "steps": self.steps,
-            "batch": self.batch,
-            "unlabeled_batch": self.unlabeled_batch,
-            "lr": self.lr,
-            "optimizer": format!("{:?}", self.optimizer).to_lowercase(),
-            "weight_decay": self.weight_decay,
-            "momentum": self.momentum,
-            "decay_kernels_only": self.decay_kernels_only,
-            "schedule": if self.cosine { "cosine" } else { "constant" },
-            "w_mi": self.w_mi,
-            "lambda": self.lambda,
-            "mi_labeled": self.mi_labeled,
-            "w_u": self.w_host,
-            "temperature": self.temperature,
-            "mixup_alpha": self.mixup_alpha,
-            "ramp": self.ramp,
-            "ema": self.ema,
-            "eval_every": self.eval_every,
-            "eval_batch": self.eval_batch,
-            "threads": self.threads,
-            "device": self.device.to_string(),
-            "out": self.out.as_ref().map(|p| p.display().to_string()),
-            "init": self.init.as_ref().map(|p| p.display().to_string()),
-            "overcluster": self.overcluster,
-            "version": env!("CARGO_PKG_VERSION"),
-            "git_commit": option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown"),
-            "features": crate::build_features(),
-        })
+    #[test]
+    fn the_command_line_defaults_are_the_default_config() {
+        let parsed = Cli::try_parse_from(["muscle"]).expect("no arguments").config;
+        assert_eq!(parsed, TrainConfig::default());
+    }
+
+    #[test]
+    fn config_json_round_trips_the_resolved_config() {
+        let cfg = TrainConfig { method: Method::MixMatch, width: 8, out: Some("runs/a".into()), ..Default::default() };
+        let text = cfg.to_json().expect("json");
+        let back: TrainConfig = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, cfg.resolved());
+        let v: serde_json::Value = serde_json::from_str(&text).expect("value");
+        assert_eq!(v["method"], "mixmatch");
+        assert_eq!(v["optimizer"], "adamw");
+        assert_eq!(v["schedule"], "cosine");
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["model"], "convnet");
+        assert_eq!(v["width"], 8);
+    }
+
+    #[test]
+    fn unset_options_take_the_methods_defaults() {
+        for method in [Method::Supervised, Method::Muscle, Method::MixMatch, Method::MixMatchMuscle, Method::Pretrain] {
+            let cfg = TrainConfig { method, ..Default::default() };
+            let d = MethodDefaults::of(method);
+            let r = cfg.resolved();
+            assert_eq!(
+                (r.optimizer, r.lr, r.weight_decay, r.schedule, r.batch, r.unlabeled_batch),
+                (
+                    Some(d.optimizer),
+                    Some(d.lr),
+                    Some(d.weight_decay),
+                    Some(d.schedule),
+                    Some(d.batch),
+                    Some(d.unlabeled_batch)
+                )
+            );
+        }
+        let given = TrainConfig { lr: Some(0.1), batch: Some(3), ..Default::default() };
+        assert_eq!((given.lr(), given.batch()), (0.1, 3));
+    }
+
+    #[test]
+    fn a_bad_config_json_names_the_file_and_the_key() {
+        let dir = std::env::temp_dir().join(format!("muscle-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&TrainConfig::default().to_json().expect("json")).expect("v");
+        v["optimizer"] = "rmsprop".into();
+        std::fs::write(&path, v.to_string()).expect("write");
+        let e = TrainConfig::load(&path).expect_err("unknown optimizer");
+        assert!(e.message().contains("config.json") && e.message().contains("rmsprop"), "{e}");
+        v["optimizer"] = "adamw".into();
+        v.as_object_mut().expect("object").remove("steps");
+        std::fs::write(&path, v.to_string()).expect("write");
+        let e = TrainConfig::load(&path).expect_err("missing key");
+        assert!(e.message().contains("config.json") && e.message().contains("steps"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

@@ -7,7 +7,7 @@ mod eval;
 mod hungarian;
 mod state;
 
-pub use config::{OptimizerKind, TrainConfig};
+pub use config::{MethodDefaults, OptimizerKind, ScheduleKind, TrainConfig};
 pub use eval::{argmax_rows, evaluate, EvalResult};
 pub use hungarian::{clustering_accuracy, max_weight_assignment};
 pub use state::{checkpoint_of, init_from_checkpoint, model_from_checkpoint, CheckpointInfo};
@@ -100,17 +100,14 @@ pub fn load_data(cfg: &TrainConfig) -> Result<TrainTest> {
 
 fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
     let decay_scope = if cfg.decay_kernels_only { DecayScope::KernelsOnly } else { DecayScope::All };
-    Ok(match cfg.optimizer {
-        OptimizerKind::AdamW => {
-            Box::new(Adam::new(AdamConfig { decay_scope, ..AdamConfig::adamw(cfg.lr, cfg.weight_decay) })?)
-        }
-        OptimizerKind::Adam => {
-            Box::new(Adam::new(AdamConfig { weight_decay: cfg.weight_decay, decay_scope, ..AdamConfig::adam(cfg.lr) })?)
-        }
+    let (lr, weight_decay) = (cfg.lr(), cfg.weight_decay());
+    Ok(match cfg.optimizer() {
+        OptimizerKind::AdamW => Box::new(Adam::new(AdamConfig { decay_scope, ..AdamConfig::adamw(lr, weight_decay) })?),
+        OptimizerKind::Adam => Box::new(Adam::new(AdamConfig { weight_decay, decay_scope, ..AdamConfig::adam(lr) })?),
         OptimizerKind::Sgd => {
-            let mut s = SgdConfig::new(cfg.lr);
+            let mut s = SgdConfig::new(lr);
             s.momentum = cfg.momentum;
-            s.weight_decay = cfg.weight_decay;
+            s.weight_decay = weight_decay;
             s.decay_scope = decay_scope;
             Box::new(Sgd::new(s)?)
         }
@@ -128,8 +125,8 @@ impl RunFiles {
     /// labeled and validation images, so that another implementation can train on the same split).
     fn create(dir: &Path, cfg: &TrainConfig, split: &data::Split) -> Result<RunFiles> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let config = serde_json::to_string_pretty(&cfg.to_json()).map_err(|e| Error::format(e.to_string()))?;
-        checkpoint::write_atomic(&dir.join("config.json"), format!("{config}\n").as_bytes())?;
+        let path = dir.join("config.json");
+        checkpoint::write_atomic(&path, cfg.to_json().map_err(|e| e.context(path.display()))?.as_bytes())?;
         let indices = serde_json::json!({ "labeled": split.labeled, "val": split.val });
         checkpoint::write_atomic(&dir.join("split.json"), format!("{indices}\n").as_bytes())?;
         let path = dir.join("metrics.jsonl");
@@ -180,11 +177,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
 /// Continues the run in `dir` from its last checkpoint (resume.safetensors), or from its start
 /// when it was stopped before the first one, with the options in its config.json.
 pub fn resume(dir: &Path, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-    let mut cfg = TrainConfig::from_json(&json, &path)?;
+    let mut cfg = TrainConfig::load(&dir.join("config.json"))?;
     cfg.out = Some(dir.to_path_buf());
     let state = dir.join("resume.safetensors");
     let state = if state.exists() { Some(checkpoint::Checkpoint::load(&state)?) } else { None };
@@ -224,14 +217,15 @@ fn run(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Summary> {
     let started = Instant::now();
+    let cfg = &cfg.resolved();
     cfg.validate()?;
     cfg.device.check_available()?;
-    crate::cpu::set_threads(cfg.threads)?;
+    crate::cpu::set_threads(cfg.threads())?;
     let TrainTest { train, test } = load_data(cfg)?;
-    let split = data::split(&train, cfg.labels, cfg.val, cfg.imbalance, cfg.split_seed())?;
+    let split = data::split(&train, cfg.labels, cfg.val, cfg.label_imbalance, cfg.split_seed())?;
     let aug = Augment::for_dataset(cfg.dataset, &train);
     let spec = ModelSpec {
-        kind: cfg.model,
+        kind: cfg.model_kind(),
         in_channels: train.channels,
         height: train.height,
         width: train.width,
@@ -327,7 +321,7 @@ fn run(
         steps: cfg.steps,
         seed: cfg.seed,
         device: cfg.device.to_string(),
-        threads: cfg.threads,
+        threads: cfg.threads(),
         test_accuracy: raw.accuracy,
         test_accuracy_ema: avg.accuracy,
         test_accuracy_ema_median_last20: median_of_last(&ema_history, 20).unwrap_or(avg.accuracy),
@@ -434,18 +428,21 @@ impl Trainer {
         Ok(Trainer {
             optimizer: make_optimizer(cfg)?,
             ema: Ema::new(&model, EmaDecay::Warmup { max: cfg.ema }, false)?,
-            schedule: if cfg.cosine { Schedule::cosine(cfg.steps, 0)? } else { Schedule::constant() },
+            schedule: match cfg.schedule() {
+                ScheduleKind::Cosine => Schedule::cosine(cfg.steps, 0)?,
+                ScheduleKind::Constant => Schedule::constant(),
+            },
             objective: ObjectiveConfig {
                 method: cfg.method,
                 w_mi: cfg.w_mi,
                 lambda: cfg.lambda,
                 ramp_steps: cfg.ramp_steps(),
                 mi_labeled: cfg.mi_labeled,
-                w_host: cfg.w_host,
+                w_u: cfg.w_u,
                 temperature: cfg.temperature,
                 mixup_alpha: cfg.mixup_alpha,
             },
-            base_lr: cfg.lr,
+            base_lr: cfg.lr(),
             seed: cfg.seed,
             model,
         })

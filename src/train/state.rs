@@ -30,7 +30,7 @@ impl CheckpointInfo {
     pub fn new(train: &Dataset, aug: &Augment, step: u64, cfg: &TrainConfig) -> CheckpointInfo {
         CheckpointInfo {
             spec: ModelSpec {
-                kind: cfg.model,
+                kind: cfg.model_kind(),
                 in_channels: train.channels,
                 height: train.height,
                 width: train.width,

@@ -3,7 +3,7 @@
 //! copy bandwidth for the memory-bound MI loss and softmax-CE, and the rate of a large square
 //! cuBLAS SGEMM for GEMM and convolution (FP32, no TF32).
 
-use crate::bench_op::{compute_case, memory_case, mi_cases, validate, Op, OpBench, OpResult};
+use super::bench_op::{compute_case, memory_case, mi_cases, validate, Op, OpBench, OpResult};
 use crate::cuda::{blas, context, Gpu};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -66,10 +66,10 @@ pub fn run(b: &OpBench, ordinal: usize) -> Result<Vec<OpResult>> {
 fn conv(gpu: &Gpu, b: &OpBench) -> Result<Vec<OpResult>> {
     let peak = sgemm_rate(gpu)?;
     let mut out = Vec::new();
-    for (layer, (s, count)) in crate::bench_op::conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
+    for (layer, (s, count)) in super::bench_op::conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
         let need_dx = layer > 0;
         let (fwd, bwd) = ops::conv::bench::cuda_times(gpu, &s, need_dx, b.reps)?;
-        let name = format!("cuda {}", crate::bench_op::conv_case_name(&s, count));
+        let name = format!("cuda {}", super::bench_op::conv_case_name(&s, count));
         let macs = s.macs() as f64;
         out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));
         let (what, products) = if need_dx { ("dW + dX", 2.0) } else { ("dW", 1.0) };

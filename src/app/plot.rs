@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 560;
 const FONT: &str = "muscle-sans";
-static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans-subset.ttf");
 
 /// Line colours, in legend order (colour-blind-safe Okabe-Ito palette).
 const PALETTE: [RGBColor; 7] = [
@@ -130,7 +130,7 @@ pub fn render(series: &[Series], title: &str, x_label: &str, y_label: &str, log_
 fn write_png(img: &image::RgbImage, out: &Path) -> Result<()> {
     let tmp = out.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| Error::new(crate::ErrorKind::Io, format!("{}: {e}", tmp.display())))?;
+        .map_err(|e| Error::new(crate::error::ErrorKind::Io, format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }
 
@@ -158,8 +158,8 @@ pub fn run_curve(dir: &Path) -> Result<Series> {
 }
 
 /// Mean and (population) standard deviation of the EMA test accuracy (%) per method against
-/// the label count, from a sweep's results.csv, for the cells with this imbalance.
-pub fn sweep_series(csv: &Path, imbalance: f64) -> Result<Vec<Series>> {
+/// the label count, from a sweep's results.csv, for the cells with this label imbalance.
+pub fn sweep_series(csv: &Path, label_imbalance: f64) -> Result<Vec<Series>> {
     let text = std::fs::read_to_string(csv).map_err(|e| Error::io(csv, e))?;
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
@@ -176,14 +176,14 @@ pub fn sweep_series(csv: &Path, imbalance: f64) -> Result<Vec<Series>> {
         let bad = || Error::format(format!("{}: line {}: malformed row", csv.display(), i + 2));
         let get = |c: usize| f.get(c).copied().ok_or_else(bad);
         let num = |c: usize| get(c)?.trim().parse::<f64>().map_err(|_| bad());
-        if (num(ci)? - imbalance).abs() > 1e-9 {
+        if (num(ci)? - label_imbalance).abs() > 1e-9 {
             continue;
         }
         let labels = num(cl)?;
         groups.entry(get(cm)?.to_string()).or_default().entry(labels as u64).or_default().push(100.0 * num(ca)?);
     }
     if groups.is_empty() {
-        return Err(Error::usage(format!("{}: no finished cell with imbalance {imbalance}", csv.display())));
+        return Err(Error::usage(format!("{}: no finished cell with imbalance {label_imbalance}", csv.display())));
     }
     let order = ["supervised", "muscle", "mixmatch", "mixmatch-muscle"];
     let rank = |m: &str| order.iter().position(|o| *o == m).unwrap_or(order.len());
@@ -213,9 +213,47 @@ pub fn plot_runs(runs: &[PathBuf], title: &str, out: &Path) -> Result<()> {
 }
 
 /// `muscle plot --sweep`: accuracy against the label count, one line per method.
-pub fn plot_sweep(dir: &Path, imbalance: f64, title: &str, out: &Path) -> Result<()> {
-    let series = sweep_series(&dir.join("results.csv"), imbalance)?;
+pub fn plot_sweep(dir: &Path, label_imbalance: f64, title: &str, out: &Path) -> Result<()> {
+    let series = sweep_series(&dir.join("results.csv"), label_imbalance)?;
     render(&series, title, "labeled images", "EMA test accuracy (%), mean +- std over seeds", true, out)
+}
+
+/// The options of `muscle plot`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PlotArgs {
+    /// Run folders written by `muscle train --out` (or a sweep's cells), one curve each.
+    pub runs: Vec<PathBuf>,
+    /// A sweep folder: plot its results.csv instead (mean +- std over seeds, log label axis).
+    #[arg(long, conflicts_with = "runs")]
+    pub sweep: Option<PathBuf>,
+    /// With --sweep: the label imbalance whose cells are plotted.
+    #[arg(long, alias = "imbalance", default_value_t = 1.0)]
+    pub label_imbalance: f64,
+    /// Chart title.
+    #[arg(long, default_value = "")]
+    pub title: String,
+    /// The PNG file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `muscle plot`: the chart of a sweep folder (an empty title names the folder) or of run
+/// folders, written to --out, which it then names on stdout.
+pub fn command(a: &PlotArgs) -> Result<()> {
+    match (&a.sweep, a.runs.is_empty()) {
+        (Some(dir), _) => {
+            let title = if a.title.is_empty() {
+                format!("{} (imbalance {})", dir.display(), a.label_imbalance)
+            } else {
+                a.title.clone()
+            };
+            plot_sweep(dir, a.label_imbalance, &title, &a.out)?
+        }
+        (None, false) => plot_runs(&a.runs, &a.title, &a.out)?,
+        (None, true) => return Err(Error::usage("plot: give run folders or --sweep DIR")),
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
 }
 
 #[cfg(test)]

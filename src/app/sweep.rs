@@ -1,14 +1,58 @@
-//! `muscle sweep`: a grid of training runs (methods x labels x seeds x imbalance ratios), one
-//! folder per cell. Resumable: a cell with a summary.json is kept and skipped, a cell with only a
+//! `muscle sweep`: a grid of training runs (methods x labels x seeds x label imbalance ratios),
+//! one folder per cell. Resumable: a cell with a summary.json is kept and skipped, a cell with only a
 //! config.json continues from its checkpoint, so a long grid can run over several sittings.
 //! After every cell, results.csv (one row per run) and results.md (mean +- std over seeds) are
 //! rewritten from the cells' summary.json files.
 
+use super::progress::show;
+use super::train::TrainOptions;
 use crate::error::{Error, Result};
 use crate::ssl::Method;
 use crate::train::{self, checkpoint::write_atomic, Progress, Summary, TrainConfig};
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+
+/// The options of `muscle sweep`: the grid's axes, and the options of every run.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SweepArgs {
+    /// The options every cell shares (each cell sets its method, labels, imbalance and seed).
+    #[command(flatten)]
+    pub train: TrainOptions,
+    /// Methods, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "supervised,muscle")]
+    pub methods: Vec<Method>,
+    /// Label counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "40,250")]
+    pub label_counts: Vec<usize>,
+    /// Seeds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub seeds: Vec<u64>,
+    /// Label imbalance ratios, comma-separated.
+    #[arg(long, alias = "imbalances", value_delimiter = ',', default_value = "1")]
+    pub label_imbalances: Vec<f64>,
+}
+
+/// `muscle sweep`: runs the grid into --out with a progress display, then prints results.md.
+pub fn command(a: &SweepArgs) -> Result<()> {
+    let base = a.train.config();
+    let dir = base.out.clone().ok_or_else(|| Error::usage("sweep: --out DIR is required"))?;
+    let grid = Grid {
+        methods: a.methods.clone(),
+        labels: a.label_counts.clone(),
+        seeds: a.seeds.clone(),
+        label_imbalances: a.label_imbalances.clone(),
+    };
+    let tty = std::io::stdout().is_terminal();
+    sweep(&base, &grid, &dir, &mut |cell, p| {
+        if p.eval.is_some() || p.step == p.steps {
+            print!("{cell}: ");
+        }
+        show(p, tty)
+    })?;
+    print!("{}", std::fs::read_to_string(dir.join("results.md")).map_err(|e| Error::io(&dir, e))?);
+    Ok(())
+}
 
 /// The grid.
 #[derive(Clone, Debug)]
@@ -20,25 +64,28 @@ pub struct Grid {
     /// Seeds.
     pub seeds: Vec<u64>,
     /// Label imbalance ratios (1 = balanced).
-    pub imbalance: Vec<f64>,
+    pub label_imbalances: Vec<f64>,
 }
 
 /// One cell's folder name.
-pub fn cell_name(method: Method, labels: usize, imbalance: f64, seed: u64) -> String {
-    format!("{method}-n{labels}-r{imbalance}-s{seed}")
+pub fn cell_name(method: Method, labels: usize, label_imbalance: f64, seed: u64) -> String {
+    format!("{method}-n{labels}-r{label_imbalance}-s{seed}")
 }
 
-/// Runs every cell of `grid` not finished yet under `dir`, with `base` for all other options.
+/// Runs every cell of `grid` not finished yet under `dir`, with `base` for all other options
+/// (the options that default by method resolved for each cell's method).
 pub fn sweep(base: &TrainConfig, grid: &Grid, dir: &Path, progress: &mut dyn FnMut(&str, &Progress)) -> Result<()> {
-    if grid.methods.is_empty() || grid.labels.is_empty() || grid.seeds.is_empty() || grid.imbalance.is_empty() {
-        return Err(Error::usage("sweep: every grid axis (--methods, --labels, --seeds, --imbalance) needs a value"));
+    if grid.methods.is_empty() || grid.labels.is_empty() || grid.seeds.is_empty() || grid.label_imbalances.is_empty() {
+        return Err(Error::usage(
+            "sweep: every grid axis (--methods, --label-counts, --seeds, --label-imbalances) needs a value",
+        ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     for &method in &grid.methods {
         for &labels in &grid.labels {
-            for &imbalance in &grid.imbalance {
+            for &label_imbalance in &grid.label_imbalances {
                 for &seed in &grid.seeds {
-                    let name = cell_name(method, labels, imbalance, seed);
+                    let name = cell_name(method, labels, label_imbalance, seed);
                     let cell = dir.join(&name);
                     if cell.join("summary.json").exists() {
                         continue;
@@ -49,7 +96,9 @@ pub fn sweep(base: &TrainConfig, grid: &Grid, dir: &Path, progress: &mut dyn FnM
                         write_tables(dir)?;
                         continue;
                     }
-                    let cfg = TrainConfig { method, labels, imbalance, seed, out: Some(cell.clone()), ..base.clone() };
+                    let cfg =
+                        TrainConfig { method, labels, label_imbalance, seed, out: Some(cell.clone()), ..base.clone() }
+                            .resolved();
                     train::train(&cfg, &mut report)?;
                     write_tables(dir)?;
                 }
@@ -74,12 +123,9 @@ fn summaries(dir: &Path) -> Result<Vec<(PathBuf, Summary)>> {
     Ok(out)
 }
 
-fn imbalance_of(cell: &Path) -> f64 {
-    std::fs::read_to_string(cell.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["label_imbalance"].as_f64())
-        .unwrap_or(1.0)
+/// The label imbalance a cell's config.json records (1 when it cannot be read).
+fn label_imbalance_of(cell: &Path) -> f64 {
+    TrainConfig::load(&cell.join("config.json")).map_or(1.0, |c| c.label_imbalance)
 }
 
 /// Mean and sample standard deviation.
@@ -96,7 +142,7 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         String::from("method,dataset,model,labels,imbalance,seed,steps,test_accuracy,test_accuracy_ema,wall_seconds\n");
     let mut groups: BTreeMap<(String, usize, String), Vec<f64>> = BTreeMap::new();
     for (cell, s) in &rows {
-        let r = imbalance_of(cell);
+        let r = label_imbalance_of(cell);
         csv.push_str(&format!(
             "{},{},{},{},{},{},{},{:.4},{:.4},{:.1}\n",
             s.method,
@@ -120,4 +166,23 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         md.push_str(&format!("| {method} | {labels} | {r} | {m:.2} +- {sd:.2} | {} |\n", accs.len()));
     }
     write_atomic(&dir.join("results.md"), md.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sweep: SweepArgs,
+    }
+
+    #[test]
+    fn the_earlier_spelling_imbalances_still_sets_the_label_imbalances() {
+        let parse = |flag: &str| Cli::try_parse_from(["muscle", flag, "1,10"]).expect("parse").sweep.label_imbalances;
+        assert_eq!(parse("--imbalances"), [1.0, 10.0]);
+        assert_eq!(parse("--label-imbalances"), [1.0, 10.0]);
+    }
 }

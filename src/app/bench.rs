@@ -1,15 +1,132 @@
 //! `muscle bench`: the median time of real training steps (fresh augmented batches each step,
 //! the same `Trainer` as `muscle train`), on the embedded data or, for shapes it lacks, generated
-//! images marked synthetic.
+//! images marked synthetic; with `--op`, one kernel (`bench_op` on the CPU, `bench_op_gpu` on a GPU).
 
+use super::bench_op::{self, OpBench};
 use crate::data::{self, Augment, Dataset, DatasetKind, Loader};
-use crate::error::Result;
+use crate::device::Device;
+use crate::error::{Error, Result};
 use crate::nn::{Model, ModelKind, ModelSpec, Module};
 use crate::rng::Rng;
 use crate::train::{TrainConfig, Trainer};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The options of `muscle bench`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Architecture: convnet (embedded real data), wrn-28-2 or cnn13 (synthetic 32x32x3 images).
+    #[arg(long, default_value = "convnet")]
+    pub model: String,
+    /// Objective: supervised or muscle.
+    #[arg(long, default_value = "muscle")]
+    pub method: String,
+    /// Labeled images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Unlabeled images per step (two views each).
+    #[arg(long = "unlabeled-batch", default_value_t = 256)]
+    pub unlabeled_batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Device: cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object per case instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print where the time went, by op (same as MUSCLE_PROFILE=1).
+    #[arg(long)]
+    pub profile: bool,
+    /// Time one kernel instead of training steps: mi, softmax-ce, conv (the convnet's layers at
+    /// --batch images) or gemm; prints time, GB/s or GFLOP/s and the fraction of the ceiling
+    /// (copy bandwidth or FMA peak) measured by the same command.
+    #[arg(long)]
+    pub op: Option<String>,
+    /// Rows (images) for --op mi and softmax-ce.
+    #[arg(long, default_value_t = 262_144)]
+    pub rows: usize,
+    /// Classes for --op mi and softmax-ce.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// GEMM rows of the output, for --op gemm.
+    #[arg(long, default_value_t = 1024)]
+    pub m: usize,
+    /// GEMM columns of the output, for --op gemm.
+    #[arg(long, default_value_t = 1024)]
+    pub n: usize,
+    /// GEMM inner dimension, for --op gemm.
+    #[arg(long, default_value_t = 1024)]
+    pub k: usize,
+}
+
+/// `muscle bench`: times training steps (or, with `--op`, one kernel) and prints the result.
+pub fn command(a: &BenchArgs) -> Result<()> {
+    if let Some(op) = &a.op {
+        let b = OpBench {
+            op: op.parse()?,
+            rows: a.rows,
+            classes: a.classes,
+            mnk: (a.m, a.n, a.k),
+            batch: a.batch,
+            reps: a.steps,
+            model: a.model.clone(),
+        };
+        return op_command(&b, a.device.parse()?, a.threads, a.json);
+    }
+    let cfg = TrainConfig {
+        model: a.model.parse()?,
+        method: a.method.parse()?,
+        batch: Some(a.batch),
+        unlabeled_batch: Some(a.unlabeled_batch),
+        threads: a.threads,
+        device: a.device.parse()?,
+        steps: (a.steps + a.warmup).max(1) as u64,
+        ..TrainConfig::default()
+    };
+    if a.steps == 0 {
+        return Err(Error::usage("--steps: must be positive"));
+    }
+    if a.profile {
+        crate::profile::enable();
+    }
+    let r = bench_training(&cfg, a.warmup, a.steps)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
+    } else {
+        println!(
+            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s, large allocations/step: {:.1} requested, {:.1} from the system ({} threads, {}{})",
+            r.model,
+            r.method,
+            r.batch,
+            r.unlabeled_batch,
+            r.ms_per_step,
+            r.images_per_second,
+            r.large_allocations_per_step.unwrap_or(f64::NAN),
+            r.large_system_allocations_per_step.unwrap_or(f64::NAN),
+            r.threads,
+            r.device,
+            if r.synthetic { ", synthetic data" } else { "" }
+        );
+    }
+    if crate::profile::enabled() {
+        let rows = crate::profile::report();
+        let timed = a.steps as f64;
+        eprintln!("{:<18} {:>8} {:>12}", "op", "calls", "ms/step");
+        for (name, calls, secs) in rows {
+            eprintln!("{name:<18} {calls:>8} {:>12.2}", secs * 1e3 / timed);
+        }
+    }
+    Ok(())
+}
 
 /// One benchmark case's result (`--json` prints it as one object).
 #[derive(Clone, Debug, Serialize)]
@@ -59,6 +176,47 @@ fn synthetic(channels: usize, side: usize, n: usize, classes: usize) -> Dataset 
     }
 }
 
+/// `muscle bench --op`: times `b` on `device` (with `threads` CPU workers when given) and prints
+/// one line, or one JSON object, per case.
+fn op_command(b: &OpBench, device: Device, threads: Option<usize>, json: bool) -> Result<()> {
+    device.check_available()?;
+    if let Some(t) = threads {
+        crate::cpu::set_threads(t)?;
+    }
+    let results = match device {
+        Device::Cpu => bench_op::run(b)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => super::bench_op_gpu::run(b, i)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            return Err(Error::device("--device cuda: this binary was built without the `cuda` feature"))
+        }
+    };
+    for r in results {
+        if json {
+            println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
+            continue;
+        }
+        let (rate, unit) = match (r.gflops, r.gbs) {
+            (Some(g), _) => (g, "GFLOP/s"),
+            (None, Some(b)) => (b, "GB/s"),
+            _ => (f64::NAN, ""),
+        };
+        println!(
+            "{}: {:.3} ms, {:.1} {unit}, {:.1}% of {:.1} {unit} ceiling (floor {:.3} ms, {:.1}x it; {} threads)",
+            r.case,
+            r.ms,
+            rate,
+            100.0 * r.fraction,
+            r.ceiling,
+            r.floor_ms,
+            r.ms / r.floor_ms,
+            r.threads
+        );
+    }
+    Ok(())
+}
+
 /// A trainer and a loader on the benchmark's data: one call of `step` is one real training step
 /// on a fresh augmented batch (what `muscle bench` and the criterion benches time).
 pub struct StepRunner {
@@ -77,7 +235,7 @@ impl StepRunner {
     pub fn new(cfg: &TrainConfig) -> Result<StepRunner> {
         cfg.validate()?;
         cfg.device.check_available()?;
-        crate::cpu::set_threads(cfg.threads)?;
+        crate::cpu::set_threads(cfg.threads())?;
         let (train, synthetic) = match cfg.model {
             ModelKind::ConvNet { .. } => (data::embedded()?.train, false),
             _ => (self::synthetic(3, 32, 2048, 10), true),
@@ -86,7 +244,7 @@ impl StepRunner {
         let kind = if synthetic { DatasetKind::Cifar10 } else { DatasetKind::FashionMnist };
         let aug = Augment::for_dataset(kind, &train);
         let spec = ModelSpec {
-            kind: cfg.model,
+            kind: cfg.model_kind(),
             in_channels: train.channels,
             height: train.height,
             width: train.width,
@@ -137,10 +295,10 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
     Ok(BenchResult {
         model: cfg.model.to_string(),
         method: cfg.method.to_string(),
-        batch: cfg.batch,
-        unlabeled_batch: if cfg.method.uses_unlabeled() { cfg.unlabeled_batch } else { 0 },
+        batch: cfg.batch(),
+        unlabeled_batch: if cfg.method.uses_unlabeled() { cfg.unlabeled_batch() } else { 0 },
         device: cfg.device.to_string(),
-        threads: cfg.threads,
+        threads: cfg.threads(),
         synthetic: runner.synthetic,
         ms_per_step: median * 1e3,
         parameters: runner.parameters,
