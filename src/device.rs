@@ -49,18 +49,7 @@ impl FromStr for Device {
     }
 }
 
-impl From<Device> for String {
-    fn from(v: Device) -> String {
-        v.to_string()
-    }
-}
-
-impl TryFrom<String> for Device {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Device> {
-        s.parse()
-    }
-}
+crate::error::string_conversions!(Device);
 
 impl Device {
     /// Waits until all work queued on this device has finished (nothing to wait for on the CPU).

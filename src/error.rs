@@ -90,3 +90,25 @@ macro_rules! bail {
         return Err($crate::error::Error::$ctor(format!($($arg)*)))
     };
 }
+
+/// Implements `From<T> for String` (through `Display`) and `TryFrom<String>` (through `FromStr`)
+/// for each type: what `#[serde(into = "String", try_from = "String")]` needs, so that a choice
+/// (method, model, device, ...) reads and writes config.json as the word the command line takes.
+macro_rules! string_conversions {
+    ($($ty:ty),+ $(,)?) => {$(
+        impl From<$ty> for String {
+            fn from(v: $ty) -> String {
+                v.to_string()
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = $crate::error::Error;
+            fn try_from(s: String) -> $crate::error::Result<$ty> {
+                s.parse()
+            }
+        }
+    )+};
+}
+
+pub(crate) use string_conversions;

@@ -1,9 +1,11 @@
 //! `muscle`: semi-supervised image classification with MUSCLE (mutual-information maximisation
 //! between two augmented views, added to a supervised or MixMatch objective).
 //!
-//! Layers, bottom up: [`tensor`] and [`device`]; CPU kernels in [`cpu`]; [`ops`] (forward and
-//! backward of each op family, dispatching to a device's kernels); the [`autograd`] tape;
-//! [`nn`] layers and models; [`optim`] optimizers and schedules.
+//! Layers, bottom up (docs/ARCHITECTURE.md; tests/architecture.rs enforces them): errors and
+//! leaves ([`error`], [`rng`], [`pool`], [`kernel_args`]); shared CPU kernels ([`cpu`]) and the
+//! CUDA runtime; [`device`] and [`tensor`]; the [`autograd`] tape; [`ops`], one folder per op
+//! family; [`nn`] layers and models; [`optim`]; [`data`]; [`ssl`] objectives; [`train`]; and
+//! [`app`], what the subcommands do.
 
 pub mod alloc_count;
 pub mod app;

@@ -186,18 +186,7 @@ impl FromStr for DatasetKind {
     }
 }
 
-impl From<DatasetKind> for String {
-    fn from(v: DatasetKind) -> String {
-        v.to_string()
-    }
-}
-
-impl TryFrom<String> for DatasetKind {
-    type Error = Error;
-    fn try_from(s: String) -> Result<DatasetKind> {
-        s.parse()
-    }
-}
+crate::error::string_conversions!(DatasetKind);
 
 /// Loads the train and test sets of `kind` from `dir`.
 ///

@@ -57,18 +57,7 @@ impl fmt::Display for ModelKind {
     }
 }
 
-impl From<ModelKind> for String {
-    fn from(v: ModelKind) -> String {
-        v.to_string()
-    }
-}
-
-impl TryFrom<String> for ModelKind {
-    type Error = Error;
-    fn try_from(s: String) -> Result<ModelKind> {
-        s.parse()
-    }
-}
+crate::error::string_conversions!(ModelKind);
 
 /// An architecture and the input and output sizes it is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

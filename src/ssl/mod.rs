@@ -71,18 +71,7 @@ impl fmt::Display for Method {
     }
 }
 
-impl From<Method> for String {
-    fn from(v: Method) -> String {
-        v.to_string()
-    }
-}
-
-impl TryFrom<String> for Method {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Method> {
-        s.parse()
-    }
-}
+crate::error::string_conversions!(Method);
 
 /// Hyper-parameters of the objective.
 #[derive(Clone, Debug)]

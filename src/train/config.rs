@@ -50,18 +50,7 @@ impl fmt::Display for OptimizerKind {
     }
 }
 
-impl From<OptimizerKind> for String {
-    fn from(k: OptimizerKind) -> String {
-        k.to_string()
-    }
-}
-
-impl TryFrom<String> for OptimizerKind {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
+crate::error::string_conversions!(OptimizerKind);
 
 /// How the learning rate moves over a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,18 +82,7 @@ impl fmt::Display for ScheduleKind {
     }
 }
 
-impl From<ScheduleKind> for String {
-    fn from(k: ScheduleKind) -> String {
-        k.to_string()
-    }
-}
-
-impl TryFrom<String> for ScheduleKind {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
+crate::error::string_conversions!(ScheduleKind);
 
 /// The defaults of the options that depend on the method.
 #[derive(Clone, Copy, Debug, PartialEq)]
