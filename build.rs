@@ -20,6 +20,9 @@
 //! .cuda-tools or on PATH is not noticed by itself (cargo cannot watch a file that does not exist
 //! yet without rerunning every build): set NVCC to it, as .ci/run does.
 
+#[path = "emu/signatures.rs"]
+mod signatures;
+
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -32,14 +35,84 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     git_commit();
+    println!("cargo::rustc-check-cfg=cfg(muscle_cuda_emu)");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    if let Err(message) = build_kernels() {
-        // A failed nvcc (or an unreadable kernels/ folder) is a build error, with the message.
+    if let Err(message) = build_kernels().and_then(|()| build_emulator()) {
+        // A failed nvcc or C++ compiler (or an unreadable kernels/ folder) is a build error,
+        // with the tool's message.
         eprintln!("{message}");
         std::process::exit(1);
     }
+}
+
+/// Builds the emulated CUDA device (emu/): its runtime and every `kernels/*.cu` compiled as C++
+/// against emu/cuda_emu.h, with the per-kernel glue that emu/signatures.rs generates from the
+/// kernels' signatures, into one static library; sets `cfg(muscle_cuda_emu)` for the crate.
+/// Without a C++ compiler it prints one warning and the crate is built without the emulator.
+fn build_emulator() -> Result<(), String> {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| format!("CARGO_MANIFEST_DIR: {e}"))?);
+    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?).join("emu");
+    println!("cargo:rerun-if-changed=emu");
+    println!("cargo:rerun-if-env-changed=CXX");
+    let mut build = cc::Build::new();
+    build.cpp(true).warnings(false);
+    if build.try_get_compiler().is_err() {
+        println!(
+            "cargo:warning=no C++ compiler found: the emulated CUDA device (MUSCLE_CUDA_EMU=1) is not built \
+             (apt-get install g++)"
+        );
+        return Ok(());
+    }
+    fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let kernel_dir = manifest.join("kernels");
+    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
+        .map_err(|e| format!("{}: {e}", kernel_dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    let mut paths = Vec::new();
+    for src in &sources {
+        let path = src.to_str().ok_or_else(|| format!("{}: not UTF-8", src.display()))?.to_string();
+        let source = fs::read_to_string(src).map_err(|e| format!("{path}: {e}"))?;
+        let stem = src.file_stem().and_then(|s| s.to_str()).ok_or_else(|| format!("{path}: bad name"))?;
+        let glue = out.join(format!("{stem}.glue.cpp"));
+        write_if_changed(&glue, &signatures::render_glue(&path, &source)?)?;
+        build.file(&glue);
+        paths.push(path);
+    }
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let index = out.join("index.cpp");
+    write_if_changed(&index, &signatures::render_index(&paths))?;
+    let header = manifest.join("emu").join("cuda_emu.h");
+    build
+        .file(manifest.join("emu").join("runtime.cpp"))
+        .file(&index)
+        .include(&manifest)
+        .include(&kernel_dir)
+        .std("c++17")
+        .opt_level(2)
+        // Line tables, so that a fault names the kernel's file:line.
+        .debug(true)
+        // No FMA contraction: the __f*_rn kernels must round as the CPU twins and the GPU do.
+        .flag("-ffp-contract=off")
+        .flag("-Wno-unknown-pragmas")
+        .flag("-include")
+        .flag(header.to_str().ok_or("emu/cuda_emu.h: path not UTF-8")?);
+    build.try_compile("cuda_emu").map_err(|e| format!("building the emulated CUDA device (emu/): {e}"))?;
+    println!("cargo:rustc-cfg=muscle_cuda_emu");
+    Ok(())
+}
+
+/// Writes `text` to `path` unless it already holds it, so that an unchanged glue file keeps its
+/// time stamp.
+fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+    if fs::read_to_string(path).is_ok_and(|old| old == text) {
+        return Ok(());
+    }
+    fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Everything the `cuda` feature needs from the build; `Err` fails the build with its message.

@@ -13,6 +13,8 @@
 pub mod blas;
 pub mod context;
 pub mod device;
+#[cfg(muscle_cuda_emu)]
+pub mod emu;
 pub mod launch;
 
 pub use cudarc::driver::{CudaSlice, DeviceRepr};

@@ -81,3 +81,27 @@ fn dropout_mask_matches_cpu_bitwise() {
         }
     });
 }
+
+/// The emulated device (emu/) runs the real kernel: bit-identical to the CPU twin, and a buffer
+/// one element short is a one-line error naming the kernel, not a crash.
+#[cfg(muscle_cuda_emu)]
+#[test]
+fn add_kernel_on_the_emulated_device_matches_cpu_bitwise() {
+    use muscle::cuda::emu::{launch, Arg, EmuBuffer};
+    for &n in &[1usize, 31, 257, 4099] {
+        let (a, b) = (randv(n, 1.0, 71), randv(n, 1.0, 72));
+        let mut want = vec![0.0; n];
+        cpu::add_fwd(&a, &b, &mut want);
+        let (da, db) = (EmuBuffer::from_host(&a).unwrap(), EmuBuffer::from_host(&b).unwrap());
+        let dy = EmuBuffer::<f32>::zeros(n).unwrap();
+        let blocks = n.div_ceil(256) as u32;
+        let args = vec![Arg::buffer(&da), Arg::buffer(&db), Arg::buffer(&dy), Arg::I64(n as i64)];
+        launch("add_fwd_f32", (blocks, 1, 1), (256, 1, 1), args).unwrap();
+        assert_bits(&format!("add n {n}"), &dy.to_host().unwrap(), &want);
+        // One element past the end of `a`: the guard page stops the read.
+        let short = EmuBuffer::from_host(&a[..n - 1]).unwrap();
+        let args = vec![Arg::buffer(&short), Arg::buffer(&db), Arg::buffer(&dy), Arg::I64(n as i64)];
+        let err = launch("add_fwd_f32", (blocks, 1, 1), (256, 1, 1), args).unwrap_err().to_string();
+        assert!(err.contains("add_fwd_f32") && err.contains("past the end") && !err.contains('\n'), "{err}");
+    }
+}

@@ -116,3 +116,26 @@ fn loss_gradient_scale_matches_cpu_bitwise() {
         }
     });
 }
+
+/// The emulated device (emu/) runs the real warp-per-row kernel (shuffles, partial warps): within
+/// f32 rounding of the CPU twin (the exps differ: C++'s expf against the CPU's SIMD exp); an `i64`
+/// where the kernel takes `int` is refused by name.
+#[cfg(muscle_cuda_emu)]
+#[test]
+fn softmax_kernel_on_the_emulated_device_matches_cpu() {
+    use muscle::cuda::emu::{launch, Arg, EmuBuffer};
+    for &(n, c) in &[(1usize, 3usize), (9, 10), (17, 100), (3, 1000)] {
+        let x = awkward_logits(n, c, 81);
+        let mut want = vec![0.0; n * c];
+        cpu::softmax_fwd(&x, c, &mut want);
+        let dx = EmuBuffer::from_host(&x).unwrap();
+        let dy = EmuBuffer::<f32>::zeros(n * c).unwrap();
+        let blocks = n.div_ceil(8) as u32;
+        let args = vec![Arg::buffer(&dx), Arg::buffer(&dy), Arg::I32(n as i32), Arg::I32(c as i32)];
+        launch("softmax_fwd_f32", (blocks, 1, 1), (256, 1, 1), args).unwrap();
+        assert_close(&format!("softmax {n} x {c}"), &dy.to_host().unwrap(), &want, 1e-5, 1e-7);
+        let args = vec![Arg::buffer(&dx), Arg::buffer(&dy), Arg::I64(n as i64), Arg::I32(c as i32)];
+        let err = launch("softmax_fwd_f32", (blocks, 1, 1), (256, 1, 1), args).unwrap_err().to_string();
+        assert!(err.contains("argument 2 (int n) takes 4 bytes, given 8"), "{err}");
+    }
+}
