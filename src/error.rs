@@ -112,3 +112,78 @@ macro_rules! string_conversions {
 }
 
 pub(crate) use string_conversions;
+
+/// Lists `words` as prose: `a`, `a or b`, `a, b or c`.
+pub(crate) fn or_list(words: &[&str]) -> String {
+    match words.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        Some((last, _)) => last.to_string(),
+        None => String::new(),
+    }
+}
+
+/// Defines a choice the command line takes as a word, from one table of variants and their words:
+/// the enum, `ALL` and `NAMES` (every variant and its word, table order), `name`, `Display` and
+/// `FromStr` through that table, and [`string_conversions!`] for config.json. `unknown(s) = expr`
+/// is the error for a word `s` that names no variant.
+macro_rules! choice {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $ty:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $word:literal,)+
+        }
+        unknown($s:ident) = $unknown:expr;
+    ) => {
+        $(#[$meta])*
+        $vis enum $ty {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $ty {
+            /// Every variant, in table order.
+            pub const ALL: [$ty; [$($word),+].len()] = [$($ty::$variant),+];
+            /// Every variant's word, in table order.
+            pub const NAMES: [&'static str; [$($word),+].len()] = [$($word),+];
+
+            /// The word the command line and config.json use.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $word,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = $crate::error::Error;
+            fn from_str($s: &str) -> $crate::error::Result<$ty> {
+                match $s {
+                    $($word => Ok($ty::$variant),)+
+                    _ => Err($unknown),
+                }
+            }
+        }
+
+        $crate::error::string_conversions!($ty);
+    };
+}
+
+pub(crate) use choice;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn or_list_reads_as_prose() {
+        assert_eq!(or_list(&[]), "");
+        assert_eq!(or_list(&["a"]), "a");
+        assert_eq!(or_list(&["a", "b"]), "a or b");
+        assert_eq!(or_list(&["a", "b", "c"]), "a, b or c");
+    }
+}

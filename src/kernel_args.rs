@@ -45,6 +45,18 @@ impl ConvShape {
     pub fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
+    /// Elements of the input (and of dX): n x ci x h x w.
+    pub fn x_len(&self) -> usize {
+        self.n * self.ci * self.h * self.w
+    }
+    /// Elements of the weights (and of dW): co x ci x kh x kw.
+    pub fn w_len(&self) -> usize {
+        self.co * self.k()
+    }
+    /// Elements of the output (and of dY): n x co x ho x wo.
+    pub fn y_len(&self) -> usize {
+        self.n * self.co * self.p()
+    }
     /// Multiply-adds of the forward pass.
     pub fn macs(&self) -> usize {
         self.n * self.co * self.p() * self.k()

@@ -1,4 +1,5 @@
-//! Bad shapes are errors that name both shapes, never panics.
+//! Bad shapes are errors that name both shapes, never panics; an unknown word for a choice is a
+//! usage error with the message users have always seen.
 
 use muscle::ops::{self, Conv2dParams};
 use muscle::testing::randn;
@@ -55,4 +56,38 @@ fn a_model_rejects_the_wrong_image_size() {
         m.forward(&Tape::no_grad(), &randn(&[2, 3, 28, 28], 1), &ForwardCtx::eval()),
         &["[2, 3, 28, 28]", "1x28x28"],
     );
+}
+
+/// Every choice's word round-trips, and an unknown word gets the message users have seen.
+#[test]
+fn choices_keep_their_words_and_messages() {
+    use muscle::app::bench_op::Op;
+    use muscle::data::DatasetKind;
+    use muscle::ssl::Method;
+    use muscle::train::{OptimizerKind, ScheduleKind};
+    fn check<T: std::str::FromStr<Err = muscle::Error> + std::fmt::Display>(words: &[&str], message: &str) {
+        for w in words {
+            assert_eq!(w.parse::<T>().ok().map(|v| v.to_string()).as_deref(), Some(*w));
+        }
+        let err = "x".parse::<T>().err().expect("x is no choice");
+        assert_eq!((err.kind(), err.message()), (ErrorKind::Usage, message));
+    }
+    check::<OptimizerKind>(
+        &["adam", "adamw", "sgd"],
+        "--optimizer: unknown optimizer 'x' (expected adam, adamw or sgd)",
+    );
+    check::<ScheduleKind>(&["cosine", "constant"], "--schedule: unknown schedule 'x' (expected cosine or constant)");
+    check::<Method>(
+        &["supervised", "muscle", "mixmatch", "mixmatch-muscle", "pretrain"],
+        "--method: unknown method 'x' (expected supervised, muscle, mixmatch, mixmatch-muscle)",
+    );
+    check::<DatasetKind>(
+        &["fashion-mnist", "mnist", "cifar10", "cifar100", "folder"],
+        "unknown --dataset 'x' (valid: fashion-mnist, mnist, cifar10, cifar100, folder)",
+    );
+    check::<muscle::nn::ModelKind>(
+        &["convnet", "wrn-28-2", "cnn13"],
+        "--model: unknown model 'x' (expected convnet, wrn-28-2 or cnn13)",
+    );
+    check::<Op>(&["mi", "softmax-ce", "conv", "gemm"], "--op: unknown op 'x' (expected mi, softmax-ce, conv or gemm)");
 }

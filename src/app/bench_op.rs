@@ -3,7 +3,7 @@
 //! softmax-CE and MI loss), so a user sees how far a kernel is from its floor.
 
 use crate::cpu::{self, gemm::Mat};
-use crate::error::{Error, Result};
+use crate::error::{choice, or_list, Error, Result};
 use crate::kernel_args::ConvShape;
 use crate::nn::{convnet_plan, Block};
 use crate::ops;
@@ -11,32 +11,21 @@ use crate::profile::median_secs;
 use crate::rng::normal_vec;
 use serde::Serialize;
 use std::hint::black_box;
-use std::str::FromStr;
 
-/// A kernel family `muscle bench --op` can time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// IIC loss forward + backward.
-    Mi,
-    /// Fused softmax + cross-entropy (loss and logit gradient).
-    SoftmaxCe,
-    /// A model's convolutions (convnet or wrn-28-2), forward and backward.
-    Conv,
-    /// One f32 matrix product.
-    Gemm,
-}
-
-impl FromStr for Op {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Op> {
-        match s {
-            "mi" => Ok(Op::Mi),
-            "softmax-ce" => Ok(Op::SoftmaxCe),
-            "conv" => Ok(Op::Conv),
-            "gemm" => Ok(Op::Gemm),
-            _ => Err(Error::usage(format!("--op: unknown op '{s}' (expected mi, softmax-ce, conv or gemm)"))),
-        }
+choice! {
+    /// A kernel family `muscle bench --op` can time.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Op {
+        /// IIC loss forward + backward.
+        Mi = "mi",
+        /// Fused softmax + cross-entropy (loss and logit gradient).
+        SoftmaxCe = "softmax-ce",
+        /// A model's convolutions (convnet or wrn-28-2), forward and backward.
+        Conv = "conv",
+        /// One f32 matrix product.
+        Gemm = "gemm",
     }
+    unknown(s) = Error::usage(format!("--op: unknown op '{s}' (expected {})", or_list(&Op::NAMES)));
 }
 
 /// What to time.

@@ -580,7 +580,7 @@ pub fn weight_grad_channel_last(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [
     let plane_out = s.ho() * s.wo();
     let blocks = s.ci / CL;
     let img_b = blocks * hp * wp * CL;
-    assert!(x.len() >= s.n * s.ci * plane_in && dy.len() >= s.n * s.co * plane_out && dw.len() >= s.co * s.ci * 9);
+    assert!(x.len() >= s.x_len() && dy.len() >= s.y_len() && dw.len() >= s.w_len());
     let mut xb = crate::pool::take(s.n * img_b);
     xb.par_chunks_mut(img_b).zip(x.par_chunks(s.ci * plane_in)).for_each(|(dst, src)| {
         // SAFETY: `enabled` checked AVX-512; the sizes match the layouts (asserted above).
@@ -889,9 +889,9 @@ mod tests {
             return;
         }
         for (k, s) in shapes().into_iter().enumerate() {
-            let x = normal_vec(s.n * s.ci * s.h * s.w, 1.0, 10 + k as u64);
-            let w = normal_vec(s.co * s.ci * 9, 1.0, 20 + k as u64);
-            let dy = normal_vec(s.n * s.co * s.h * s.w, 1.0, 30 + k as u64);
+            let x = normal_vec(s.x_len(), 1.0, 10 + k as u64);
+            let w = normal_vec(s.w_len(), 1.0, 20 + k as u64);
+            let dy = normal_vec(s.y_len(), 1.0, 30 + k as u64);
             // dX as the dispatch computes it without Winograd: the forward tile on flipped weights.
             let mut dx = vec![f32::NAN; x.len()];
             forward(&ConvShape { ci: s.co, co: s.ci, ..s }, &dy, &s.flip_weights(&w), &mut dx);
@@ -924,9 +924,9 @@ mod tests {
         }
         assert!(!strided_dw_applies(&conv(1, 16, 7, 8, 8)) && !strided_dw_applies(&conv(1, 12, 8, 8, 8)));
         for (k, s) in shapes.into_iter().enumerate() {
-            let x = normal_vec(s.n * s.ci * s.h * s.w, 1.0, 40 + k as u64);
-            let w = normal_vec(s.co * s.ci * 9, 1.0, 50 + k as u64);
-            let dy = normal_vec(s.n * s.co * s.p(), 1.0, 60 + k as u64);
+            let x = normal_vec(s.x_len(), 1.0, 40 + k as u64);
+            let w = normal_vec(s.w_len(), 1.0, 50 + k as u64);
+            let dy = normal_vec(s.y_len(), 1.0, 60 + k as u64);
             let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
             weight_grad_channel_last(&s, &x, &dy, &mut dw);
             input_grad_strided(&s, &w, &dy, &mut dx);

@@ -250,7 +250,7 @@ pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [
 /// Direct convolution by loops in f64: the reference for tests.
 pub fn conv2d_naive(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (ho, wo) = (s.ho(), s.wo());
-    let mut y = vec![0.0f32; s.n * s.co * ho * wo];
+    let mut y = vec![0.0f32; s.y_len()];
     for n in 0..s.n {
         for o in 0..s.co {
             for oy in 0..ho {
@@ -285,9 +285,9 @@ pub(crate) fn assert_forward_matches_naive(
     forward: impl Fn(&ConvShape, &[f32], &[f32], &mut [f32]),
 ) {
     let mut r = crate::rng::Rng::new(seed, 7);
-    let x: Vec<f32> = (0..s.n * s.ci * s.h * s.w).map(|_| r.normal()).collect();
-    let w: Vec<f32> = (0..s.co * s.ci * s.kh * s.kw).map(|_| r.normal()).collect();
-    let mut y = vec![f32::NAN; s.n * s.co * s.p()];
+    let x: Vec<f32> = (0..s.x_len()).map(|_| r.normal()).collect();
+    let w: Vec<f32> = (0..s.w_len()).map(|_| r.normal()).collect();
+    let mut y = vec![f32::NAN; s.y_len()];
     forward(s, &x, &w, &mut y);
     let want = conv2d_naive(s, &x, &w);
     for (i, (a, b)) in y.iter().zip(&want).enumerate() {

@@ -16,10 +16,8 @@ pub use cifar::{CIFAR100_CLASSES, CIFAR10_CLASSES};
 pub use loader::{eval_batches, gather, BatchPlan, EvalBatches, Loader, StepBatch};
 pub use split::{biased_counts, label_counts, split, Split};
 
-use crate::error::{Error, Result};
-use std::fmt;
+use crate::error::{choice, Error, Result};
 use std::path::Path;
-use std::str::FromStr;
 
 /// Fashion-MNIST's class names, label order.
 pub const FASHION_MNIST_CLASSES: [&str; 10] =
@@ -131,62 +129,24 @@ pub struct TrainTest {
     pub test: Dataset,
 }
 
-/// The data set formats `load` reads (config.json spells them as the CLI does).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum DatasetKind {
-    /// Fashion-MNIST, IDX files (gzipped or raw).
-    FashionMnist,
-    /// MNIST, IDX files (gzipped or raw).
-    Mnist,
-    /// CIFAR-10 binary version.
-    Cifar10,
-    /// CIFAR-100 binary version (fine labels).
-    Cifar100,
-    /// An image folder `root/{train,test}/<class>/*.png|jpg|jpeg`.
-    Folder,
-}
-
-impl DatasetKind {
-    /// Every kind, in the order the CLI lists them.
-    pub const ALL: [DatasetKind; 5] = [
-        DatasetKind::FashionMnist,
-        DatasetKind::Mnist,
-        DatasetKind::Cifar10,
-        DatasetKind::Cifar100,
-        DatasetKind::Folder,
-    ];
-
-    /// The name `--dataset` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetKind::FashionMnist => "fashion-mnist",
-            DatasetKind::Mnist => "mnist",
-            DatasetKind::Cifar10 => "cifar10",
-            DatasetKind::Cifar100 => "cifar100",
-            DatasetKind::Folder => "folder",
-        }
+choice! {
+    /// The data set formats `load` reads (config.json spells them as the CLI does).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+    #[serde(into = "String", try_from = "String")]
+    pub enum DatasetKind {
+        /// Fashion-MNIST, IDX files (gzipped or raw).
+        FashionMnist = "fashion-mnist",
+        /// MNIST, IDX files (gzipped or raw).
+        Mnist = "mnist",
+        /// CIFAR-10 binary version.
+        Cifar10 = "cifar10",
+        /// CIFAR-100 binary version (fine labels).
+        Cifar100 = "cifar100",
+        /// An image folder `root/{train,test}/<class>/*.png|jpg|jpeg`.
+        Folder = "folder",
     }
+    unknown(s) = Error::usage(format!("unknown --dataset '{s}' (valid: {})", DatasetKind::NAMES.join(", ")));
 }
-
-impl fmt::Display for DatasetKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for DatasetKind {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<DatasetKind> {
-        DatasetKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            let valid: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
-            Error::usage(format!("unknown --dataset '{s}' (valid: {})", valid.join(", ")))
-        })
-    }
-}
-
-crate::error::string_conversions!(DatasetKind);
 
 /// Loads the train and test sets of `kind` from `dir`.
 ///

@@ -13,65 +13,41 @@ pub use supervised::supervised_loss;
 
 use crate::autograd::Tape;
 use crate::data::StepBatch;
-use crate::error::{Error, Result};
+use crate::error::{choice, Error, Result};
 use crate::nn::Model;
 use crate::tensor::Tensor;
-use std::fmt;
-use std::str::FromStr;
 
-/// Which objective trains the model (config.json spells it as the CLI does).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum Method {
-    /// Cross-entropy on the labeled batch only (the baseline).
-    Supervised,
-    /// Stand-alone MUSCLE: supervised loss + w_mi * IIC loss between two views of unlabeled images.
-    Muscle,
-    /// MixMatch: label guessing, sharpening, MixUp, L_X + w_u L_U.
-    MixMatch,
-    /// MixMatch + w_mi * IIC loss between the two label-guessing views (the paper's "incorporated").
-    MixMatchMuscle,
-    /// Unsupervised pre-training: the IIC loss alone (`muscle pretrain`).
-    Pretrain,
+choice! {
+    /// Which objective trains the model (config.json spells it as the CLI does).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(into = "String", try_from = "String")]
+    pub enum Method {
+        /// Cross-entropy on the labeled batch only (the baseline).
+        Supervised = "supervised",
+        /// Stand-alone MUSCLE: supervised loss + w_mi * IIC loss between two views of unlabeled images.
+        Muscle = "muscle",
+        /// MixMatch: label guessing, sharpening, MixUp, L_X + w_u L_U.
+        MixMatch = "mixmatch",
+        /// MixMatch + w_mi * IIC loss between the two label-guessing views (the paper's "incorporated").
+        MixMatchMuscle = "mixmatch-muscle",
+        /// Unsupervised pre-training: the IIC loss alone (`muscle pretrain`).
+        Pretrain = "pretrain",
+    }
+    unknown(s) = Error::usage(format!(
+        "--method: unknown method '{s}' (expected {})",
+        Method::TRAIN.map(Method::name).join(", ")
+    ));
 }
 
 impl Method {
-    /// Every method, as the CLI spells them.
-    pub const ALL: [&'static str; 4] = ["supervised", "muscle", "mixmatch", "mixmatch-muscle"];
+    /// The methods `--method` offers: all but `pretrain`, which has its own command.
+    pub const TRAIN: [Method; 4] = [Method::Supervised, Method::Muscle, Method::MixMatch, Method::MixMatchMuscle];
 
     /// Whether the method reads unlabeled batches.
     pub fn uses_unlabeled(self) -> bool {
         !matches!(self, Method::Supervised)
     }
 }
-
-impl FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Method> {
-        match s {
-            "supervised" => Ok(Method::Supervised),
-            "muscle" => Ok(Method::Muscle),
-            "mixmatch" => Ok(Method::MixMatch),
-            "mixmatch-muscle" => Ok(Method::MixMatchMuscle),
-            "pretrain" => Ok(Method::Pretrain),
-            _ => Err(Error::usage(format!("--method: unknown method '{s}' (expected {})", Method::ALL.join(", ")))),
-        }
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Method::Supervised => "supervised",
-            Method::Muscle => "muscle",
-            Method::MixMatch => "mixmatch",
-            Method::MixMatchMuscle => "mixmatch-muscle",
-            Method::Pretrain => "pretrain",
-        })
-    }
-}
-
-crate::error::string_conversions!(Method);
 
 /// Hyper-parameters of the objective.
 #[derive(Clone, Debug)]

@@ -8,81 +8,45 @@
 
 use crate::data::{BatchPlan, DatasetKind};
 use crate::device::Device;
-use crate::error::{Error, Result};
+use crate::error::{choice, or_list, Error, Result};
 use crate::nn::ModelKind;
 use crate::ssl::Method;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-/// Which optimizer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum OptimizerKind {
-    /// Adam with L2 decay in the gradient.
-    Adam,
-    /// Adam with decoupled weight decay (the default recipe).
-    AdamW,
-    /// SGD with momentum (Nesterov optional).
-    Sgd,
-}
-
-impl FromStr for OptimizerKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "adam" => Ok(OptimizerKind::Adam),
-            "adamw" => Ok(OptimizerKind::AdamW),
-            "sgd" => Ok(OptimizerKind::Sgd),
-            _ => Err(Error::usage(format!("--optimizer: unknown optimizer '{s}' (expected adam, adamw or sgd)"))),
-        }
+choice! {
+    /// Which optimizer.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(into = "String", try_from = "String")]
+    pub enum OptimizerKind {
+        /// Adam with L2 decay in the gradient.
+        Adam = "adam",
+        /// Adam with decoupled weight decay (the default recipe).
+        AdamW = "adamw",
+        /// SGD with momentum (Nesterov optional).
+        Sgd = "sgd",
     }
+    unknown(s) = Error::usage(format!(
+        "--optimizer: unknown optimizer '{s}' (expected {})",
+        or_list(&OptimizerKind::NAMES)
+    ));
 }
 
-impl fmt::Display for OptimizerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OptimizerKind::Adam => "adam",
-            OptimizerKind::AdamW => "adamw",
-            OptimizerKind::Sgd => "sgd",
-        })
+choice! {
+    /// How the learning rate moves over a run.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(into = "String", try_from = "String")]
+    pub enum ScheduleKind {
+        /// Half a cosine from the base rate down to 0 at the last step.
+        Cosine = "cosine",
+        /// The base rate throughout.
+        Constant = "constant",
     }
+    unknown(s) = Error::usage(format!(
+        "--schedule: unknown schedule '{s}' (expected {})",
+        or_list(&ScheduleKind::NAMES)
+    ));
 }
-
-crate::error::string_conversions!(OptimizerKind);
-
-/// How the learning rate moves over a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum ScheduleKind {
-    /// Half a cosine from the base rate down to 0 at the last step.
-    Cosine,
-    /// The base rate throughout.
-    Constant,
-}
-
-impl FromStr for ScheduleKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cosine" => Ok(ScheduleKind::Cosine),
-            "constant" => Ok(ScheduleKind::Constant),
-            _ => Err(Error::usage(format!("--schedule: unknown schedule '{s}' (expected cosine or constant)"))),
-        }
-    }
-}
-
-impl fmt::Display for ScheduleKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ScheduleKind::Cosine => "cosine",
-            ScheduleKind::Constant => "constant",
-        })
-    }
-}
-
-crate::error::string_conversions!(ScheduleKind);
 
 /// The defaults of the options that depend on the method.
 #[derive(Clone, Copy, Debug, PartialEq)]

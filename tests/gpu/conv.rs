@@ -17,10 +17,10 @@ fn cudnn_convolution_matches_the_cpu_conv() {
         {
             let s = ConvShape { n, ci: 3, h: 13, w: 11, co: 5, kh: 3, kw: 3, stride, pad };
             let what = format!("conv n {n} stride {stride} pad {pad}");
-            let x = randv(n * s.ci * s.h * s.w, 1.0, 21);
-            let w = randv(s.co * s.ci * s.kh * s.kw, 0.5, 22);
-            let dy = randv(n * s.co * s.p(), 1.0, 23);
-            let mut y = vec![0.0; n * s.co * s.p()];
+            let x = randv(s.x_len(), 1.0, 21);
+            let w = randv(s.w_len(), 0.5, 22);
+            let dy = randv(s.y_len(), 1.0, 23);
+            let mut y = vec![0.0; s.y_len()];
             cpu::forward(&s, &x, &w, &mut y);
             let (mut dw, mut dx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
             cpu::backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));

@@ -9,9 +9,9 @@ use std::hint::black_box;
 
 /// Median seconds of the CPU forward and backward of `s`.
 pub fn cpu_times(s: &ConvShape, need_dx: bool, reps: usize) -> (f64, f64) {
-    let x = normal_vec(s.n * s.ci * s.h * s.w, 1.0, 6);
-    let w = normal_vec(s.co * s.k(), 0.1, 7);
-    let dy = normal_vec(s.n * s.co * s.p(), 1.0, 8);
+    let x = normal_vec(s.x_len(), 1.0, 6);
+    let w = normal_vec(s.w_len(), 0.1, 7);
+    let dy = normal_vec(s.y_len(), 1.0, 8);
     let mut y = vec![0.0f32; dy.len()];
     let mut dw = vec![0.0f32; w.len()];
     let mut dx = vec![0.0f32; x.len()];
@@ -29,12 +29,12 @@ pub fn cuda_times(
     reps: usize,
 ) -> crate::error::Result<(f64, f64)> {
     use super::cuda;
-    let x = gpu.upload(&normal_vec(s.n * s.ci * s.h * s.w, 1.0, 6))?;
-    let w = gpu.upload(&normal_vec(s.co * s.k(), 0.1, 7))?;
-    let dy = gpu.upload(&normal_vec(s.n * s.co * s.p(), 1.0, 8))?;
-    let mut y = gpu.zeros::<f32>(s.n * s.co * s.p())?;
-    let mut dw = gpu.zeros::<f32>(s.co * s.k())?;
-    let mut dx = gpu.zeros::<f32>(s.n * s.ci * s.h * s.w)?;
+    let x = gpu.upload(&normal_vec(s.x_len(), 1.0, 6))?;
+    let w = gpu.upload(&normal_vec(s.w_len(), 0.1, 7))?;
+    let dy = gpu.upload(&normal_vec(s.y_len(), 1.0, 8))?;
+    let mut y = gpu.zeros::<f32>(s.y_len())?;
+    let mut dw = gpu.zeros::<f32>(s.w_len())?;
+    let mut dx = gpu.zeros::<f32>(s.x_len())?;
     let fwd = gpu.median_secs(reps, || cuda::conv_forward(gpu, s, &x, &w, &mut y))?;
     let bwd = gpu.median_secs(reps, || {
         cuda::conv_backward_filter(gpu, s, &x, &dy, &mut dw)?;

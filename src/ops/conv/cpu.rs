@@ -92,9 +92,9 @@ mod tests {
             ConvShape { n: 2, ci: 8, h: 5, w: 5, co: 4, kh: 1, kw: 1, stride: 1, pad: 0 },
         ];
         for (k, s) in shapes.into_iter().enumerate() {
-            let x = normal_vec(s.n * s.ci * s.h * s.w, 1.0, 40 + k as u64);
-            let w = normal_vec(s.co * s.ci * s.kh * s.kw, 1.0, 50 + k as u64);
-            let dy = normal_vec(s.n * s.co * s.p(), 1.0, 60 + k as u64);
+            let x = normal_vec(s.x_len(), 1.0, 40 + k as u64);
+            let w = normal_vec(s.w_len(), 1.0, 50 + k as u64);
+            let dy = normal_vec(s.y_len(), 1.0, 60 + k as u64);
             let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
             backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
             let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);

@@ -21,7 +21,8 @@ use cudarc::cudnn::sys::{
     cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
 };
 use cudarc::cudnn::{
-    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor,
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError, FilterDescriptor,
+    TensorDescriptor,
 };
 use cudarc::driver::CudaSlice;
 use std::cell::RefCell;
@@ -79,9 +80,7 @@ impl Dnn {
         if let Some(p) = self.plans.borrow().get(s) {
             return Ok(p.clone());
         }
-        let e = |what: &'static str| {
-            move |err: cudarc::cudnn::CudnnError| device_err(format!("cuDNN {what} for {s:?}"), err)
-        };
+        let e = |what: &'static str| move |err: CudnnError| device_err(format!("cuDNN {what} for {s:?}"), err);
         let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let plan = guarded("cuDNN", || {
             let h = &self.handle;
@@ -161,11 +160,24 @@ impl Dnn {
     }
 }
 
-fn check(what: &str, buf: usize, want: usize) -> Result<()> {
-    if buf < want {
-        return Err(Error::shape(format!("cuDNN convolution: {what} has {buf} elements, needs {want}")));
+/// The one path to a cuDNN call: checks each buffer's length (name, elements held, elements `s`
+/// needs), then runs `f` with the shape's plan and the workspace it asks for; a cuDNN error is
+/// reported as `what`.
+fn checked_run(
+    gpu: &Gpu,
+    s: &ConvShape,
+    what: &str,
+    bufs: [(&str, usize, usize); 3],
+    f: impl FnOnce(&Plan, Option<&mut CudaSlice<u8>>) -> std::result::Result<(), CudnnError>,
+) -> Result<()> {
+    for (name, len, want) in bufs {
+        if len < want {
+            return Err(Error::shape(format!("cuDNN convolution: {name} has {len} elements, needs {want}")));
+        }
     }
-    Ok(())
+    let d = dnn(gpu)?;
+    let p = d.plan(s)?;
+    d.with_workspace(gpu, p.workspace, |ws| f(&p, ws).map_err(|e| device_err(what, e)))
 }
 
 /// y = conv(x, w) for the geometry `s`. CPU twin: `cpu::forward`.
@@ -176,17 +188,12 @@ pub fn conv_forward(
     w: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check("x", x.len(), s.n * s.ci * s.h * s.w)?;
-    check("w", w.len(), s.co * s.ci * s.kh * s.kw)?;
-    check("y", y.len(), s.n * s.co * s.p())?;
-    let d = dnn(gpu)?;
-    let p = d.plan(s)?;
-    d.with_workspace(gpu, p.workspace, |ws| {
+    let bufs = [("x", x.len(), s.x_len()), ("w", w.len(), s.w_len()), ("y", y.len(), s.y_len())];
+    checked_run(gpu, s, "cuDNN convolution forward", bufs, |p, ws| {
         let op = ConvForward { conv: &p.conv, x: &p.x, w: &p.w, y: &p.y };
-        // SAFETY: the buffers hold at least the elements the descriptors describe (checked above),
-        // all f32 NCHW / OIHW as described.
+        // SAFETY: the buffers hold at least the elements the descriptors describe (checked by
+        // `checked_run`), all f32 NCHW / OIHW as described.
         unsafe { op.launch(p.fwd, ws, (1.0f32, 0.0f32), x, w, y) }
-            .map_err(|e| device_err("cuDNN convolution forward", e))
     })
 }
 
@@ -198,16 +205,11 @@ pub fn conv_backward_data(
     dy: &CudaSlice<f32>,
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check("w", w.len(), s.co * s.ci * s.kh * s.kw)?;
-    check("dy", dy.len(), s.n * s.co * s.p())?;
-    check("dx", dx.len(), s.n * s.ci * s.h * s.w)?;
-    let d = dnn(gpu)?;
-    let p = d.plan(s)?;
-    d.with_workspace(gpu, p.workspace, |ws| {
+    let bufs = [("w", w.len(), s.w_len()), ("dy", dy.len(), s.y_len()), ("dx", dx.len(), s.x_len())];
+    checked_run(gpu, s, "cuDNN convolution backward-data", bufs, |p, ws| {
         let op = ConvBackwardData { conv: &p.conv, dx: &p.x, w: &p.w, dy: &p.y };
         // SAFETY: as in conv_forward.
         unsafe { op.launch(p.bwd_data, ws, (1.0f32, 0.0f32), dx, w, dy) }
-            .map_err(|e| device_err("cuDNN convolution backward-data", e))
     })
 }
 
@@ -219,23 +221,18 @@ pub fn conv_backward_filter(
     dy: &CudaSlice<f32>,
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    check("x", x.len(), s.n * s.ci * s.h * s.w)?;
-    check("dy", dy.len(), s.n * s.co * s.p())?;
-    check("dw", dw.len(), s.co * s.ci * s.kh * s.kw)?;
-    let d = dnn(gpu)?;
-    let p = d.plan(s)?;
-    d.with_workspace(gpu, p.workspace, |ws| {
+    let bufs = [("x", x.len(), s.x_len()), ("dy", dy.len(), s.y_len()), ("dw", dw.len(), s.w_len())];
+    checked_run(gpu, s, "cuDNN convolution backward-filter", bufs, |p, ws| {
         let op = ConvBackwardFilter { conv: &p.conv, x: &p.x, dw: &p.w, dy: &p.y };
         // SAFETY: as in conv_forward.
         unsafe { op.launch(p.bwd_filter, ws, (1.0f32, 0.0f32), x, dw, dy) }
-            .map_err(|e| device_err("cuDNN convolution backward-filter", e))
     })
 }
 
 /// Convolution through cuDNN (geometry checked by the caller).
 #[cfg(feature = "cudnn")]
 pub(crate) fn conv2d(gpu: GpuRef, tape: &Tape, x: &Tensor, w: &Tensor, s: ConvShape) -> Result<Tensor> {
-    let mut y = alloc(&gpu, s.n * s.co * s.p())?;
+    let mut y = alloc(&gpu, s.y_len())?;
     conv_forward(&gpu, &s, buf(x)?, buf(w)?, &mut y)?;
     let (xc, wc) = (x.clone(), w.clone());
     Ok(tape.record(wrap(y, &[s.n, s.co, s.ho(), s.wo()])?, &[x, w], move |g, grads| {

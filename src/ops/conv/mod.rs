@@ -59,7 +59,7 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
         )));
     }
     let _p = crate::profile::scope("conv2d.fwd");
-    let mut y = crate::pool::take(s.n * s.co * s.p());
+    let mut y = crate::pool::take(s.y_len());
     cpu::forward(&s, x.data()?, w.data()?, &mut y);
     let out = Tensor::cpu(y, vec![s.n, s.co, s.ho(), s.wo()]);
     let (xc, wc) = (x.clone(), w.clone());

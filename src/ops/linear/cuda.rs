@@ -1,6 +1,7 @@
 //! Dense layers on the GPU: the products through cuBLAS (`cuda::blas`), the bias through the
 //! launchers of kernels/linear.cu (CPU twins in `cpu.rs` beside this file).
 
+use super::Product;
 use crate::autograd::Tape;
 use crate::cuda::blas;
 use crate::cuda::launch::{cfg, elems, flat_cfg, grid_dim, int, launch, long, need, nonzero, BLOCK};
@@ -33,69 +34,46 @@ pub fn bias_grad_bwd(gpu: &Gpu, g: &CudaSlice<f32>, db: &mut CudaSlice<f32>, row
 // ---------------------------------------------------------------------------------------------
 // The ops on GPU tensors (shapes checked by the family's mod.rs), recorded on the tape.
 
-/// a [m, kk] @ b [kk, n] through cuBLAS.
-pub(crate) fn matmul(
+/// `a @ B (+ bias)` through cuBLAS (see `Product` for the layouts): the bias is written first and
+/// cuBLAS accumulates onto it.
+pub(crate) fn product(
     gpu: GpuRef,
     tape: &Tape,
     a: &Tensor,
     b: &Tensor,
-    m: usize,
-    kk: usize,
-    n: usize,
+    bias: Option<&Tensor>,
+    p: Product,
 ) -> Result<Tensor> {
+    let Product { m, k, n, rhs_t } = p;
     let mut y = alloc(&gpu, m * n)?;
-    blas::sgemm(&gpu, m, n, kk, buf(a)?, false, buf(b)?, false, &mut y, 1.0, 0.0)?;
-    let (ac, bc) = (a.clone(), b.clone());
-    Ok(tape.record(wrap(y, &[m, n])?, &[a, b], move |g, grads| {
+    if let Some(bias) = bias {
+        bias_rows_fwd(&gpu, buf(bias)?, &mut y, m, n)?;
+    }
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    blas::sgemm(&gpu, m, n, k, buf(a)?, false, buf(b)?, rhs_t, &mut y, 1.0, beta)?;
+    let (ac, bc, biasc) = (a.clone(), b.clone(), bias.cloned());
+    let mut inputs = vec![a, b];
+    inputs.extend(bias);
+    Ok(tape.record(wrap(y, &[m, n])?, &inputs, move |g, grads| {
         let g = here(g, &gpu)?;
         if ac.requires_grad() {
-            let mut da = alloc(&gpu, m * kk)?;
-            blas::sgemm(&gpu, m, kk, n, buf(&g)?, false, buf(&bc)?, true, &mut da, 1.0, 0.0)?;
-            grads.add_to(&ac, wrap(da, &[m, kk])?)?;
+            let mut da = alloc(&gpu, m * k)?;
+            blas::sgemm(&gpu, m, k, n, buf(&g)?, false, buf(&bc)?, !rhs_t, &mut da, 1.0, 0.0)?;
+            grads.add_to(&ac, wrap(da, &[m, k])?)?;
         }
         if bc.requires_grad() {
-            let mut db = alloc(&gpu, kk * n)?;
-            blas::sgemm(&gpu, kk, n, m, buf(&ac)?, true, buf(&g)?, false, &mut db, 1.0, 0.0)?;
-            grads.add_to(&bc, wrap(db, &[kk, n])?)?;
+            let mut db = alloc(&gpu, k * n)?;
+            if rhs_t {
+                blas::sgemm(&gpu, n, k, m, buf(&g)?, true, buf(&ac)?, false, &mut db, 1.0, 0.0)?;
+            } else {
+                blas::sgemm(&gpu, k, n, m, buf(&ac)?, true, buf(&g)?, false, &mut db, 1.0, 0.0)?;
+            }
+            grads.add_to(&bc, wrap(db, bc.shape())?)?;
         }
-        Ok(())
-    }))
-}
-
-/// x [n, fin] @ w [fout, fin]^T + b: the bias is written first and cuBLAS accumulates onto it.
-pub(crate) fn linear(
-    gpu: GpuRef,
-    tape: &Tape,
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    (n, fin, fout): (usize, usize, usize),
-) -> Result<Tensor> {
-    let mut y = alloc(&gpu, n * fout)?;
-    if let Some(b) = b {
-        bias_rows_fwd(&gpu, buf(b)?, &mut y, n, fout)?;
-    }
-    let beta = if b.is_some() { 1.0 } else { 0.0 };
-    blas::sgemm(&gpu, n, fout, fin, buf(x)?, false, buf(w)?, true, &mut y, 1.0, beta)?;
-    let (xc, wc, bc) = (x.clone(), w.clone(), b.cloned());
-    let mut inputs = vec![x, w];
-    inputs.extend(b);
-    Ok(tape.record(wrap(y, &[n, fout])?, &inputs, move |g, grads| {
-        let g = here(g, &gpu)?;
-        if xc.requires_grad() {
-            let mut dx = alloc(&gpu, n * fin)?;
-            blas::sgemm(&gpu, n, fin, fout, buf(&g)?, false, buf(&wc)?, false, &mut dx, 1.0, 0.0)?;
-            grads.add_to(&xc, wrap(dx, &[n, fin])?)?;
-        }
-        if wc.requires_grad() {
-            let mut dw = alloc(&gpu, fout * fin)?;
-            blas::sgemm(&gpu, fout, fin, n, buf(&g)?, true, buf(&xc)?, false, &mut dw, 1.0, 0.0)?;
-            grads.add_to(&wc, wrap(dw, &[fout, fin])?)?;
-        }
-        if let Some(bc) = bc.filter(|b| b.requires_grad()) {
-            let mut db = alloc(&gpu, fout)?;
-            bias_grad_bwd(&gpu, buf(&g)?, &mut db, n, fout)?;
-            grads.add_to(&bc, wrap(db, &[fout])?)?;
+        if let Some(biasc) = biasc.filter(|b| b.requires_grad()) {
+            let mut dbias = alloc(&gpu, n)?;
+            bias_grad_bwd(&gpu, buf(&g)?, &mut dbias, m, n)?;
+            grads.add_to(&biasc, wrap(dbias, &[n])?)?;
         }
         Ok(())
     }))

@@ -22,28 +22,7 @@ pub fn matmul(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             fmt_shape(b.shape())
         )));
     }
-    #[cfg(feature = "cuda")]
-    if let Some(gpu) = crate::ops::gpu::on_gpu("matmul", &[a, b])? {
-        return cuda::matmul(gpu, tape, a, b, m, k, n);
-    }
-    let mut y = crate::pool::take(m * n);
-    sgemm(m, n, k, Mat::n(a.data()?), Mat::n(b.data()?), &mut y, false, threads());
-    let out = Tensor::cpu(y, vec![m, n]);
-    let (ac, bc) = (a.clone(), b.clone());
-    Ok(tape.record(out, &[a, b], move |g, grads| {
-        let g = g.data()?;
-        if ac.requires_grad() {
-            let mut da = crate::pool::take(m * k);
-            sgemm(m, k, n, Mat::n(g), Mat::t(bc.data()?), &mut da, false, threads());
-            grads.add_to(&ac, Tensor::cpu(da, vec![m, k]))?;
-        }
-        if bc.requires_grad() {
-            let mut db = crate::pool::take(k * n);
-            sgemm(k, n, m, Mat::t(ac.data()?), Mat::n(g), &mut db, false, threads());
-            grads.add_to(&bc, Tensor::cpu(db, vec![k, n]))?;
-        }
-        Ok(())
-    }))
+    product(tape, "matmul", a, b, None, Product { m, k, n, rhs_t: false })
 }
 
 /// x [n, in] @ w[out, in]^T + b [out] (PyTorch's nn.Linear layout).
@@ -66,37 +45,61 @@ pub fn linear(tape: &Tape, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
             )));
         }
     }
-    let mut all = vec![x, w];
-    all.extend(b);
+    product(tape, "linear", x, w, b, Product { m: n, k: fin, n: fout, rhs_t: true })
+}
+
+/// The sizes of `a [m, k] @ B (+ bias [n])`, where the right operand `b` is stored as `B` [k, n]
+/// (`matmul`) or, when `rhs_t`, as `B^T` [n, k] (`linear`'s weight layout).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Product {
+    /// Rows of `a` and of the result.
+    pub m: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// Whether `b` is stored [n, k] and used transposed.
+    pub rhs_t: bool,
+}
+
+/// `a @ B (+ bias)` for shapes already checked, on the inputs' device, recorded on the tape.
+fn product(tape: &Tape, what: &str, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, p: Product) -> Result<Tensor> {
+    let Product { m, k, n, rhs_t } = p;
+    let mut inputs = vec![a, b];
+    inputs.extend(bias);
     #[cfg(feature = "cuda")]
-    if let Some(gpu) = crate::ops::gpu::on_gpu("linear", &all)? {
-        return cuda::linear(gpu, tape, x, w, b, (n, fin, fout));
+    if let Some(gpu) = crate::ops::gpu::on_gpu(what, &inputs)? {
+        return cuda::product(gpu, tape, a, b, bias, p);
     }
-    let mut y = crate::pool::take(n * fout);
-    if let Some(b) = b {
-        cpu::bias_rows_fwd(b.data()?, &mut y);
+    #[cfg(not(feature = "cuda"))]
+    let _ = what;
+    let mut y = crate::pool::take(m * n);
+    if let Some(bias) = bias {
+        cpu::bias_rows_fwd(bias.data()?, &mut y);
     }
-    sgemm(n, fout, fin, Mat::n(x.data()?), Mat::t(w.data()?), &mut y, b.is_some(), threads());
-    let out = Tensor::cpu(y, vec![n, fout]);
-    let (xc, wc, bc) = (x.clone(), w.clone(), b.cloned());
-    let mut inputs = vec![x, w];
-    inputs.extend(b);
+    sgemm(m, n, k, Mat::n(a.data()?), Mat { data: b.data()?, trans: rhs_t }, &mut y, bias.is_some(), threads());
+    let out = Tensor::cpu(y, vec![m, n]);
+    let (ac, bc, biasc) = (a.clone(), b.clone(), bias.cloned());
     Ok(tape.record(out, &inputs, move |g, grads| {
         let g = g.data()?;
-        if xc.requires_grad() {
-            let mut dx = crate::pool::take(n * fin);
-            sgemm(n, fin, fout, Mat::n(g), Mat::n(wc.data()?), &mut dx, false, threads());
-            grads.add_to(&xc, Tensor::cpu(dx, vec![n, fin]))?;
+        if ac.requires_grad() {
+            let mut da = crate::pool::take(m * k);
+            sgemm(m, k, n, Mat::n(g), Mat { data: bc.data()?, trans: !rhs_t }, &mut da, false, threads());
+            grads.add_to(&ac, Tensor::cpu(da, vec![m, k]))?;
         }
-        if wc.requires_grad() {
-            let mut dw = crate::pool::take(fout * fin);
-            sgemm(fout, fin, n, Mat::t(g), Mat::n(xc.data()?), &mut dw, false, threads());
-            grads.add_to(&wc, Tensor::cpu(dw, vec![fout, fin]))?;
+        if bc.requires_grad() {
+            let mut db = crate::pool::take(k * n);
+            if rhs_t {
+                sgemm(n, k, m, Mat::t(g), Mat::n(ac.data()?), &mut db, false, threads());
+            } else {
+                sgemm(k, n, m, Mat::t(ac.data()?), Mat::n(g), &mut db, false, threads());
+            }
+            grads.add_to(&bc, Tensor::cpu(db, bc.shape().to_vec()))?;
         }
-        if let Some(bc) = bc.filter(|b| b.requires_grad()) {
-            let mut db = vec![0.0f32; fout];
-            cpu::bias_grad_bwd(g, &mut db);
-            grads.add_to(&bc, Tensor::cpu(db, vec![fout]))?;
+        if let Some(biasc) = biasc.filter(|b| b.requires_grad()) {
+            let mut dbias = vec![0.0f32; n];
+            cpu::bias_grad_bwd(g, &mut dbias);
+            grads.add_to(&biasc, Tensor::cpu(dbias, vec![n]))?;
         }
         Ok(())
     }))

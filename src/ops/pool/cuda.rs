@@ -8,6 +8,37 @@ use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
+/// A 2 x 2 max-pool's checked sizes: the buffer lengths and the kernel's arguments.
+struct MaxPoolSizes {
+    /// planes x h x w.
+    full: usize,
+    /// planes x h/2 x w/2.
+    pooled: usize,
+    planes: i64,
+    h: i32,
+    w: i32,
+}
+
+/// What both max-pool launchers check before the unsafe launch: nonzero sizes, the full-size
+/// buffer (planes x h x w), then the pooled ones (planes x h/2 x w/2).
+fn maxpool_checks(
+    k: &str,
+    (planes, h, w): (usize, usize, usize),
+    full: (&str, usize),
+    pooled: &[(&str, usize)],
+) -> Result<MaxPoolSizes> {
+    nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
+    let total = elems(k, planes, elems(k, h, w)?)?;
+    need(k, full.0, full.1, total)?;
+    let out = planes * (h / 2) * (w / 2);
+    for &(what, len) in pooled {
+        need(k, what, len, out)?;
+    }
+    let (hi, wi, pl) = (int(k, "h", h)?, int(k, "w", w)?, long(planes));
+    int(k, "plane size", h * w)?;
+    Ok(MaxPoolSizes { full: total, pooled: out, planes: pl, h: hi, w: wi })
+}
+
 /// 2 x 2 max-pool (stride 2) of `planes` planes of h x w: `y` and the winner's offset `arg`
 /// (planes x h/2 x w/2). CPU twin: `cpu::maxpool_fwd` with k = 2.
 pub fn maxpool_fwd(
@@ -20,14 +51,8 @@ pub fn maxpool_fwd(
     arg: &mut CudaSlice<u8>,
 ) -> Result<()> {
     let k = "maxpool_fwd_f32";
-    nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
-    need(k, "x", x.len(), elems(k, planes, elems(k, h, w)?)?)?;
-    let out = planes * (h / 2) * (w / 2);
-    need(k, "y", y.len(), out)?;
-    need(k, "arg", arg.len(), out)?;
-    let (hi, wi, pl) = (int(k, "h", h)?, int(k, "w", w)?, long(planes));
-    int(k, "plane size", h * w)?;
-    launch!(gpu, k, flat_cfg(out), x, y, arg, &pl, &hi, &wi)
+    let m = maxpool_checks(k, (planes, h, w), ("x", x.len()), &[("y", y.len()), ("arg", arg.len())])?;
+    launch!(gpu, k, flat_cfg(m.pooled), x, y, arg, &m.planes, &m.h, &m.w)
 }
 
 /// Routes each output gradient to its window's winner; `dx` (planes x h x w) is overwritten,
@@ -42,15 +67,8 @@ pub fn maxpool_bwd(
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let k = "maxpool_bwd_f32";
-    nonzero(k, &[("planes", planes), ("height / 2", h / 2), ("width / 2", w / 2)])?;
-    let total = elems(k, planes, elems(k, h, w)?)?;
-    need(k, "dx", dx.len(), total)?;
-    let out = planes * (h / 2) * (w / 2);
-    need(k, "dy", dy.len(), out)?;
-    need(k, "arg", arg.len(), out)?;
-    let (hi, wi, pl) = (int(k, "h", h)?, int(k, "w", w)?, long(planes));
-    int(k, "plane size", h * w)?;
-    launch!(gpu, k, flat_cfg(total), dy, arg, dx, &pl, &hi, &wi)
+    let m = maxpool_checks(k, (planes, h, w), ("dx", dx.len()), &[("dy", dy.len()), ("arg", arg.len())])?;
+    launch!(gpu, k, flat_cfg(m.full), dy, arg, dx, &m.planes, &m.h, &m.w)
 }
 
 /// Mean of each plane of `hw` elements. CPU twin: `cpu::avgpool_fwd`.
