@@ -32,7 +32,7 @@ fn every_op_rejects_mismatched_shapes() {
         &["[3, 8, 8]"],
     );
     expect_shape_err(
-        ops::batch_norm_train(&t, &randn(&[2, 3, 4, 4], 1), &randn(&[4], 2), &randn(&[3], 3), 1e-5),
+        ops::batch_norm_train(&t, &randn(&[2, 3, 4, 4], 1), &randn(&[4], 2), &randn(&[3], 3), 1e-5, None),
         &["[4]", "[2, 3, 4, 4]"],
     );
     expect_shape_err(ops::max_pool2d(&t, &randn(&[1, 1, 1, 1], 1), 2), &["[1, 1, 1, 1]"]);

@@ -43,12 +43,12 @@ fn conv2d_stride_and_padding() {
 fn batch_norm_train_and_eval() {
     let gamma = randn(&[3], 3);
     check(
-        &|t, x| Ok(ops::batch_norm_train(t, &x[0], &x[1], &x[2], 1e-5)?.0),
+        &|t, x| Ok(ops::batch_norm_train(t, &x[0], &x[1], &x[2], 1e-5, None)?.0),
         &[randn(&[4, 3, 3, 2], 1), gamma.clone(), randn(&[3], 4)],
     );
     let (mean, var) = (randn(&[3], 5), rand_uniform(&[3], 0.5, 2.0, 6));
     check(
-        &|t, x| ops::batch_norm_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5),
+        &|t, x| ops::batch_norm_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5, None),
         &[randn(&[2, 3, 3, 3], 1), gamma, randn(&[3], 4)],
     );
 }
@@ -60,11 +60,11 @@ fn fused_batch_norm_leaky_relu() {
     let (gamma, beta) = (randn(&[3], 3), randn(&[3], 4));
     // A gamma step moves every z of a channel, so a small step keeps the differences off the
     // activation's kink.
-    let f = |t: &Tape, x: &[Tensor]| Ok(ops::batch_norm_act_train(t, &x[0], &x[1], &x[2], 1e-5, Some(0.1))?.0);
+    let f = |t: &Tape, x: &[Tensor]| Ok(ops::batch_norm_train(t, &x[0], &x[1], &x[2], 1e-5, Some(0.1))?.0);
     check_eps(&f, &[x(), gamma.clone(), beta.clone()], 1e-3);
     let (mean, var) = (randn(&[3], 5), rand_uniform(&[3], 0.5, 2.0, 6));
     check_eps(
-        &|t, x| ops::batch_norm_act_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5, Some(0.1)),
+        &|t, x| ops::batch_norm_eval(t, &x[0], &x[1], &x[2], &mean, &var, 1e-5, Some(0.1)),
         &[x(), gamma.clone(), beta.clone()],
         1e-3,
     );
@@ -73,9 +73,9 @@ fn fused_batch_norm_leaky_relu() {
         let ps: Vec<Tensor> = [x(), gamma.clone(), beta.clone()].into_iter().map(|t| t.into_param()).collect();
         let tape = Tape::new();
         let y = if fused {
-            ops::batch_norm_act_train(&tape, &ps[0], &ps[1], &ps[2], 1e-5, Some(0.1)).expect("fused").0
+            ops::batch_norm_train(&tape, &ps[0], &ps[1], &ps[2], 1e-5, Some(0.1)).expect("fused").0
         } else {
-            let (z, _) = ops::batch_norm_train(&tape, &ps[0], &ps[1], &ps[2], 1e-5).expect("bn");
+            let (z, _) = ops::batch_norm_train(&tape, &ps[0], &ps[1], &ps[2], 1e-5, None).expect("bn");
             ops::leaky_relu(&tape, &z, 0.1).expect("lrelu")
         };
         let proj = randn(y.shape(), 8);
@@ -145,7 +145,7 @@ fn a_small_network_end_to_end() {
     let labels = [1usize, 0, 2];
     let f = |t: &Tape, x: &[Tensor]| -> Result<Tensor> {
         let h = ops::conv2d(t, &x[0], &x[1], Conv2dParams { stride: 1, pad: 1 })?;
-        let (h, _) = ops::batch_norm_train(t, &h, &x[2], &x[3], 1e-5)?;
+        let (h, _) = ops::batch_norm_train(t, &h, &x[2], &x[3], 1e-5, None)?;
         let h = ops::leaky_relu(t, &h, 0.1)?;
         let h = ops::max_pool2d(t, &h, 2)?;
         let h = ops::global_avg_pool(t, &h)?;

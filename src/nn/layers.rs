@@ -111,7 +111,7 @@ impl BatchNorm2d {
     /// Normalises, then applies LeakyReLU(`slope`) in the same pass when given.
     pub fn forward_act(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx, slope: Option<f32>) -> Result<Tensor> {
         if !ctx.train {
-            return ops::batch_norm_act_eval(
+            return ops::batch_norm_eval(
                 tape,
                 x,
                 &self.weight,
@@ -122,7 +122,7 @@ impl BatchNorm2d {
                 slope,
             );
         }
-        let (y, stats) = ops::batch_norm_act_train(tape, x, &self.weight, &self.bias, self.eps, slope)?;
+        let (y, stats) = ops::batch_norm_train(tape, x, &self.weight, &self.bias, self.eps, slope)?;
         let m = (x.numel() / stats.mean.numel().max(1)) as f32;
         let unbias = m / (m - 1.0);
         let mom = self.momentum;

@@ -14,7 +14,7 @@ pub mod pool;
 pub mod shape;
 pub mod softmax;
 
-pub use batchnorm::{batch_norm_act_eval, batch_norm_act_train, batch_norm_eval, batch_norm_train, BatchMoments};
+pub use batchnorm::{batch_norm_eval, batch_norm_train, BatchMoments};
 pub use conv::{conv2d, Conv2dParams};
 pub use elementwise::{add, dropout, leaky_relu, relu, scale};
 pub use linear::{linear, matmul};

@@ -51,20 +51,9 @@ pub struct BatchMoments {
     pub var: Tensor,
 }
 
-/// Training mode: normalise with batch statistics, which are returned so that the layer can
-/// update its running estimates.
+/// Training mode: normalise with the batch statistics, which are returned so that the layer can
+/// update its running estimates; LeakyReLU(`slope`) fused when given: act(BN(x)).
 pub fn batch_norm_train(
-    tape: &Tape,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-) -> Result<(Tensor, BatchMoments)> {
-    batch_norm_act_train(tape, x, gamma, beta, eps, None)
-}
-
-/// Training mode with LeakyReLU(`slope`) fused when given: act(BN(x)).
-pub fn batch_norm_act_train(
     tape: &Tape,
     x: &Tensor,
     gamma: &Tensor,
@@ -103,22 +92,10 @@ pub fn batch_norm_act_train(
     Ok((out, moments))
 }
 
-/// Evaluation mode: normalise with the running statistics (constants).
-pub fn batch_norm_eval(
-    tape: &Tape,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    mean: &Tensor,
-    var: &Tensor,
-    eps: f32,
-) -> Result<Tensor> {
-    batch_norm_act_eval(tape, x, gamma, beta, mean, var, eps, None)
-}
-
-/// Evaluation mode with LeakyReLU(`slope`) fused when given.
+/// Evaluation mode: normalise with the running statistics (constants); LeakyReLU(`slope`) fused
+/// when given.
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm_act_eval(
+pub fn batch_norm_eval(
     tape: &Tape,
     x: &Tensor,
     gamma: &Tensor,
