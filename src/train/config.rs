@@ -237,6 +237,43 @@ fn positive(name: &str, ok: bool) -> Result<()> {
     }
 }
 
+/// The options whose default depends on the method, listed once: each gets an accessor that
+/// returns the value given, else the method's default, and `resolved` fills in every one of
+/// them (and the thread count), so a new option of this kind cannot be left out of config.json.
+macro_rules! method_defaulted {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),+ $(,)?) => {
+        impl TrainConfig {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self) -> $ty {
+                    self.$name.unwrap_or(self.method_defaults().$name)
+                }
+            )+
+
+            /// This config with every option that defaults by method (and the thread count) set
+            /// to the value in force.
+            pub fn resolved(&self) -> TrainConfig {
+                TrainConfig { $($name: Some(self.$name()),)+ threads: Some(self.threads()), ..self.clone() }
+            }
+        }
+    };
+}
+
+method_defaulted! {
+    /// Labeled images per step.
+    batch: usize,
+    /// Unlabeled images per step.
+    unlabeled_batch: usize,
+    /// Base learning rate.
+    lr: f32,
+    /// Learning-rate schedule.
+    schedule: ScheduleKind,
+    /// Optimizer.
+    optimizer: OptimizerKind,
+    /// Weight decay.
+    weight_decay: f32,
+}
+
 impl TrainConfig {
     /// The defaults of `muscle train` (the command line takes its defaults from here).
     pub const DEFAULT: TrainConfig = TrainConfig {
@@ -299,54 +336,9 @@ impl TrainConfig {
         Ok(format!("{text}\n"))
     }
 
-    /// This config with every option that defaults by method (and the thread count) set to the
-    /// value in force.
-    pub fn resolved(&self) -> TrainConfig {
-        TrainConfig {
-            batch: Some(self.batch()),
-            unlabeled_batch: Some(self.unlabeled_batch()),
-            lr: Some(self.lr()),
-            schedule: Some(self.schedule()),
-            optimizer: Some(self.optimizer()),
-            weight_decay: Some(self.weight_decay()),
-            threads: Some(self.threads()),
-            ..self.clone()
-        }
-    }
-
     /// The defaults of this config's method.
     pub fn method_defaults(&self) -> MethodDefaults {
         MethodDefaults::of(self.method)
-    }
-
-    /// Labeled images per step.
-    pub fn batch(&self) -> usize {
-        self.batch.unwrap_or(self.method_defaults().batch)
-    }
-
-    /// Unlabeled images per step.
-    pub fn unlabeled_batch(&self) -> usize {
-        self.unlabeled_batch.unwrap_or(self.method_defaults().unlabeled_batch)
-    }
-
-    /// Base learning rate.
-    pub fn lr(&self) -> f32 {
-        self.lr.unwrap_or(self.method_defaults().lr)
-    }
-
-    /// Learning-rate schedule.
-    pub fn schedule(&self) -> ScheduleKind {
-        self.schedule.unwrap_or(self.method_defaults().schedule)
-    }
-
-    /// Optimizer.
-    pub fn optimizer(&self) -> OptimizerKind {
-        self.optimizer.unwrap_or(self.method_defaults().optimizer)
-    }
-
-    /// Weight decay.
-    pub fn weight_decay(&self) -> f32 {
-        self.weight_decay.unwrap_or(self.method_defaults().weight_decay)
     }
 
     /// Worker threads (all cores unless told otherwise).
