@@ -67,12 +67,7 @@ fn build_emulator() -> Result<(), String> {
     }
     fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let kernel_dir = manifest.join("kernels");
-    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
-        .map_err(|e| format!("{}: {e}", kernel_dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    sources.sort();
+    let sources = kernel_sources(&kernel_dir)?;
     let mut paths = Vec::new();
     for src in &sources {
         let path = src.to_str().ok_or_else(|| format!("{}: not UTF-8", src.display()))?.to_string();
@@ -120,12 +115,7 @@ fn build_kernels() -> Result<(), String> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| format!("CARGO_MANIFEST_DIR: {e}"))?);
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
     let kernel_dir = manifest.join("kernels");
-    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
-        .map_err(|e| format!("{}: {e}", kernel_dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    sources.sort();
+    let sources = kernel_sources(&kernel_dir)?;
     for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());
     }
@@ -185,6 +175,17 @@ fn build_kernels() -> Result<(), String> {
     generated.push_str("];\n");
     let target = out.join("kernels.rs");
     fs::write(&target, generated).map_err(|e| format!("{}: {e}", target.display()))
+}
+
+/// The `kernels/*.cu` files, sorted by name (the order of the generated tables).
+fn kernel_sources(kernel_dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut sources: Vec<PathBuf> = fs::read_dir(kernel_dir)
+        .map_err(|e| format!("{}: {e}", kernel_dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    Ok(sources)
 }
 
 /// The shared header every kernel file includes.
