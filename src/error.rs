@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Device,
     /// A loss or gradient became NaN or infinite.
     NonFinite,
+    /// An allocation (host or device memory) that did not fit.
+    OutOfMemory,
 }
 
 /// The crate's error: a kind and a message naming the file, argument or shape at fault.
@@ -53,6 +55,10 @@ impl Error {
     /// A device failure.
     pub fn device(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Device, message)
+    }
+    /// An allocation that did not fit (host or device memory).
+    pub fn out_of_memory(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::OutOfMemory, message)
     }
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {

@@ -5,7 +5,7 @@
 
 use super::bench_op::{compute_case, memory_case, mi_cases, validate, Op, OpBench, OpResult};
 use crate::cuda::{blas, context, Gpu};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops;
 use crate::rng::normal_vec;
 
@@ -14,9 +14,7 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     let n = 64 << 20;
     let src = gpu.zeros::<f32>(n)?;
     let mut dst = gpu.zeros::<f32>(n)?;
-    let t = gpu.median_secs(5, || {
-        gpu.stream().memcpy_dtod(&src, &mut dst).map_err(|e| Error::device(format!("device copy: {e}")))
-    })?;
+    let t = gpu.median_secs(5, || gpu.copy_range(&src, 0, &mut dst, 0, n))?;
     Ok(2.0 * (n * 4) as f64 / t / 1e9)
 }
 

@@ -1,12 +1,12 @@
 //! cuBLAS SGEMM on row-major operands: the products of the dense layers (and the peak that
 //! `muscle bench --device cuda` measures). CPU twin: `cpu::gemm::sgemm`.
 
-use super::device::Gpu;
+use super::buffer::CudaSlice;
+use super::device::{Backend, Gpu};
 use super::launch::{elems, int, need, nonzero};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::CudaSlice;
 
 /// C = alpha op(A) op(B) + beta C for ROW-MAJOR matrices: op(A) is m x k (A is stored m x k, or
 /// k x m when `trans_a`), op(B) is k x n (stored k x n, or n x k when `trans_b`), C is m x n.
@@ -50,8 +50,15 @@ pub fn sgemm(
         beta,
         ldc: ni,
     };
-    let blas = gpu.blas()?;
-    // SAFETY: the three buffers hold at least m k, k n and m n elements (checked above), which is
-    // what these dimensions and leading dimensions address.
-    unsafe { blas.gemm(config, b, a, c) }.map_err(|e| Error::device(format!("{kn}: {e}")))
+    match gpu.backend() {
+        Backend::Driver(d) => {
+            let blas = d.blas()?;
+            // SAFETY: the three buffers hold at least m k, k n and m n elements (checked above),
+            // which is what these dimensions and leading dimensions address.
+            unsafe { blas.gemm(config, b.driver()?, a.driver()?, c.driver_mut()?) }
+                .map_err(|e| Error::device(format!("{kn}: {e}")))
+        }
+        #[cfg(muscle_cuda_emu)]
+        Backend::Emulated => super::emu::blas::sgemm(&config, b.emulated()?, a.emulated()?, c.emulated_mut()?),
+    }
 }

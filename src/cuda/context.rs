@@ -6,9 +6,9 @@
 //! the same way). Every context of one ordinal shares the device's primary CUDA context, so a
 //! buffer made on one thread is valid on another.
 
+use super::buffer::CudaSlice;
 use super::device::Gpu;
-use crate::error::{Error, Result};
-use cudarc::driver::CudaSlice;
+use crate::error::Result;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -29,7 +29,7 @@ pub fn gpu(ordinal: usize) -> Result<Rc<Gpu>> {
 
 /// The context that owns `s`.
 pub fn gpu_of(s: &CudaSlice<f32>) -> Result<Rc<Gpu>> {
-    gpu(s.context().ordinal())
+    gpu(s.ordinal())
 }
 
 /// A new zeroed buffer of `len` f32 on `gpu` (at least one element: CUDA does not allocate 0).
@@ -39,8 +39,7 @@ pub fn zeros(gpu: &Gpu, len: usize) -> Result<CudaSlice<f32>> {
 
 /// A device-to-device copy of `s` (same length).
 pub fn copy(s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-    let gpu = gpu_of(s)?;
-    gpu.stream().clone_dtod(s).map_err(|e| Error::device(format!("copy on the GPU of {} elements: {e}", s.len())))
+    gpu_of(s)?.copy(s)
 }
 
 /// Copies `src[src_at..src_at + len]` into `dst[at..at + len]` on `gpu`'s stream (bounds checked).
@@ -52,17 +51,5 @@ pub fn copy_range(
     at: usize,
     len: usize,
 ) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    if src.len() < src_at + len || dst.len() < at + len {
-        return Err(Error::shape(format!(
-            "GPU copy of {len} elements from {src_at} of {} into {at} of {}",
-            src.len(),
-            dst.len()
-        )));
-    }
-    gpu.stream()
-        .memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(at..at + len))
-        .map_err(|e| Error::device(format!("copy on the GPU: {e}")))
+    gpu.copy_range(src, src_at, dst, at, len)
 }

@@ -7,13 +7,17 @@
 //! PTX) come back from cudarc as errors; as a last guard, a panic inside cudarc is caught and
 //! turned into an error too.
 
+use super::buffer::{CudaSlice, DeviceElem, Memory};
 use super::embedded::{KernelFile, KERNEL_FILES};
+use super::launch::KernelArg;
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::collections::HashMap;
 use std::fmt;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// What [`probe`] reports about a GPU.
@@ -29,6 +33,8 @@ pub struct GpuInfo {
     pub driver_version: i32,
     /// Device memory in bytes.
     pub total_memory: usize,
+    /// Whether this is the emulated device (`MUSCLE_CUDA_EMU=1`), not a GPU.
+    pub emulated: bool,
 }
 
 impl GpuInfo {
@@ -40,6 +46,15 @@ impl GpuInfo {
 
 impl fmt::Display for GpuInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.emulated {
+            return write!(
+                f,
+                "{} (cuda:{}, the kernels compiled as C++ and run on the CPU, {:.1} GiB)",
+                self.name,
+                self.ordinal,
+                self.total_memory as f64 / (1u64 << 30) as f64
+            );
+        }
         let (dmaj, dmin) = self.driver_cuda_version();
         write!(
             f,
@@ -60,6 +75,8 @@ pub enum PtxOrigin {
     Nvcc,
     /// NVRTC at run time, from the embedded sources (nvcc was missing at build time).
     Nvrtc,
+    /// No PTX: the emulated device runs the sources compiled as C++ (emu/).
+    Emulated,
 }
 
 /// Runs `f`, turning a panic inside a CUDA library wrapper into an error.
@@ -131,6 +148,9 @@ pub fn probe() -> Result<GpuInfo> {
 
 /// [`probe`] for device `ordinal`.
 pub fn probe_ordinal(ordinal: usize) -> Result<GpuInfo> {
+    if emulation_requested() {
+        return emulated_info(ordinal);
+    }
     open(ordinal).map(|(_, info)| info)
 }
 
@@ -152,7 +172,7 @@ fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }
             .result()
             .map_err(|e| device_err(&what, e))?;
-        Ok((ctx, GpuInfo { ordinal, name, compute_capability, driver_version, total_memory }))
+        Ok((ctx, GpuInfo { ordinal, name, compute_capability, driver_version, total_memory, emulated: false }))
     })
 }
 
@@ -190,15 +210,97 @@ pub fn compile_with_nvrtc(file: &KernelFile, arch: &str) -> Result<String> {
     })
 }
 
-/// A GPU with every kernel of `kernels/*.cu` loaded, one stream, and cuBLAS when available.
+/// The device's transfers and synchronisations since it was created (the step-transfer test reads
+/// them: a training step should copy to and from the host once each).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfers {
+    /// Host-to-device copies.
+    pub h2d: u64,
+    /// Bytes copied host-to-device.
+    pub h2d_bytes: u64,
+    /// Device-to-host copies (each one synchronises).
+    pub d2h: u64,
+    /// Bytes copied device-to-host.
+    pub d2h_bytes: u64,
+    /// Explicit synchronisations ([`Gpu::synchronize`]).
+    pub syncs: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    h2d: AtomicU64,
+    h2d_bytes: AtomicU64,
+    d2h: AtomicU64,
+    d2h_bytes: AtomicU64,
+    syncs: AtomicU64,
+}
+
+/// The CUDA driver side of a [`Gpu`]: stream, loaded kernels, cuBLAS.
+pub(crate) struct Driver {
+    /// The stream every launch goes to.
+    pub(crate) stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    blas: std::result::Result<CudaBlas, String>,
+}
+
+impl Driver {
+    /// A loaded kernel by its `extern "C"` name.
+    pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| Error::device(format!("kernel {name} is not loaded")))
+    }
+
+    /// The cuBLAS handle (bound to the stream), or why there is none.
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        self.blas.as_ref().map_err(|e| Error::device(e.clone()))
+    }
+}
+
+/// What runs a [`Gpu`]'s work: the CUDA driver, or the emulated device (emu/).
+pub(crate) enum Backend {
+    Driver(Driver),
+    #[cfg(muscle_cuda_emu)]
+    Emulated,
+}
+
+/// Whether `MUSCLE_CUDA_EMU=1` asks for the emulated device instead of the driver.
+pub fn emulation_requested() -> bool {
+    std::env::var("MUSCLE_CUDA_EMU").is_ok_and(|v| v == "1")
+}
+
+/// The emulated device's description, or why there is none in this build.
+fn emulated_info(ordinal: usize) -> Result<GpuInfo> {
+    #[cfg(muscle_cuda_emu)]
+    {
+        if ordinal != 0 {
+            return Err(Error::device(format!("cuda:{ordinal}: the emulated CUDA device is cuda:0 only")));
+        }
+        Ok(GpuInfo {
+            ordinal,
+            name: "cuda (emulated)".to_string(),
+            compute_capability: (8, 0),
+            driver_version: 0,
+            total_memory: super::emu::total_memory()?,
+            emulated: true,
+        })
+    }
+    #[cfg(not(muscle_cuda_emu))]
+    {
+        let _ = ordinal;
+        Err(Error::device(
+            "MUSCLE_CUDA_EMU=1, but this build has no emulated CUDA device (build.rs found no C++ compiler)",
+        ))
+    }
+}
+
+/// A GPU with every kernel of `kernels/*.cu` loaded, one stream, and cuBLAS when available; or
+/// the emulated device, which runs the same kernels as C++ on the CPU (`MUSCLE_CUDA_EMU=1`).
 ///
 /// All work goes to one stream, in order; [`Gpu::download`] waits for it.
 pub struct Gpu {
     info: GpuInfo,
-    stream: Arc<CudaStream>,
-    functions: HashMap<&'static str, CudaFunction>,
     origin: PtxOrigin,
-    blas: std::result::Result<CudaBlas, String>,
+    backend: Backend,
+    counters: Counters,
 }
 
 impl fmt::Debug for Gpu {
@@ -209,8 +311,21 @@ impl fmt::Debug for Gpu {
 
 impl Gpu {
     /// Opens device `ordinal`, creates a stream and loads every kernel (the embedded PTX, or the
-    /// sources compiled by NVRTC when build.rs found no nvcc).
+    /// sources compiled by NVRTC when build.rs found no nvcc). With `MUSCLE_CUDA_EMU=1`, the
+    /// emulated device instead.
     pub fn new(ordinal: usize) -> Result<Gpu> {
+        if emulation_requested() {
+            let info = emulated_info(ordinal)?;
+            #[cfg(muscle_cuda_emu)]
+            return Ok(Gpu {
+                info,
+                origin: PtxOrigin::Emulated,
+                backend: Backend::Emulated,
+                counters: Counters::default(),
+            });
+            #[cfg(not(muscle_cuda_emu))]
+            return Err(Error::device(format!("unreachable: {info}")));
+        }
         let (ctx, info) = open(ordinal)?;
         guarded("CUDA", || {
             let stream = ctx.new_stream().map_err(|e| device_err("creating a CUDA stream", e))?;
@@ -239,7 +354,8 @@ impl Gpu {
             } else {
                 Err("cuBLAS is not available: libcublas.so was not found".to_string())
             };
-            Ok(Gpu { info, stream, functions, origin, blas })
+            let backend = Backend::Driver(Driver { stream, functions, blas });
+            Ok(Gpu { info, origin, backend, counters: Counters::default() })
         })
     }
 
@@ -248,53 +364,176 @@ impl Gpu {
         &self.info
     }
 
-    /// Where the kernels' PTX came from.
+    /// Where the loaded kernels came from.
     pub fn origin(&self) -> PtxOrigin {
         self.origin
     }
 
-    /// The stream every launch goes to.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// Whether this is the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        self.info.emulated
     }
 
-    /// A loaded kernel by its `extern "C"` name.
-    pub fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or_else(|| Error::device(format!("kernel {name} is not loaded")))
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
     }
 
-    /// The cuBLAS handle (bound to this context's stream), or why there is none.
-    pub fn blas(&self) -> Result<&CudaBlas> {
-        self.blas.as_ref().map_err(|e| Error::device(e.clone()))
+    /// Whether SGEMM can run: cuBLAS loaded on a GPU, the stand-in on the emulated device.
+    pub fn blas_available(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Driver(d) => d.blas().map(|_| ()),
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => Ok(()),
+        }
+    }
+
+    /// The transfers and synchronisations so far.
+    pub fn transfers(&self) -> Transfers {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Transfers {
+            h2d: get(&c.h2d),
+            h2d_bytes: get(&c.h2d_bytes),
+            d2h: get(&c.d2h),
+            d2h_bytes: get(&c.d2h_bytes),
+            syncs: get(&c.syncs),
+        }
+    }
+
+    fn count(counter: &AtomicU64, bytes: &AtomicU64, n: usize) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn wrap<T: DeviceElem>(&self, memory: Memory<T>) -> CudaSlice<T> {
+        CudaSlice::new(memory, self.info.ordinal)
     }
 
     /// Copies host data to a new device buffer (an empty slice is an error: CUDA does not allocate
     /// zero bytes).
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+    pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         if host.is_empty() {
             return Err(Error::shape("upload: empty buffer"));
         }
-        self.stream.clone_htod(host).map_err(|e| device_err("copy to the GPU", e))
+        Self::count(&self.counters.h2d, &self.counters.h2d_bytes, std::mem::size_of_val(host));
+        let memory = match &self.backend {
+            Backend::Driver(d) => Memory::Driver(
+                d.stream.clone_htod(host).map_err(|e| alloc_err(&self.info, "copy to the GPU", host.len(), e))?,
+            ),
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => Memory::Emulated(super::emu::EmuBuffer::from_host(host)?),
+        };
+        Ok(self.wrap(memory))
     }
 
     /// Copies a device buffer to the host, after all work queued before it has finished.
-    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        let v = self.stream.clone_dtoh(dev).map_err(|e| device_err("copy from the GPU", e))?;
-        self.synchronize()?;
-        Ok(v)
+    pub fn download<T: DeviceElem>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        Self::count(&self.counters.d2h, &self.counters.d2h_bytes, dev.len() * std::mem::size_of::<T>());
+        match &self.backend {
+            Backend::Driver(d) => {
+                let v = d.stream.clone_dtoh(dev.driver()?).map_err(|e| device_err("copy from the GPU", e))?;
+                d.stream.synchronize().map_err(|e| device_err("CUDA stream", e))?;
+                Ok(v)
+            }
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => dev.emulated()?.to_host(),
+        }
     }
 
     /// A new zeroed device buffer of `len` elements (at least 1).
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub fn zeros<T: DeviceElem>(&self, len: usize) -> Result<CudaSlice<T>> {
         if len == 0 {
             return Err(Error::shape("zeros: empty buffer"));
         }
-        self.stream.alloc_zeros(len).map_err(|e| device_err(format!("allocating {len} elements on the GPU"), e))
+        let memory = match &self.backend {
+            Backend::Driver(d) => Memory::Driver(
+                d.stream.alloc_zeros(len).map_err(|e| alloc_err(&self.info, "allocating", len * size_of::<T>(), e))?,
+            ),
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => Memory::Emulated(super::emu::EmuBuffer::zeros(len)?),
+        };
+        Ok(self.wrap(memory))
+    }
+
+    /// A device-to-device copy of all of `s`.
+    pub fn copy<T: DeviceElem>(&self, s: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        let memory = match &self.backend {
+            Backend::Driver(d) => Memory::Driver(
+                d.stream
+                    .clone_dtod(s.driver()?)
+                    .map_err(|e| alloc_err(&self.info, "copy on the GPU", s.len() * size_of::<T>(), e))?,
+            ),
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => {
+                let mut b = super::emu::EmuBuffer::uninit(s.len())?;
+                b.copy_from(s.emulated()?, 0, 0, s.len())?;
+                Memory::Emulated(b)
+            }
+        };
+        Ok(self.wrap(memory))
+    }
+
+    /// Copies `src[src_at..src_at + len]` into `dst[at..at + len]` on the stream (bounds checked).
+    pub fn copy_range<T: DeviceElem>(
+        &self,
+        src: &CudaSlice<T>,
+        src_at: usize,
+        dst: &mut CudaSlice<T>,
+        at: usize,
+        len: usize,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if src_at.checked_add(len).is_none_or(|e| e > src.len()) || at.checked_add(len).is_none_or(|e| e > dst.len()) {
+            return Err(Error::shape(format!(
+                "GPU copy of {len} elements from {src_at} of {} into {at} of {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        match &self.backend {
+            Backend::Driver(d) => d
+                .stream
+                .memcpy_dtod(&src.driver()?.slice(src_at..src_at + len), &mut dst.driver_mut()?.slice_mut(at..at + len))
+                .map_err(|e| device_err("copy on the GPU", e)),
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => dst.emulated_mut()?.copy_from(src.emulated()?, src_at, at, len),
+        }
+    }
+
+    /// Runs kernel `name` with `args` (the launchers' [`launch!`](super::launch) builds them).
+    pub(crate) fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KernelArg<'_>]) -> Result<()> {
+        match &self.backend {
+            Backend::Driver(d) => {
+                let func = d.function(name)?;
+                let mut builder = d.stream.launch_builder(func);
+                for a in args {
+                    a.push(&mut builder)?;
+                }
+                // SAFETY: the launcher passed the arguments in the order and of the types of the
+                // kernel's parameter list in kernels/*.cu (i32 = int, i64 = long long, u32 =
+                // unsigned int, f32 = float, f64 = double, buffers = pointers), after checking
+                // every buffer against the elements the kernel addresses for these sizes.
+                unsafe { builder.launch(cfg) }.map(|_| ()).map_err(|e| Error::device(format!("{name}: {e}")))
+            }
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => {
+                let args = args.iter().map(KernelArg::emulated).collect::<Result<Vec<_>>>()?;
+                super::emu::launch(name, cfg.grid_dim, cfg.block_dim, args)
+            }
+        }
     }
 
     /// Waits for all queued work; reports a failed kernel (an asynchronous error) here.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| device_err("CUDA stream", e))
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        match &self.backend {
+            Backend::Driver(d) => d.stream.synchronize().map_err(|e| device_err("CUDA stream", e)),
+            // Emulated launches finish before they return.
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => Ok(()),
+        }
     }
 
     /// Median seconds of `reps` calls of `f`, each synchronised, after one warm-up call (the first
@@ -310,4 +549,17 @@ impl Gpu {
         });
         err.map_or(Ok(t), Err)
     }
+}
+
+/// A failed allocation or copy: out of memory names the bytes and the device's free memory.
+fn alloc_err(info: &GpuInfo, what: &str, bytes: usize, e: impl fmt::Display) -> Error {
+    let text = e.to_string();
+    if text.contains("OUT_OF_MEMORY") {
+        let free = cudarc::driver::result::mem_get_info().map(|(free, _)| free).unwrap_or(0);
+        return Error::out_of_memory(format!(
+            "out of memory on cuda:{}: {what} {bytes} bytes, {free} of {} bytes free",
+            info.ordinal, info.total_memory
+        ));
+    }
+    device_err(format!("{what} {bytes} bytes on cuda:{}", info.ordinal), text)
 }

@@ -8,6 +8,7 @@
 //! twin named in the docs. Launches are asynchronous: an error inside a kernel surfaces at the
 //! next synchronising call ([`Gpu::download`], [`Gpu::synchronize`]).
 
+use super::buffer::CudaSlice;
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -21,19 +22,102 @@ pub(crate) const ROWS_PER_BLOCK: usize = (BLOCK / 32) as usize;
 /// each): more blocks would only add scheduling work.
 pub(crate) const MAX_FLAT_BLOCKS: usize = 8192;
 
-/// Launches `$name` on `$gpu`'s stream with the given arguments (each a reference that outlives
-/// the launch). The caller has checked every buffer against the sizes the kernel uses.
+/// One kernel argument, as the launchers pass it: a device buffer or a scalar. Made by
+/// [`launch!`] from the references a launcher lists (`&CudaSlice<T>`, `&mut CudaSlice<T>`,
+/// `&i32`, `&i64`, `&u32`, `&f32`, `&f64`).
+pub enum KernelArg<'a> {
+    /// A `const float*` / `float*` parameter.
+    F32s(&'a CudaSlice<f32>),
+    /// A `const double*` / `double*` parameter.
+    F64s(&'a CudaSlice<f64>),
+    /// A `const int*` / `int*` parameter.
+    I32s(&'a CudaSlice<i32>),
+    /// A `const unsigned char*` / `unsigned char*` parameter.
+    U8s(&'a CudaSlice<u8>),
+    /// `int`.
+    I32(i32),
+    /// `long long`.
+    I64(i64),
+    /// `unsigned int`.
+    U32(u32),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+macro_rules! kernel_arg_from {
+    ($($buf:ident: $t:ty),+ ; $($scalar:ident: $s:ty),+) => {
+        $(
+            impl<'a> From<&'a CudaSlice<$t>> for KernelArg<'a> {
+                fn from(b: &'a CudaSlice<$t>) -> KernelArg<'a> {
+                    KernelArg::$buf(b)
+                }
+            }
+            impl<'a> From<&'a mut CudaSlice<$t>> for KernelArg<'a> {
+                fn from(b: &'a mut CudaSlice<$t>) -> KernelArg<'a> {
+                    KernelArg::$buf(b)
+                }
+            }
+        )+
+        $(
+            impl From<&$s> for KernelArg<'_> {
+                fn from(v: &$s) -> Self {
+                    KernelArg::$scalar(*v)
+                }
+            }
+        )+
+    };
+}
+
+kernel_arg_from!(F32s: f32, F64s: f64, I32s: i32, U8s: u8; I32: i32, I64: i64, U32: u32, F32: f32, F64: f64);
+
+impl<'a> KernelArg<'a> {
+    /// Pushes the argument onto a driver launch (a buffer of the emulated device is an error).
+    pub(crate) fn push<'b>(&'b self, builder: &mut cudarc::driver::LaunchArgs<'b>) -> Result<()>
+    where
+        'a: 'b,
+    {
+        use cudarc::driver::PushKernelArg;
+        match self {
+            KernelArg::F32s(b) => builder.arg(b.driver()?),
+            KernelArg::F64s(b) => builder.arg(b.driver()?),
+            KernelArg::I32s(b) => builder.arg(b.driver()?),
+            KernelArg::U8s(b) => builder.arg(b.driver()?),
+            KernelArg::I32(v) => builder.arg(v),
+            KernelArg::I64(v) => builder.arg(v),
+            KernelArg::U32(v) => builder.arg(v),
+            KernelArg::F32(v) => builder.arg(v),
+            KernelArg::F64(v) => builder.arg(v),
+        };
+        Ok(())
+    }
+
+    /// The argument as the emulator takes it (a driver buffer is an error).
+    #[cfg(muscle_cuda_emu)]
+    pub(crate) fn emulated(&self) -> Result<super::emu::Arg<'a>> {
+        use super::emu::Arg;
+        Ok(match *self {
+            KernelArg::F32s(b) => Arg::buffer(b.emulated()?),
+            KernelArg::F64s(b) => Arg::buffer(b.emulated()?),
+            KernelArg::I32s(b) => Arg::buffer(b.emulated()?),
+            KernelArg::U8s(b) => Arg::buffer(b.emulated()?),
+            KernelArg::I32(v) => Arg::I32(v),
+            KernelArg::I64(v) => Arg::I64(v),
+            KernelArg::U32(v) => Arg::U32(v),
+            KernelArg::F32(v) => Arg::F32(v),
+            KernelArg::F64(v) => Arg::F64(v),
+        })
+    }
+}
+
+/// Launches `$name` on `$gpu` (driver or emulated) with the given arguments (each a reference to
+/// a buffer or a scalar, in the kernel's parameter order). The caller has checked every buffer
+/// against the sizes the kernel uses.
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let name: &str = $name;
-        let func = $gpu.function(name)?;
-        let mut builder = $gpu.stream().launch_builder(func);
-        $( cudarc::driver::PushKernelArg::arg(&mut builder, $arg); )+
-        // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu in order and
-        // type (i32 = int, i64 = long long, u32 = unsigned int, f32 = float, f64 = double, slices
-        // = pointers), and every buffer holds at least the elements the kernel addresses for these
-        // sizes (checked by the caller).
-        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(|e| $crate::error::Error::device(format!("{name}: {e}")))
+        let args = [$( $crate::cuda::launch::KernelArg::from($arg) ),+];
+        $gpu.launch($name, $cfg, &args)
     }};
 }
 

@@ -11,14 +11,16 @@
 //! missing, from NVRTC compiling the embedded sources when a [`Gpu`] is created.
 
 pub mod blas;
+pub mod buffer;
 pub mod context;
 pub mod device;
+pub mod elem;
 #[cfg(muscle_cuda_emu)]
 pub mod emu;
 pub mod launch;
 
-pub use cudarc::driver::{CudaSlice, DeviceRepr};
-pub use device::{probe, Gpu, GpuInfo, PtxOrigin};
+pub use buffer::{CudaSlice, DeviceElem};
+pub use device::{emulation_requested, probe, Gpu, GpuInfo, PtxOrigin, Transfers};
 
 /// The kernel files as build.rs embedded them (source always, PTX when nvcc was found).
 pub mod embedded {

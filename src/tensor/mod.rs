@@ -153,7 +153,7 @@ impl Tensor {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
             #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => Device::Cuda(s.context().ordinal()),
+            Storage::Cuda(s) => Device::Cuda(s.ordinal()),
         }
     }
 
@@ -178,7 +178,7 @@ impl Tensor {
             Some(Storage::Cpu(v)) => Ok(v),
             #[cfg(feature = "cuda")]
             Some(Storage::Cuda(s)) => {
-                Err(Error::device(format!("tensor {shape} is on cuda:{}, not on the host", s.context().ordinal())))
+                Err(Error::device(format!("tensor {shape} is on cuda:{}, not on the host", s.ordinal())))
             }
             None => Err(Error::device(format!("tensor {shape}: storage still shared after a copy"))),
         }
@@ -197,7 +197,7 @@ impl Tensor {
         Error::device(format!(
             "tensor {} is on cuda:{}; copy it to the host first (to_vec / to_device)",
             fmt_shape(&self.shape),
-            s.context().ordinal()
+            s.ordinal()
         ))
     }
 
@@ -288,7 +288,7 @@ impl Tensor {
             Storage::Cpu(v) => Ok(v.to_vec()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => {
-                let gpu = crate::cuda::context::gpu(s.context().ordinal())?;
+                let gpu = crate::cuda::context::gpu(s.ordinal())?;
                 let mut v = gpu.download(s)?;
                 v.truncate(self.numel());
                 Ok(v)

@@ -16,7 +16,7 @@
 //! bits; where a sum runs in another order, the tolerance is relative to the size of the quantity.
 #![cfg(feature = "cuda")]
 
-use muscle::cuda::{probe, CudaSlice, DeviceRepr, Gpu};
+use muscle::cuda::{probe, CudaSlice, DeviceElem, Gpu};
 use muscle::rng::Rng;
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
@@ -116,11 +116,11 @@ fn awkward_logits(n: usize, c: usize, seed: u64) -> Vec<f32> {
     v
 }
 
-fn up<T: DeviceRepr>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
+fn up<T: DeviceElem>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
     gpu.upload(v).expect("upload")
 }
 
-fn down<T: DeviceRepr>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<T> {
+fn down<T: DeviceElem>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<T> {
     gpu.download(s).expect("download")
 }
 

@@ -11,7 +11,8 @@
 //! the stream of the first context that asked for it.
 
 use crate::autograd::Tape;
-use crate::cuda::device::{cudnn_present, device_err, guarded, Gpu};
+use crate::cuda::device::{cudnn_present, device_err, guarded, Backend, Gpu};
+use crate::cuda::CudaSlice;
 use crate::error::{Error, Result};
 use crate::kernel_args::ConvShape;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
@@ -24,18 +25,90 @@ use cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError, FilterDescriptor,
     TensorDescriptor,
 };
-use cudarc::driver::CudaSlice;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+const NCHW: cudnnTensorFormat_t = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+const MODE: cudnnConvolutionMode_t = cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION;
+
+/// The values the descriptors of one shape are made of (NCHW input and output, KCRS filter,
+/// symmetric padding and stride, no dilation): the project's mapping onto cuDNN, given to the
+/// driver's descriptors and to the emulated stand-in alike.
+struct Geometry {
+    x: [i32; 4],
+    w: [i32; 4],
+    y: [i32; 4],
+    pad: [i32; 2],
+    stride: [i32; 2],
+    dilation: [i32; 2],
+}
+
+fn dim(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(format!("cuDNN convolution: {what} = {v} is beyond 32 bits")))
+}
+
+impl Geometry {
+    fn of(s: &ConvShape) -> Result<Geometry> {
+        let (pad, stride) = (dim("pad", s.pad)?, dim("stride", s.stride)?);
+        Ok(Geometry {
+            x: [dim("n", s.n)?, dim("ci", s.ci)?, dim("h", s.h)?, dim("w", s.w)?],
+            w: [dim("co", s.co)?, dim("ci", s.ci)?, dim("kh", s.kh)?, dim("kw", s.kw)?],
+            y: [dim("n", s.n)?, dim("co", s.co)?, dim("ho", s.ho())?, dim("wo", s.wo())?],
+            pad: [pad, pad],
+            stride: [stride, stride],
+            dilation: [1, 1],
+        })
+    }
+}
+
+// cuDNN's heuristic pick, except that the backward algorithms which accumulate with atomics
+// (data ALGO_0, filter ALGO_0 and ALGO_3: non-deterministic in cuDNN's tables) are replaced by
+// ALGO_1, so a seeded GPU run repeats bit for bit. Every forward algorithm is deterministic. A
+// failed heuristic query falls back the same way.
+
+fn deterministic_data(picked: Option<DataAlgo>) -> DataAlgo {
+    match picked {
+        Some(a) if a != DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 => a,
+        _ => DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+    }
+}
+
+fn deterministic_filter(picked: Option<FilterAlgo>) -> FilterAlgo {
+    match picked {
+        Some(a)
+            if !matches!(
+                a,
+                FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 | FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3
+            ) =>
+        {
+            a
+        }
+        _ => FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+    }
+}
+
+/// The descriptors of one shape, on the backend that runs it.
+enum Descriptors {
+    Driver {
+        x: TensorDescriptor<f32>,
+        w: FilterDescriptor<f32>,
+        y: TensorDescriptor<f32>,
+        conv: ConvDescriptor<f32>,
+    },
+    #[cfg(muscle_cuda_emu)]
+    Emulated {
+        x: crate::cuda::emu::dnn::TensorDesc,
+        w: crate::cuda::emu::dnn::FilterDesc,
+        y: crate::cuda::emu::dnn::TensorDesc,
+        conv: crate::cuda::emu::dnn::ConvDesc,
+    },
+}
+
 /// Descriptors and chosen algorithms of one convolution shape.
 struct Plan {
-    x: TensorDescriptor<f32>,
-    w: FilterDescriptor<f32>,
-    y: TensorDescriptor<f32>,
-    conv: ConvDescriptor<f32>,
+    descriptors: Descriptors,
     fwd: FwdAlgo,
     bwd_data: DataAlgo,
     bwd_filter: FilterAlgo,
@@ -43,9 +116,10 @@ struct Plan {
     workspace: usize,
 }
 
-/// One thread's cuDNN handle, plans by shape, and the shared workspace.
+/// One thread's cuDNN handle (none on the emulated device), plans by shape, and the shared
+/// workspace.
 struct Dnn {
-    handle: Arc<Cudnn>,
+    handle: Option<Arc<Cudnn>>,
     plans: RefCell<HashMap<ConvShape, Rc<Plan>>>,
     workspace: RefCell<Option<CudaSlice<u8>>>,
 }
@@ -59,20 +133,22 @@ fn dnn(gpu: &Gpu) -> Result<Rc<Dnn>> {
     if let Some(d) = DNN.with(|m| m.borrow().get(&ordinal).cloned()) {
         return Ok(d);
     }
-    if !cudnn_present() {
-        return Err(Error::device(
-            "cuDNN is not available: libcudnn.so was not found (convolution on the GPU needs it)",
-        ));
-    }
-    let handle =
-        guarded("cuDNN", || Cudnn::new(gpu.stream().clone()).map_err(|e| device_err("creating a cuDNN handle", e)))?;
+    let handle = match gpu.backend() {
+        Backend::Driver(driver) => {
+            if !cudnn_present() {
+                return Err(Error::device(
+                    "cuDNN is not available: libcudnn.so was not found (convolution on the GPU needs it)",
+                ));
+            }
+            let stream = driver.stream.clone();
+            Some(guarded("cuDNN", || Cudnn::new(stream).map_err(|e| device_err("creating a cuDNN handle", e)))?)
+        }
+        #[cfg(muscle_cuda_emu)]
+        Backend::Emulated => None,
+    };
     let d = Rc::new(Dnn { handle, plans: RefCell::new(HashMap::new()), workspace: RefCell::new(None) });
     DNN.with(|m| m.borrow_mut().insert(ordinal, d.clone()));
     Ok(d)
-}
-
-fn dim(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(format!("cuDNN convolution: {what} = {v} is beyond 32 bits")))
 }
 
 impl Dnn {
@@ -80,62 +156,14 @@ impl Dnn {
         if let Some(p) = self.plans.borrow().get(s) {
             return Ok(p.clone());
         }
-        let e = |what: &'static str| move |err: CudnnError| device_err(format!("cuDNN {what} for {s:?}"), err);
-        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let plan = guarded("cuDNN", || {
-            let h = &self.handle;
-            let x = h
-                .create_4d_tensor::<f32>(nchw, [dim("n", s.n)?, dim("ci", s.ci)?, dim("h", s.h)?, dim("w", s.w)?])
-                .map_err(e("input descriptor"))?;
-            let w = h
-                .create_4d_filter::<f32>(nchw, [dim("co", s.co)?, dim("ci", s.ci)?, dim("kh", s.kh)?, dim("kw", s.kw)?])
-                .map_err(e("filter descriptor"))?;
-            let y = h
-                .create_4d_tensor::<f32>(
-                    nchw,
-                    [dim("n", s.n)?, dim("co", s.co)?, dim("ho", s.ho())?, dim("wo", s.wo())?],
-                )
-                .map_err(e("output descriptor"))?;
-            let pad = dim("pad", s.pad)?;
-            let stride = dim("stride", s.stride)?;
-            let mut conv = h
-                .create_conv2d::<f32>(
-                    [pad, pad],
-                    [stride, stride],
-                    [1, 1],
-                    cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                )
-                .map_err(e("convolution descriptor"))?;
-            conv.set_math_type(cudnnMathType_t::CUDNN_FMA_MATH).map_err(e("math type"))?;
-            // cuDNN's heuristic pick, except that the backward algorithms which accumulate with
-            // atomics (data ALGO_0, filter ALGO_0 and ALGO_3: non-deterministic in cuDNN's
-            // tables) are replaced by ALGO_1, so a seeded GPU run repeats bit for bit. Every
-            // forward algorithm is deterministic. A failed heuristic query falls back the same way.
-            let f = ConvForward { conv: &conv, x: &x, w: &w, y: &y };
-            let fwd = f.pick_algorithm().unwrap_or(FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
-            let ws_f = f.get_workspace_size(fwd).map_err(e("forward workspace"))?;
-            let bd = ConvBackwardData { conv: &conv, dx: &x, w: &w, dy: &y };
-            let bwd_data = match bd.pick_algorithm() {
-                Ok(a) if a != DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 => a,
-                _ => DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-            };
-            let ws_d = bd.get_workspace_size(bwd_data).map_err(e("backward-data workspace"))?;
-            let bf = ConvBackwardFilter { conv: &conv, x: &x, dw: &w, dy: &y };
-            let bwd_filter = match bf.pick_algorithm() {
-                Ok(a)
-                    if !matches!(
-                        a,
-                        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0
-                            | FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3
-                    ) =>
-                {
-                    a
-                }
-                _ => FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-            };
-            let ws_w = bf.get_workspace_size(bwd_filter).map_err(e("backward-filter workspace"))?;
-            Ok(Plan { x, w, y, conv, fwd, bwd_data, bwd_filter, workspace: ws_f.max(ws_d).max(ws_w) })
-        })?;
+        let g = Geometry::of(s)?;
+        let plan = match &self.handle {
+            Some(h) => driver_plan(h, s, &g)?,
+            #[cfg(muscle_cuda_emu)]
+            None => emulated_plan(&g)?,
+            #[cfg(not(muscle_cuda_emu))]
+            None => return Err(Error::device("cuDNN: no handle")),
+        };
         let plan = Rc::new(plan);
         self.plans.borrow_mut().insert(*s, plan.clone());
         Ok(plan)
@@ -160,15 +188,52 @@ impl Dnn {
     }
 }
 
+fn driver_plan(h: &Arc<Cudnn>, s: &ConvShape, g: &Geometry) -> Result<Plan> {
+    let e = |what: &'static str| move |err: CudnnError| device_err(format!("cuDNN {what} for {s:?}"), err);
+    guarded("cuDNN", || {
+        let x = h.create_4d_tensor::<f32>(NCHW, g.x).map_err(e("input descriptor"))?;
+        let w = h.create_4d_filter::<f32>(NCHW, g.w).map_err(e("filter descriptor"))?;
+        let y = h.create_4d_tensor::<f32>(NCHW, g.y).map_err(e("output descriptor"))?;
+        let mut conv =
+            h.create_conv2d::<f32>(g.pad, g.stride, g.dilation, MODE).map_err(e("convolution descriptor"))?;
+        conv.set_math_type(cudnnMathType_t::CUDNN_FMA_MATH).map_err(e("math type"))?;
+        let f = ConvForward { conv: &conv, x: &x, w: &w, y: &y };
+        let fwd = f.pick_algorithm().unwrap_or(FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+        let ws_f = f.get_workspace_size(fwd).map_err(e("forward workspace"))?;
+        let bd = ConvBackwardData { conv: &conv, dx: &x, w: &w, dy: &y };
+        let bwd_data = deterministic_data(bd.pick_algorithm().ok());
+        let ws_d = bd.get_workspace_size(bwd_data).map_err(e("backward-data workspace"))?;
+        let bf = ConvBackwardFilter { conv: &conv, x: &x, dw: &w, dy: &y };
+        let bwd_filter = deterministic_filter(bf.pick_algorithm().ok());
+        let ws_w = bf.get_workspace_size(bwd_filter).map_err(e("backward-filter workspace"))?;
+        let workspace = ws_f.max(ws_d).max(ws_w);
+        Ok(Plan { descriptors: Descriptors::Driver { x, w, y, conv }, fwd, bwd_data, bwd_filter, workspace })
+    })
+}
+
+#[cfg(muscle_cuda_emu)]
+fn emulated_plan(g: &Geometry) -> Result<Plan> {
+    use crate::cuda::emu::dnn;
+    let x = dnn::TensorDesc::new(NCHW, g.x)?;
+    let w = dnn::FilterDesc::new(NCHW, g.w)?;
+    let y = dnn::TensorDesc::new(NCHW, g.y)?;
+    let conv = dnn::ConvDesc::new(g.pad, g.stride, g.dilation, MODE)?;
+    let fwd = dnn::pick_forward(&x, &w, &conv);
+    let bwd_data = deterministic_data(Some(dnn::pick_backward_data(&x, &w, &conv)));
+    let bwd_filter = deterministic_filter(Some(dnn::pick_backward_filter(&x, &w, &conv)));
+    let workspace = dnn::forward_workspace(fwd, &x, &w)
+        .max(dnn::backward_data_workspace(bwd_data))
+        .max(dnn::backward_filter_workspace(bwd_filter, &w));
+    Ok(Plan { descriptors: Descriptors::Emulated { x, w, y, conv }, fwd, bwd_data, bwd_filter, workspace })
+}
+
 /// The one path to a cuDNN call: checks each buffer's length (name, elements held, elements `s`
-/// needs), then runs `f` with the shape's plan and the workspace it asks for; a cuDNN error is
-/// reported as `what`.
+/// needs), then runs `f` with the shape's plan, the workspace it asks for and its size.
 fn checked_run(
     gpu: &Gpu,
     s: &ConvShape,
-    what: &str,
     bufs: [(&str, usize, usize); 3],
-    f: impl FnOnce(&Plan, Option<&mut CudaSlice<u8>>) -> std::result::Result<(), CudnnError>,
+    f: impl FnOnce(&Plan, Option<&mut CudaSlice<u8>>, usize) -> Result<()>,
 ) -> Result<()> {
     for (name, len, want) in bufs {
         if len < want {
@@ -177,7 +242,18 @@ fn checked_run(
     }
     let d = dnn(gpu)?;
     let p = d.plan(s)?;
-    d.with_workspace(gpu, p.workspace, |ws| f(&p, ws).map_err(|e| device_err(what, e)))
+    d.with_workspace(gpu, p.workspace, |ws| f(&p, ws, p.workspace))
+}
+
+/// The driver workspace of an optional buffer.
+fn driver_ws(ws: Option<&mut CudaSlice<u8>>) -> Result<Option<&mut cudarc::driver::CudaSlice<u8>>> {
+    ws.map(|w| w.driver_mut()).transpose()
+}
+
+/// The emulated workspace of an optional buffer.
+#[cfg(muscle_cuda_emu)]
+fn emulated_ws(ws: Option<&mut CudaSlice<u8>>) -> Result<Option<&mut crate::cuda::emu::EmuBuffer<u8>>> {
+    ws.map(|w| w.emulated_mut()).transpose()
 }
 
 /// y = conv(x, w) for the geometry `s`. CPU twin: `cpu::forward`.
@@ -188,12 +264,32 @@ pub fn conv_forward(
     w: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let what = "cuDNN convolution forward";
     let bufs = [("x", x.len(), s.x_len()), ("w", w.len(), s.w_len()), ("y", y.len(), s.y_len())];
-    checked_run(gpu, s, "cuDNN convolution forward", bufs, |p, ws| {
-        let op = ConvForward { conv: &p.conv, x: &p.x, w: &p.w, y: &p.y };
-        // SAFETY: the buffers hold at least the elements the descriptors describe (checked by
-        // `checked_run`), all f32 NCHW / OIHW as described.
-        unsafe { op.launch(p.fwd, ws, (1.0f32, 0.0f32), x, w, y) }
+    checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
+        Descriptors::Driver { x: xd, w: wd, y: yd, conv } => {
+            let op = ConvForward { conv, x: xd, w: wd, y: yd };
+            // SAFETY: the buffers hold at least the elements the descriptors describe (checked by
+            // `checked_run`), all f32 NCHW / OIHW as described.
+            unsafe { op.launch(p.fwd, driver_ws(ws)?, (1.0f32, 0.0f32), x.driver()?, w.driver()?, y.driver_mut()?) }
+                .map_err(|e| device_err(what, e))
+        }
+        #[cfg(muscle_cuda_emu)]
+        Descriptors::Emulated { x: xd, w: wd, y: yd, conv } => crate::cuda::emu::dnn::forward(
+            1.0,
+            xd,
+            x.emulated()?,
+            wd,
+            w.emulated()?,
+            conv,
+            p.fwd,
+            emulated_ws(ws)?,
+            bytes,
+            0.0,
+            yd,
+            y.emulated_mut()?,
+        )
+        .map_err(|e| e.context(what)),
     })
 }
 
@@ -205,11 +301,33 @@ pub fn conv_backward_data(
     dy: &CudaSlice<f32>,
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let what = "cuDNN convolution backward-data";
     let bufs = [("w", w.len(), s.w_len()), ("dy", dy.len(), s.y_len()), ("dx", dx.len(), s.x_len())];
-    checked_run(gpu, s, "cuDNN convolution backward-data", bufs, |p, ws| {
-        let op = ConvBackwardData { conv: &p.conv, dx: &p.x, w: &p.w, dy: &p.y };
-        // SAFETY: as in conv_forward.
-        unsafe { op.launch(p.bwd_data, ws, (1.0f32, 0.0f32), dx, w, dy) }
+    checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
+        Descriptors::Driver { x: xd, w: wd, y: yd, conv } => {
+            let op = ConvBackwardData { conv, dx: xd, w: wd, dy: yd };
+            // SAFETY: as in conv_forward.
+            unsafe {
+                op.launch(p.bwd_data, driver_ws(ws)?, (1.0f32, 0.0f32), dx.driver_mut()?, w.driver()?, dy.driver()?)
+            }
+            .map_err(|e| device_err(what, e))
+        }
+        #[cfg(muscle_cuda_emu)]
+        Descriptors::Emulated { x: xd, w: wd, y: yd, conv } => crate::cuda::emu::dnn::backward_data(
+            1.0,
+            wd,
+            w.emulated()?,
+            yd,
+            dy.emulated()?,
+            conv,
+            p.bwd_data,
+            emulated_ws(ws)?,
+            bytes,
+            0.0,
+            xd,
+            dx.emulated_mut()?,
+        )
+        .map_err(|e| e.context(what)),
     })
 }
 
@@ -221,11 +339,33 @@ pub fn conv_backward_filter(
     dy: &CudaSlice<f32>,
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let what = "cuDNN convolution backward-filter";
     let bufs = [("x", x.len(), s.x_len()), ("dy", dy.len(), s.y_len()), ("dw", dw.len(), s.w_len())];
-    checked_run(gpu, s, "cuDNN convolution backward-filter", bufs, |p, ws| {
-        let op = ConvBackwardFilter { conv: &p.conv, x: &p.x, dw: &p.w, dy: &p.y };
-        // SAFETY: as in conv_forward.
-        unsafe { op.launch(p.bwd_filter, ws, (1.0f32, 0.0f32), x, dw, dy) }
+    checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
+        Descriptors::Driver { x: xd, w: wd, y: yd, conv } => {
+            let op = ConvBackwardFilter { conv, x: xd, dw: wd, dy: yd };
+            // SAFETY: as in conv_forward.
+            unsafe {
+                op.launch(p.bwd_filter, driver_ws(ws)?, (1.0f32, 0.0f32), x.driver()?, dw.driver_mut()?, dy.driver()?)
+            }
+            .map_err(|e| device_err(what, e))
+        }
+        #[cfg(muscle_cuda_emu)]
+        Descriptors::Emulated { x: xd, w: wd, y: yd, conv } => crate::cuda::emu::dnn::backward_filter(
+            1.0,
+            xd,
+            x.emulated()?,
+            yd,
+            dy.emulated()?,
+            conv,
+            p.bwd_filter,
+            emulated_ws(ws)?,
+            bytes,
+            0.0,
+            wd,
+            dw.emulated_mut()?,
+        )
+        .map_err(|e| e.context(what)),
     })
 }
 

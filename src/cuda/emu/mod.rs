@@ -7,9 +7,16 @@
 //! `file:line`, block, warp and lane, never as a crash. emu/cuda_emu.h says what it does not
 //! verify (codegen, FMA contraction, the memory model, resource limits, speed).
 
+pub mod blas;
+#[cfg(feature = "cudnn")]
+pub mod dnn;
+
+use super::elem::DeviceElem;
 use crate::error::{Error, Result};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -24,6 +31,7 @@ extern "C" {
     fn cuda_emu_free(device: *mut c_void) -> *const c_char;
     fn cuda_emu_copy_htod(device_dst: *mut c_void, host_src: *const c_void, bytes: usize) -> *const c_char;
     fn cuda_emu_copy_dtoh(host_dst: *mut c_void, device_src: *const c_void, bytes: usize) -> *const c_char;
+    fn cuda_emu_copy_dtod(device_dst: *mut c_void, device_src: *const c_void, bytes: usize) -> *const c_char;
     fn cuda_emu_memset(device_dst: *mut c_void, value: i32, bytes: usize) -> *const c_char;
     fn cuda_emu_has_kernel(name: *const c_char) -> i32;
     fn cuda_emu_launch(
@@ -49,28 +57,90 @@ fn check(what: &str, message: *const c_char) -> Result<()> {
     Err(Error::device(format!("emulated CUDA device: {what}: {text}")))
 }
 
-/// Element types a buffer may hold: plain data whose every bit pattern is a value.
-pub trait DeviceValue: Copy + Default + 'static {}
-impl DeviceValue for f32 {}
-impl DeviceValue for f64 {}
-impl DeviceValue for i32 {}
-impl DeviceValue for u8 {}
+/// Bytes of emulated device memory in use (every live [`EmuBuffer`]).
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// The emulated device's size in bytes: `MUSCLE_CUDA_EMU_MEMORY` (bytes, or with a K, M or G
+/// suffix: powers of 1024) when set, so a test can give it a small memory; otherwise 16 GiB.
+pub fn total_memory() -> Result<usize> {
+    static TOTAL: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+    TOTAL
+        .get_or_init(|| match std::env::var("MUSCLE_CUDA_EMU_MEMORY") {
+            Err(_) => Ok(16 << 30),
+            Ok(v) => parse_size(&v)
+                .ok_or_else(|| format!("MUSCLE_CUDA_EMU_MEMORY={v:?}: expected a size in bytes, e.g. 1048576 or 64M")),
+        })
+        .clone()
+        .map_err(Error::usage)
+}
+
+fn parse_size(v: &str) -> Option<usize> {
+    let v = v.trim();
+    let (digits, shift) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 10),
+        (i, 'M' | 'm') => (&v[..i], 20),
+        (i, 'G' | 'g') => (&v[..i], 30),
+        _ => (v, 0),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
+}
+
+/// Bytes of the emulated device's memory now in use.
+pub fn memory_in_use() -> usize {
+    IN_USE.load(Ordering::Relaxed)
+}
+
+/// Takes `bytes` from the emulated device's memory, or says it is out of memory.
+fn reserve(bytes: usize) -> Result<()> {
+    let total = total_memory()?;
+    let mut used = IN_USE.load(Ordering::Relaxed);
+    loop {
+        let after = used.checked_add(bytes).filter(|&a| a <= total).ok_or_else(|| {
+            Error::out_of_memory(format!(
+                "out of memory on the emulated CUDA device: {bytes} bytes requested, {} of {total} free",
+                total.saturating_sub(used)
+            ))
+        })?;
+        match IN_USE.compare_exchange_weak(used, after, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Ok(()),
+            Err(now) => used = now,
+        }
+    }
+}
 
 /// A buffer of `len` elements in the emulated device's memory, ending at an inaccessible page.
-pub struct EmuBuffer<T: DeviceValue> {
+pub struct EmuBuffer<T: DeviceElem> {
     ptr: *mut c_void,
     len: usize,
     _elem: PhantomData<T>,
 }
 
-impl<T: DeviceValue> EmuBuffer<T> {
+// SAFETY: the buffer is a plain allocation owned by this value; the emulator's runtime guards its
+// buffer table and runs one launch at a time (emu/runtime.h), so the buffer may move between
+// threads and be read from several, like a driver buffer.
+unsafe impl<T: DeviceElem> Send for EmuBuffer<T> {}
+// SAFETY: as above; shared access only reads the pointer and length.
+unsafe impl<T: DeviceElem> Sync for EmuBuffer<T> {}
+
+impl<T: DeviceElem> EmuBuffer<T> {
+    /// A buffer of `len` elements left as the emulator makes them: 0xFF bytes, NaN as floats
+    /// (uninitialised device memory holds garbage; this garbage shows).
+    pub fn uninit(len: usize) -> Result<EmuBuffer<T>> {
+        let bytes = Self::bytes_of(len)?;
+        reserve(bytes)?;
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: `ptr` is a valid out-pointer; the emulator writes a buffer of `bytes` bytes.
+        if let Err(e) = check("alloc", unsafe { cuda_emu_alloc(bytes, &mut ptr) }) {
+            IN_USE.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(EmuBuffer { ptr, len, _elem: PhantomData })
+    }
+
     /// A buffer of `len` zeros.
     pub fn zeros(len: usize) -> Result<EmuBuffer<T>> {
         let bytes = Self::bytes_of(len)?;
-        let mut ptr = std::ptr::null_mut();
-        // SAFETY: `ptr` is a valid out-pointer; the emulator writes a buffer of `bytes` bytes.
-        check("alloc", unsafe { cuda_emu_alloc(bytes, &mut ptr) })?;
-        let buf = EmuBuffer { ptr, len, _elem: PhantomData };
+        let buf = EmuBuffer::uninit(len)?;
         // SAFETY: the buffer was just made with exactly `bytes` bytes.
         check("memset", unsafe { cuda_emu_memset(buf.ptr, 0, bytes) })?;
         Ok(buf)
@@ -78,7 +148,7 @@ impl<T: DeviceValue> EmuBuffer<T> {
 
     /// A buffer holding a copy of `host`.
     pub fn from_host(host: &[T]) -> Result<EmuBuffer<T>> {
-        let buf = EmuBuffer::zeros(host.len())?;
+        let buf = EmuBuffer::uninit(host.len())?;
         // SAFETY: both ranges hold `len` elements of T.
         check("copy to device", unsafe {
             cuda_emu_copy_htod(buf.ptr, host.as_ptr().cast(), std::mem::size_of_val(host))
@@ -94,6 +164,33 @@ impl<T: DeviceValue> EmuBuffer<T> {
             cuda_emu_copy_dtoh(host.as_mut_ptr().cast(), self.ptr, std::mem::size_of_val(host.as_slice()))
         })?;
         Ok(host)
+    }
+
+    /// Overwrites the first `host.len()` elements with `host`.
+    pub fn write_host(&mut self, host: &[T]) -> Result<()> {
+        if host.len() > self.len {
+            return Err(Error::shape(format!("copy of {} elements into a buffer of {}", host.len(), self.len)));
+        }
+        // SAFETY: the device range holds at least host.len() elements (checked above).
+        check("copy to device", unsafe {
+            cuda_emu_copy_htod(self.ptr, host.as_ptr().cast(), std::mem::size_of_val(host))
+        })
+    }
+
+    /// Copies `src[src_at..src_at + len]` into `self[at..at + len]` (bounds checked).
+    pub fn copy_from(&mut self, src: &EmuBuffer<T>, src_at: usize, at: usize, len: usize) -> Result<()> {
+        if src_at.checked_add(len).is_none_or(|e| e > src.len) || at.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(Error::shape(format!(
+                "device copy of {len} elements from {src_at} of {} into {at} of {}",
+                src.len, self.len
+            )));
+        }
+        let size = std::mem::size_of::<T>();
+        // SAFETY: both ranges lie inside their buffers (checked above); byte offsets of in-range
+        // element indices do not overflow.
+        check("device copy", unsafe {
+            cuda_emu_copy_dtod(self.ptr.byte_add(at * size), src.ptr.byte_add(src_at * size), len * size)
+        })
     }
 
     /// Number of elements.
@@ -112,8 +209,9 @@ impl<T: DeviceValue> EmuBuffer<T> {
     }
 }
 
-impl<T: DeviceValue> Drop for EmuBuffer<T> {
+impl<T: DeviceElem> Drop for EmuBuffer<T> {
     fn drop(&mut self) {
+        IN_USE.fetch_sub(self.len * std::mem::size_of::<T>(), Ordering::Relaxed);
         // SAFETY: `ptr` came from cuda_emu_alloc and is freed once. A failure here would mean a
         // corrupted allocator, which a destructor cannot report; the message is dropped.
         let _ = unsafe { cuda_emu_free(self.ptr) };
@@ -138,7 +236,7 @@ pub enum Arg<'a> {
 
 impl Arg<'_> {
     /// The buffer `b` as a pointer argument (the borrow keeps it alive for the launch).
-    pub fn buffer<T: DeviceValue>(b: &EmuBuffer<T>) -> Arg<'_> {
+    pub fn buffer<T: DeviceElem>(b: &EmuBuffer<T>) -> Arg<'_> {
         Arg::Buffer(b.ptr, PhantomData)
     }
 

@@ -1,0 +1,335 @@
+//! The emulated device's cuDNN stand-in: 2-D convolution forward, backward-data and
+//! backward-filter as reference loops behind cuDNN's own conventions: tensor, filter and
+//! convolution descriptors (checked as cudnnSet*Descriptor would: NCHW layout, positive sizes,
+//! channels that agree, an output descriptor equal to cudnnGetConvolution2dForwardOutputDim),
+//! an algorithm chosen by a "heuristic", a workspace whose size the algorithm dictates (and that
+//! the stand-in really writes, so an undersized one hits the guard page), alpha and beta (the
+//! output not read when beta is 0). What it tests is the project's mapping onto cuDNN
+//! (`ops::conv::cuda`), not cuDNN.
+//!
+//! Its heuristic answers the backward passes with the algorithms cuDNN documents as
+//! non-deterministic (data ALGO_0, filter ALGO_0), and it refuses to run those: the project must
+//! replace them (it does, for bit-repeatable runs), and the emulated suite fails if it stops.
+
+use super::EmuBuffer;
+use crate::error::{Error, Result};
+pub use cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
+    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t as Mode, cudnnTensorFormat_t as Format,
+};
+
+fn bad(what: impl std::fmt::Display) -> Error {
+    Error::device(format!("emulated cuDNN: CUDNN_STATUS_BAD_PARAM: {what}"))
+}
+
+fn positive(what: &str, dims: &[i32]) -> Result<()> {
+    if dims.iter().any(|&d| d <= 0) {
+        return Err(bad(format!("{what} dims {dims:?} must all be positive")));
+    }
+    Ok(())
+}
+
+/// A 4-d NCHW tensor descriptor (cudnnSetTensor4dDescriptor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorDesc {
+    /// n, c, h, w.
+    pub dims: [i32; 4],
+}
+
+impl TensorDesc {
+    /// A packed tensor of `dims` in `format` (only NCHW, the project's layout).
+    pub fn new(format: Format, dims: [i32; 4]) -> Result<TensorDesc> {
+        if format != Format::CUDNN_TENSOR_NCHW {
+            return Err(bad(format!("tensor format {format:?}: the stand-in knows NCHW only")));
+        }
+        positive("tensor", &dims)?;
+        Ok(TensorDesc { dims })
+    }
+
+    fn len(&self) -> usize {
+        self.dims.iter().map(|&d| d as usize).product()
+    }
+}
+
+/// A 4-d filter descriptor, k (output channels), c, r, s (cudnnSetFilter4dDescriptor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterDesc {
+    /// k, c, r, s.
+    pub dims: [i32; 4],
+}
+
+impl FilterDesc {
+    /// A filter of `dims` in `format` (only NCHW = KCRS).
+    pub fn new(format: Format, dims: [i32; 4]) -> Result<FilterDesc> {
+        if format != Format::CUDNN_TENSOR_NCHW {
+            return Err(bad(format!("filter format {format:?}: the stand-in knows NCHW (KCRS) only")));
+        }
+        positive("filter", &dims)?;
+        Ok(FilterDesc { dims })
+    }
+
+    fn len(&self) -> usize {
+        self.dims.iter().map(|&d| d as usize).product()
+    }
+}
+
+/// A 2-d convolution descriptor (cudnnSetConvolution2dDescriptor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvDesc {
+    /// Zero padding, rows and columns.
+    pub pad: [i32; 2],
+    /// Stride, rows and columns.
+    pub stride: [i32; 2],
+    /// Dilation, rows and columns.
+    pub dilation: [i32; 2],
+    /// Cross-correlation (no filter flip) or convolution (flipped).
+    pub mode: Mode,
+}
+
+impl ConvDesc {
+    /// Checks the values as cuDNN does: padding >= 0, stride and dilation > 0.
+    pub fn new(pad: [i32; 2], stride: [i32; 2], dilation: [i32; 2], mode: Mode) -> Result<ConvDesc> {
+        if pad.iter().any(|&p| p < 0) {
+            return Err(bad(format!("padding {pad:?} is negative")));
+        }
+        positive("stride", &stride)?;
+        positive("dilation", &dilation)?;
+        Ok(ConvDesc { pad, stride, dilation, mode })
+    }
+
+    /// cudnnGetConvolution2dForwardOutputDim: the output tensor's dims for input `x`, filter `w`.
+    pub fn output_dim(&self, x: &TensorDesc, w: &FilterDesc) -> Result<[i32; 4]> {
+        if x.dims[1] != w.dims[1] {
+            return Err(bad(format!("input has {} channels, the filter {}", x.dims[1], w.dims[1])));
+        }
+        let out = |i: usize| {
+            let span = 1 + (w.dims[2 + i] - 1) * self.dilation[i];
+            1 + (x.dims[2 + i] + 2 * self.pad[i] - span).div_euclid(self.stride[i])
+        };
+        let dims = [x.dims[0], w.dims[0], out(0), out(1)];
+        positive("output", &dims)?;
+        Ok(dims)
+    }
+}
+
+/// The descriptors of one convolution after the checks cuDNN's convolution calls make.
+struct Geometry {
+    x: TensorDesc,
+    w: FilterDesc,
+    y: TensorDesc,
+    conv: ConvDesc,
+}
+
+impl Geometry {
+    fn new(x: &TensorDesc, w: &FilterDesc, y: &TensorDesc, conv: &ConvDesc) -> Result<Geometry> {
+        let want = conv.output_dim(x, w)?;
+        if y.dims != want {
+            return Err(bad(format!("output descriptor {:?}, the convolution gives {want:?}", y.dims)));
+        }
+        Ok(Geometry { x: *x, w: *w, y: *y, conv: *conv })
+    }
+
+    /// Calls `f(x_index, w_index, y_index)` for every multiply of the convolution, in a fixed
+    /// order (output element by output element, then c, r, s).
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let [n, c, h, w] = self.x.dims.map(|d| d as usize);
+        let [k, _, r, s] = self.w.dims.map(|d| d as usize);
+        let [_, _, p, q] = self.y.dims.map(|d| d as usize);
+        let ConvDesc { pad, stride, dilation, mode } = self.conv;
+        let flip = mode == Mode::CUDNN_CONVOLUTION;
+        for ni in 0..n {
+            for ki in 0..k {
+                for pi in 0..p {
+                    for qi in 0..q {
+                        let yi = ((ni * k + ki) * p + pi) * q + qi;
+                        for ci in 0..c {
+                            for ri in 0..r {
+                                let hi = (pi as i32 * stride[0] - pad[0] + ri as i32 * dilation[0]) as isize;
+                                if hi < 0 || hi >= h as isize {
+                                    continue;
+                                }
+                                for si in 0..s {
+                                    let wi = (qi as i32 * stride[1] - pad[1] + si as i32 * dilation[1]) as isize;
+                                    if wi < 0 || wi >= w as isize {
+                                        continue;
+                                    }
+                                    let (rf, sf) = if flip { (r - 1 - ri, s - 1 - si) } else { (ri, si) };
+                                    let xi = ((ni * c + ci) * h + hi as usize) * w + wi as usize;
+                                    let fi = ((ki * c + ci) * r + rf) * s + sf;
+                                    f(xi, fi, yi);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::device(format!(
+            "emulated cuDNN: {what} holds {have} elements, its descriptor describes {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the workspace the caller passed against what `required` bytes the algorithm needs,
+/// then writes all of it (a buffer shorter than the size claimed hits the guard page).
+fn use_workspace(workspace: Option<&mut EmuBuffer<u8>>, bytes: usize, required: usize) -> Result<()> {
+    if bytes < required {
+        return Err(Error::device(format!(
+            "emulated cuDNN: CUDNN_STATUS_BAD_PARAM: workspace of {bytes} bytes, the algorithm needs {required}"
+        )));
+    }
+    match workspace {
+        None if bytes > 0 => Err(bad(format!("a null workspace of {bytes} bytes"))),
+        None => Ok(()),
+        Some(ws) => {
+            check_len("workspace", ws.len(), bytes)?;
+            ws.write_host(&vec![0xA5u8; bytes])
+        }
+    }
+}
+
+/// out = alpha * acc + beta * out (out not read when beta is 0), written back to `dst`.
+fn blend(dst: &mut EmuBuffer<f32>, len: usize, acc: &[f32], alpha: f32, beta: f32) -> Result<()> {
+    let mut out = if beta == 0.0 { vec![0.0; len] } else { dst.to_host()?[..len].to_vec() };
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = if beta == 0.0 { alpha * a } else { alpha * a + beta * *o };
+    }
+    dst.write_host(&out)
+}
+
+/// The forward algorithm the stand-in's heuristic returns (cudnnGetConvolutionForwardAlgorithm_v7).
+pub fn pick_forward(_x: &TensorDesc, _w: &FilterDesc, _conv: &ConvDesc) -> FwdAlgo {
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+}
+
+/// The backward-data algorithm of the heuristic: ALGO_0, which cuDNN documents as
+/// non-deterministic (the project must not use it).
+pub fn pick_backward_data(_x: &TensorDesc, _w: &FilterDesc, _conv: &ConvDesc) -> DataAlgo {
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0
+}
+
+/// The backward-filter algorithm of the heuristic: ALGO_0 (non-deterministic, likewise).
+pub fn pick_backward_filter(_x: &TensorDesc, _w: &FilterDesc, _conv: &ConvDesc) -> FilterAlgo {
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0
+}
+
+/// Workspace bytes of a forward algorithm (IMPLICIT_GEMM needs none, the others a column
+/// buffer of the input patches).
+pub fn forward_workspace(algo: FwdAlgo, x: &TensorDesc, w: &FilterDesc) -> usize {
+    match algo {
+        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM => 0,
+        _ => 4 * x.len() * (w.dims[2] * w.dims[3]) as usize,
+    }
+}
+
+/// Workspace bytes of a backward-data algorithm (none).
+pub fn backward_data_workspace(_algo: DataAlgo) -> usize {
+    0
+}
+
+/// Workspace bytes of a backward-filter algorithm: ALGO_1 stages partial filter sums (one filter
+/// of f32), so the project's workspace path is exercised.
+pub fn backward_filter_workspace(algo: FilterAlgo, w: &FilterDesc) -> usize {
+    match algo {
+        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1 => 4 * w.len(),
+        _ => 0,
+    }
+}
+
+/// cudnnConvolutionForward: y = alpha conv(x, w) + beta y.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    alpha: f32,
+    x_desc: &TensorDesc,
+    x: &EmuBuffer<f32>,
+    w_desc: &FilterDesc,
+    w: &EmuBuffer<f32>,
+    conv: &ConvDesc,
+    algo: FwdAlgo,
+    workspace: Option<&mut EmuBuffer<u8>>,
+    workspace_bytes: usize,
+    beta: f32,
+    y_desc: &TensorDesc,
+    y: &mut EmuBuffer<f32>,
+) -> Result<()> {
+    let g = Geometry::new(x_desc, w_desc, y_desc, conv)?;
+    check_len("x", x.len(), g.x.len())?;
+    check_len("w", w.len(), g.w.len())?;
+    check_len("y", y.len(), g.y.len())?;
+    use_workspace(workspace, workspace_bytes, forward_workspace(algo, x_desc, w_desc))?;
+    let (xv, wv) = (x.to_host()?, w.to_host()?);
+    let mut acc = vec![0.0f32; g.y.len()];
+    g.for_each_tap(|xi, fi, yi| acc[yi] = xv[xi].mul_add(wv[fi], acc[yi]));
+    blend(y, g.y.len(), &acc, alpha, beta)
+}
+
+/// cudnnConvolutionBackwardData: dx = alpha conv_transpose(dy, w) + beta dx.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_data(
+    alpha: f32,
+    w_desc: &FilterDesc,
+    w: &EmuBuffer<f32>,
+    dy_desc: &TensorDesc,
+    dy: &EmuBuffer<f32>,
+    conv: &ConvDesc,
+    algo: DataAlgo,
+    workspace: Option<&mut EmuBuffer<u8>>,
+    workspace_bytes: usize,
+    beta: f32,
+    dx_desc: &TensorDesc,
+    dx: &mut EmuBuffer<f32>,
+) -> Result<()> {
+    if algo == DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 {
+        return Err(Error::device(
+            "emulated cuDNN: backward-data ALGO_0 accumulates with atomics (non-deterministic); the project must not pick it",
+        ));
+    }
+    let g = Geometry::new(dx_desc, w_desc, dy_desc, conv)?;
+    check_len("w", w.len(), g.w.len())?;
+    check_len("dy", dy.len(), g.y.len())?;
+    check_len("dx", dx.len(), g.x.len())?;
+    use_workspace(workspace, workspace_bytes, backward_data_workspace(algo))?;
+    let (wv, dyv) = (w.to_host()?, dy.to_host()?);
+    let mut acc = vec![0.0f32; g.x.len()];
+    g.for_each_tap(|xi, fi, yi| acc[xi] = dyv[yi].mul_add(wv[fi], acc[xi]));
+    blend(dx, g.x.len(), &acc, alpha, beta)
+}
+
+/// cudnnConvolutionBackwardFilter: dw = alpha corr(x, dy) + beta dw.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_filter(
+    alpha: f32,
+    x_desc: &TensorDesc,
+    x: &EmuBuffer<f32>,
+    dy_desc: &TensorDesc,
+    dy: &EmuBuffer<f32>,
+    conv: &ConvDesc,
+    algo: FilterAlgo,
+    workspace: Option<&mut EmuBuffer<u8>>,
+    workspace_bytes: usize,
+    beta: f32,
+    dw_desc: &FilterDesc,
+    dw: &mut EmuBuffer<f32>,
+) -> Result<()> {
+    if matches!(algo, FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 | FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3)
+    {
+        return Err(Error::device(format!(
+            "emulated cuDNN: backward-filter {algo:?} accumulates with atomics (non-deterministic); the project must not pick it"
+        )));
+    }
+    let g = Geometry::new(x_desc, dw_desc, dy_desc, conv)?;
+    check_len("x", x.len(), g.x.len())?;
+    check_len("dy", dy.len(), g.y.len())?;
+    check_len("dw", dw.len(), g.w.len())?;
+    use_workspace(workspace, workspace_bytes, backward_filter_workspace(algo, dw_desc))?;
+    let (xv, dyv) = (x.to_host()?, dy.to_host()?);
+    let mut acc = vec![0.0f32; g.w.len()];
+    g.for_each_tap(|xi, fi, yi| acc[fi] = xv[xi].mul_add(dyv[yi], acc[fi]));
+    blend(dw, g.w.len(), &acc, alpha, beta)
+}
