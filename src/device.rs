@@ -52,6 +52,16 @@ impl FromStr for Device {
 crate::error::string_conversions!(Device);
 
 impl Device {
+    /// The device as reports and summary.json record it: `cpu`, `cuda:N`, or `cuda:0 (emulated)`
+    /// when `MUSCLE_CUDA_EMU=1` puts the emulated device in the GPU's place.
+    pub fn label(self) -> String {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) if crate::cuda::emulation_requested() => format!("cuda:{i} (emulated)"),
+            _ => self.to_string(),
+        }
+    }
+
     /// Waits until all work queued on this device has finished (nothing to wait for on the CPU).
     pub fn synchronize(self) -> Result<()> {
         match self {
@@ -72,9 +82,12 @@ impl Device {
                 let what = format!("--device cuda:{i}");
                 crate::cuda::device::probe_ordinal(i).map_err(|e| e.context(&what))?;
                 // Loads every kernel now, so a broken PTX or driver fails here, not mid-run.
-                crate::cuda::context::gpu(i).map_err(|e| e.context(&what))?;
+                let gpu = crate::cuda::context::gpu(i).map_err(|e| e.context(&what))?;
+                // The emulated device convolves with its cuDNN stand-in.
                 #[cfg(feature = "cudnn")]
-                crate::cuda::device::cudnn_version().map_err(|e| e.context(&what))?;
+                if !gpu.is_emulated() {
+                    crate::cuda::device::cudnn_version().map_err(|e| e.context(&what))?;
+                }
                 #[cfg(not(feature = "cudnn"))]
                 return Err(Error::device(format!(
                     "{what}: this binary was built without the `cudnn` feature, and every model \

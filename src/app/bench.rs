@@ -297,7 +297,7 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         method: cfg.method.to_string(),
         batch: cfg.batch(),
         unlabeled_batch: if cfg.method.uses_unlabeled() { cfg.unlabeled_batch() } else { 0 },
-        device: cfg.device.to_string(),
+        device: cfg.device.label(),
         threads: cfg.threads(),
         synthetic: runner.synthetic,
         ms_per_step: median * 1e3,

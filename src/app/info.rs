@@ -13,21 +13,17 @@ pub fn command() -> Result<()> {
     println!("devices: cpu{}", if cfg!(feature = "cuda") { ", cuda (see below)" } else { "" });
     #[cfg(feature = "cuda")]
     match crate::cuda::device::probe() {
-        Ok(g) => println!(
-            "cuda:0: {} (compute {}.{}, driver {}.{}, {:.1} GiB)",
-            g.name,
-            g.compute_capability.0,
-            g.compute_capability.1,
-            g.driver_version / 1000,
-            g.driver_version % 1000 / 10,
-            g.total_memory as f64 / (1u64 << 30) as f64
-        ),
+        Ok(g) => println!("cuda: {g}"),
         Err(e) => println!("cuda: {e}"),
     }
     #[cfg(feature = "cudnn")]
-    match crate::cuda::device::cudnn_version() {
-        Ok((major, minor, patch)) => println!("cudnn: {major}.{minor}.{patch}"),
-        Err(e) => println!("cudnn: {e}"),
+    if crate::cuda::emulation_requested() {
+        println!("cudnn: the emulated device's stand-in (reference loops behind cuDNN's conventions)");
+    } else {
+        match crate::cuda::device::cudnn_version() {
+            Ok((major, minor, patch)) => println!("cudnn: {major}.{minor}.{patch}"),
+            Err(e) => println!("cudnn: {e}"),
+        }
     }
     println!("methods: {}", Method::TRAIN.map(Method::name).join(", "));
     Ok(())

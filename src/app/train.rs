@@ -61,12 +61,13 @@ pub fn command(a: &TrainArgs) -> Result<()> {
         None => train::train(&a.train.config(), &mut |p| show(p, tty))?,
     };
     println!(
-        "final: {} on {} ({} labels, {} steps, seed {}): test accuracy {:.4}, EMA {:.4}; {:.1} s, {:.0} train img/s",
+        "final: {} on {} ({} labels, {} steps, seed {}, {}): test accuracy {:.4}, EMA {:.4}; {:.1} s, {:.0} train img/s",
         s.method,
         s.dataset,
         s.labels,
         s.steps,
         s.seed,
+        s.device,
         s.test_accuracy,
         s.test_accuracy_ema,
         s.wall_seconds,

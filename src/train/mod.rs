@@ -320,7 +320,7 @@ fn run(
         labels: split.labeled.len(),
         steps: cfg.steps,
         seed: cfg.seed,
-        device: cfg.device.to_string(),
+        device: cfg.device.label(),
         threads: cfg.threads(),
         test_accuracy: raw.accuracy,
         test_accuracy_ema: avg.accuracy,

@@ -50,7 +50,7 @@ pub fn sgemm(cfg: &GemmConfig<f32>, a: &EmuBuffer<f32>, b: &EmuBuffer<f32>, c: &
     let op_b = |l: usize, j: usize| if tb { bv[j + l * ldb] } else { bv[l + j * ldb] };
     for j in 0..n as usize {
         for i in 0..m as usize {
-            let dot = (0..k as usize).fold(0.0f32, |acc, l| op_a(i, l).mul_add(op_b(l, j), acc));
+            let dot = (0..k as usize).fold(0.0f32, |acc, l| acc + op_a(i, l) * op_b(l, j));
             let out = &mut cv[i + j * ldc];
             // beta == 0: C is not read (it may hold NaN), as in cuBLAS.
             *out = if cfg.beta == 0.0 { cfg.alpha * dot } else { cfg.alpha * dot + cfg.beta * *out };

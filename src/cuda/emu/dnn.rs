@@ -129,41 +129,141 @@ impl Geometry {
         Ok(Geometry { x: *x, w: *w, y: *y, conv: *conv })
     }
 
-    /// Calls `f(x_index, w_index, y_index)` for every multiply of the convolution, in a fixed
-    /// order (output element by output element, then c, r, s).
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
-        let [n, c, h, w] = self.x.dims.map(|d| d as usize);
+    /// The output columns q whose input column q * stride + off lies in the image.
+    fn columns(&self, off: i32) -> std::ops::Range<usize> {
+        let (stride, width, q) = (self.conv.stride[1], self.x.dims[3], self.y.dims[3]);
+        let lo = if off >= 0 { 0 } else { (-off + stride - 1) / stride };
+        let hi = if width <= off { 0 } else { ((width - off + stride - 1) / stride).min(q) };
+        lo as usize..hi.max(lo) as usize
+    }
+
+    /// The input row of output row `p` at filter row `r`, if it lies inside the image.
+    fn row(&self, p: usize, r: usize) -> Option<usize> {
+        let h = p as i32 * self.conv.stride[0] - self.conv.pad[0] + r as i32 * self.conv.dilation[0];
+        (0..self.x.dims[2]).contains(&h).then_some(h as usize)
+    }
+
+    /// Index into the filter of tap (r, s) of channels (k, c): flipped in convolution mode.
+    fn filter_index(&self, k: usize, c: usize, r: usize, s: usize) -> usize {
+        let [_, cc, rr, ss] = self.w.dims.map(|d| d as usize);
+        let (r, s) = if self.conv.mode == Mode::CUDNN_CONVOLUTION { (rr - 1 - r, ss - 1 - s) } else { (r, s) };
+        ((k * cc + c) * rr + r) * ss + s
+    }
+
+    /// Calls `f(x_at, y_at, len, stride)` for every run of multiplies between input channel `c`
+    /// of image `n` and output channel `k`'s plane at filter tap (r, s): input elements x_at +
+    /// i stride pair with output elements y_at + i, i < len. In a fixed order: output row p,
+    /// then the run along q.
+    fn runs(&self, n: usize, c: usize, k: usize, r: usize, s: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let [_, cc, h, w] = self.x.dims.map(|d| d as usize);
+        let [_, kk, p, q] = self.y.dims.map(|d| d as usize);
+        let off = s as i32 * self.conv.dilation[1] - self.conv.pad[1];
+        let cols = self.columns(off);
+        if cols.is_empty() {
+            return;
+        }
+        let stride = self.conv.stride[1] as usize;
+        for pi in 0..p {
+            let Some(hi) = self.row(pi, r) else { continue };
+            let x_row = ((n * cc + c) * h + hi) * w;
+            let x_at = (x_row as i64 + (cols.start * stride) as i64 + off as i64) as usize;
+            let y_at = ((n * kk + k) * p + pi) * q + cols.start;
+            f(x_at, y_at, cols.len(), stride);
+        }
+    }
+
+    /// n, c, k, r, s.
+    fn loops(&self) -> [usize; 5] {
+        let [n, c, _, _] = self.x.dims.map(|d| d as usize);
         let [k, _, r, s] = self.w.dims.map(|d| d as usize);
-        let [_, _, p, q] = self.y.dims.map(|d| d as usize);
-        let ConvDesc { pad, stride, dilation, mode } = self.conv;
-        let flip = mode == Mode::CUDNN_CONVOLUTION;
-        for ni in 0..n {
+        [n, c, k, r, s]
+    }
+
+    /// y = conv(x, w): one output image per task; each output element sums over c, r, s.
+    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let [_, c, k, r, s] = self.loops();
+        let per_image = self.y.len() / self.y.dims[0] as usize;
+        let mut y = vec![0.0f32; self.y.len()];
+        y.par_chunks_mut(per_image).enumerate().for_each(|(n, yn)| {
+            let base = n * per_image;
             for ki in 0..k {
-                for pi in 0..p {
-                    for qi in 0..q {
-                        let yi = ((ni * k + ki) * p + pi) * q + qi;
-                        for ci in 0..c {
-                            for ri in 0..r {
-                                let hi = (pi as i32 * stride[0] - pad[0] + ri as i32 * dilation[0]) as isize;
-                                if hi < 0 || hi >= h as isize {
-                                    continue;
+                for ci in 0..c {
+                    for ri in 0..r {
+                        for si in 0..s {
+                            let wv = w[self.filter_index(ki, ci, ri, si)];
+                            self.runs(n, ci, ki, ri, si, |xa, ya, len, st| {
+                                let out = &mut yn[ya - base..ya - base + len];
+                                if st == 1 {
+                                    // Contiguous runs (stride 1) as slices, so the loop vectorises.
+                                    out.iter_mut().zip(&x[xa..xa + len]).for_each(|(o, &v)| *o += v * wv);
+                                } else {
+                                    out.iter_mut().enumerate().for_each(|(i, o)| *o += x[xa + i * st] * wv);
                                 }
-                                for si in 0..s {
-                                    let wi = (qi as i32 * stride[1] - pad[1] + si as i32 * dilation[1]) as isize;
-                                    if wi < 0 || wi >= w as isize {
-                                        continue;
-                                    }
-                                    let (rf, sf) = if flip { (r - 1 - ri, s - 1 - si) } else { (ri, si) };
-                                    let xi = ((ni * c + ci) * h + hi as usize) * w + wi as usize;
-                                    let fi = ((ki * c + ci) * r + rf) * s + sf;
-                                    f(xi, fi, yi);
-                                }
-                            }
+                            });
                         }
                     }
                 }
             }
-        }
+        });
+        y
+    }
+
+    /// dx = conv_transpose(dy, w): one input image per task.
+    fn backward_data(&self, dy: &[f32], w: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let [_, c, k, r, s] = self.loops();
+        let per_image = self.x.len() / self.x.dims[0] as usize;
+        let mut dx = vec![0.0f32; self.x.len()];
+        dx.par_chunks_mut(per_image).enumerate().for_each(|(n, dxn)| {
+            let base = n * per_image;
+            for ci in 0..c {
+                for ki in 0..k {
+                    for ri in 0..r {
+                        for si in 0..s {
+                            let wv = w[self.filter_index(ki, ci, ri, si)];
+                            self.runs(n, ci, ki, ri, si, |xa, ya, len, st| {
+                                let dyr = &dy[ya..ya + len];
+                                if st == 1 {
+                                    let out = &mut dxn[xa - base..xa - base + len];
+                                    out.iter_mut().zip(dyr).for_each(|(o, &v)| *o += v * wv);
+                                } else {
+                                    dyr.iter().enumerate().for_each(|(i, &v)| dxn[xa - base + i * st] += v * wv);
+                                }
+                            });
+                        }
+                    }
+                }
+            }
+        });
+        dx
+    }
+
+    /// dw = corr(x, dy): one filter tap per task, summed over images, rows and columns.
+    fn backward_filter(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let [n, c, _, r, s] = self.loops();
+        let mut dw = vec![0.0f32; self.w.len()];
+        // The task of stored index (k, c, r, s) is its own tap; in convolution mode the flip maps
+        // taps one to one, so each task still writes one element.
+        dw.par_iter_mut().enumerate().for_each(|(idx, out)| {
+            let (si, rest) = (idx % s, idx / s);
+            let (ri, rest) = (rest % r, rest / r);
+            let (ci, ki) = (rest % c, rest / c);
+            // The tap whose filter_index is idx (its own inverse).
+            let fi = self.filter_index(ki, ci, ri, si);
+            let (tr, ts) = ((fi / s) % r, fi % s);
+            let mut acc = 0.0f32;
+            for ni in 0..n {
+                self.runs(ni, ci, ki, tr, ts, |xa, ya, len, st| {
+                    for i in 0..len {
+                        acc += x[xa + i * st] * dy[ya + i];
+                    }
+                });
+            }
+            *out = acc;
+        });
+        dw
     }
 }
 
@@ -264,8 +364,7 @@ pub fn forward(
     check_len("y", y.len(), g.y.len())?;
     use_workspace(workspace, workspace_bytes, forward_workspace(algo, x_desc, w_desc))?;
     let (xv, wv) = (x.to_host()?, w.to_host()?);
-    let mut acc = vec![0.0f32; g.y.len()];
-    g.for_each_tap(|xi, fi, yi| acc[yi] = xv[xi].mul_add(wv[fi], acc[yi]));
+    let acc = g.forward(&xv, &wv);
     blend(y, g.y.len(), &acc, alpha, beta)
 }
 
@@ -296,8 +395,7 @@ pub fn backward_data(
     check_len("dx", dx.len(), g.x.len())?;
     use_workspace(workspace, workspace_bytes, backward_data_workspace(algo))?;
     let (wv, dyv) = (w.to_host()?, dy.to_host()?);
-    let mut acc = vec![0.0f32; g.x.len()];
-    g.for_each_tap(|xi, fi, yi| acc[xi] = dyv[yi].mul_add(wv[fi], acc[xi]));
+    let acc = g.backward_data(&dyv, &wv);
     blend(dx, g.x.len(), &acc, alpha, beta)
 }
 
@@ -329,7 +427,6 @@ pub fn backward_filter(
     check_len("dw", dw.len(), g.w.len())?;
     use_workspace(workspace, workspace_bytes, backward_filter_workspace(algo, dw_desc))?;
     let (xv, dyv) = (x.to_host()?, dy.to_host()?);
-    let mut acc = vec![0.0f32; g.w.len()];
-    g.for_each_tap(|xi, fi, yi| acc[fi] = xv[xi].mul_add(dyv[yi], acc[fi]));
+    let acc = g.backward_filter(&xv, &dyv);
     blend(dw, g.w.len(), &acc, alpha, beta)
 }
