@@ -100,6 +100,23 @@ else
     rows+=("| train | skipped: $(printf '%s' "$probe" | tail -n 1) | |")
 fi
 
+# Our kernels under compute-sanitizer (last: it is slow, and the numbers above matter more). The
+# cuDNN/cuBLAS tests and the whole step are left out: their internals are not ours to sanitize.
+sanitize() {
+    local tool
+    for tool in memcheck racecheck synccheck; do
+        echo "== compute-sanitizer --tool $tool"
+        timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            env REQUIRE_GPU=1 ./gpu-tests gpu:: --test-threads=1 --skip conv --skip step --skip timings --skip sgemm ||
+            return 1
+    done
+}
+if [ "$smoke" -eq 0 ] && command -v compute-sanitizer >/dev/null; then
+    stage sanitizer sanitize
+else
+    rows+=("| sanitizer | skipped: no compute-sanitizer on PATH, or the smoke test failed | |")
+fi
+
 {
     echo "| stage | result | time |"
     echo "|---|---|---|"

@@ -14,7 +14,7 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     let n = 64 << 20;
     let src = gpu.zeros::<f32>(n)?;
     let mut dst = gpu.zeros::<f32>(n)?;
-    let t = gpu.median_secs(5, || gpu.copy_range(&src, 0, &mut dst, 0, n))?;
+    let t = gpu.median_secs(5, || gpu.copy_range(&src, 0..n, &mut dst, 0))?;
     Ok(2.0 * (n * 4) as f64 / t / 1e9)
 }
 

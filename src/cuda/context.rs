@@ -41,15 +41,3 @@ pub fn zeros(gpu: &Gpu, len: usize) -> Result<CudaSlice<f32>> {
 pub fn copy(s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
     gpu_of(s)?.copy(s)
 }
-
-/// Copies `src[src_at..src_at + len]` into `dst[at..at + len]` on `gpu`'s stream (bounds checked).
-pub fn copy_range(
-    gpu: &Gpu,
-    src: &CudaSlice<f32>,
-    src_at: usize,
-    dst: &mut CudaSlice<f32>,
-    at: usize,
-    len: usize,
-) -> Result<()> {
-    gpu.copy_range(src, src_at, dst, at, len)
-}

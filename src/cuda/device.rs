@@ -17,6 +17,7 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::collections::HashMap;
 use std::fmt;
 use std::mem::size_of;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -473,21 +474,21 @@ impl Gpu {
         Ok(self.wrap(memory))
     }
 
-    /// Copies `src[src_at..src_at + len]` into `dst[at..at + len]` on the stream (bounds checked).
+    /// Copies `src[from]` into `dst` starting at `at`, on the stream (bounds checked).
     pub fn copy_range<T: DeviceElem>(
         &self,
         src: &CudaSlice<T>,
-        src_at: usize,
+        from: Range<usize>,
         dst: &mut CudaSlice<T>,
         at: usize,
-        len: usize,
     ) -> Result<()> {
+        let len = from.len();
         if len == 0 {
             return Ok(());
         }
-        if src_at.checked_add(len).is_none_or(|e| e > src.len()) || at.checked_add(len).is_none_or(|e| e > dst.len()) {
+        if from.end > src.len() || at.checked_add(len).is_none_or(|e| e > dst.len()) {
             return Err(Error::shape(format!(
-                "GPU copy of {len} elements from {src_at} of {} into {at} of {}",
+                "GPU copy of elements {from:?} of {} into {at}.. of {}",
                 src.len(),
                 dst.len()
             )));
@@ -495,10 +496,10 @@ impl Gpu {
         match &self.backend {
             Backend::Driver(d) => d
                 .stream
-                .memcpy_dtod(&src.driver()?.slice(src_at..src_at + len), &mut dst.driver_mut()?.slice_mut(at..at + len))
+                .memcpy_dtod(&src.driver()?.slice(from), &mut dst.driver_mut()?.slice_mut(at..at + len))
                 .map_err(|e| device_err("copy on the GPU", e)),
             #[cfg(muscle_cuda_emu)]
-            Backend::Emulated => dst.emulated_mut()?.copy_from(src.emulated()?, src_at, at, len),
+            Backend::Emulated => dst.emulated_mut()?.copy_from(src.emulated()?, from.start, at, len),
         }
     }
 

@@ -275,7 +275,7 @@ impl Tensor {
             Device::Cuda(i) => {
                 let n = self.numel();
                 let gpu = crate::cuda::context::gpu(i)?;
-                crate::cuda::context::copy_range(&gpu, src.cuda_slice()?, 0, self.cuda_slice_mut()?, 0, n)
+                gpu.copy_range(src.cuda_slice()?, 0..n, self.cuda_slice_mut()?, 0)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),

@@ -29,43 +29,47 @@ fn positive(what: &str, dims: &[i32]) -> Result<()> {
     Ok(())
 }
 
-/// A 4-d NCHW tensor descriptor (cudnnSetTensor4dDescriptor).
+/// What a 4-d descriptor describes: a tensor (n, c, h, w) or a filter (k, c, r, s).
+pub trait DescKind {
+    /// Its name in errors.
+    const WHAT: &'static str;
+}
+
+/// Marks tensor descriptors (cudnnSetTensor4dDescriptor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TensorDesc {
-    /// n, c, h, w.
-    pub dims: [i32; 4],
-}
-
-impl TensorDesc {
-    /// A packed tensor of `dims` in `format` (only NCHW, the project's layout).
-    pub fn new(format: Format, dims: [i32; 4]) -> Result<TensorDesc> {
-        if format != Format::CUDNN_TENSOR_NCHW {
-            return Err(bad(format!("tensor format {format:?}: the stand-in knows NCHW only")));
-        }
-        positive("tensor", &dims)?;
-        Ok(TensorDesc { dims })
-    }
-
-    fn len(&self) -> usize {
-        self.dims.iter().map(|&d| d as usize).product()
-    }
-}
-
-/// A 4-d filter descriptor, k (output channels), c, r, s (cudnnSetFilter4dDescriptor).
+pub struct OfTensor;
+/// Marks filter descriptors (cudnnSetFilter4dDescriptor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FilterDesc {
-    /// k, c, r, s.
-    pub dims: [i32; 4],
+pub struct OfFilter;
+
+impl DescKind for OfTensor {
+    const WHAT: &'static str = "tensor";
+}
+impl DescKind for OfFilter {
+    const WHAT: &'static str = "filter";
 }
 
-impl FilterDesc {
-    /// A filter of `dims` in `format` (only NCHW = KCRS).
-    pub fn new(format: Format, dims: [i32; 4]) -> Result<FilterDesc> {
+/// A packed 4-d NCHW descriptor; the kind keeps a filter from standing where a tensor goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc4d<K> {
+    /// n, c, h, w for a tensor; k, c, r, s for a filter.
+    pub dims: [i32; 4],
+    kind: std::marker::PhantomData<K>,
+}
+
+/// A tensor descriptor.
+pub type TensorDesc = Desc4d<OfTensor>;
+/// A filter descriptor (KCRS).
+pub type FilterDesc = Desc4d<OfFilter>;
+
+impl<K: DescKind> Desc4d<K> {
+    /// A descriptor of `dims` in `format` (only NCHW, the project's layout).
+    pub fn new(format: Format, dims: [i32; 4]) -> Result<Desc4d<K>> {
         if format != Format::CUDNN_TENSOR_NCHW {
-            return Err(bad(format!("filter format {format:?}: the stand-in knows NCHW (KCRS) only")));
+            return Err(bad(format!("{} format {format:?}: the stand-in knows NCHW only", K::WHAT)));
         }
-        positive("filter", &dims)?;
-        Ok(FilterDesc { dims })
+        positive(K::WHAT, &dims)?;
+        Ok(Desc4d { dims, kind: std::marker::PhantomData })
     }
 
     fn len(&self) -> usize {

@@ -256,117 +256,93 @@ fn emulated_ws(ws: Option<&mut CudaSlice<u8>>) -> Result<Option<&mut crate::cuda
     ws.map(|w| w.emulated_mut()).transpose()
 }
 
-/// y = conv(x, w) for the geometry `s`. CPU twin: `cpu::forward`.
-pub fn conv_forward(
-    gpu: &Gpu,
-    s: &ConvShape,
-    x: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
-) -> Result<()> {
-    let what = "cuDNN convolution forward";
-    let bufs = [("x", x.len(), s.x_len()), ("w", w.len(), s.w_len()), ("y", y.len(), s.y_len())];
+/// Which of the three convolution passes a call runs.
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    BackwardData,
+    BackwardFilter,
+}
+
+impl Pass {
+    fn what(self) -> &'static str {
+        match self {
+            Pass::Forward => "cuDNN convolution forward",
+            Pass::BackwardData => "cuDNN convolution backward-data",
+            Pass::BackwardFilter => "cuDNN convolution backward-filter",
+        }
+    }
+
+    /// The names of (a, b, out) and the elements each needs for `s`.
+    fn buffers(self, s: &ConvShape) -> [(&'static str, usize); 3] {
+        let (x, w, y) = (("x", s.x_len()), ("w", s.w_len()), ("y", s.y_len()));
+        match self {
+            Pass::Forward => [x, w, y],
+            Pass::BackwardData => [w, ("dy", y.1), ("dx", x.1)],
+            Pass::BackwardFilter => [x, ("dy", y.1), ("dw", w.1)],
+        }
+    }
+}
+
+type Buf = CudaSlice<f32>;
+
+/// Runs one pass: `a`, `b` are its inputs (x, w / w, dy / x, dy) and `out` its output (y / dx /
+/// dw), with alpha 1 and beta 0.
+fn run(gpu: &Gpu, s: &ConvShape, pass: Pass, a: &Buf, b: &Buf, out: &mut Buf) -> Result<()> {
+    let [na, nb, no] = pass.buffers(s);
+    let bufs = [(na.0, a.len(), na.1), (nb.0, b.len(), nb.1), (no.0, out.len(), no.1)];
     checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
-        Descriptors::Driver { x: xd, w: wd, y: yd, conv } => {
-            let op = ConvForward { conv, x: xd, w: wd, y: yd };
+        Descriptors::Driver { x, w, y, conv } => {
+            // cudarc hands cuDNN the workspace's own length, which covers the plan's request.
+            debug_assert!(ws.as_ref().is_none_or(|w| w.len() >= bytes));
+            let ws = driver_ws(ws)?;
+            let (a, b, out) = (a.driver()?, b.driver()?, out.driver_mut()?);
+            let ab = (1.0f32, 0.0f32);
             // SAFETY: the buffers hold at least the elements the descriptors describe (checked by
-            // `checked_run`), all f32 NCHW / OIHW as described.
-            unsafe { op.launch(p.fwd, driver_ws(ws)?, (1.0f32, 0.0f32), x.driver()?, w.driver()?, y.driver_mut()?) }
-                .map_err(|e| device_err(what, e))
+            // `checked_run`), all f32 NCHW / KCRS as described, passed in cuDNN's order per pass.
+            unsafe {
+                match pass {
+                    Pass::Forward => ConvForward { conv, x, w, y }.launch(p.fwd, ws, ab, a, b, out),
+                    Pass::BackwardData => {
+                        ConvBackwardData { conv, dx: x, w, dy: y }.launch(p.bwd_data, ws, ab, out, a, b)
+                    }
+                    Pass::BackwardFilter => {
+                        ConvBackwardFilter { conv, x, dw: w, dy: y }.launch(p.bwd_filter, ws, ab, a, out, b)
+                    }
+                }
+            }
+            .map_err(|e| device_err(pass.what(), e))
         }
         #[cfg(muscle_cuda_emu)]
-        Descriptors::Emulated { x: xd, w: wd, y: yd, conv } => crate::cuda::emu::dnn::forward(
-            1.0,
-            xd,
-            x.emulated()?,
-            wd,
-            w.emulated()?,
-            conv,
-            p.fwd,
-            emulated_ws(ws)?,
-            bytes,
-            0.0,
-            yd,
-            y.emulated_mut()?,
-        )
-        .map_err(|e| e.context(what)),
+        Descriptors::Emulated { x, w, y, conv } => {
+            use crate::cuda::emu::dnn;
+            let ws = emulated_ws(ws)?;
+            let (a, b, out) = (a.emulated()?, b.emulated()?, out.emulated_mut()?);
+            match pass {
+                Pass::Forward => dnn::forward(1.0, x, a, w, b, conv, p.fwd, ws, bytes, 0.0, y, out),
+                Pass::BackwardData => dnn::backward_data(1.0, w, a, y, b, conv, p.bwd_data, ws, bytes, 0.0, x, out),
+                Pass::BackwardFilter => {
+                    dnn::backward_filter(1.0, x, a, y, b, conv, p.bwd_filter, ws, bytes, 0.0, w, out)
+                }
+            }
+            .map_err(|e| e.context(pass.what()))
+        }
     })
+}
+
+/// y = conv(x, w) for the geometry `s`. CPU twin: `cpu::forward`.
+pub fn conv_forward(gpu: &Gpu, s: &ConvShape, x: &Buf, w: &Buf, y: &mut Buf) -> Result<()> {
+    run(gpu, s, Pass::Forward, x, w, y)
 }
 
 /// dx = conv_transpose(dy, w). CPU twin: the dx half of `cpu::backward`.
-pub fn conv_backward_data(
-    gpu: &Gpu,
-    s: &ConvShape,
-    w: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
-) -> Result<()> {
-    let what = "cuDNN convolution backward-data";
-    let bufs = [("w", w.len(), s.w_len()), ("dy", dy.len(), s.y_len()), ("dx", dx.len(), s.x_len())];
-    checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
-        Descriptors::Driver { x: xd, w: wd, y: yd, conv } => {
-            let op = ConvBackwardData { conv, dx: xd, w: wd, dy: yd };
-            // SAFETY: as in conv_forward.
-            unsafe {
-                op.launch(p.bwd_data, driver_ws(ws)?, (1.0f32, 0.0f32), dx.driver_mut()?, w.driver()?, dy.driver()?)
-            }
-            .map_err(|e| device_err(what, e))
-        }
-        #[cfg(muscle_cuda_emu)]
-        Descriptors::Emulated { x: xd, w: wd, y: yd, conv } => crate::cuda::emu::dnn::backward_data(
-            1.0,
-            wd,
-            w.emulated()?,
-            yd,
-            dy.emulated()?,
-            conv,
-            p.bwd_data,
-            emulated_ws(ws)?,
-            bytes,
-            0.0,
-            xd,
-            dx.emulated_mut()?,
-        )
-        .map_err(|e| e.context(what)),
-    })
+pub fn conv_backward_data(gpu: &Gpu, s: &ConvShape, w: &Buf, dy: &Buf, dx: &mut Buf) -> Result<()> {
+    run(gpu, s, Pass::BackwardData, w, dy, dx)
 }
 
 /// dw = correlation of x with dy. CPU twin: the dW half of `cpu::backward`.
-pub fn conv_backward_filter(
-    gpu: &Gpu,
-    s: &ConvShape,
-    x: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-    dw: &mut CudaSlice<f32>,
-) -> Result<()> {
-    let what = "cuDNN convolution backward-filter";
-    let bufs = [("x", x.len(), s.x_len()), ("dy", dy.len(), s.y_len()), ("dw", dw.len(), s.w_len())];
-    checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
-        Descriptors::Driver { x: xd, w: wd, y: yd, conv } => {
-            let op = ConvBackwardFilter { conv, x: xd, dw: wd, dy: yd };
-            // SAFETY: as in conv_forward.
-            unsafe {
-                op.launch(p.bwd_filter, driver_ws(ws)?, (1.0f32, 0.0f32), x.driver()?, dw.driver_mut()?, dy.driver()?)
-            }
-            .map_err(|e| device_err(what, e))
-        }
-        #[cfg(muscle_cuda_emu)]
-        Descriptors::Emulated { x: xd, w: wd, y: yd, conv } => crate::cuda::emu::dnn::backward_filter(
-            1.0,
-            xd,
-            x.emulated()?,
-            yd,
-            dy.emulated()?,
-            conv,
-            p.bwd_filter,
-            emulated_ws(ws)?,
-            bytes,
-            0.0,
-            wd,
-            dw.emulated_mut()?,
-        )
-        .map_err(|e| e.context(what)),
-    })
+pub fn conv_backward_filter(gpu: &Gpu, s: &ConvShape, x: &Buf, dy: &Buf, dw: &mut Buf) -> Result<()> {
+    run(gpu, s, Pass::BackwardFilter, x, dy, dw)
 }
 
 /// Convolution through cuDNN (geometry checked by the caller).

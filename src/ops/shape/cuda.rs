@@ -1,7 +1,6 @@
 //! Row concatenation and narrowing on the GPU: device-to-device copies, no kernel.
 
 use crate::autograd::Tape;
-use crate::cuda::context;
 use crate::error::Result;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
@@ -12,7 +11,7 @@ pub(crate) fn concat_rows(gpu: GpuRef, tape: &Tape, parts: &[&Tensor], shape: Ve
     let mut y = alloc(&gpu, total)?;
     let mut at = 0;
     for p in parts {
-        context::copy_range(&gpu, buf(p)?, 0, &mut y, at, p.numel())?;
+        gpu.copy_range(buf(p)?, 0..p.numel(), &mut y, at)?;
         at += p.numel();
     }
     let kept: Vec<Tensor> = parts.iter().map(|p| (*p).clone()).collect();
@@ -23,7 +22,7 @@ pub(crate) fn concat_rows(gpu: GpuRef, tape: &Tape, parts: &[&Tensor], shape: Ve
             let n = p.numel();
             if p.requires_grad() {
                 let mut part = alloc(&gpu, n)?;
-                context::copy_range(&gpu, buf(&g)?, off, &mut part, 0, n)?;
+                gpu.copy_range(buf(&g)?, off..off + n, &mut part, 0)?;
                 grads.add_to(p, wrap(part, p.shape())?)?;
             }
             off += n;
@@ -42,12 +41,12 @@ pub(crate) fn narrow(
     shape: Vec<usize>,
 ) -> Result<Tensor> {
     let mut y = alloc(&gpu, len)?;
-    context::copy_range(&gpu, buf(x)?, from, &mut y, 0, len)?;
+    gpu.copy_range(buf(x)?, from..from + len, &mut y, 0)?;
     let xc = x.clone();
     Ok(tape.record(wrap(y, &shape)?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
         let mut dx = alloc(&gpu, xc.numel())?;
-        context::copy_range(&gpu, buf(&g)?, 0, &mut dx, from, len)?;
+        gpu.copy_range(buf(&g)?, 0..len, &mut dx, from)?;
         grads.add_to(&xc, wrap(dx, xc.shape())?)
     }))
 }
