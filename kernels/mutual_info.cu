@@ -297,19 +297,20 @@ extern "C" __global__ void __launch_bounds__(1024) mi_finish_fwd_f32(double* __r
 // G^ (C x C) is staged in shared memory once per block; u = w_i G^ takes w's entries from the
 // other lanes by shuffle, so a row costs C^2 FMAs per view and no extra memory traffic.
 // grad_a = scale z (u_a - <z, u_a>), u_a = w G^; grad_b = scale w (u_b - <w, u_b>), u_b = z G^;
-// scale = upstream / s with s = stats[3] (device-resident: no host round trip).
-// Reads z, w, g_hat, stats; writes grad_a, grad_b. Launch: grid = ceil(n / 8), block = 256.
+// scale = upstream[0] / s with s = stats[3]; both device-resident (the loss's upstream gradient
+// is read where the tape left it, so the backward needs no host round trip).
+// Reads z, w, g_hat, stats, upstream; writes grad_a, grad_b. Launch: grid = ceil(n / 8), block = 256.
 extern "C" __global__ void mi_bwd_f32(const float* __restrict__ z, const float* __restrict__ w,
                                       const float* __restrict__ g_hat, const double* __restrict__ stats,
-                                      float upstream, float* __restrict__ grad_a, float* __restrict__ grad_b, int n,
-                                      int C) {
+                                      const float* __restrict__ upstream, float* __restrict__ grad_a,
+                                      float* __restrict__ grad_b, int n, int C) {
     __shared__ float gs[MI_FUSED_MAX_C * MI_FUSED_MAX_C];
     for (int e = threadIdx.x; e < C * C; e += blockDim.x) gs[e] = g_hat[e];
     __syncthreads();
     long long row = (long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     if (row >= n) return;
     const int lane = threadIdx.x % WARP;
-    const float scale = (float)((double)upstream / stats[3]);
+    const float scale = (float)((double)upstream[0] / stats[3]);
     float zv = lane < C ? z[row * C + lane] : 0.0f;
     float wv = lane < C ? w[row * C + lane] : 0.0f;
     float ua = 0.0f, ub = 0.0f;
@@ -371,14 +372,14 @@ extern "C" __global__ void mi_project_bwd_f32(const float* __restrict__ z, const
 
 // mi_softmax_bwd_f32 (C > 32): in place, grad = scale * p * (u - <p, u>) per row with u the
 // projection mi_project_bwd_f32 left in grad (p = z for view a, w for view b), one warp per row,
-// both views. Reads z, w, grad_a, grad_b, stats; writes grad_a, grad_b.
+// both views. Reads z, w, grad_a, grad_b, stats, upstream; writes grad_a, grad_b.
 extern "C" __global__ void mi_softmax_bwd_f32(const float* __restrict__ z, const float* __restrict__ w,
-                                              const double* __restrict__ stats, float upstream, float* grad_a,
-                                              float* grad_b, int n, int C) {
+                                              const double* __restrict__ stats, const float* __restrict__ upstream,
+                                              float* grad_a, float* grad_b, int n, int C) {
     long long row = (long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     if (row >= n) return;
     const int lane = threadIdx.x % WARP;
-    const float scale = (float)((double)upstream / stats[3]);
+    const float scale = (float)((double)upstream[0] / stats[3]);
     for (int view = 0; view < 2; ++view) {
         const float* pr = (view == 0 ? z : w) + row * C;
         float* gr = (view == 0 ? grad_a : grad_b) + row * C;

@@ -207,10 +207,10 @@ void mi_bwd() {
     std::vector<float> z = random_floats(n * C, 0.0f, 1.0f, 7), w = random_floats(n * C, 0.0f, 1.0f, 8);
     std::vector<float> g = random_floats(C * C, -2.0f, 2.0f, 9);
     std::vector<double> stats = {0, 0, 0, 2.5, 0, 0, 0};
-    Device<float> dz(z), dw(w), dg(g), dga(n * C), dgb(n * C);
+    Device<float> dz(z), dw(w), dg(g), dga(n * C), dgb(n * C), dup(std::vector<float>{upstream});
     Device<double> ds(stats);
     std::vector<float> got = every_schedule<float>("mi_bwd_f32", [&] {
-        must(launch("mi_bwd_f32", {blocks(n, 8), 1, 1}, {256, 1, 1}, dz.ptr, dw.ptr, dg.ptr, ds.ptr, upstream, dga.ptr,
+        must(launch("mi_bwd_f32", {blocks(n, 8), 1, 1}, {256, 1, 1}, dz.ptr, dw.ptr, dg.ptr, ds.ptr, dup.ptr, dga.ptr,
                     dgb.ptr, n, C));
         std::vector<float> ga = dga.read(), gb = dgb.read();
         ga.insert(ga.end(), gb.begin(), gb.end());

@@ -34,6 +34,8 @@ mod softmax;
 #[cfg(feature = "cudnn")]
 mod step;
 mod timings;
+#[cfg(feature = "cudnn")]
+mod transfers;
 
 // ---------------------------------------------------------------------------------------------
 // The shared GPU (or why there is none).

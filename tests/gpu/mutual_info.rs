@@ -26,7 +26,7 @@ fn check_mi(gpu: &Gpu, a: &[f32], b: &[f32], n: usize, c: usize, lambda: f32, re
     let (ad, bd) = (up(gpu, a), up(gpu, b));
     let f = k::mi_fwd(gpu, &ad, &bd, n, c, lambda).unwrap_or_else(|e| panic!("{what}: {e}"));
     let (mut ga, mut gb) = (zeros(gpu, n * c), zeros(gpu, n * c));
-    k::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb).unwrap_or_else(|e| panic!("{what}: {e}"));
+    k::mi_bwd(gpu, &f, &up(gpu, &[1.0f32]), &mut ga, &mut gb).unwrap_or_else(|e| panic!("{what}: {e}"));
     let s = f.scalars(gpu).unwrap();
     let loss32 = down(gpu, &f.loss)[0];
 
@@ -149,7 +149,7 @@ fn mi_uniform_outputs_give_the_known_loss_and_zero_gradient() {
             for lambda in [1.0f32, 1.5] {
                 let f = k::mi_fwd(gpu, &up(gpu, &a), &up(gpu, &b), n, c, lambda).unwrap();
                 let (mut ga, mut gb) = (zeros(gpu, n * c), zeros(gpu, n * c));
-                k::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb).unwrap();
+                k::mi_bwd(gpu, &f, &up(gpu, &[1.0f32]), &mut ga, &mut gb).unwrap();
                 let s = f.scalars(gpu).unwrap();
                 let want = 2.0 * (1.0 - lambda as f64) * (c as f64).ln();
                 assert!((s.loss - want).abs() < 1e-6, "C {c} lambda {lambda}: loss {} vs {want}", s.loss);
@@ -169,7 +169,7 @@ fn mi_is_deterministic_and_scales_with_upstream() {
             let run = |upstream: f32| {
                 let f = k::mi_fwd(gpu, &a, &b, n, c, 1.5).unwrap();
                 let (mut ga, mut gb) = (zeros(gpu, n * c), zeros(gpu, n * c));
-                k::mi_bwd(gpu, &f, upstream, &mut ga, &mut gb).unwrap();
+                k::mi_bwd(gpu, &f, &up(gpu, &[upstream]), &mut ga, &mut gb).unwrap();
                 (down(gpu, &f.stats), down(gpu, &ga), down(gpu, &gb))
             };
             let (s1, a1, b1) = run(1.0);

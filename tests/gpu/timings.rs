@@ -51,7 +51,7 @@ fn kernel_timings_against_the_floor() {
             let f = mutual_info::cuda::mi_fwd(gpu, &a, &b, n, c, 1.0).unwrap();
             let (mut ga, mut gb) = (zeros(gpu, n * c), zeros(gpu, n * c));
             let t = time_us(gpu, 50, || {
-                mutual_info::cuda::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb).unwrap();
+                mutual_info::cuda::mi_bwd(gpu, &f, &up(gpu, &[1.0f32]), &mut ga, &mut gb).unwrap();
             });
             let bwd_bytes = if c <= mutual_info::cuda::MI_FUSED_MAX_C { 16 * n * c } else { 40 * n * c };
             let _ = writeln!(out, "| MI backward | {n} | {c} | {t:.1} | {:.1} |", bwd_bytes as f64 / bw * 1e6);

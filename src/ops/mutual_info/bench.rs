@@ -27,10 +27,11 @@ pub fn cuda_times(gpu: &crate::cuda::Gpu, n: usize, c: usize, reps: usize) -> cr
     let la = gpu.upload(&normal_vec(n * c, 3.0, 1))?;
     let lb = gpu.upload(&normal_vec(n * c, 3.0, 2))?;
     let (mut ga, mut gb) = (gpu.zeros::<f32>(n * c)?, gpu.zeros::<f32>(n * c)?);
+    let one = gpu.upload(&[1.0f32])?;
     let fwd = gpu.median_secs(reps, || cuda::mi_fwd(gpu, &la, &lb, n, c, 1.0).map(drop))?;
     let both = gpu.median_secs(reps, || {
         let f = cuda::mi_fwd(gpu, &la, &lb, n, c, 1.0)?;
-        cuda::mi_bwd(gpu, &f, 1.0, &mut ga, &mut gb)
+        cuda::mi_bwd(gpu, &f, &one, &mut ga, &mut gb)
     })?;
     Ok((fwd, both))
 }

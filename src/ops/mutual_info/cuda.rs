@@ -2,10 +2,10 @@
 //! checked before each unsafe launch; CPU twin in `cpu.rs` beside this file) and the op.
 
 use crate::autograd::Tape;
-use crate::cuda::launch::{cfg, grid_dim, int, launch, row_checks, rows_cfg, BLOCK};
+use crate::cuda::launch::{cfg, grid_dim, int, launch, need, row_checks, rows_cfg, BLOCK};
 use crate::cuda::{context, CudaSlice, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::gpu::{alloc, buf, wrap, GpuRef};
+use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
 /// Largest C handled by the fused mutual-information kernels (one class per lane).
@@ -150,34 +150,36 @@ pub fn mi_fwd(
     Ok(MiForwardGpu { n, c, z, w, p, g0, g_hat, stats, loss })
 }
 
-/// Gradients of `upstream * L_mi` with respect to both views' logits (n x c each, overwritten).
-/// CPU twin: `cpu::backward`.
+/// Gradients of `upstream[0] * L_mi` with respect to both views' logits (n x c each,
+/// overwritten); the upstream scalar stays on the device. CPU twin: `cpu::backward`.
 pub fn mi_bwd(
     gpu: &Gpu,
     fwd: &MiForwardGpu,
-    upstream: f32,
+    upstream: &CudaSlice<f32>,
     grad_a: &mut CudaSlice<f32>,
     grad_b: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let k = "mi_bwd";
     let (n, c) = (fwd.n, fwd.c);
     let (ni, ci) = row_checks(k, n, c, &[("grad_a", grad_a.len()), ("grad_b", grad_b.len())])?;
+    need(k, "upstream", upstream.len(), 1)?;
     if c <= MI_FUSED_MAX_C {
         let kb = "mi_bwd_f32";
-        launch!(gpu, kb, rows_cfg(kb, n)?, &fwd.z, &fwd.w, &fwd.g_hat, &fwd.stats, &upstream, grad_a, grad_b, &ni, &ci)
+        launch!(gpu, kb, rows_cfg(kb, n)?, &fwd.z, &fwd.w, &fwd.g_hat, &fwd.stats, upstream, grad_a, grad_b, &ni, &ci)
     } else {
         let kp = "mi_project_bwd_f32";
         let grid = (grid_dim(kp, n.div_ceil(64))?, c.div_ceil(64) as u32, 2);
         launch!(gpu, kp, cfg(grid, BLOCK), &fwd.z, &fwd.w, &fwd.g_hat, &mut *grad_a, &mut *grad_b, &ni, &ci)?;
         let ks = "mi_softmax_bwd_f32";
-        launch!(gpu, ks, rows_cfg(ks, n)?, &fwd.z, &fwd.w, &fwd.stats, &upstream, grad_a, grad_b, &ni, &ci)
+        launch!(gpu, ks, rows_cfg(ks, n)?, &fwd.z, &fwd.w, &fwd.stats, upstream, grad_a, grad_b, &ni, &ci)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The ops on GPU tensors (shapes checked by the family's mod.rs), recorded on the tape.
 
-/// The IIC loss of two views' logits; its statistics are copied to the host for the log.
+/// The IIC loss of two views' logits, and its statistics copied to the host when `with_stats`
+/// (a diagnostic: a training step asks for none, so nothing leaves the device).
 pub(crate) fn mutual_info(
     gpu: GpuRef,
     tape: &Tape,
@@ -185,17 +187,18 @@ pub(crate) fn mutual_info(
     b: &Tensor,
     (n, c): (usize, usize),
     lambda: f32,
-) -> Result<(Tensor, f64, f64)> {
+    with_stats: bool,
+) -> Result<(Tensor, Option<MiScalars>)> {
     let fwd = mi_fwd(&gpu, buf(a)?, buf(b)?, n, c, lambda)?;
-    let s = fwd.scalars(&gpu)?;
+    let stats = if with_stats { Some(fwd.scalars(&gpu)?) } else { None };
     let loss = wrap(context::copy(&fwd.loss)?, &[])?;
     let (ac, bc) = (a.clone(), b.clone());
     let out = tape.record(loss, &[a, b], move |g, grads| {
-        let upstream = g.item()?;
+        let g = here(g, &gpu)?;
         let (mut ga, mut gb) = (alloc(&gpu, n * c)?, alloc(&gpu, n * c)?);
-        mi_bwd(&gpu, &fwd, upstream, &mut ga, &mut gb)?;
+        mi_bwd(&gpu, &fwd, buf(&g)?, &mut ga, &mut gb)?;
         grads.add_to(&ac, wrap(ga, &[n, c])?)?;
         grads.add_to(&bc, wrap(gb, &[n, c])?)
     });
-    Ok((out, s.joint_entropy, s.marginal_entropy))
+    Ok((out, stats))
 }

@@ -50,12 +50,29 @@ pub fn mutual_info_loss_with_stats(
     logits_b: &Tensor,
     lambda: f32,
 ) -> Result<(Tensor, MiStats)> {
+    let (out, stats) = mutual_info(tape, logits_a, logits_b, lambda, true)?;
+    let stats = stats.ok_or_else(|| Error::device("mutual_info_loss_with_stats: no statistics came back"))?;
+    Ok((out, stats))
+}
+
+/// The op behind both entry points; on a GPU the statistics are downloaded only when asked for.
+fn mutual_info(
+    tape: &Tape,
+    logits_a: &Tensor,
+    logits_b: &Tensor,
+    lambda: f32,
+    with_stats: bool,
+) -> Result<(Tensor, Option<MiStats>)> {
     let (n, c) = check(logits_a, logits_b, lambda)?;
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("mutual_info_loss", &[logits_a, logits_b])? {
-        let (out, joint_entropy, marginal_entropy) = cuda::mutual_info(gpu, tape, logits_a, logits_b, (n, c), lambda)?;
-        let loss = joint_entropy - 2.0 * lambda as f64 * marginal_entropy;
-        return Ok((out, MiStats { loss, joint_entropy, marginal_entropy }));
+        let (out, s) = cuda::mutual_info(gpu, tape, logits_a, logits_b, (n, c), lambda, with_stats)?;
+        let stats = s.map(|s| MiStats {
+            loss: s.joint_entropy - 2.0 * lambda as f64 * s.marginal_entropy,
+            joint_entropy: s.joint_entropy,
+            marginal_entropy: s.marginal_entropy,
+        });
+        return Ok((out, stats));
     }
     let fwd = k::mi_fwd(logits_a.data()?, logits_b.data()?, n, c, lambda);
     let stats = MiStats {
@@ -71,7 +88,7 @@ pub fn mutual_info_loss_with_stats(
         grads.add_to(&ac, Tensor::cpu(ga, vec![n, c]))?;
         grads.add_to(&bc, Tensor::cpu(gb, vec![n, c]))
     });
-    Ok((out, stats))
+    Ok((out, Some(stats)))
 }
 
 /// L_mi(lambda) between softmax(logits_a) and softmax(logits_b) (n x C each): a scalar.
