@@ -1,7 +1,7 @@
 //! cuBLAS SGEMM on row-major operands: the products of the dense layers (and the peak that
 //! `muscle bench --device cuda` measures). CPU twin: `cpu::gemm::sgemm`.
 
-use super::buffer::CudaSlice;
+use super::buffer::F32Buf;
 use super::device::{Backend, Gpu};
 use super::launch::{elems, int, need, nonzero};
 use crate::error::{Error, Result};
@@ -23,11 +23,11 @@ pub fn sgemm(
     m: usize,
     n: usize,
     k: usize,
-    a: &CudaSlice<f32>,
+    a: &F32Buf,
     trans_a: bool,
-    b: &CudaSlice<f32>,
+    b: &F32Buf,
     trans_b: bool,
-    c: &mut CudaSlice<f32>,
+    c: &mut F32Buf,
     alpha: f32,
     beta: f32,
 ) -> Result<()> {

@@ -5,6 +5,9 @@
 pub use super::elem::DeviceElem;
 use crate::error::{Error, Result};
 
+/// An f32 device buffer: what most launchers take and return.
+pub type F32Buf = CudaSlice<f32>;
+
 /// Where a buffer's memory is.
 pub(crate) enum Memory<T: DeviceElem> {
     /// On a real GPU, through the CUDA driver.

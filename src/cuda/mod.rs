@@ -19,7 +19,7 @@ pub mod elem;
 pub mod emu;
 pub mod launch;
 
-pub use buffer::{CudaSlice, DeviceElem};
+pub use buffer::{CudaSlice, DeviceElem, F32Buf};
 pub use device::{emulation_requested, probe, Gpu, GpuInfo, PtxOrigin, Transfers};
 
 /// The kernel files as build.rs embedded them (source always, PTX when nvcc was found).

@@ -7,7 +7,7 @@ fn follow(t: &mut Tensor, like: &Tensor) -> Result<()> {
 }
 
 use crate::cuda::launch::{flat_cfg, flat_checks, flat_launcher, launch};
-use crate::cuda::{context, CudaSlice, Gpu};
+use crate::cuda::{context, F32Buf, Gpu};
 use crate::error::Result;
 use crate::kernel_args::{AdamScalars, SgdScalars};
 use crate::tensor::Tensor;
@@ -16,10 +16,10 @@ use crate::tensor::Tensor;
 /// this step. CPU twin: `cpu::adam_step` (bit-identical arithmetic).
 pub fn adam_step(
     gpu: &Gpu,
-    param: &mut CudaSlice<f32>,
-    grad: &CudaSlice<f32>,
-    exp_avg: &mut CudaSlice<f32>,
-    exp_avg_sq: &mut CudaSlice<f32>,
+    param: &mut F32Buf,
+    grad: &F32Buf,
+    exp_avg: &mut F32Buf,
+    exp_avg_sq: &mut F32Buf,
     n: usize,
     s: &AdamScalars,
 ) -> Result<()> {
@@ -51,9 +51,9 @@ pub fn adam_step(
 /// `cpu::sgd_step` (bit-identical arithmetic).
 pub fn sgd_step(
     gpu: &Gpu,
-    param: &mut CudaSlice<f32>,
-    grad: &CudaSlice<f32>,
-    momentum_buf: Option<&mut CudaSlice<f32>>,
+    param: &mut F32Buf,
+    grad: &F32Buf,
+    momentum_buf: Option<&mut F32Buf>,
     n: usize,
     s: &SgdScalars,
 ) -> Result<()> {
@@ -76,7 +76,7 @@ pub fn sgd_step(
 flat_launcher! {
     /// avg = decay avg + (1 - decay) value on the first `n` elements. CPU twin:
     /// `cpu::ema_update` (bit-identical arithmetic).
-    ema_update => "ema_update_fwd_f32" (avg: &mut CudaSlice<f32>, value: &CudaSlice<f32>; decay: f32)
+    ema_update => "ema_update_fwd_f32" (avg: &mut F32Buf, value: &F32Buf; decay: f32)
 }
 
 // ---------------------------------------------------------------------------------------------

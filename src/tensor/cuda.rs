@@ -2,11 +2,11 @@
 //! accumulation; CPU twin: the host branch of `Tensor::add_assign`).
 
 use crate::cuda::launch::{flat_cfg, flat_checks, launch};
-use crate::cuda::{CudaSlice, Gpu};
+use crate::cuda::{F32Buf, Gpu};
 use crate::error::Result;
 
 /// acc += g on the first `n` elements (nothing to do for n = 0).
-pub(crate) fn add_assign(gpu: &Gpu, acc: &mut CudaSlice<f32>, g: &CudaSlice<f32>, n: usize) -> Result<()> {
+pub(crate) fn add_assign(gpu: &Gpu, acc: &mut F32Buf, g: &F32Buf, n: usize) -> Result<()> {
     if n == 0 {
         return Ok(());
     }

@@ -4,7 +4,7 @@
 
 use crate::autograd::Tape;
 use crate::cuda::launch::{cfg, elems, flat_cfg, grid_dim, int, launch, long, need, nonzero, BLOCK};
-use crate::cuda::{context, CudaSlice, Gpu};
+use crate::cuda::{context, F32Buf, Gpu};
 use crate::error::Result;
 use crate::kernel_args::BatchNormArgs;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
@@ -13,15 +13,15 @@ use crate::tensor::Tensor;
 /// Per-channel statistics of a training forward, on the device (f32, c each).
 pub struct BatchStatsGpu {
     /// Batch mean.
-    pub mean: CudaSlice<f32>,
+    pub mean: F32Buf,
     /// Biased batch variance.
-    pub var: CudaSlice<f32>,
+    pub var: F32Buf,
     /// 1 / sqrt(var + eps).
-    pub invstd: CudaSlice<f32>,
+    pub invstd: F32Buf,
     /// gamma * invstd (the folded affine map).
-    pub scale: CudaSlice<f32>,
+    pub scale: F32Buf,
     /// beta - mean * gamma * invstd.
-    pub shift: CudaSlice<f32>,
+    pub shift: F32Buf,
 }
 
 /// Blocks per channel of the BN reductions: from (n, hw) only (so results do not depend on the
@@ -74,10 +74,10 @@ fn bn_checks(
 pub fn batchnorm_train_fwd(
     gpu: &Gpu,
     args: &BatchNormArgs,
-    x: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
+    x: &F32Buf,
+    gamma: &F32Buf,
+    beta: &F32Buf,
+    y: &mut F32Buf,
 ) -> Result<BatchStatsGpu> {
     let BatchNormArgs { n, c, hw, eps, slope } = *args;
     let k = "batchnorm_train_fwd";
@@ -121,12 +121,12 @@ pub fn batchnorm_train_fwd(
 pub fn batchnorm_eval_fwd(
     gpu: &Gpu,
     args: &BatchNormArgs,
-    x: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    mean: &CudaSlice<f32>,
-    var: &CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
+    x: &F32Buf,
+    gamma: &F32Buf,
+    beta: &F32Buf,
+    mean: &F32Buf,
+    var: &F32Buf,
+    y: &mut F32Buf,
 ) -> Result<()> {
     let BatchNormArgs { n, c, hw, eps, slope } = *args;
     let k = "batchnorm_eval_fwd_f32";
@@ -143,14 +143,14 @@ pub fn batchnorm_eval_fwd(
 pub fn batchnorm_train_bwd(
     gpu: &Gpu,
     args: &BatchNormArgs,
-    x: &CudaSlice<f32>,
-    dy: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
+    x: &F32Buf,
+    dy: &F32Buf,
+    gamma: &F32Buf,
+    beta: &F32Buf,
     stats: &BatchStatsGpu,
-    dx: Option<&mut CudaSlice<f32>>,
-    dgamma: &mut CudaSlice<f32>,
-    dbeta: &mut CudaSlice<f32>,
+    dx: Option<&mut F32Buf>,
+    dgamma: &mut F32Buf,
+    dbeta: &mut F32Buf,
 ) -> Result<()> {
     let BatchNormArgs { n, c, hw, slope, .. } = *args;
     let k = "batchnorm_train_bwd";
@@ -224,8 +224,8 @@ pub fn batchnorm_train_bwd(
 /// CPU rounds. CPU twin: `cpu::batchnorm_running_fwd`.
 pub fn batchnorm_running_fwd(
     gpu: &Gpu,
-    running: &mut CudaSlice<f32>,
-    batch: &CudaSlice<f32>,
+    running: &mut F32Buf,
+    batch: &F32Buf,
     n: usize,
     momentum: f32,
     factor: f32,

@@ -12,7 +12,7 @@
 
 use crate::autograd::Tape;
 use crate::cuda::device::{cudnn_present, device_err, guarded, Backend, Gpu};
-use crate::cuda::CudaSlice;
+use crate::cuda::{CudaSlice, F32Buf};
 use crate::error::{Error, Result};
 use crate::kernel_args::ConvShape;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
@@ -284,11 +284,9 @@ impl Pass {
     }
 }
 
-type Buf = CudaSlice<f32>;
-
 /// Runs one pass: `a`, `b` are its inputs (x, w / w, dy / x, dy) and `out` its output (y / dx /
 /// dw), with alpha 1 and beta 0.
-fn run(gpu: &Gpu, s: &ConvShape, pass: Pass, a: &Buf, b: &Buf, out: &mut Buf) -> Result<()> {
+fn run(gpu: &Gpu, s: &ConvShape, pass: Pass, a: &F32Buf, b: &F32Buf, out: &mut F32Buf) -> Result<()> {
     let [na, nb, no] = pass.buffers(s);
     let bufs = [(na.0, a.len(), na.1), (nb.0, b.len(), nb.1), (no.0, out.len(), no.1)];
     checked_run(gpu, s, bufs, |p, ws, bytes| match &p.descriptors {
@@ -331,17 +329,17 @@ fn run(gpu: &Gpu, s: &ConvShape, pass: Pass, a: &Buf, b: &Buf, out: &mut Buf) ->
 }
 
 /// y = conv(x, w) for the geometry `s`. CPU twin: `cpu::forward`.
-pub fn conv_forward(gpu: &Gpu, s: &ConvShape, x: &Buf, w: &Buf, y: &mut Buf) -> Result<()> {
+pub fn conv_forward(gpu: &Gpu, s: &ConvShape, x: &F32Buf, w: &F32Buf, y: &mut F32Buf) -> Result<()> {
     run(gpu, s, Pass::Forward, x, w, y)
 }
 
 /// dx = conv_transpose(dy, w). CPU twin: the dx half of `cpu::backward`.
-pub fn conv_backward_data(gpu: &Gpu, s: &ConvShape, w: &Buf, dy: &Buf, dx: &mut Buf) -> Result<()> {
+pub fn conv_backward_data(gpu: &Gpu, s: &ConvShape, w: &F32Buf, dy: &F32Buf, dx: &mut F32Buf) -> Result<()> {
     run(gpu, s, Pass::BackwardData, w, dy, dx)
 }
 
 /// dw = correlation of x with dy. CPU twin: the dW half of `cpu::backward`.
-pub fn conv_backward_filter(gpu: &Gpu, s: &ConvShape, x: &Buf, dy: &Buf, dw: &mut Buf) -> Result<()> {
+pub fn conv_backward_filter(gpu: &Gpu, s: &ConvShape, x: &F32Buf, dy: &F32Buf, dw: &mut F32Buf) -> Result<()> {
     run(gpu, s, Pass::BackwardFilter, x, dy, dw)
 }
 

@@ -3,7 +3,7 @@
 
 use crate::autograd::Tape;
 use crate::cuda::launch::{flat_cfg, flat_checks, flat_launcher, launch};
-use crate::cuda::{CudaSlice, Gpu};
+use crate::cuda::{F32Buf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
@@ -11,22 +11,22 @@ use crate::tensor::Tensor;
 flat_launcher! {
     /// y = x > 0 ? x : slope x on the first `n` elements. CPU twin:
     /// `cpu::leaky_relu_fwd`.
-    leaky_relu_fwd => "leaky_relu_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>; slope: f32)
+    leaky_relu_fwd => "leaky_relu_fwd_f32" (x: &F32Buf, y: &mut F32Buf; slope: f32)
 }
 
 flat_launcher! {
     /// dx = x > 0 ? dy : slope dy. CPU twin: `cpu::leaky_relu_bwd`.
-    leaky_relu_bwd => "leaky_relu_bwd_f32" (x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>; slope: f32)
+    leaky_relu_bwd => "leaky_relu_bwd_f32" (x: &F32Buf, dy: &F32Buf, dx: &mut F32Buf; slope: f32)
 }
 
 flat_launcher! {
     /// y = a + b. CPU twin: `cpu::add`.
-    add_fwd => "add_fwd_f32" (a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>;)
+    add_fwd => "add_fwd_f32" (a: &F32Buf, b: &F32Buf, y: &mut F32Buf;)
 }
 
 flat_launcher! {
     /// y = s x. CPU twin: `cpu::scale`.
-    scale_fwd => "scale_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>; s: f32)
+    scale_fwd => "scale_fwd_f32" (x: &F32Buf, y: &mut F32Buf; s: f32)
 }
 
 /// Inverted dropout: `mask` = 0 with probability `p`, else 1 / (1 - p); y = x * mask. The mask
@@ -34,9 +34,9 @@ flat_launcher! {
 /// ([`dropout_mask_host`] is the kernel's indexing in Rust).
 pub fn dropout_fwd(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    y: &mut CudaSlice<f32>,
-    mask: &mut CudaSlice<f32>,
+    x: &F32Buf,
+    y: &mut F32Buf,
+    mask: &mut F32Buf,
     n: usize,
     p: f32,
     seed: u64,
@@ -55,7 +55,7 @@ pub fn dropout_fwd(
 
 flat_launcher! {
     /// dx = dy * mask (the mask of [`dropout_fwd`]).
-    dropout_bwd => "dropout_bwd_f32" (dy: &CudaSlice<f32>, mask: &CudaSlice<f32>, dx: &mut CudaSlice<f32>;)
+    dropout_bwd => "dropout_bwd_f32" (dy: &F32Buf, mask: &F32Buf, dx: &mut F32Buf;)
 }
 
 /// The dropout kernel's mask computed on the host with the kernel's indexing: element i takes
@@ -90,8 +90,8 @@ fn unary(
     gpu: GpuRef,
     tape: &Tape,
     x: &Tensor,
-    fwd: impl FnOnce(&Gpu, &CudaSlice<f32>, &mut CudaSlice<f32>, usize) -> Result<()>,
-    bwd: impl FnOnce(&Gpu, &CudaSlice<f32>, &CudaSlice<f32>, &mut CudaSlice<f32>, usize) -> Result<()> + 'static,
+    fwd: impl FnOnce(&Gpu, &F32Buf, &mut F32Buf, usize) -> Result<()>,
+    bwd: impl FnOnce(&Gpu, &F32Buf, &F32Buf, &mut F32Buf, usize) -> Result<()> + 'static,
 ) -> Result<Tensor> {
     let n = x.numel();
     let mut y = alloc(&gpu, n)?;

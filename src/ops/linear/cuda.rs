@@ -5,14 +5,14 @@ use super::Product;
 use crate::autograd::Tape;
 use crate::cuda::blas;
 use crate::cuda::launch::{cfg, elems, flat_cfg, grid_dim, int, launch, long, need, nonzero, BLOCK};
-use crate::cuda::{CudaSlice, Gpu};
+use crate::cuda::{F32Buf, Gpu};
 use crate::error::Result;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
 /// y[r, j] = b[j] for an rows x cols `y`: the bias a dense layer's GEMM then accumulates onto.
 /// CPU twin: `cpu::bias_rows_fwd`.
-pub fn bias_rows_fwd(gpu: &Gpu, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+pub fn bias_rows_fwd(gpu: &Gpu, b: &F32Buf, y: &mut F32Buf, rows: usize, cols: usize) -> Result<()> {
     let k = "bias_rows_fwd_f32";
     nonzero(k, &[("rows", rows), ("columns", cols)])?;
     need(k, "b", b.len(), cols)?;
@@ -22,7 +22,7 @@ pub fn bias_rows_fwd(gpu: &Gpu, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows
 }
 
 /// db[j] = sum over the rows of g[r, j] (row order, as the CPU). CPU twin: `cpu::bias_grad_bwd`.
-pub fn bias_grad_bwd(gpu: &Gpu, g: &CudaSlice<f32>, db: &mut CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+pub fn bias_grad_bwd(gpu: &Gpu, g: &F32Buf, db: &mut F32Buf, rows: usize, cols: usize) -> Result<()> {
     let k = "bias_grad_bwd_f32";
     nonzero(k, &[("rows", rows), ("columns", cols)])?;
     need(k, "g", g.len(), elems(k, rows, cols)?)?;

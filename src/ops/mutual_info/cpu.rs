@@ -601,17 +601,15 @@ fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f3
     forward_chunk(a, b, c, z, w, j)
 }
 
-/// One backward chunk on the path that matches the forward's storage order (`blocked`).
-#[allow(clippy::too_many_arguments)]
+/// One backward chunk (both views' rows in, both gradients out) on the path that matches the
+/// forward's storage order (`blocked`).
 fn backward_chunk_best(
     blocked: bool,
-    z: &[f32],
-    w: &[f32],
+    (z, w): (&[f32], &[f32]),
     g_hat: &[f32],
     c: usize,
     scale: f32,
-    ga: &mut [f32],
-    gb: &mut [f32],
+    (ga, gb): (&mut [f32], &mut [f32]),
 ) {
     #[cfg(target_arch = "x86_64")]
     if blocked {
@@ -635,7 +633,7 @@ pub fn mi_bwd(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [
         .par_chunks_mut(step)
         .zip(grad_b.par_chunks_mut(step))
         .zip(views)
-        .for_each(|((ga, gb), (zc, wc))| backward_chunk_best(fwd.blocked, zc, wc, &fwd.g_hat, c, scale, ga, gb));
+        .for_each(|(grads, views)| backward_chunk_best(fwd.blocked, views, &fwd.g_hat, c, scale, grads));
 }
 
 /// Row softmax in f64 (max subtracted).

@@ -3,7 +3,7 @@
 
 use crate::autograd::Tape;
 use crate::cuda::launch::{cfg, grid_dim, int, launch, need, row_checks, rows_cfg, BLOCK};
-use crate::cuda::{context, CudaSlice, Gpu};
+use crate::cuda::{context, CudaSlice, F32Buf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
@@ -33,19 +33,19 @@ pub struct MiForwardGpu {
     /// Classes.
     pub c: usize,
     /// softmax(logits_a), n x c.
-    pub z: CudaSlice<f32>,
+    pub z: F32Buf,
     /// softmax(logits_b), n x c.
-    pub w: CudaSlice<f32>,
+    pub w: F32Buf,
     /// The joint P = S / s before the clamp, c x c, f64.
     pub p: CudaSlice<f64>,
     /// G - (2 lambda - 1), c x c.
-    pub g0: CudaSlice<f32>,
+    pub g0: F32Buf,
     /// G^ = G - <P, G>, c x c.
-    pub g_hat: CudaSlice<f32>,
+    pub g_hat: F32Buf,
     /// [loss, H(P'), marginal entropy, s, #clamped P, #clamped m, <P, G>] in f64.
     pub stats: CudaSlice<f64>,
     /// The loss as a one-element f32 buffer.
-    pub loss: CudaSlice<f32>,
+    pub loss: F32Buf,
 }
 
 /// The scalars of an MI forward, copied to the host (for logging and tests).
@@ -84,8 +84,8 @@ impl MiForwardGpu {
 /// CPU twin: `cpu::forward` (same clamp semantics; the loss is a sum, not a mean).
 pub fn mi_fwd(
     gpu: &Gpu,
-    logits_a: &CudaSlice<f32>,
-    logits_b: &CudaSlice<f32>,
+    logits_a: &F32Buf,
+    logits_b: &F32Buf,
     n: usize,
     c: usize,
     lambda: f32,
@@ -155,9 +155,9 @@ pub fn mi_fwd(
 pub fn mi_bwd(
     gpu: &Gpu,
     fwd: &MiForwardGpu,
-    upstream: &CudaSlice<f32>,
-    grad_a: &mut CudaSlice<f32>,
-    grad_b: &mut CudaSlice<f32>,
+    upstream: &F32Buf,
+    grad_a: &mut F32Buf,
+    grad_b: &mut F32Buf,
 ) -> Result<()> {
     let k = "mi_bwd";
     let (n, c) = (fwd.n, fwd.c);

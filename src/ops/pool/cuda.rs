@@ -3,7 +3,7 @@
 
 use crate::autograd::Tape;
 use crate::cuda::launch::{elems, flat_cfg, int, launch, long, need, nonzero, rows_cfg};
-use crate::cuda::{CudaSlice, Gpu};
+use crate::cuda::{CudaSlice, F32Buf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
@@ -43,11 +43,11 @@ fn maxpool_checks(
 /// (planes x h/2 x w/2). CPU twin: `cpu::maxpool_fwd` with k = 2.
 pub fn maxpool_fwd(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &F32Buf,
     planes: usize,
     h: usize,
     w: usize,
-    y: &mut CudaSlice<f32>,
+    y: &mut F32Buf,
     arg: &mut CudaSlice<u8>,
 ) -> Result<()> {
     let k = "maxpool_fwd_f32";
@@ -59,12 +59,12 @@ pub fn maxpool_fwd(
 /// zeros included. CPU twin: `cpu::maxpool_bwd` with k = 2.
 pub fn maxpool_bwd(
     gpu: &Gpu,
-    dy: &CudaSlice<f32>,
+    dy: &F32Buf,
     arg: &CudaSlice<u8>,
     planes: usize,
     h: usize,
     w: usize,
-    dx: &mut CudaSlice<f32>,
+    dx: &mut F32Buf,
 ) -> Result<()> {
     let k = "maxpool_bwd_f32";
     let m = maxpool_checks(k, (planes, h, w), ("dx", dx.len()), &[("dy", dy.len()), ("arg", arg.len())])?;
@@ -72,7 +72,7 @@ pub fn maxpool_bwd(
 }
 
 /// Mean of each plane of `hw` elements. CPU twin: `cpu::avgpool_fwd`.
-pub fn avgpool_fwd(gpu: &Gpu, x: &CudaSlice<f32>, planes: usize, hw: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+pub fn avgpool_fwd(gpu: &Gpu, x: &F32Buf, planes: usize, hw: usize, y: &mut F32Buf) -> Result<()> {
     let k = "avgpool_fwd_f32";
     nonzero(k, &[("planes", planes), ("plane size", hw)])?;
     need(k, "x", x.len(), elems(k, planes, hw)?)?;
@@ -83,7 +83,7 @@ pub fn avgpool_fwd(gpu: &Gpu, x: &CudaSlice<f32>, planes: usize, hw: usize, y: &
 
 /// Spreads each plane's gradient evenly over its `hw` elements. CPU twin:
 /// `cpu::avgpool_bwd`.
-pub fn avgpool_bwd(gpu: &Gpu, dy: &CudaSlice<f32>, planes: usize, hw: usize, dx: &mut CudaSlice<f32>) -> Result<()> {
+pub fn avgpool_bwd(gpu: &Gpu, dy: &F32Buf, planes: usize, hw: usize, dx: &mut F32Buf) -> Result<()> {
     let k = "avgpool_bwd_f32";
     nonzero(k, &[("planes", planes), ("plane size", hw)])?;
     let total = elems(k, planes, hw)?;

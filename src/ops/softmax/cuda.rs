@@ -3,34 +3,34 @@
 
 use crate::autograd::Tape;
 use crate::cuda::launch::{cfg, flat_cfg, flat_checks, int, launch, need, row_checks, rows_cfg, rows_launcher};
-use crate::cuda::{CudaSlice, Gpu};
+use crate::cuda::{CudaSlice, F32Buf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
 use crate::tensor::Tensor;
 
 rows_launcher! {
     /// Row softmax of `x` (n x c) into `y`. CPU twin: `cpu::softmax_fwd`.
-    softmax_fwd => "softmax_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>)
+    softmax_fwd => "softmax_fwd_f32" (x: &F32Buf, y: &mut F32Buf)
 }
 
 rows_launcher! {
     /// dx = y * (dy - <y, dy>) per row. CPU twin: `cpu::softmax_bwd`.
-    softmax_bwd => "softmax_bwd_f32" (y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>)
+    softmax_bwd => "softmax_bwd_f32" (y: &F32Buf, dy: &F32Buf, dx: &mut F32Buf)
 }
 
 rows_launcher! {
     /// Row log-softmax. CPU twin: `cpu::log_softmax_fwd`.
-    log_softmax_fwd => "log_softmax_fwd_f32" (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>)
+    log_softmax_fwd => "log_softmax_fwd_f32" (x: &F32Buf, y: &mut F32Buf)
 }
 
 rows_launcher! {
     /// dx = dy - exp(y) * sum(dy) per row, y the log-softmax output. CPU twin:
     /// `cpu::log_softmax_bwd`.
-    log_softmax_bwd => "log_softmax_bwd_f32" (y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>)
+    log_softmax_bwd => "log_softmax_bwd_f32" (y: &F32Buf, dy: &F32Buf, dx: &mut F32Buf)
 }
 
 /// Deterministic f64 mean of `v[..n]` into a new one-element buffer.
-fn reduce_mean(gpu: &Gpu, v: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+fn reduce_mean(gpu: &Gpu, v: &F32Buf, n: usize) -> Result<F32Buf> {
     let k = "reduce_mean_fwd_f32";
     need(k, "v", v.len(), n)?;
     let ni = int(k, "n", n)?;
@@ -45,12 +45,12 @@ fn reduce_mean(gpu: &Gpu, v: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>
 /// outside [0, c) makes it NaN. CPU twin: `cpu::cross_entropy_hard`.
 pub fn cross_entropy_hard_fwd(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &F32Buf,
     labels: &CudaSlice<i32>,
-    grad: &mut CudaSlice<f32>,
+    grad: &mut F32Buf,
     n: usize,
     c: usize,
-) -> Result<CudaSlice<f32>> {
+) -> Result<F32Buf> {
     let k = "cross_entropy_hard_fwd_f32";
     let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("grad", grad.len())])?;
     need(k, "labels", labels.len(), n)?;
@@ -63,12 +63,12 @@ pub fn cross_entropy_hard_fwd(
 /// [`cross_entropy_hard_fwd`]. CPU twin: `cpu::cross_entropy_soft`.
 pub fn cross_entropy_soft_fwd(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    q: &CudaSlice<f32>,
-    grad: &mut CudaSlice<f32>,
+    x: &F32Buf,
+    q: &F32Buf,
+    grad: &mut F32Buf,
     n: usize,
     c: usize,
-) -> Result<CudaSlice<f32>> {
+) -> Result<F32Buf> {
     let k = "cross_entropy_soft_fwd_f32";
     let (ni, ci) = row_checks(k, n, c, &[("x", x.len()), ("q", q.len()), ("grad", grad.len())])?;
     let mut rows = gpu.zeros::<f32>(n)?;
@@ -78,13 +78,7 @@ pub fn cross_entropy_soft_fwd(
 
 /// dx = s[0] grad, the factor read on the device: a fused loss's backward. CPU twin: the
 /// host closure of `fused` in mod.rs.
-pub fn loss_grad_bwd(
-    gpu: &Gpu,
-    grad: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
-    n: usize,
-    s: &CudaSlice<f32>,
-) -> Result<()> {
+pub fn loss_grad_bwd(gpu: &Gpu, grad: &F32Buf, dx: &mut F32Buf, n: usize, s: &F32Buf) -> Result<()> {
     let k = "loss_grad_bwd_f32";
     let nl = flat_checks(k, n, &[("grad", grad.len()), ("dx", dx.len())])?;
     need(k, "s", s.len(), 1)?;
@@ -96,7 +90,7 @@ pub fn loss_grad_bwd(
 
 /// A scalar loss on the GPU whose gradient wrt `x` the forward already wrote to `grad`; the
 /// backward scales it by the upstream gradient read on the device.
-fn fused(gpu: GpuRef, tape: &Tape, x: &Tensor, loss: CudaSlice<f32>, grad: CudaSlice<f32>) -> Result<Tensor> {
+fn fused(gpu: GpuRef, tape: &Tape, x: &Tensor, loss: F32Buf, grad: F32Buf) -> Result<Tensor> {
     let xc = x.clone();
     Ok(tape.record(wrap(loss, &[])?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
