@@ -78,7 +78,7 @@ impl Tape {
         if loss.numel() != 1 {
             return Err(Error::shape(format!("backward needs a scalar loss, got shape {}", fmt_shape(loss.shape()))));
         }
-        let seed = Tensor::full(loss.shape(), 1.0).to_device(loss.device())?;
+        let seed = Tensor::full_on(loss.device(), loss.shape(), 1.0)?;
         self.backward_with(loss, seed)
     }
 

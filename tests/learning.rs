@@ -48,7 +48,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
     let batch = StepBatch {
         step: 0,
         labeled: l1.clone(),
-        labels: vec![0, 1, 2],
+        labels: vec![0, 1, 2].into(),
         views: vec![v1.clone(), v2.clone()],
         labeled_view2: Some(l2.clone()),
         labeled_idx: vec![0, 1, 2],
@@ -66,7 +66,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
     };
     let mi = |on: bool| {
         let mut m = Model::new(spec, 0).expect("model");
-        step_loss(&cfg(on), &mut m, &Tape::new(), &batch, 0, 0).expect("loss").mi
+        step_loss(&cfg(on), &mut m, &Tape::new(), &batch, 0, 0).expect("loss").values().expect("values").mi
     };
     // Reference: one forward of [l1, l2, v1, v2] (BN statistics over all 14), then IIC between
     // rows [l1; v1] and [l2; v2].
@@ -91,7 +91,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
     let batch = StepBatch {
         step: 0,
         labeled: randn(&[3, 1, 8, 8], 1),
-        labels: vec![0, 4, 2],
+        labels: vec![0, 4, 2].into(),
         views: vec![randn(&[6, 1, 8, 8], 3), randn(&[6, 1, 8, 8], 4)],
         labeled_view2: None,
         labeled_idx: vec![0, 1, 2],
@@ -112,7 +112,10 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
         let tape = Tape::new();
         let t = step_loss(&cfg, &mut m, &tape, &batch, 5, 9).expect("loss");
         let nodes = tape.len();
-        (t.total.item().expect("scalar"), t.mi, t.w_mi, t.host, nodes)
+        {
+            let v = t.values().expect("values");
+            (v.total, v.mi, t.w_mi, v.host, nodes)
+        }
     };
     let (plain, mi0, _, host0, nodes_plain) = run(Method::MixMatch);
     let (with, mi, w, host, nodes_with) = run(Method::MixMatchMuscle);

@@ -140,7 +140,7 @@ fn the_muscle_objective_and_its_gradients_match_pytorch() {
     // L_sup + L_mi through the engine's objective (ramp finished).
     let tape = Tape::new();
     let terms = step_loss(&objective(0), &mut model, &tape, &sb, 0, 0).expect("loss");
-    assert_close("L_mi", terms.mi as f64, get(first, "mi"), 1e-3);
+    assert_close("L_mi", terms.values().expect("values").mi as f64, get(first, "mi"), 1e-3);
     assert_close("L_sup + L_mi", terms.total.item().expect("loss") as f64, get(first, "total"), 1e-5);
     let grads = tape.backward(&terms.total).expect("backward");
     let mut checked = 0;

@@ -503,6 +503,43 @@ impl Gpu {
         }
     }
 
+    /// Copies the bits of `src[from]` into the start of `dst`, whose element type has the same
+    /// size (e.g. i32 labels packed into an f32 upload); a device-to-device copy.
+    pub fn copy_bits<S: DeviceElem, D: DeviceElem>(
+        &self,
+        src: &CudaSlice<S>,
+        from: Range<usize>,
+        dst: &mut CudaSlice<D>,
+    ) -> Result<()> {
+        let len = from.len();
+        if size_of::<S>() != size_of::<D>() || from.end > src.len() || len > dst.len() {
+            return Err(Error::shape(format!(
+                "GPU bit copy of {} elements {from:?} of {} into {} of {}",
+                S::NAME,
+                src.len(),
+                D::NAME,
+                dst.len()
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Driver(d) => {
+                let view = src.driver()?.slice(from);
+                // SAFETY: same element size (checked), and every bit pattern is a valid D
+                // (DeviceElem's contract).
+                let bits = unsafe { view.transmute::<D>(len) }
+                    .ok_or_else(|| Error::shape("GPU bit copy: the source view is too short"))?;
+                d.stream
+                    .memcpy_dtod(&bits, &mut dst.driver_mut()?.slice_mut(0..len))
+                    .map_err(|e| device_err("copy on the GPU", e))
+            }
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => dst.emulated_mut()?.copy_from(src.emulated()?, from.start, 0, len),
+        }
+    }
+
     /// Runs kernel `name` with `args` (the launchers' [`launch!`](super::launch) builds them).
     pub(crate) fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KernelArg<'_>]) -> Result<()> {
         match &self.backend {

@@ -7,7 +7,9 @@
 use super::augment::{render, Augment, Draw};
 use super::split::{below, Split};
 use super::Dataset;
+use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
+use crate::ops::Labels;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -85,8 +87,8 @@ pub struct StepBatch {
     pub step: u64,
     /// Augmented labeled images, [labeled_batch, C, H, W] (0 rows when labeled_batch is 0).
     pub labeled: Tensor,
-    /// Labels of `labeled`.
-    pub labels: Vec<usize>,
+    /// Labels of `labeled` (on the host, and on the batch's GPU after `to_device`).
+    pub labels: Labels,
     /// Independent augmented views of the same unlabeled images, each [unlabeled_batch, C, H, W].
     pub views: Vec<Tensor>,
     /// A second augmented view of the labeled images, when the plan asks for it.
@@ -133,7 +135,52 @@ impl Plan {
         } else {
             None
         };
-        Ok(StepBatch { step: t, labeled, labels, views, labeled_view2, labeled_idx, unlabeled_idx })
+        Ok(StepBatch { step: t, labeled, labels: labels.into(), views, labeled_view2, labeled_idx, unlabeled_idx })
+    }
+}
+
+impl StepBatch {
+    /// The batch with its images and labels on `device`, copied there together: one upload per
+    /// step on a GPU (the images of every view and the labels as i32 bits, packed into one
+    /// buffer on the host, then split on the device). On the host it is the batch itself.
+    pub fn to_device(&self, device: Device) -> Result<StepBatch> {
+        if device == Device::Cpu || self.labeled.device() == device {
+            return Ok(self.clone());
+        }
+        let images: Vec<&Tensor> =
+            std::iter::once(&self.labeled).chain(&self.views).chain(self.labeled_view2.as_ref()).collect();
+        let total = images.iter().map(|t| t.numel()).sum::<usize>() + self.labels.len();
+        let mut packed = Vec::new();
+        packed.try_reserve_exact(total).map_err(|_| {
+            Error::new(ErrorKind::OutOfMemory, format!("step {}: packing a batch of {total} values", self.step))
+        })?;
+        for t in &images {
+            packed.extend_from_slice(t.data()?);
+        }
+        for &y in self.labels.iter() {
+            let y = i32::try_from(y).map_err(|_| Error::shape(format!("label {y} beyond 32 bits")))?;
+            packed.push(f32::from_bits(y as u32));
+        }
+        let on_device = Tensor::from_vec(packed, &[total])?.to_device(device)?;
+        let mut at = 0;
+        let mut next = |shape: &[usize]| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            at += n;
+            on_device.copy_range(at - n..at, shape)
+        };
+        let labeled = next(self.labeled.shape())?;
+        let views = self.views.iter().map(|v| next(v.shape())).collect::<Result<Vec<_>>>()?;
+        let labeled_view2 = self.labeled_view2.as_ref().map(|v| next(v.shape())).transpose()?;
+        let ids = next(&[self.labels.len()])?;
+        Ok(StepBatch {
+            step: self.step,
+            labeled,
+            labels: Labels { host: self.labels.host.clone(), device: Some(ids) },
+            views,
+            labeled_view2,
+            labeled_idx: self.labeled_idx.clone(),
+            unlabeled_idx: self.unlabeled_idx.clone(),
+        })
     }
 }
 
@@ -372,7 +419,7 @@ mod tests {
         assert_eq!(b.views.len(), 3);
         assert!(b.views.iter().all(|v| v.shape() == [256, 1, 28, 28]));
         assert!(b.labeled_idx.iter().all(|i| s.labeled.binary_search(i).is_ok()));
-        assert_eq!(b.labels, b.labeled_idx.iter().map(|&i| tr.labels[i] as usize).collect::<Vec<_>>());
+        assert_eq!(b.labels.host, b.labeled_idx.iter().map(|&i| tr.labels[i] as usize).collect::<Vec<_>>());
         assert_eq!(b.unlabeled_idx.len(), 256);
         // The views are of the same images but differ as augmentations.
         assert_ne!(b.views[0].data().unwrap(), b.views[1].data().unwrap());
@@ -415,7 +462,7 @@ mod tests {
         assert_eq!(b3.step, 3);
         assert_eq!(at3.labeled_idx, b3.labeled_idx);
         assert_eq!(at3.unlabeled_idx, b3.unlabeled_idx);
-        assert_eq!(at3.labels, b3.labels);
+        assert_eq!(at3.labels.host, b3.labels.host);
         assert_eq!(at3.labeled.data().unwrap(), b3.labeled.data().unwrap());
         for k in 0..2 {
             assert_eq!(at3.views[k].data().unwrap(), b3.views[k].data().unwrap());

@@ -110,16 +110,16 @@ pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let lu = ops::mse(tape, &pu, &qu)?;
     let w_u = ramp(cfg.w_u, step, cfg.ramp_steps);
     let mut total = ops::add(tape, &lx, &ops::scale(tape, &lu, w_u)?)?;
-    let (mut mi_value, mut w) = (0.0, 0.0);
+    let (mut mi_term, mut w) = (None, 0.0);
     if with_mi {
         let za = ops::narrow_rows(tape, &gl, 0, nu)?;
         let zb = ops::narrow_rows(tape, &gl, nu, nu)?;
         let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
         w = ramp(cfg.w_mi, step, cfg.ramp_steps);
-        mi_value = mi.item()?;
         total = ops::add(tape, &total, &ops::scale(tape, &mi, w)?)?;
+        mi_term = Some(mi);
     }
-    Ok(LossTerms { sup: lx.item()?, host: lu.item()?, w_u, mi: mi_value, w_mi: w, total })
+    Ok(LossTerms { sup: Some(lx), host: Some(lu), w_u, mi: mi_term, w_mi: w, total })
 }
 
 #[cfg(test)]

@@ -70,20 +70,46 @@ pub struct ObjectiveConfig {
     pub mixup_alpha: f32,
 }
 
-/// The loss of one step: the total to differentiate and its terms (for logging).
+/// The loss of one step: the total to differentiate and its terms (for logging), as tensors on
+/// the model's device, so reading them is one transfer ([`LossTerms::values`]).
 pub struct LossTerms {
     /// The scalar to differentiate.
     pub total: Tensor,
-    /// Supervised term.
-    pub sup: f32,
-    /// MI term (unweighted; 0 when the method has none).
-    pub mi: f32,
+    /// Supervised term (None when the method has none).
+    pub sup: Option<Tensor>,
+    /// MI term, unweighted (None when the method has none).
+    pub mi: Option<Tensor>,
     /// Weight applied to the MI term this step.
     pub w_mi: f32,
-    /// The host method's unsupervised term (MixMatch's L_U; 0 otherwise).
-    pub host: f32,
+    /// The host method's unsupervised term (MixMatch's L_U; None otherwise).
+    pub host: Option<Tensor>,
     /// Weight applied to the host term this step (MixMatch's ramped w_u).
     pub w_u: f32,
+}
+
+/// The values of a step's loss terms on the host (0 for a term the method has none of).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TermValues {
+    /// The total.
+    pub total: f32,
+    /// Supervised term.
+    pub sup: f32,
+    /// MI term (unweighted).
+    pub mi: f32,
+    /// The host method's unsupervised term.
+    pub host: f32,
+}
+
+impl LossTerms {
+    /// The terms' values, copied to the host together (one download on a GPU).
+    pub fn values(&self) -> Result<TermValues> {
+        let terms = [Some(&self.total), self.sup.as_ref(), self.mi.as_ref(), self.host.as_ref()];
+        let present: Vec<&Tensor> = terms.iter().flatten().copied().collect();
+        let mut got = Tensor::scalars_to_host(&present)?.into_iter();
+        let mut next = |t: Option<&Tensor>| t.and_then(|_| got.next()).unwrap_or(0.0);
+        let [total, sup, mi, host] = terms.map(&mut next);
+        Ok(TermValues { total, sup, mi, host })
+    }
 }
 
 /// What every objective computes one step's loss from.

@@ -22,7 +22,7 @@ pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) 
             let x = ops::concat_rows(tape, &[&batch.labeled, l2, v1, v2])?;
             let logits = model.forward(tape, &x, &ctx)?;
             let l1 = ops::narrow_rows(tape, &logits, 0, nl)?;
-            let sup = ops::cross_entropy(tape, &l1, &batch.labels)?;
+            let sup = ops::cross_entropy_labels(tape, &l1, &batch.labels)?;
             let za = ops::concat_rows(tape, &[&l1, &ops::narrow_rows(tape, &logits, 2 * nl, nu)?])?;
             let zb = ops::narrow_rows(tape, &logits, nl, nl)?;
             let zb = ops::concat_rows(tape, &[&zb, &ops::narrow_rows(tape, &logits, 2 * nl + nu, nu)?])?;
@@ -32,12 +32,12 @@ pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) 
         _ => {
             let x = ops::concat_rows(tape, &[&batch.labeled, v1, v2])?;
             let logits = model.forward(tape, &x, &ctx)?;
-            let sup = ops::cross_entropy(tape, &ops::narrow_rows(tape, &logits, 0, nl)?, &batch.labels)?;
+            let sup = ops::cross_entropy_labels(tape, &ops::narrow_rows(tape, &logits, 0, nl)?, &batch.labels)?;
             (sup, ops::narrow_rows(tape, &logits, nl, nu)?, ops::narrow_rows(tape, &logits, nl + nu, nu)?)
         }
     };
     let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
     let w = ramp(cfg.w_mi, step, cfg.ramp_steps);
     let total = ops::add(tape, &sup, &ops::scale(tape, &mi, w)?)?;
-    Ok(LossTerms { sup: sup.item()?, mi: mi.item()?, w_mi: w, host: 0.0, w_u: 0.0, total })
+    Ok(LossTerms { sup: Some(sup), mi: Some(mi), w_mi: w, host: None, w_u: 0.0, total })
 }

@@ -108,6 +108,73 @@ impl Tensor {
         Tensor::cpu(v, shape.to_vec())
     }
 
+    /// A tensor filled with `value`, made on `device` (no upload on a GPU).
+    pub fn full_on(device: Device, shape: &[usize], value: f32) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(Tensor::full(shape, value)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let n: usize = shape.iter().product();
+                let gpu = crate::cuda::context::gpu(i)?;
+                let mut buf = crate::cuda::context::zeros(&gpu, n)?;
+                if n > 0 {
+                    cuda::fill(&gpu, &mut buf, n, value)?;
+                }
+                Tensor::from_cuda(buf, shape.to_vec())
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),
+        }
+    }
+
+    /// The values of one-element tensors `ts` (all on one device), copied to the host together:
+    /// on a GPU they are gathered into one buffer on the device and downloaded once (a step's
+    /// loss terms cost one transfer, not one per term).
+    pub fn scalars_to_host(ts: &[&Tensor]) -> Result<Vec<f32>> {
+        if let Some(t) = ts.iter().find(|t| t.numel() != 1) {
+            return Err(Error::shape(format!("scalars_to_host: a tensor of shape {}", fmt_shape(&t.shape))));
+        }
+        let Some(first) = ts.first() else { return Ok(Vec::new()) };
+        match first.device() {
+            Device::Cpu => ts.iter().map(|t| t.item()).collect(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let gpu = crate::cuda::context::gpu(i)?;
+                let mut packed = crate::cuda::context::zeros(&gpu, ts.len())?;
+                for (at, t) in ts.iter().enumerate() {
+                    let t = t.to_device(Device::Cuda(i))?;
+                    gpu.copy_range(t.cuda_slice()?, 0..1, &mut packed, at)?;
+                }
+                gpu.download(&packed)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::device("a CUDA tensor in a build without the `cuda` feature")),
+        }
+    }
+
+    /// A new tensor of `shape` holding elements `from` of this one's storage, on its device
+    /// (untracked; a device-to-device copy on a GPU).
+    pub fn copy_range(&self, from: std::ops::Range<usize>, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != from.len() || from.end > self.numel() {
+            return Err(Error::shape(format!(
+                "copy of elements {from:?} of a tensor {} into shape {}",
+                fmt_shape(&self.shape),
+                fmt_shape(shape)
+            )));
+        }
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(Tensor::cpu(v[from].to_vec(), shape.to_vec())),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                let gpu = crate::cuda::context::gpu(s.ordinal())?;
+                let mut out = crate::cuda::context::zeros(&gpu, n)?;
+                gpu.copy_range(s, from, &mut out, 0)?;
+                Tensor::from_cuda(out, shape.to_vec())
+            }
+        }
+    }
+
     /// A 0-dimensional tensor.
     pub fn scalar(value: f32) -> Tensor {
         Tensor::cpu(vec![value], vec![])

@@ -452,13 +452,24 @@ impl Trainer {
     /// stops with an error naming the step and the term.
     pub fn step(&mut self, batch: &StepBatch, step: u64) -> Result<StepStats> {
         let tape = Tape::new();
+        // On a GPU the batch goes over in one copy (images and labels together).
+        let on_device;
+        let batch = match self.model.device() {
+            crate::device::Device::Cpu => batch,
+            device => {
+                on_device = batch.to_device(device)?;
+                &on_device
+            }
+        };
         let terms = {
             let _p = crate::profile::scope("forward");
             step_loss(&self.objective, &mut self.model, &tape, batch, step, self.seed)?
         };
-        let loss = terms.total.item()?;
+        // One copy of every term to the host (on a GPU, the step's only download).
+        let v = terms.values()?;
+        let loss = v.total;
         // The terms first, so the message names the one that went bad.
-        for (name, v) in [("supervised", terms.sup), ("mi", terms.mi), ("host", terms.host), ("total", loss)] {
+        for (name, v) in [("supervised", v.sup), ("mi", v.mi), ("host", v.host), ("total", loss)] {
             if !v.is_finite() {
                 return Err(Error::new(ErrorKind::NonFinite, format!("step {step}: the {name} loss is {v}; stopping")));
             }
@@ -494,7 +505,7 @@ impl Trainer {
         drop(grads);
         let _p = crate::profile::scope("ema");
         self.ema.update(&self.model, step)?;
-        Ok(StepStats { loss, sup: terms.sup, mi: terms.mi, w_mi: terms.w_mi, host: terms.host, lr })
+        Ok(StepStats { loss, sup: v.sup, mi: v.mi, w_mi: terms.w_mi, host: v.host, lr })
     }
 }
 

@@ -130,8 +130,10 @@ fn zeros(gpu: &Gpu, n: usize) -> CudaSlice<f32> {
     gpu.zeros::<f32>(n).expect("alloc")
 }
 
+/// The largest |v|; NaN if any element is NaN (f32::max would skip it, and an all-NaN gradient
+/// would pass for zero).
 fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |a, &b| a.max(b.abs()))
+    v.iter().fold(0.0f32, |a, &b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b.abs()) })
 }
 
 /// Every element within atol + rtol |want|.

@@ -177,8 +177,12 @@ impl<T: DeviceElem> EmuBuffer<T> {
         })
     }
 
-    /// Copies `src[src_at..src_at + len]` into `self[at..at + len]` (bounds checked).
-    pub fn copy_from(&mut self, src: &EmuBuffer<T>, src_at: usize, at: usize, len: usize) -> Result<()> {
+    /// Copies `src[src_at..src_at + len]` into `self[at..at + len]` (bounds checked). The source
+    /// may hold another element type of the same size (its bits are copied unchanged).
+    pub fn copy_from<S: DeviceElem>(&mut self, src: &EmuBuffer<S>, src_at: usize, at: usize, len: usize) -> Result<()> {
+        if std::mem::size_of::<S>() != std::mem::size_of::<T>() {
+            return Err(Error::shape(format!("device copy from {} into {} elements", S::NAME, T::NAME)));
+        }
         if src_at.checked_add(len).is_none_or(|e| e > src.len) || at.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(Error::shape(format!(
                 "device copy of {len} elements from {src_at} of {} into {at} of {}",

@@ -103,14 +103,25 @@ fn fused(gpu: GpuRef, tape: &Tape, x: &Tensor, loss: F32Buf, grad: F32Buf) -> Re
 
 /// Mean cross-entropy against class indices (checked by the caller), fused with its gradient.
 pub(crate) fn cross_entropy(gpu: GpuRef, tape: &Tape, logits: &Tensor, labels: &[usize], c: usize) -> Result<Tensor> {
-    let n = labels.len();
     let ids: Vec<i32> = labels
         .iter()
         .map(|&y| i32::try_from(y).map_err(|_| Error::shape(format!("cross_entropy: label {y} beyond 32 bits"))))
         .collect::<Result<_>>()?;
     let ids = gpu.upload(&ids)?;
+    cross_entropy_ids(gpu, tape, logits, &ids, c)
+}
+
+/// Mean cross-entropy against class indices already on the device (range-checked by the caller).
+pub(crate) fn cross_entropy_ids(
+    gpu: GpuRef,
+    tape: &Tape,
+    logits: &Tensor,
+    ids: &CudaSlice<i32>,
+    c: usize,
+) -> Result<Tensor> {
+    let n = logits.numel() / c;
     let mut grad = alloc(&gpu, n * c)?;
-    let loss = cross_entropy_hard_fwd(&gpu, buf(logits)?, &ids, &mut grad, n, c)?;
+    let loss = cross_entropy_hard_fwd(&gpu, buf(logits)?, ids, &mut grad, n, c)?;
     fused(gpu, tape, logits, loss, grad)
 }
 
