@@ -175,3 +175,17 @@ extern "C" __global__ void loss_grad_bwd_f32(const float* grad, float* dx, long 
     float f = s[0];
     GRID_STRIDE(i, n) { dx[i] = f * grad[i]; }
 }
+
+// mse_fwd_f32: the mean squared error's parts, element-wise: sq = (p - q)^2 (summed by
+// reduce_mean_fwd_f32) and the gradient of the mean, grad = 2 (p - q) / n, in the CPU's order
+// (bit for bit; the loss's sum runs in another order). Reads p, q; writes grad, sq.
+// Launch: grid-stride, block 256.
+extern "C" __global__ void mse_fwd_f32(const float* __restrict__ p, const float* __restrict__ q,
+                                       float* __restrict__ grad, float* __restrict__ sq, long long n) {
+    const float nf = (float)n;
+    GRID_STRIDE(i, n) {
+        float d = __fsub_rn(p[i], q[i]);
+        sq[i] = __fmul_rn(d, d);
+        grad[i] = __fdiv_rn(__fmul_rn(2.0f, d), nf);
+    }
+}

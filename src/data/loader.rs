@@ -9,7 +9,7 @@ use super::split::{below, Split};
 use super::Dataset;
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
-use crate::ops::Labels;
+use crate::ops::Indices;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -88,7 +88,7 @@ pub struct StepBatch {
     /// Augmented labeled images, [labeled_batch, C, H, W] (0 rows when labeled_batch is 0).
     pub labeled: Tensor,
     /// Labels of `labeled` (on the host, and on the batch's GPU after `to_device`).
-    pub labels: Labels,
+    pub labels: Indices,
     /// Independent augmented views of the same unlabeled images, each [unlabeled_batch, C, H, W].
     pub views: Vec<Tensor>,
     /// A second augmented view of the labeled images, when the plan asks for it.
@@ -140,16 +140,21 @@ impl Plan {
 }
 
 impl StepBatch {
-    /// The batch with its images and labels on `device`, copied there together: one upload per
-    /// step on a GPU (the images of every view and the labels as i32 bits, packed into one
-    /// buffer on the host, then split on the device). On the host it is the batch itself.
-    pub fn to_device(&self, device: Device) -> Result<StepBatch> {
+    /// The batch with its images and labels on `device`, copied there together with `extra`
+    /// index vectors (e.g. MixUp's permutation): one upload per step on a GPU (the images of
+    /// every view, the labels and the extra indices as i32 bits, packed into one buffer on the
+    /// host, then split on the device). On the host it is the batch itself, and the indices
+    /// stay host vectors.
+    pub fn to_device(&self, device: Device, extra: &[Vec<usize>]) -> Result<(StepBatch, Vec<Indices>)> {
         if device == Device::Cpu || self.labeled.device() == device {
-            return Ok(self.clone());
+            return Ok((self.clone(), extra.iter().map(|v| Indices::from(v.clone())).collect()));
         }
+        let index_vectors: Vec<&[usize]> =
+            std::iter::once(&self.labels.host[..]).chain(extra.iter().map(|v| &v[..])).collect();
         let images: Vec<&Tensor> =
             std::iter::once(&self.labeled).chain(&self.views).chain(self.labeled_view2.as_ref()).collect();
-        let total = images.iter().map(|t| t.numel()).sum::<usize>() + self.labels.len();
+        let total =
+            images.iter().map(|t| t.numel()).sum::<usize>() + index_vectors.iter().map(|v| v.len()).sum::<usize>();
         let mut packed = Vec::new();
         packed.try_reserve_exact(total).map_err(|_| {
             Error::new(ErrorKind::OutOfMemory, format!("step {}: packing a batch of {total} values", self.step))
@@ -157,8 +162,8 @@ impl StepBatch {
         for t in &images {
             packed.extend_from_slice(t.data()?);
         }
-        for &y in self.labels.iter() {
-            let y = i32::try_from(y).map_err(|_| Error::shape(format!("label {y} beyond 32 bits")))?;
+        for &y in index_vectors.iter().copied().flatten() {
+            let y = i32::try_from(y).map_err(|_| Error::shape(format!("index {y} beyond 32 bits")))?;
             packed.push(f32::from_bits(y as u32));
         }
         let on_device = Tensor::from_vec(packed, &[total])?.to_device(device)?;
@@ -171,16 +176,21 @@ impl StepBatch {
         let labeled = next(self.labeled.shape())?;
         let views = self.views.iter().map(|v| next(v.shape())).collect::<Result<Vec<_>>>()?;
         let labeled_view2 = self.labeled_view2.as_ref().map(|v| next(v.shape())).transpose()?;
-        let ids = next(&[self.labels.len()])?;
-        Ok(StepBatch {
+        let mut indices = index_vectors
+            .iter()
+            .map(|v| Ok(Indices { host: v.to_vec(), device: Some(next(&[v.len()])?) }))
+            .collect::<Result<Vec<Indices>>>()?;
+        let labels = indices.remove(0);
+        let batch = StepBatch {
             step: self.step,
             labeled,
-            labels: Labels { host: self.labels.host.clone(), device: Some(ids) },
+            labels,
             views,
             labeled_view2,
             labeled_idx: self.labeled_idx.clone(),
             unlabeled_idx: self.unlabeled_idx.clone(),
-        })
+        };
+        Ok((batch, indices))
     }
 }
 

@@ -8,7 +8,9 @@ pub mod conv;
 pub mod elementwise;
 #[cfg(feature = "cuda")]
 pub(crate) mod gpu;
+pub mod indices;
 pub mod linear;
+pub mod mixmatch;
 pub mod mutual_info;
 pub mod pool;
 pub mod shape;
@@ -17,11 +19,12 @@ pub mod softmax;
 pub use batchnorm::{batch_norm_eval, batch_norm_train, BatchMoments};
 pub use conv::{conv2d, Conv2dParams};
 pub use elementwise::{add, dropout, leaky_relu, relu, scale};
+pub use indices::Indices;
 pub use linear::{linear, matmul};
 pub use mutual_info::{mutual_info_loss, mutual_info_loss_with_stats, MiStats};
 pub use pool::{global_avg_pool, max_pool2d};
 pub use shape::{concat_rows, flatten, narrow_rows, reshape};
-pub use softmax::{cross_entropy, cross_entropy_labels, cross_entropy_soft, log_softmax, mse, softmax, Labels};
+pub use softmax::{cross_entropy, cross_entropy_labels, cross_entropy_soft, log_softmax, mse, softmax};
 
 use crate::error::{Error, Result};
 use crate::tensor::{fmt_shape, Tensor};

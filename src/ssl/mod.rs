@@ -6,7 +6,7 @@ mod muscle;
 mod pretrain;
 mod supervised;
 
-pub use mixmatch::{mixmatch_loss, mixup_draw, sharpen};
+pub use mixmatch::{mixmatch_loss, mixup_draw};
 pub use muscle::muscle_loss;
 pub use pretrain::pretrain_loss;
 pub use supervised::supervised_loss;
@@ -15,6 +15,7 @@ use crate::autograd::Tape;
 use crate::data::StepBatch;
 use crate::error::{choice, Error, Result};
 use crate::nn::Model;
+use crate::ops::Indices;
 use crate::tensor::Tensor;
 
 choice! {
@@ -123,6 +124,9 @@ pub struct StepInput<'a> {
     pub step: u64,
     /// The run seed (keys dropout masks and random draws).
     pub seed: u64,
+    /// The index vectors of [`upload_indices`], on the batch's device (empty when the caller
+    /// uploaded none; the objective then makes its own).
+    pub indices: &'a [Indices],
 }
 
 impl StepInput<'_> {
@@ -135,6 +139,18 @@ impl StepInput<'_> {
     }
 }
 
+/// The index vectors the objective of `cfg` will need at `step`, known before the batch goes to
+/// the device so they travel in its one upload: MixUp's permutation for the MixMatch methods.
+pub fn upload_indices(cfg: &ObjectiveConfig, batch: &StepBatch, step: u64, seed: u64) -> Vec<Vec<usize>> {
+    match cfg.method {
+        Method::MixMatch | Method::MixMatchMuscle => {
+            let n = batch.labels.len() + 2 * batch.views.first().map_or(0, |v| v.shape()[0]);
+            vec![mixup_draw(seed, step, cfg.mixup_alpha as f64, n).1]
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// The loss of `method` at `step` for one batch, recorded on `tape`.
 pub fn step_loss(
     cfg: &ObjectiveConfig,
@@ -144,7 +160,11 @@ pub fn step_loss(
     step: u64,
     seed: u64,
 ) -> Result<LossTerms> {
-    let input = StepInput { tape, batch, step, seed };
+    step_loss_with(cfg, model, StepInput { tape, batch, step, seed, indices: &[] })
+}
+
+/// [`step_loss`] with the index vectors of [`upload_indices`] already on the batch's device.
+pub fn step_loss_with(cfg: &ObjectiveConfig, model: &mut Model, input: StepInput<'_>) -> Result<LossTerms> {
     match cfg.method {
         Method::Supervised => supervised_loss(model, &input),
         Method::Muscle => muscle_loss(cfg, model, &input),

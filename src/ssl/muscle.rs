@@ -10,7 +10,7 @@ use crate::optim::ramp;
 /// One forward over [labeled, view 1, view 2] so batch-norm statistics cover every image, then
 /// the supervised term on the labeled rows and the IIC term between the two views' rows.
 pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) -> Result<LossTerms> {
-    let StepInput { tape, batch, step, seed } = *input;
+    let StepInput { tape, batch, step, seed, .. } = *input;
     let [v1, v2] = input.two_views("muscle")?;
     let nl = batch.labels.len();
     let nu = v1.shape()[0];

@@ -17,7 +17,7 @@ use crate::data::{self, Augment, Dataset, Loader, StepBatch, TrainTest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nn::{Model, ModelSpec, Module};
 use crate::optim::{Adam, AdamConfig, DecayScope, Ema, EmaDecay, Optimizer, Schedule, Sgd, SgdConfig};
-use crate::ssl::{step_loss, ObjectiveConfig};
+use crate::ssl::{step_loss_with, upload_indices, ObjectiveConfig, StepInput};
 use crate::tensor::Tensor;
 use serde::Serialize;
 use serde_json::json;
@@ -452,18 +452,21 @@ impl Trainer {
     /// stops with an error naming the step and the term.
     pub fn step(&mut self, batch: &StepBatch, step: u64) -> Result<StepStats> {
         let tape = Tape::new();
-        // On a GPU the batch goes over in one copy (images and labels together).
-        let on_device;
-        let batch = match self.model.device() {
-            crate::device::Device::Cpu => batch,
+        // On a GPU the batch goes over in one copy (images, labels and the objective's index
+        // vectors together).
+        let (on_device, indices);
+        let (batch, indices) = match self.model.device() {
+            crate::device::Device::Cpu => (batch, &[][..]),
             device => {
-                on_device = batch.to_device(device)?;
-                &on_device
+                let extra = upload_indices(&self.objective, batch, step, self.seed);
+                (on_device, indices) = batch.to_device(device, &extra)?;
+                (&on_device, &indices[..])
             }
         };
         let terms = {
             let _p = crate::profile::scope("forward");
-            step_loss(&self.objective, &mut self.model, &tape, batch, step, self.seed)?
+            let input = StepInput { tape: &tape, batch, step, seed: self.seed, indices };
+            step_loss_with(&self.objective, &mut self.model, input)?
         };
         // One copy of every term to the host (on a GPU, the step's only download).
         let v = terms.values()?;

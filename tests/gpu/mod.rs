@@ -26,6 +26,7 @@ mod batchnorm;
 mod conv;
 mod elementwise;
 mod linear;
+mod mixmatch;
 mod mutual_info;
 mod optim;
 mod pool;

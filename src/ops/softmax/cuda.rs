@@ -2,7 +2,9 @@
 //! unsafe launch; CPU twins in `cpu.rs` beside this file) and the ops on GPU tensors.
 
 use crate::autograd::Tape;
-use crate::cuda::launch::{cfg, flat_cfg, flat_checks, int, launch, need, row_checks, rows_cfg, rows_launcher};
+use crate::cuda::launch::{
+    cfg, flat_cfg, flat_checks, flat_launcher, int, launch, need, row_checks, rows_cfg, rows_launcher,
+};
 use crate::cuda::{CudaSlice, F32Buf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
@@ -141,11 +143,10 @@ pub(crate) fn cross_entropy_soft(
 /// Mean squared error against a constant target. MixMatch's L_U is its only user and its targets
 /// are mixed on the host anyway (ssl::mixmatch), so it is computed there, in the CPU's f64 order.
 pub(crate) fn mse(gpu: GpuRef, tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Tensor> {
-    let (pd, qd) = (p.to_vec()?, q.to_vec()?);
-    let n = pd.len();
-    let loss = pd.iter().zip(&qd).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / n as f64;
-    let grad: Vec<f32> = pd.iter().zip(&qd).map(|(a, b)| 2.0 * (a - b) / n as f32).collect();
-    let (loss, grad) = (gpu.upload(&[loss as f32])?, gpu.upload(&grad)?);
+    let n = p.numel();
+    let (mut grad, mut sq) = (alloc(&gpu, n)?, alloc(&gpu, n)?);
+    mse_fwd(&gpu, buf(p)?, buf(q)?, &mut grad, &mut sq, n)?;
+    let loss = reduce_mean(&gpu, &sq, n)?;
     fused(gpu, tape, p, loss, grad)
 }
 
@@ -170,4 +171,10 @@ pub(crate) fn softmax(gpu: GpuRef, tape: &Tape, x: &Tensor, c: usize, log: bool)
         }
         grads.add_to(&xc, wrap(dx, xc.shape())?)
     }))
+}
+
+flat_launcher! {
+    /// The mean squared error's element-wise parts: sq = (p - q)^2 and grad = 2 (p - q) / n
+    /// (the gradient of the mean). CPU twin: the host branch of `mse` in mod.rs.
+    mse_fwd => "mse_fwd_f32"(p: &F32Buf, q: &F32Buf, grad: &mut F32Buf, sq: &mut F32Buf;)
 }

@@ -59,47 +59,15 @@ fn fused(tape: &Tape, x: &Tensor, loss: f32, grad: Vec<f32>) -> Tensor {
     })
 }
 
-/// Mean cross-entropy of `logits` [n, c] against class indices.
-/// A batch's class labels: always on the host (range-checked there, without a copy), and also on
-/// the batch's GPU when they were uploaded with its images (`StepBatch::to_device`), as i32 bit
-/// patterns in an f32 tensor, so the loss needs no upload of its own.
-#[derive(Debug, Clone, Default)]
-pub struct Labels {
-    /// The class of each row.
-    pub host: Vec<usize>,
-    /// The same labels as i32 bits, on a GPU (None on the host).
-    pub device: Option<Tensor>,
-}
-
-impl std::ops::Deref for Labels {
-    type Target = [usize];
-    fn deref(&self) -> &[usize] {
-        &self.host
-    }
-}
-
-impl FromIterator<usize> for Labels {
-    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Labels {
-        Labels { host: iter.into_iter().collect(), device: None }
-    }
-}
-
-impl From<Vec<usize>> for Labels {
-    fn from(host: Vec<usize>) -> Labels {
-        Labels { host, device: None }
-    }
-}
-
 /// Mean cross-entropy against `labels`, using their device copy when the logits are on its GPU.
-pub fn cross_entropy_labels(tape: &Tape, logits: &Tensor, labels: &Labels) -> Result<Tensor> {
+pub fn cross_entropy_labels(tape: &Tape, logits: &Tensor, labels: &crate::ops::Indices) -> Result<Tensor> {
     match &labels.device {
         #[cfg(feature = "cuda")]
         Some(ids) if ids.device() == logits.device() => {
-            let (n, c) = checked_labels(logits, &labels.host)?;
+            let (_, c) = checked_labels(logits, &labels.host)?;
             let gpu = crate::ops::gpu::on_gpu("cross_entropy", &[logits, ids])?
                 .ok_or_else(|| Error::device("cross_entropy: device labels for host logits"))?;
-            let mut bits = gpu.zeros::<i32>(n)?;
-            gpu.copy_bits(ids.cuda_slice()?, 0..n, &mut bits)?;
+            let bits = labels.on_gpu(&gpu)?;
             cuda::cross_entropy_ids(gpu, tape, logits, &bits, c)
         }
         _ => cross_entropy(tape, logits, &labels.host),
@@ -122,6 +90,7 @@ fn checked_labels(logits: &Tensor, labels: &[usize]) -> Result<(usize, usize)> {
     Ok((n, c))
 }
 
+/// Mean cross-entropy of `logits` [n, c] against class indices.
 pub fn cross_entropy(tape: &Tape, logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
     let (n, c) = checked_labels(logits, labels)?;
     #[cfg(feature = "cuda")]
