@@ -87,10 +87,11 @@ pub struct StepBatch {
     pub step: u64,
     /// Augmented labeled images, [labeled_batch, C, H, W] (0 rows when labeled_batch is 0).
     pub labeled: Tensor,
-    /// Labels of `labeled` (on the host, and on the batch's GPU after `to_device`).
-    pub labels: Indices,
     /// Independent augmented views of the same unlabeled images, each [unlabeled_batch, C, H, W].
     pub views: Vec<Tensor>,
+    /// Labels of `labeled`: on the host always (range checks need no copy), and on the batch's
+    /// GPU too after `to_device`, where they arrive in the batch's one upload.
+    pub labels: Indices,
     /// A second augmented view of the labeled images, when the plan asks for it.
     pub labeled_view2: Option<Tensor>,
     /// Training-set indices of the labeled images.

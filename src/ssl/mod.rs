@@ -76,14 +76,15 @@ pub struct ObjectiveConfig {
 pub struct LossTerms {
     /// The scalar to differentiate.
     pub total: Tensor,
-    /// Supervised term (None when the method has none).
+    /// Supervised term (None when the method has none: pre-training). A clone of `total` for
+    /// the supervised baseline, so logging reads it from the same one download.
     pub sup: Option<Tensor>,
     /// MI term, unweighted (None when the method has none).
     pub mi: Option<Tensor>,
-    /// Weight applied to the MI term this step.
-    pub w_mi: f32,
     /// The host method's unsupervised term (MixMatch's L_U; None otherwise).
     pub host: Option<Tensor>,
+    /// Weight applied to the MI term this step.
+    pub w_mi: f32,
     /// Weight applied to the host term this step (MixMatch's ramped w_u).
     pub w_u: f32,
 }
