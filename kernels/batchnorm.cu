@@ -227,6 +227,33 @@ extern "C" __global__ void batchnorm_dx_bwd_f32(const float* x, const float* dy,
     }
 }
 
+// batchnorm_invstd_bwd_f32: invstd = 1 / sqrt(var + eps) per channel, rounded as the CPU's
+// `1.0 / (var + eps).sqrt()`: the first step of the evaluation-mode backward, whose per-channel
+// sums then reuse batchnorm_reduce_bwd_f32 / batchnorm_finish_bwd_f32 with the running mean.
+// Reads var; writes invstd (C). Launch: ceil(C / 256) blocks of 256.
+extern "C" __global__ void batchnorm_invstd_bwd_f32(const float* __restrict__ var, float* __restrict__ invstd, int C,
+                                                    float eps) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch < C) invstd[ch] = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var[ch], eps)));
+}
+
+// batchnorm_eval_dx_bwd_f32: the evaluation-mode dx = dz gamma invstd (the statistics are
+// constants, so no mean terms), in the CPU's order. Reads x, dy, mean, invstd, gamma, beta;
+// writes dx (may alias dy). Launch: grid-stride, block 256.
+extern "C" __global__ void batchnorm_eval_dx_bwd_f32(const float* x, const float* dy, const float* __restrict__ mean,
+                                                     const float* __restrict__ invstd, const float* __restrict__ gamma,
+                                                     const float* __restrict__ beta, float* dx, long long total, int C,
+                                                     int hw, float slope) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ch = (int)((i / hw) % C);
+        float g = gamma[ch], is = invstd[ch];
+        float xh, dz;
+        bn_dz(x[i], dy[i], mean[ch], is, g, beta[ch], slope, &xh, &dz);
+        dx[i] = __fmul_rn(__fmul_rn(dz, g), is);
+    }
+}
+
 // batchnorm_running_fwd_f32: running = (1 - m) running + (m batch) f, batch norm's running estimate (f
 // unbiases the variance; 1 for the mean). Each product and the sum is rounded on its own
 // (__fmul_rn / __fadd_rn forbid the FMA nvcc would contract it into), in the CPU's order, so the

@@ -94,6 +94,33 @@ fn batchnorm_eval_matches_cpu_bitwise() {
 }
 
 #[test]
+fn batchnorm_eval_backward_matches_cpu() {
+    with_gpu("batchnorm_eval_backward_matches_cpu", |gpu| {
+        // dx: the CPU's operations in its order (equal bits); dgamma, dbeta: one f64 sum per
+        // channel against the CPU's per-image f32 roundings of f64 sums (1e-5 of the largest).
+        let (n, c, hw) = (5usize, 7usize, 33usize);
+        let x = randv(n * c * hw, 2.0, 610);
+        let dy = randv(n * c * hw, 1.0, 611);
+        let gamma = randv(c, 1.0, 612);
+        let beta = randv(c, 1.0, 613);
+        let mean = randv(c, 1.0, 614);
+        let var: Vec<f32> = randv(c, 1.0, 615).iter().map(|v| v * v + 0.01).collect();
+        let d: Vec<CudaSlice<f32>> = [&x, &dy, &gamma, &beta, &mean, &var].iter().map(|v| up(gpu, v)).collect();
+        let bufs = k::EvalBwdBuffers { x: &d[0], dy: &d[1], gamma: &d[2], beta: &d[3], mean: &d[4], var: &d[5] };
+        for slope in [None, Some(0.1f32)] {
+            let args = BatchNormArgs { n, c, hw, eps: 1e-5, slope };
+            let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+            cpu::batchnorm_eval_bwd(&args, &x, &dy, &gamma, &beta, &mean, &var, Some(&mut dx), &mut dg, &mut db);
+            let (mut gdx, mut gdg, mut gdb) = (zeros(gpu, x.len()), zeros(gpu, c), zeros(gpu, c));
+            k::batchnorm_eval_bwd(gpu, &args, &bufs, Some(&mut gdx), &mut gdg, &mut gdb).unwrap();
+            assert_bits(&format!("eval dx slope {slope:?}"), &down(gpu, &gdx), &dx);
+            assert_scaled(&format!("eval dgamma slope {slope:?}"), &down(gpu, &gdg), &dg, 1e-5);
+            assert_scaled(&format!("eval dbeta slope {slope:?}"), &down(gpu, &gdb), &db, 1e-5);
+        }
+    });
+}
+
+#[test]
 fn batchnorm_running_update_matches_cpu_bitwise() {
     with_gpu("batchnorm_running_update_matches_cpu_bitwise", |gpu| {
         // Two roundings per product and one per sum, in the CPU's order on both sides.

@@ -164,39 +164,9 @@ pub fn batchnorm_train_bwd(
     ];
     let dx_len = dx.as_ref().map_or(usize::MAX, |d| d.len());
     let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("dy", dy.len()), ("dx", dx_len)], &per_ch)?;
+    let sums = SumInputs { x, dy, mean: &stats.mean, invstd: &stats.invstd, gamma, beta };
+    let coef = channel_sums(gpu, &s, c, &sums, slope, dgamma, dbeta)?;
     let a = slope.unwrap_or(1.0);
-    let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
-    launch!(
-        gpu,
-        "batchnorm_reduce_bwd_f32",
-        cfg(s.grid, BLOCK),
-        x,
-        dy,
-        &stats.mean,
-        &stats.invstd,
-        gamma,
-        beta,
-        &mut part,
-        &s.n,
-        &s.c,
-        &s.hw,
-        &s.splits,
-        &a
-    )?;
-    let mut coef = gpu.zeros::<f32>(2 * c)?;
-    launch!(
-        gpu,
-        "batchnorm_finish_bwd_f32",
-        cfg((c.div_ceil(128) as u32, 1, 1), 128),
-        &part,
-        dgamma,
-        dbeta,
-        &mut coef,
-        &s.n,
-        &s.c,
-        &s.hw,
-        &s.splits
-    )?;
     if let Some(dx) = dx {
         let total = s.total as usize;
         launch!(
@@ -218,6 +188,39 @@ pub fn batchnorm_train_bwd(
         )?;
     }
     Ok(())
+}
+
+/// What a backward's per-channel sums read: the forward's input, the output gradient, and the
+/// statistics and affine parameters it was normalised with.
+struct SumInputs<'a> {
+    x: &'a F32Buf,
+    dy: &'a F32Buf,
+    mean: &'a F32Buf,
+    invstd: &'a F32Buf,
+    gamma: &'a F32Buf,
+    beta: &'a F32Buf,
+}
+
+/// dgamma = sum dz xhat and dbeta = sum dz per channel (f64 partial sums in a fixed order, then
+/// f32), and returns coef = (mean dz, mean dz xhat) per channel for the training-mode dx.
+fn channel_sums(
+    gpu: &Gpu,
+    s: &BnSizes,
+    c: usize,
+    i: &SumInputs<'_>,
+    slope: Option<f32>,
+    dgamma: &mut F32Buf,
+    dbeta: &mut F32Buf,
+) -> Result<F32Buf> {
+    let a = slope.unwrap_or(1.0);
+    let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
+    let kr = "batchnorm_reduce_bwd_f32";
+    let (sn, sc, shw, sp) = (&s.n, &s.c, &s.hw, &s.splits);
+    launch!(gpu, kr, cfg(s.grid, BLOCK), i.x, i.dy, i.mean, i.invstd, i.gamma, i.beta, &mut part, sn, sc, shw, sp, &a)?;
+    let mut coef = gpu.zeros::<f32>(2 * c)?;
+    let kf = "batchnorm_finish_bwd_f32";
+    launch!(gpu, kf, cfg((c.div_ceil(128) as u32, 1, 1), 128), &part, dgamma, dbeta, &mut coef, sn, sc, shw, sp)?;
+    Ok(coef)
 }
 
 /// running = (1 - momentum) running + (momentum batch) factor on `n` channels, rounded as the
@@ -292,8 +295,8 @@ pub(crate) fn batch_norm_train(
 }
 
 /// Batch norm with running statistics (evaluation mode), LeakyReLU fused when `slope` is given.
-/// Its backward (only reached when a frozen BN is trained through) runs the CPU twin on copies:
-/// no training recipe here does that, so it has no kernel.
+/// Its backward (reached when a frozen BN is trained through) runs on the device: the training
+/// backward's per-channel sums over the running statistics, and dx = dz gamma invstd.
 pub(crate) fn batch_norm_eval(
     gpu: GpuRef,
     tape: &Tape,
@@ -305,18 +308,72 @@ pub(crate) fn batch_norm_eval(
     batchnorm_eval_fwd(&gpu, &args, buf(x)?, buf(gamma)?, buf(beta)?, buf(mean)?, buf(var)?, &mut y)?;
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
-        let host = |t: &Tensor| t.to_vec();
-        let mut dx = xc.requires_grad().then(|| vec![0.0; xc.numel()]);
-        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        let (x, g, gamma, beta, mean, var) = (host(&xc)?, host(g)?, host(&gc)?, host(&bc)?, host(&mc)?, host(&vc)?);
-        super::cpu::batchnorm_eval_bwd(&args, &x, &g, &gamma, &beta, &mean, &var, dx.as_deref_mut(), &mut dg, &mut db);
-        let dev = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> { wrap(gpu.upload(&v)?, shape) };
+        let g = here(g, &gpu)?;
+        let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.numel())?) } else { None };
+        let (mut dg, mut db) = (alloc(&gpu, c)?, alloc(&gpu, c)?);
+        let [x, g, gamma, beta, mean, var] = [&xc, &g, &gc, &bc, &mc, &vc].map(|t| buf(t));
+        let bufs = EvalBwdBuffers { x: x?, dy: g?, gamma: gamma?, beta: beta?, mean: mean?, var: var? };
+        batchnorm_eval_bwd(&gpu, &args, &bufs, dx.as_mut(), &mut dg, &mut db)?;
         if let Some(dx) = dx {
-            grads.add_to(&xc, dev(dx, xc.shape())?)?;
+            grads.add_to(&xc, wrap(dx, xc.shape())?)?;
         }
-        grads.add_to(&gc, dev(dg, &[c])?)?;
-        grads.add_to(&bc, dev(db, &[c])?)
+        grads.add_to(&gc, wrap(dg, &[c])?)?;
+        grads.add_to(&bc, wrap(db, &[c])?)
     }))
+}
+
+/// The inputs of the evaluation-mode backward.
+pub struct EvalBwdBuffers<'a> {
+    /// The forward's input.
+    pub x: &'a F32Buf,
+    /// The gradient of the output (of the activation, with a slope).
+    pub dy: &'a F32Buf,
+    /// Scale per channel.
+    pub gamma: &'a F32Buf,
+    /// Shift per channel.
+    pub beta: &'a F32Buf,
+    /// Running mean per channel.
+    pub mean: &'a F32Buf,
+    /// Running variance per channel.
+    pub var: &'a F32Buf,
+}
+
+/// Evaluation-mode backward: `dx` (when given), `dgamma`, `dbeta` (overwritten). CPU twin:
+/// `cpu::batchnorm_eval_bwd` (whose per-image f32 roundings of the channel sums differ from the
+/// one f64 sum here: a relative 1e-6, not bits).
+pub fn batchnorm_eval_bwd(
+    gpu: &Gpu,
+    args: &BatchNormArgs,
+    b: &EvalBwdBuffers<'_>,
+    dx: Option<&mut F32Buf>,
+    dgamma: &mut F32Buf,
+    dbeta: &mut F32Buf,
+) -> Result<()> {
+    let BatchNormArgs { n, c, hw, eps, slope } = *args;
+    let k = "batchnorm_eval_bwd";
+    let per_ch = [
+        ("gamma", b.gamma.len()),
+        ("beta", b.beta.len()),
+        ("mean", b.mean.len()),
+        ("var", b.var.len()),
+        ("dgamma", dgamma.len()),
+        ("dbeta", dbeta.len()),
+    ];
+    let dx_len = dx.as_ref().map_or(usize::MAX, |d| d.len());
+    let s = bn_checks(k, n, c, hw, &[("x", b.x.len()), ("dy", b.dy.len()), ("dx", dx_len)], &per_ch)?;
+    let mut invstd = gpu.zeros::<f32>(c)?;
+    let kc = "batchnorm_invstd_bwd_f32";
+    launch!(gpu, kc, cfg((grid_dim(kc, c.div_ceil(BLOCK as usize))?, 1, 1), BLOCK), b.var, &mut invstd, &s.c, &eps)?;
+    let (x, dy, mean, gamma, beta) = (b.x, b.dy, b.mean, b.gamma, b.beta);
+    let sums = SumInputs { x, dy, mean, invstd: &invstd, gamma, beta };
+    channel_sums(gpu, &s, c, &sums, slope, dgamma, dbeta)?;
+    let a = slope.unwrap_or(1.0);
+    if let Some(dx) = dx {
+        let kd = "batchnorm_eval_dx_bwd_f32";
+        let total = s.total as usize;
+        launch!(gpu, kd, flat_cfg(total), x, dy, mean, &invstd, gamma, beta, dx, &s.total, &s.c, &s.hw, &a)?;
+    }
+    Ok(())
 }
 
 /// Batch norm's running estimate on the GPU: running = (1 - momentum) running + momentum batch
