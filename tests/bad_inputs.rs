@@ -66,6 +66,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         (vec!["pretrain", "--overcluster", "2", "--width", "4", "--unlabeled-batch", "8"], &clusters_dir),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_muscle"))
+            .env_remove("MUSCLE_CUDA_EMU")
             .args(args)
             .args(["--steps", "1", "--eval-every", "1", "--out", &s(dir.clone())])
             .output()
@@ -220,7 +221,8 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
     ];
     assert!(rows.len() >= 20);
     for (what, args, code, needle) in &rows {
-        let o = Command::new(env!("CARGO_BIN_EXE_muscle")).args(args).output().expect("run");
+        let o =
+            Command::new(env!("CARGO_BIN_EXE_muscle")).env_remove("MUSCLE_CUDA_EMU").args(args).output().expect("run");
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(*code), "{what}: {args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{what}: not one line: {err}");

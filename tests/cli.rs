@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Runs the binary as a user on this machine would: without the emulated device that the
+/// emulated CI suite switches on (MUSCLE_CUDA_EMU=1), which would turn the `--device cuda`
+/// errors tested here into training runs. (Every spawn of the binary in tests/ does the same.)
 fn muscle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_muscle")).args(args).output().expect("run muscle")
+    Command::new(env!("CARGO_BIN_EXE_muscle")).env_remove("MUSCLE_CUDA_EMU").args(args).output().expect("run muscle")
 }
 
 fn stderr(o: &Output) -> String {
@@ -188,6 +191,7 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
     // The checkpoint alone rebuilds the model: the same EMA accuracy, from another directory.
     let ck = out.join("checkpoint.safetensors");
     let o = Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .env_remove("MUSCLE_CUDA_EMU")
         .args(["eval", "--checkpoint", ck.to_str().expect("utf8")])
         .current_dir(std::env::temp_dir())
         .output()

@@ -32,7 +32,7 @@ pub(crate) fn scratch(name: &str) -> PathBuf {
 
 fn muscle() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_muscle"));
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c.env_remove("MUSCLE_CUDA_EMU").stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
