@@ -167,7 +167,9 @@ impl StepBatch {
             let y = i32::try_from(y).map_err(|_| Error::shape(format!("index {y} beyond 32 bits")))?;
             packed.push(f32::from_bits(y as u32));
         }
-        let on_device = Tensor::from_vec(packed, &[total])?.to_device(device)?;
+        let on_device = Tensor::from_vec(packed, &[total])?
+            .to_device(device)
+            .map_err(|e| e.context(format!("step {}: uploading the batch ({total} values)", self.step)))?;
         let mut at = 0;
         let mut next = |shape: &[usize]| -> Result<Tensor> {
             let n: usize = shape.iter().product();

@@ -318,7 +318,9 @@ impl Tensor {
                 // CUDA allocates no zero-byte buffers: an empty tensor keeps one padding element.
                 let host = self.to_vec()?;
                 let host = if host.is_empty() { vec![0.0] } else { host };
-                Storage::Cuda(crate::cuda::context::gpu(i)?.upload(&host)?)
+                let gpu = crate::cuda::context::gpu(i)?;
+                let what = || format!("moving a tensor {} to cuda:{i}", fmt_shape(&self.shape));
+                Storage::Cuda(gpu.upload(&host).map_err(|e| e.context(what()))?)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::device(

@@ -119,3 +119,23 @@ fn probing_never_panics() {
         }
     }
 }
+
+/// A device allocation that does not fit is one line and exit 1, naming what was being moved and
+/// the device's free memory (the emulated device given 1 MiB).
+#[cfg(muscle_cuda_emu)]
+#[test]
+fn out_of_device_memory_is_one_line_and_exit_1() {
+    let dir = std::env::temp_dir().join(format!("muscle-oom-{}", std::process::id()));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .env("MUSCLE_CUDA_EMU", "1")
+        .env("MUSCLE_CUDA_EMU_MEMORY", "1M")
+        .args(["train", "--device", "cuda", "--steps", "1", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run muscle");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("out of memory") && err.contains("free") && err.contains("moving a tensor"), "{err}");
+}
