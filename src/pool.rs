@@ -44,6 +44,22 @@ pub fn zeros(len: usize) -> Vec<f32> {
     }
 }
 
+/// A buffer of `len` zeros, or an out-of-memory error naming `what` instead of an abort: for
+/// sizes that come from the user or a file (a batch size, an image folder).
+pub fn try_zeros(len: usize, what: impl FnOnce() -> String) -> crate::error::Result<Vec<f32>> {
+    if let Some(mut v) = reuse(len) {
+        v.fill(0.0);
+        return Ok(v);
+    }
+    let mut v = Vec::new();
+    if v.try_reserve_exact(len).is_err() {
+        let gib = len as f64 * 4.0 / (1u64 << 30) as f64;
+        return Err(crate::error::Error::out_of_memory(format!("{}: {gib:.1} GiB could not be allocated", what())));
+    }
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
 /// Returns a buffer to the pool (or frees it when the pool is full or it is small).
 pub fn give(v: Vec<f32>) {
     let len = v.len();

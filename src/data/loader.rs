@@ -68,7 +68,10 @@ pub fn gather(
     let labels = idx.iter().map(|&i| ds.label(i)).collect::<Result<Vec<usize>>>()?;
     // From the tensor pool: the batch tensor goes back there when dropped, so the next batch of
     // this size reuses it instead of leaving the pool with one more buffer every step.
-    let mut data = crate::pool::zeros(idx.len() * chw);
+    // Sizes from the command line: too large is an error, not an abort.
+    let what = || format!("a batch of {} images of {}x{}x{}", idx.len(), ds.channels, ds.height, ds.width);
+    let len = idx.len().checked_mul(chw).ok_or_else(|| Error::out_of_memory(format!("{}: size overflows", what())))?;
+    let mut data = crate::pool::try_zeros(len, what)?;
     data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate().try_for_each(|(b, (out, &i))| {
         let d = match augment {
             Some((seed, purpose, step)) => Draw::sample(aug, &mut Rng::keyed(seed, &[purpose, step, b as u64])),
@@ -126,10 +129,15 @@ impl Plan {
         let (labeled, labels) = if labeled_idx.is_empty() {
             (Tensor::zeros(&[0, ds.channels, ds.height, ds.width]), Vec::new())
         } else {
-            gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)))?
+            gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)))
+                .map_err(|e| e.context("--batch"))?
         };
         let views = (0..self.views as u64)
-            .map(|k| gather(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k, t))).map(|(v, _)| v))
+            .map(|k| {
+                gather(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k, t)))
+                    .map(|(v, _)| v)
+                    .map_err(|e| e.context("--unlabeled-batch"))
+            })
             .collect::<Result<Vec<Tensor>>>()?;
         let labeled_view2 = if self.labeled_second_view && !labeled_idx.is_empty() {
             Some(gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED_2, t)))?.0)
