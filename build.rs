@@ -57,8 +57,12 @@ fn build_emulator() -> Result<(), String> {
     println!("cargo:rerun-if-changed=emu");
     println!("cargo:rerun-if-env-changed=CXX");
     let mut build = cc::Build::new();
-    build.cpp(true).warnings(false);
-    if build.try_get_compiler().is_err() {
+    build.cpp(true).warnings(false).cargo_warnings(false);
+    // cc names a compiler whether or not it exists ($CXX, c++): run it to know.
+    let runs = build
+        .try_get_compiler()
+        .is_ok_and(|c| c.to_command().arg("--version").output().is_ok_and(|o| o.status.success()));
+    if !runs {
         println!(
             "cargo:warning=no C++ compiler found: the emulated CUDA device (MUSCLE_CUDA_EMU=1) is not built \
              (apt-get install g++)"

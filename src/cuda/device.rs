@@ -150,7 +150,7 @@ pub fn probe() -> Result<GpuInfo> {
 /// [`probe`] for device `ordinal`.
 pub fn probe_ordinal(ordinal: usize) -> Result<GpuInfo> {
     if emulation_requested() {
-        return emulated_info(ordinal);
+        return emulated(ordinal).map(|g| g.info);
     }
     open(ordinal).map(|(_, info)| info)
 }
@@ -268,21 +268,22 @@ pub fn emulation_requested() -> bool {
     std::env::var("MUSCLE_CUDA_EMU").is_ok_and(|v| v == "1")
 }
 
-/// The emulated device's description, or why there is none in this build.
-fn emulated_info(ordinal: usize) -> Result<GpuInfo> {
+/// The emulated device (`MUSCLE_CUDA_EMU=1`), or why there is none in this build.
+fn emulated(ordinal: usize) -> Result<Gpu> {
     #[cfg(muscle_cuda_emu)]
     {
         if ordinal != 0 {
             return Err(Error::device(format!("cuda:{ordinal}: the emulated CUDA device is cuda:0 only")));
         }
-        Ok(GpuInfo {
+        let info = GpuInfo {
             ordinal,
             name: "cuda (emulated)".to_string(),
             compute_capability: (8, 0),
             driver_version: 0,
             total_memory: super::emu::total_memory()?,
             emulated: true,
-        })
+        };
+        Ok(Gpu { info, origin: PtxOrigin::Emulated, backend: Backend::Emulated, counters: Counters::default() })
     }
     #[cfg(not(muscle_cuda_emu))]
     {
@@ -316,16 +317,7 @@ impl Gpu {
     /// emulated device instead.
     pub fn new(ordinal: usize) -> Result<Gpu> {
         if emulation_requested() {
-            let info = emulated_info(ordinal)?;
-            #[cfg(muscle_cuda_emu)]
-            return Ok(Gpu {
-                info,
-                origin: PtxOrigin::Emulated,
-                backend: Backend::Emulated,
-                counters: Counters::default(),
-            });
-            #[cfg(not(muscle_cuda_emu))]
-            return Err(Error::device(format!("unreachable: {info}")));
+            return emulated(ordinal);
         }
         let (ctx, info) = open(ordinal)?;
         guarded("CUDA", || {

@@ -74,6 +74,9 @@ kernel_arg_from!(F32s: f32, F64s: f64, I32s: i32, U8s: u8; I32: i32, I64: i64, U
 
 impl<'a> KernelArg<'a> {
     /// Pushes the argument onto a driver launch (a buffer of the emulated device is an error).
+    /// Every buffer is pushed as read (cudarc records a read event, not a write): harmless while
+    /// all work goes to the one stream of a `Gpu`, which orders it; a second stream would need the
+    /// written buffers pushed mutably.
     pub(crate) fn push<'b>(&'b self, builder: &mut cudarc::driver::LaunchArgs<'b>) -> Result<()>
     where
         'a: 'b,
