@@ -8,6 +8,10 @@
 //! after warm-up asks the system for no large block: no mmap/munmap, no page faults, no zeroing.
 //! `muscle bench` reports both counts per step. Smaller blocks go straight to the system
 //! allocator at the cost of one comparison.
+//!
+//! It also keeps the bytes live (allocated and not yet freed, blocks of every size) and their
+//! high-water mark, so that the memory estimate (`train::memory`) can measure what a small
+//! training step needs and scale it to the requested batch.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
@@ -23,6 +27,17 @@ const SLOTS: usize = 256;
 static REQUESTS: AtomicUsize = AtomicUsize::new(0);
 static SYSTEM: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts `bytes` as live (when the allocation succeeded) and raises the high-water mark.
+fn count_alloc(p: *mut u8, bytes: usize) -> *mut u8 {
+    if !p.is_null() {
+        let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
+    p
+}
 
 /// One cached block: its layout and address (null when the slot is empty).
 #[derive(Clone, Copy)]
@@ -120,17 +135,18 @@ impl CountingAlloc {
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.size() >= LARGE_BYTES {
-            return self.large(layout, false);
+            return count_alloc(self.large(layout, false), layout.size());
         }
-        System.alloc(layout)
+        count_alloc(System.alloc(layout), layout.size())
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if layout.size() >= LARGE_BYTES {
-            return self.large(layout, true);
+            return count_alloc(self.large(layout, true), layout.size());
         }
-        System.alloc_zeroed(layout)
+        count_alloc(System.alloc_zeroed(layout), layout.size())
     }
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         if layout.size() >= LARGE_BYTES && CACHE.put(p, layout) {
             return;
         }
@@ -138,7 +154,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if layout.size() < LARGE_BYTES && new_size < LARGE_BYTES {
-            return System.realloc(p, layout, new_size);
+            let q = System.realloc(p, layout, new_size);
+            if !q.is_null() {
+                LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+                count_alloc(q, new_size);
+            }
+            return q;
         }
         // Through alloc + copy + dealloc, so that cached blocks keep their exact layouts.
         // SAFETY: the caller guarantees new_size, with layout's alignment, is a valid layout.
@@ -161,6 +182,39 @@ pub fn large_allocations() -> Option<usize> {
 /// Of those, the ones the cache could not serve (they reached the system allocator).
 pub fn large_system_allocations() -> Option<usize> {
     INSTALLED.load(Ordering::Relaxed).then(|| SYSTEM.load(Ordering::Relaxed))
+}
+
+/// Bytes allocated and not yet freed, or None without `CountingAlloc` (library use).
+pub fn live_bytes() -> Option<usize> {
+    INSTALLED.load(Ordering::Relaxed).then(|| LIVE.load(Ordering::Relaxed))
+}
+
+/// The most bytes live at once since the last [`reset_peak`] (None without `CountingAlloc`).
+pub fn peak_bytes() -> Option<usize> {
+    INSTALLED.load(Ordering::Relaxed).then(|| PEAK.load(Ordering::Relaxed))
+}
+
+/// Frees every cached block (after one-off work whose block sizes will not come again, such as
+/// the memory estimate's probes, so that they do not stay resident).
+pub fn release_cache() {
+    let blocks: Vec<Slot> = Vec::with_capacity(SLOTS);
+    let mut blocks = blocks;
+    CACHE.with(|slots, bytes| {
+        for s in slots.iter_mut().filter(|s| !s.ptr.is_null()) {
+            blocks.push(*s);
+            *s = Slot { size: 0, align: 0, ptr: ptr::null_mut() };
+        }
+        *bytes = 0;
+    });
+    for s in blocks {
+        // SAFETY: the block came from System with this layout and is no longer in the cache.
+        unsafe { System.dealloc(s.ptr, Layout::from_size_align_unchecked(s.size, s.align)) };
+    }
+}
+
+/// Starts a new high-water mark at the bytes live now.
+pub fn reset_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 #[cfg(test)]

@@ -60,6 +60,14 @@ pub fn try_zeros(len: usize, what: impl FnOnce() -> String) -> crate::error::Res
     Ok(v)
 }
 
+/// Frees every idle buffer (the memory estimate measures a step from an empty pool).
+pub fn clear() {
+    if let Ok(mut p) = pool().lock() {
+        p.clear();
+        POOLED_BYTES.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Returns a buffer to the pool (or frees it when the pool is full or it is small).
 pub fn give(v: Vec<f32>) {
     let len = v.len();

@@ -4,6 +4,7 @@
 
 pub use super::elem::DeviceElem;
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// An f32 device buffer: what most launchers take and return.
 pub type F32Buf = CudaSlice<f32>;
@@ -23,9 +24,36 @@ pub struct CudaSlice<T: DeviceElem> {
     ordinal: usize,
 }
 
+/// Device bytes held by live buffers (every device together) and their high-water mark: what
+/// the memory estimate (`train::memory`) measures a small step's device footprint with.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Device bytes held by live buffers now.
+pub fn device_bytes_live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The most device bytes held at once since the last [`reset_device_peak`].
+pub fn device_bytes_peak() -> usize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts a new device high-water mark at the bytes held now.
+pub fn reset_device_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
 impl<T: DeviceElem> CudaSlice<T> {
     pub(crate) fn new(memory: Memory<T>, ordinal: usize) -> CudaSlice<T> {
-        CudaSlice { memory, ordinal }
+        let s = CudaSlice { memory, ordinal };
+        let live = LIVE.fetch_add(s.bytes(), Ordering::Relaxed) + s.bytes();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        s
+    }
+
+    fn bytes(&self) -> usize {
+        self.len() * std::mem::size_of::<T>()
     }
 
     /// Number of elements.
@@ -86,6 +114,12 @@ impl<T: DeviceElem> CudaSlice<T> {
             Memory::Emulated(b) => Ok(b),
             Memory::Driver(_) => Err(mixed()),
         }
+    }
+}
+
+impl<T: DeviceElem> Drop for CudaSlice<T> {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(self.bytes(), Ordering::Relaxed);
     }
 }
 

@@ -380,6 +380,21 @@ impl Gpu {
         }
     }
 
+    /// Bytes of device memory free now (for the emulated device: its size less what its live
+    /// buffers hold).
+    pub fn free_memory(&self) -> Result<usize> {
+        match &self.backend {
+            Backend::Driver(d) => d
+                .stream
+                .context()
+                .mem_get_info()
+                .map(|(free, _)| free)
+                .map_err(|e| device_err(format!("cuda:{}: free memory", self.info.ordinal), e)),
+            #[cfg(muscle_cuda_emu)]
+            Backend::Emulated => Ok(self.info.total_memory.saturating_sub(super::emu::memory_in_use())),
+        }
+    }
+
     /// The transfers and synchronisations so far.
     pub fn transfers(&self) -> Transfers {
         let c = &self.counters;

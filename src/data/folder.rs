@@ -111,12 +111,40 @@ fn convert(path: &Path, img: DynamicImage, shape: &Shape) -> Result<Vec<u8>> {
 }
 
 /// Decodes `files` in parallel into one data set; on failure, the error of the first failing
-/// file in list order, so that the message does not depend on thread scheduling.
-fn read_split(name: &str, files: &[(PathBuf, u16)], shape: &Shape, class_names: &[String]) -> Result<Dataset> {
+/// file in list order, so that the message does not depend on thread scheduling. `split` names
+/// the folder in messages.
+fn read_split(
+    name: &str,
+    split: &Path,
+    files: &[(PathBuf, u16)],
+    shape: &Shape,
+    class_names: &[String],
+) -> Result<Dataset> {
+    let per = shape.channels as u64 * shape.height as u64 * shape.width as u64;
+    let total = files.len() as u64 * per;
+    let what = || {
+        let flag = if shape.resize { format!("--resize {}: ", shape.width) } else { String::new() };
+        format!(
+            "{flag}{}: {} images of {}x{}x{} (held twice while decoding)",
+            split.display(),
+            files.len(),
+            shape.channels,
+            shape.height,
+            shape.width
+        )
+    };
+    // Before decoding: for a moment every image is held twice (decoded, then packed).
+    crate::train::memory::check_host_alloc(total.saturating_mul(2), what)?;
     let decoded: Vec<Result<Vec<u8>>> =
         files.par_iter().map(|(p, _)| decode(p).and_then(|img| convert(p, img, shape))).collect();
-    let per = shape.channels * (shape.height * shape.width) as usize;
-    let mut images = Vec::with_capacity(files.len() * per);
+    let mut images = Vec::new();
+    images.try_reserve_exact(total as usize).map_err(|_| {
+        Error::out_of_memory(format!(
+            "{}: {} could not be allocated",
+            what(),
+            crate::train::memory::human(total as f64)
+        ))
+    })?;
     for r in decoded {
         images.extend_from_slice(&r?);
     }
@@ -172,8 +200,8 @@ pub(crate) fn load(root: &Path, resize: Option<usize>, channels: Option<usize>) 
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "folder".to_string());
-    let train = read_split(&name, &train_files, &shape, &classes)?;
-    let test = read_split(&name, &test_files, &shape, &classes)?;
+    let train = read_split(&name, &train_dir, &train_files, &shape, &classes)?;
+    let test = read_split(&name, &test_dir, &test_files, &shape, &classes)?;
     Ok(TrainTest { train, test })
 }
 

@@ -155,7 +155,7 @@ impl Checkpoint {
 
     /// Reads a checkpoint file.
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = super::memory::read_file(path)?;
         Checkpoint::from_bytes(&bytes, path)
     }
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod config;
 mod eval;
 mod hungarian;
+pub mod memory;
 mod state;
 
 pub use config::{MethodDefaults, OptimizerKind, ScheduleKind, TrainConfig};
@@ -84,6 +85,36 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// Training images per second (labeled + every unlabeled view), evaluation excluded.
     pub train_images_per_second: f64,
+    /// Host memory the run was estimated to need at its peak, before its first step (bytes).
+    #[serde(default)]
+    pub memory_estimate_bytes: Option<u64>,
+    /// Device memory the run was estimated to take (GPU runs, bytes).
+    #[serde(default)]
+    pub device_memory_estimate_bytes: Option<u64>,
+    /// The process's peak resident memory (VmHWM, bytes), where the system reports it.
+    #[serde(default)]
+    pub peak_resident_bytes: Option<u64>,
+    /// The most device memory the run's buffers held at once after the estimate (GPU runs, bytes).
+    #[serde(default)]
+    pub device_peak_bytes: Option<u64>,
+}
+
+/// The device buffers' high-water mark on a GPU run.
+fn device_peak_bytes(device: crate::device::Device) -> Option<u64> {
+    match device {
+        crate::device::Device::Cpu => None,
+        #[cfg(feature = "cuda")]
+        crate::device::Device::Cuda(_) => Some(crate::cuda::buffer::device_bytes_peak() as u64),
+        #[cfg(not(feature = "cuda"))]
+        crate::device::Device::Cuda(_) => None,
+    }
+}
+
+/// Bytes of one copy of a model's tensors (parameters and buffers).
+pub fn model_bytes(model: &Model) -> u64 {
+    let mut n = 0u64;
+    model.visit(&mut |_, _, t| n += t.numel() as u64 * 4);
+    n
 }
 
 /// Loads the data a config names: the embedded subset, or the full set from `--data`.
@@ -256,6 +287,18 @@ fn run(
         // the loop below runs no step, and the final evaluation is redone for the summary.
         start = step;
     }
+    // Before the first batch is drawn: a run that cannot fit stops here with one line.
+    let eval_images = cfg.eval_batch.min(test.len().max(split.val.len()));
+    let estimate = memory::check(&memory::RunShape {
+        cfg,
+        spec,
+        aug: &aug,
+        model_bytes: model_bytes(&trainer.model),
+        eval_images,
+    })?;
+    // From here the device's high-water mark is the run's own (summary.json reports it).
+    #[cfg(feature = "cuda")]
+    crate::cuda::buffer::reset_device_peak();
     let train = Arc::new(train);
     let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch_plan(), start)?;
     let mut ema_history = Vec::new();
@@ -330,6 +373,10 @@ fn run(
         confusion_matrix: avg.confusion_matrix,
         wall_seconds: started.elapsed().as_secs_f64(),
         train_images_per_second: ((cfg.steps - start) as usize * images_per_step) as f64 / train_seconds.max(1e-9),
+        memory_estimate_bytes: estimate.as_ref().map(|e| e.host),
+        device_memory_estimate_bytes: estimate.as_ref().and_then(|e| e.device),
+        peak_resident_bytes: memory::peak_resident_bytes(),
+        device_peak_bytes: device_peak_bytes(cfg.device),
     };
     if let Some(f) = &files {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::format(e.to_string()))?;

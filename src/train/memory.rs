@@ -1,0 +1,435 @@
+//! What a run needs in memory, known before its first step, against what the machine allows.
+//!
+//! The estimate is measured, not modelled: a throwaway model runs a few real training steps at
+//! tiny batch sizes (and evaluations at tiny batch sizes) while the binary's allocator
+//! (`alloc_count`) and the device buffers (`cuda::buffer`) keep high-water marks; the peaks are
+//! linear in the number of images, so three probes give the fixed part and the bytes per labeled
+//! and per unlabeled image, which scale to the requested batch. Large images are probed at 32x32
+//! and scaled by the pixel count (every model ends in global average pooling). Added to that:
+//! the process as it is now (data set, model, optimizer: resident memory), the EMA model's copy
+//! and the loader's three batches in flight (one in use, one queued, one being built).
+//!
+//! The limit is `MUSCLE_MEMORY_LIMIT` when set (a size such as `512M`, or `off`), else what this
+//! process holds plus what it may still take: the cgroup's `memory.max` less its usage when a
+//! limit is set, else MemAvailable; on a GPU, the device's free memory.
+
+use super::config::TrainConfig;
+use super::eval::evaluate;
+use super::Trainer;
+use crate::data::{Augment, Dataset, StepBatch};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::nn::{Model, ModelSpec};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// Images are probed at their own size up to this many pixels, above it at `PROBE_SIDE` squared.
+const NATIVE_PIXELS: usize = 64 * 64;
+const PROBE_SIDE: usize = 32;
+/// Images per batch of the smallest probe; the others add as many again. Peaks move by a few
+/// MB with the threads' timing, so the probes must be far enough apart for that to be small per
+/// image (at 4 images apart the estimate of a default step varied by 2x; at 16, by a few %).
+const PROBE_IMAGES: usize = 16;
+
+/// Bytes as people read them: 1.5 GiB, 640.0 MiB, 12.0 KiB, 300 B.
+pub fn human(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024.0 {
+        return format!("{bytes:.0} B");
+    }
+    let mut v = bytes / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+/// A size from the environment: bytes, or with a K, M, G or T suffix (powers of 1024).
+fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (digits, shift) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 10),
+        (i, 'M' | 'm') => (&v[..i], 20),
+        (i, 'G' | 'g') => (&v[..i], 30),
+        (i, 'T' | 't') => (&v[..i], 40),
+        _ => (v, 0),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// A field of /proc/self/status (VmRSS, VmHWM) in bytes.
+fn proc_status(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line[field.len()..].trim_start_matches(':').trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resident memory of this process now.
+pub fn resident_bytes() -> Option<u64> {
+    proc_status("VmRSS")
+}
+
+/// The most resident memory this process has had (VmHWM).
+pub fn peak_resident_bytes() -> Option<u64> {
+    proc_status("VmHWM")
+}
+
+/// A field of /proc/meminfo in bytes.
+fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line[field.len()..].trim_start_matches(':').trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A number in a cgroup file ("max" means none).
+fn cgroup_value(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The bytes this process may hold in all, and where that figure comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limit {
+    /// Bytes the whole process may hold.
+    pub bytes: u64,
+    /// Where the limit comes from, for messages.
+    pub source: String,
+}
+
+/// The host memory this process may hold in all (None: no limit known, or `MUSCLE_MEMORY_LIMIT=off`).
+pub fn host_limit() -> Result<Option<Limit>> {
+    if let Ok(v) = std::env::var("MUSCLE_MEMORY_LIMIT") {
+        if v.trim() == "off" {
+            return Ok(None);
+        }
+        let bytes = parse_size(&v).ok_or_else(|| {
+            Error::usage(format!("MUSCLE_MEMORY_LIMIT={v:?}: expected a size such as 512M or 8G, or off"))
+        })?;
+        return Ok(Some(Limit { bytes, source: "MUSCLE_MEMORY_LIMIT".into() }));
+    }
+    let held = resident_bytes().unwrap_or(0);
+    // cgroup v2, then v1 (v1 says "no limit" with a huge number).
+    let cgroup = [
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ]
+    .iter()
+    .find_map(|(max, current)| {
+        let max = cgroup_value(max).filter(|&m| m < 1 << 60)?;
+        Some((max, max.saturating_sub(cgroup_value(current)?)))
+    });
+    let available = meminfo("MemAvailable");
+    Ok(match (cgroup, available) {
+        (Some((max, free)), Some(a)) if free <= a => {
+            Some(Limit { bytes: held + free, source: format!("the cgroup's memory.max of {}", human(max as f64)) })
+        }
+        (_, Some(a)) => Some(Limit { bytes: held + a, source: "MemAvailable".into() }),
+        (Some((max, free)), None) => {
+            Some(Limit { bytes: held + free, source: format!("the cgroup's memory.max of {}", human(max as f64)) })
+        }
+        (None, None) => None,
+    })
+}
+
+/// Checks that `bytes` more fit in host memory before allocating them (a data set to decode, a
+/// checkpoint to read): an out-of-memory error naming `what` and the limit otherwise.
+pub fn check_host_alloc(bytes: u64, what: impl FnOnce() -> String) -> Result<()> {
+    let Some(limit) = host_limit()? else { return Ok(()) };
+    let held = resident_bytes().unwrap_or(0);
+    if held.saturating_add(bytes) > limit.bytes {
+        return Err(Error::out_of_memory(format!(
+            "{}: {} does not fit: this process holds {} and may hold {} ({})",
+            what(),
+            human(bytes as f64),
+            human(held as f64),
+            human(limit.bytes as f64),
+            limit.source
+        )));
+    }
+    Ok(())
+}
+
+/// A vector of `len` copies of `value`, allocated fallibly after [`check_host_alloc`].
+pub fn try_vec<T: Clone>(len: usize, value: T, what: impl Fn() -> String) -> Result<Vec<T>> {
+    let bytes = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+    check_host_alloc(bytes, &what)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::out_of_memory(format!("{}: {} could not be allocated", what(), human(bytes as f64))))?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// Reads a whole file into memory, after checking that its size fits (a data set, a checkpoint).
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let what = || format!("reading {}", path.display());
+    check_host_alloc(len, what)?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len as usize)
+        .map_err(|_| Error::out_of_memory(format!("{}: {} could not be allocated", what(), human(len as f64))))?;
+    f.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Peak bytes above the starting point of one measured piece of work (host, device).
+#[derive(Clone, Copy, Debug, Default)]
+struct Peak {
+    host: f64,
+    device: f64,
+}
+
+/// Runs `f` and returns the host and device bytes it needed at its peak, from an empty pool.
+fn measure(device: Device, f: impl FnOnce() -> Result<()>) -> Result<Peak> {
+    crate::pool::clear();
+    let host0 = crate::alloc_count::live_bytes().unwrap_or(0);
+    crate::alloc_count::reset_peak();
+    #[cfg(feature = "cuda")]
+    let device0 = {
+        crate::cuda::buffer::reset_device_peak();
+        crate::cuda::buffer::device_bytes_live()
+    };
+    f()?;
+    device.synchronize()?;
+    let host = crate::alloc_count::peak_bytes().unwrap_or(0).saturating_sub(host0) as f64;
+    #[cfg(feature = "cuda")]
+    let device = crate::cuda::buffer::device_bytes_peak().saturating_sub(device0) as f64;
+    #[cfg(not(feature = "cuda"))]
+    let device = {
+        let _ = device;
+        0.0
+    };
+    crate::pool::clear();
+    Ok(Peak { host, device })
+}
+
+/// Random images in [-1, 1] of shape [n, c, h, w] (the values do not change what is allocated).
+fn images(n: usize, c: usize, h: usize, w: usize, rng: &mut Rng) -> Result<Tensor> {
+    Tensor::from_vec((0..n * c * h * w).map(|_| rng.range(-1.0, 1.0)).collect(), &[n, c, h, w])
+}
+
+/// The estimate of one run.
+#[derive(Clone, Debug)]
+pub struct Estimate {
+    /// Host bytes the process is expected to hold at its peak.
+    pub host: u64,
+    /// Device bytes the run is expected to take on top of what it holds when estimated (GPU runs).
+    pub device: Option<u64>,
+    /// Whether the evaluation, not a training step, is the peak.
+    pub eval_peak: bool,
+}
+
+/// What the estimate needs to know about a run.
+pub struct RunShape<'a> {
+    /// The run's options (resolved).
+    pub cfg: &'a TrainConfig,
+    /// The model's specification (input shape and classes).
+    pub spec: ModelSpec,
+    /// The training set's normalisation (for the evaluation probe).
+    pub aug: &'a Augment,
+    /// Bytes of one copy of the model's tensors (the EMA model is one more).
+    pub model_bytes: u64,
+    /// Images the evaluation runs at once (0: no evaluation, `muscle bench`).
+    pub eval_images: usize,
+}
+
+/// Measures the run's memory as the module documentation says; None when this process does not
+/// count its allocations (library use without muscle's allocator).
+pub fn estimate(run: &RunShape<'_>) -> Result<Option<Estimate>> {
+    if crate::alloc_count::live_bytes().is_none() {
+        return Ok(None);
+    }
+    let cfg = run.cfg;
+    let plan = cfg.batch_plan();
+    // Before the probes, whose freed blocks stay resident in the allocator's cache.
+    let held = resident_bytes().unwrap_or(0) as f64;
+    let spec = &run.spec;
+    let (h, w) = if spec.height * spec.width <= NATIVE_PIXELS {
+        (spec.height, spec.width)
+    } else {
+        (PROBE_SIDE.min(spec.height), PROBE_SIDE.min(spec.width))
+    };
+    let scale = (spec.height * spec.width) as f64 / (h * w) as f64;
+    let small = ModelSpec { height: h, width: w, ..*spec };
+    let mut rng = Rng::new(0x6d656d, 0);
+    let c = spec.in_channels;
+
+    // One training step at (labeled, unlabeled) images on a fresh model and optimizer.
+    let mut step_peak = |labeled: usize, unlabeled: usize| -> Result<Peak> {
+        let mut model = Model::new(small, cfg.seed)?;
+        model.to_device(cfg.device)?;
+        let mut trainer = Trainer::new(cfg, model)?;
+        let views = (0..plan.views).map(|_| images(unlabeled, c, h, w, &mut rng)).collect::<Result<Vec<_>>>()?;
+        let batch = StepBatch {
+            step: 0,
+            labeled: images(labeled, c, h, w, &mut rng)?,
+            views,
+            labels: (0..labeled).map(|i| i % spec.classes).collect::<Vec<_>>().into(),
+            labeled_view2: if plan.labeled_second_view { Some(images(labeled, c, h, w, &mut rng)?) } else { None },
+            labeled_idx: (0..labeled).collect(),
+            unlabeled_idx: (0..if plan.views > 0 { unlabeled } else { 0 }).collect(),
+        };
+        measure(cfg.device, || trainer.step(&batch, 0).map(|_| ()))
+    };
+    let (l0, u0) = (if plan.labeled > 0 { PROBE_IMAGES } else { 0 }, if plan.views > 0 { PROBE_IMAGES } else { 0 });
+    let base = step_peak(l0, u0)?;
+    let per_labeled = if l0 > 0 { slope(base, step_peak(2 * l0, u0)?, l0) } else { Peak::default() };
+    let per_unlabeled = if u0 > 0 { slope(base, step_peak(l0, 2 * u0)?, u0) } else { Peak::default() };
+    let at = |p: Peak, n: usize| (p.host * n as f64, p.device * n as f64);
+    let fixed = (
+        (base.host - per_labeled.host * l0 as f64 - per_unlabeled.host * u0 as f64).max(0.0),
+        (base.device - per_labeled.device * l0 as f64 - per_unlabeled.device * u0 as f64).max(0.0),
+    );
+    let (lh, ld) = at(per_labeled, plan.labeled);
+    let (uh, ud) = at(per_unlabeled, plan.unlabeled * usize::from(plan.views > 0));
+    let step = (fixed.0 + scale * (lh + uh), fixed.1 + scale * (ld + ud));
+
+    // The evaluation: a forward pass without a tape over one batch of n images, at two sizes.
+    let eval = if run.eval_images > 0 {
+        let mut eval_peak = |n: usize| -> Result<Peak> {
+            let mut model = Model::new(small, cfg.seed)?;
+            model.to_device(cfg.device)?;
+            let ds = Dataset {
+                name: "memory probe".into(),
+                images: (0..n * c * h * w).map(|_| rng.below(256) as u8).collect(),
+                labels: (0..n).map(|i| (i % spec.classes) as u16).collect(),
+                channels: c,
+                height: h,
+                width: w,
+                classes: spec.classes,
+                class_names: (0..spec.classes).map(|k| k.to_string()).collect(),
+            };
+            let aug = Augment::normalize_only(run.aug.mean.clone(), run.aug.std.clone());
+            measure(cfg.device, || evaluate(&mut model, &ds, None, &aug, n).map(|_| ()))
+        };
+        let e4 = eval_peak(PROBE_IMAGES)?;
+        let per = slope(e4, eval_peak(2 * PROBE_IMAGES)?, PROBE_IMAGES);
+        let n = run.eval_images as f64;
+        let n0 = PROBE_IMAGES as f64;
+        (
+            (e4.host - n0 * per.host).max(0.0) + scale * per.host * n,
+            (e4.device - n0 * per.device).max(0.0) + scale * per.device * n,
+        )
+    } else {
+        (0.0, 0.0)
+    };
+
+    // The probes' buffers have sizes the run will not ask for again.
+    crate::pool::clear();
+    crate::alloc_count::release_cache();
+    let image_bytes = (c * spec.height * spec.width * 4) as f64;
+    let loader = 3.0 * cfg.images_per_step() as f64 * image_bytes;
+    // The host's tensor pool keeps a step's buffers idle while the evaluation runs (its batches
+    // have other sizes) and the reverse: the peak holds both. Device buffers are freed as they
+    // go: the larger of the two.
+    let device = (cfg.device != Device::Cpu).then(|| run.model_bytes as f64 + step.1.max(eval.1));
+    // The emulated device's memory is this process's host memory.
+    #[cfg(feature = "cuda")]
+    let emulated = if crate::cuda::emulation_requested() { device.unwrap_or(0.0) } else { 0.0 };
+    #[cfg(not(feature = "cuda"))]
+    let emulated = 0.0;
+    let host = held + run.model_bytes as f64 + loader + step.0 + eval.0 + emulated;
+    let device = device.map(|d| d as u64);
+    Ok(Some(Estimate { host: host.min(u64::MAX as f64) as u64, device, eval_peak: eval.0 > step.0 }))
+}
+
+/// Bytes per image between two probes `n` images apart.
+fn slope(a: Peak, b: Peak, n: usize) -> Peak {
+    Peak { host: ((b.host - a.host) / n as f64).max(0.0), device: ((b.device - a.device) / n as f64).max(0.0) }
+}
+
+/// What the run's step is made of, in the flags that set it: "--batch 64 and --unlabeled-batch
+/// 256 (x2 views) of 1x28x28 images".
+fn step_flags(cfg: &TrainConfig, spec: &ModelSpec) -> String {
+    let plan = cfg.batch_plan();
+    let mut parts = Vec::new();
+    if plan.labeled > 0 {
+        parts.push(format!("--batch {}", plan.labeled));
+    }
+    if plan.views > 0 {
+        parts.push(format!("--unlabeled-batch {} (x{} views)", plan.unlabeled, plan.views));
+    }
+    format!("{} of {}x{}x{} images", parts.join(" and "), spec.in_channels, spec.height, spec.width)
+}
+
+/// Estimates the run's memory and refuses to start one that cannot fit: an out-of-memory error
+/// naming the flags, the estimate and the limit. Returns the estimate (None when unmeasured).
+pub fn check(run: &RunShape<'_>) -> Result<Option<Estimate>> {
+    let Some(est) = estimate(run)? else { return Ok(None) };
+    let what = || {
+        if est.eval_peak {
+            format!(
+                "evaluating {} images at once of {}x{}x{}",
+                run.eval_images, run.spec.in_channels, run.spec.height, run.spec.width
+            )
+        } else {
+            format!("{} ({}, {})", step_flags(run.cfg, &run.spec), run.cfg.model, run.cfg.method)
+        }
+    };
+    if let Some(limit) = host_limit()? {
+        if est.host > limit.bytes {
+            return Err(Error::out_of_memory(format!(
+                "{} needs ~{} of memory for one training step; this machine allows {} ({})",
+                what(),
+                human(est.host as f64),
+                human(limit.bytes as f64),
+                limit.source
+            )));
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(i), Some(need)) = (run.cfg.device, est.device) {
+        let free = crate::cuda::context::gpu(i)?.free_memory()?;
+        if need as usize > free {
+            return Err(Error::out_of_memory(format!(
+                "{} needs ~{} of memory on {} for one training step; {} is free there",
+                what(),
+                human(need as f64),
+                run.cfg.device.label(),
+                human(free as f64)
+            )));
+        }
+    }
+    Ok(Some(est))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("3g"), Some(3 << 30));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(human(300.0), "300 B");
+        assert_eq!(human(1536.0), "1.5 KiB");
+        assert_eq!(human(2.5 * (1u64 << 40) as f64), "2.5 TiB");
+    }
+
+    #[test]
+    fn this_process_reports_its_resident_memory() {
+        let rss = resident_bytes().expect("VmRSS");
+        let peak = peak_resident_bytes().expect("VmHWM");
+        assert!(rss > 1 << 20 && peak >= rss, "rss {rss}, peak {peak}");
+    }
+
+    #[test]
+    fn try_vec_refuses_what_cannot_exist() {
+        let e = try_vec(usize::MAX / 2, 0u8, || "a test buffer".into()).expect_err("too large");
+        assert_eq!(e.kind(), crate::error::ErrorKind::OutOfMemory);
+        assert!(e.to_string().contains("a test buffer"), "{e}");
+        assert_eq!(try_vec(5, 7u16, || "small".into()).expect("fits"), vec![7u16; 5]);
+    }
+}
