@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A row of the table: what, MUSCLE_FAULT, arguments, exit code, what the line must name.
+type Row<'a> = (&'a str, Option<String>, Vec<String>, i32, String);
+
 fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&d);
@@ -91,8 +94,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
     let fills = d.join("fills");
     let full_disk = format!("disk@{}", step1 + size("resume.safetensors") / 2);
 
-    // (what, MUSCLE_FAULT, arguments, exit code, what the line must name)
-    let rows: Vec<(&str, Option<String>, Vec<String>, i32, String)> = vec![
+    let rows: Vec<Row> = vec![
         ("unknown method", None, vec!["train".into(), "--method".into(), "x".into()], 2, "--method".into()),
         ("unknown model", None, vec!["train".into(), "--model".into(), "x".into()], 2, "--model".into()),
         ("unknown dataset", None, vec!["train".into(), "--dataset".into(), "x".into()], 2, "--dataset".into()),

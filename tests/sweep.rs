@@ -82,7 +82,7 @@ fn a_full_disk_while_writing_the_tables_is_one_line_naming_the_file_and_a_rerun_
         .expect("dir")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
-    assert_eq!(names, [cell.clone()], "no table and no temporary file is left");
+    assert_eq!(names, [cell], "no table and no temporary file is left");
 
     let o = muscle_sweep(&b).output().expect("rerun");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
