@@ -101,7 +101,7 @@ mod tests {
         assert_eq!(Faults::parse("alloc@3, disk@0").expect("both"), Faults { disk: Some(0), alloc: Some(3) });
         for bad in ["disk", "disk@", "disk@x", "disk@-1", "alloc@0", "mem@3", "disk@1,oops"] {
             let e = Faults::parse(bad).expect_err(bad);
-            assert_eq!(e.kind(), crate::ErrorKind::Usage, "{bad}");
+            assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{bad}");
             assert!(e.message().contains("MUSCLE_FAULT"), "{e}");
         }
     }
