@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fault;
 #[cfg(test)]
 mod fuzz;
 pub mod kernel_args;

@@ -46,6 +46,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return clap_error(e),
     };
+    // A malformed MUSCLE_FAULT (test-only fault injection) is a usage error before anything runs.
+    if let Err(e) = muscle::fault::check_env() {
+        return exit_with(&e);
+    }
     let result = match cli.command {
         Command::Train(a) => app::train::command(&a),
         Command::Pretrain(a) => app::train::pretrain_command(&a),

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A row of the table: what, MUSCLE_FAULT, arguments, exit code, what the line must name.
+type Row<'a> = (&'a str, Option<String>, Vec<String>, i32, String);
+
 fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&d);
@@ -58,12 +61,16 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
     bad_dims[7] ^= 0x40;
 
     // Checkpoints of other models: a WRN (for --init into a convnet) and a 20-cluster convnet
-    // (for eval on 10-class data).
+    // (for eval on 10-class data); and a one-step run of the configuration the full-disk row
+    // uses, to size that disk.
     let wrn_dir = d.join("wrn");
     let clusters_dir = d.join("clusters");
+    let one_step_dir = d.join("one-step");
+    let tiny = ["train", "--width", "4", "--batch", "8", "--unlabeled-batch", "16"];
     for (args, dir) in [
         (vec!["train", "--model", "wrn-28-2", "--method", "supervised", "--labels", "10", "--batch", "8"], &wrn_dir),
         (vec!["pretrain", "--overcluster", "2", "--width", "4", "--unlabeled-batch", "8"], &clusters_dir),
+        (tiny.to_vec(), &one_step_dir),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_muscle"))
             .env_remove("MUSCLE_CUDA_EMU")
@@ -76,38 +83,58 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
     std::fs::create_dir_all(d.join("full")).expect("dir");
     std::os::unix::fs::symlink("/dev/full", d.join("full/metrics.jsonl")).expect("symlink");
     std::fs::write(d.join("empty.safetensors"), b"").expect("write");
+    // A disk that fills halfway through the step-2 resume.safetensors of a run that checkpoints
+    // every step: the one-step run's files but summary.json, then half a resume file (the step-2
+    // metrics line, and the --out paths' lengths, differ by far less).
+    let size = |f: &str| std::fs::metadata(one_step_dir.join(f)).expect("size").len();
+    let step1: u64 = ["config.json", "split.json", "metrics.jsonl", "resume.safetensors", "checkpoint.safetensors"]
+        .iter()
+        .map(|f| size(f))
+        .sum();
+    let fills = d.join("fills");
+    let full_disk = format!("disk@{}", step1 + size("resume.safetensors") / 2);
 
-    let rows: Vec<(&str, Vec<String>, i32, String)> = vec![
-        ("unknown method", vec!["train".into(), "--method".into(), "x".into()], 2, "--method".into()),
-        ("unknown model", vec!["train".into(), "--model".into(), "x".into()], 2, "--model".into()),
-        ("unknown dataset", vec!["train".into(), "--dataset".into(), "x".into()], 2, "--dataset".into()),
-        ("zero steps", vec!["train".into(), "--steps".into(), "0".into()], 2, "--steps".into()),
-        ("negative steps", vec!["train".into(), "--steps=-5".into()], 2, "--steps".into()),
-        ("zero batch", vec!["train".into(), "--batch".into(), "0".into()], 2, "--batch".into()),
+    let rows: Vec<Row> = vec![
+        ("unknown method", None, vec!["train".into(), "--method".into(), "x".into()], 2, "--method".into()),
+        ("unknown model", None, vec!["train".into(), "--model".into(), "x".into()], 2, "--model".into()),
+        ("unknown dataset", None, vec!["train".into(), "--dataset".into(), "x".into()], 2, "--dataset".into()),
+        ("zero steps", None, vec!["train".into(), "--steps".into(), "0".into()], 2, "--steps".into()),
+        ("negative steps", None, vec!["train".into(), "--steps=-5".into()], 2, "--steps".into()),
+        ("zero batch", None, vec!["train".into(), "--batch".into(), "0".into()], 2, "--batch".into()),
         (
             "zero unlabeled batch",
+            None,
             vec!["train".into(), "--unlabeled-batch".into(), "0".into()],
             2,
             "--unlabeled-batch".into(),
         ),
-        ("labels not balanced", vec!["train".into(), "--labels".into(), "15".into()], 2, "15".into()),
-        ("labels larger than the data", vec!["train".into(), "--labels".into(), "20000".into()], 2, "20000".into()),
+        ("labels not balanced", None, vec!["train".into(), "--labels".into(), "15".into()], 2, "15".into()),
+        (
+            "labels larger than the data",
+            None,
+            vec!["train".into(), "--labels".into(), "20000".into()],
+            2,
+            "20000".into(),
+        ),
         (
             "imbalance below 1",
+            None,
             vec!["train".into(), "--label-imbalance".into(), "0.5".into()],
             2,
             "--label-imbalance".into(),
         ),
-        ("bad device", vec!["train".into(), "--device".into(), "tpu".into()], 2, "--device".into()),
-        ("cuda in a CPU build", vec!["train".into(), "--device".into(), "cuda".into()], 1, "cuda".into()),
+        ("bad device", None, vec!["train".into(), "--device".into(), "tpu".into()], 2, "--device".into()),
+        ("cuda in a CPU build", None, vec!["train".into(), "--device".into(), "cuda".into()], 1, "cuda".into()),
         (
             "missing data dir",
+            None,
             vec!["train".into(), "--data".into(), "/nonexistent/d".into()],
             1,
             "/nonexistent/d".into(),
         ),
         (
             "empty IDX file",
+            None,
             vec![
                 "train".into(),
                 "--data".into(),
@@ -118,12 +145,14 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "missing IDX file",
+            None,
             vec!["train".into(), "--data".into(), idx_set_with(&d.join("missing"), "t10k-labels-idx1-ubyte.gz", None)],
             1,
             "t10k-labels-idx1-ubyte".into(),
         ),
         (
             "truncated IDX",
+            None,
             vec![
                 "train".into(),
                 "--data".into(),
@@ -134,6 +163,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "wrong IDX magic",
+            None,
             vec![
                 "train".into(),
                 "--data".into(),
@@ -144,6 +174,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "wrong IDX dimensions",
+            None,
             vec![
                 "train".into(),
                 "--data".into(),
@@ -154,6 +185,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "label out of range",
+            None,
             vec![
                 "train".into(),
                 "--data".into(),
@@ -164,24 +196,28 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "missing checkpoint",
+            None,
             vec!["eval".into(), "--checkpoint".into(), "/nonexistent/c.safetensors".into()],
             1,
             "/nonexistent/c.safetensors".into(),
         ),
         (
             "empty checkpoint",
+            None,
             vec!["eval".into(), "--checkpoint".into(), s(d.join("empty.safetensors"))],
             1,
             "empty.safetensors".into(),
         ),
         (
             "checkpoint for other data",
+            None,
             vec!["eval".into(), "--checkpoint".into(), s(clusters_dir.join("checkpoint.safetensors"))],
             1,
             "checkpoint.safetensors".into(),
         ),
         (
             "init from another model",
+            None,
             vec![
                 "train".into(),
                 "--steps".into(),
@@ -194,12 +230,14 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "unwritable --out",
+            None,
             vec!["train".into(), "--steps".into(), "1".into(), "--out".into(), "/proc/muscle-out".into()],
             1,
             "/proc/muscle-out".into(),
         ),
         (
             "write error in --out",
+            None,
             vec![
                 "train".into(),
                 "--steps".into(),
@@ -214,6 +252,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "huge --batch (a batch that cannot be allocated)",
+            None,
             vec![
                 "train".into(),
                 "--batch".into(),
@@ -228,6 +267,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "huge --unlabeled-batch",
+            None,
             vec![
                 "train".into(),
                 "--unlabeled-batch".into(),
@@ -241,27 +281,61 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
             "--unlabeled-batch: a batch of 100000000 images".into(),
         ),
         (
+            "a disk that fills mid-run",
+            Some(full_disk),
+            tiny.iter()
+                .map(|a| a.to_string())
+                .chain(["--steps", "3", "--eval-every", "1", "--out"].map(String::from))
+                .chain([s(fills.clone())])
+                .collect(),
+            1,
+            "resume.safetensors: No space left on device".into(),
+        ),
+        (
+            "a batch that cannot be allocated mid-run",
+            Some("alloc@2".into()),
+            tiny.iter()
+                .map(|a| a.to_string())
+                .chain(["--steps", "3", "--eval-every", "1", "--out"].map(String::from))
+                .chain([s(d.join("alloc"))])
+                .collect(),
+            1,
+            "--batch: a batch of 8 images of 1x28x28 for step 2: could not be allocated".into(),
+        ),
+        ("malformed MUSCLE_FAULT", Some("disk@lots".into()), vec!["info".into()], 2, "MUSCLE_FAULT".into()),
+        (
             "resume without a run",
+            None,
             vec!["train".into(), "--resume".into(), s(d.join("nothing"))],
             1,
             "config.json".into(),
         ),
     ];
     assert!(rows.len() >= 20);
-    for (what, args, code, needle) in &rows {
-        let o =
-            Command::new(env!("CARGO_BIN_EXE_muscle")).env_remove("MUSCLE_CUDA_EMU").args(args).output().expect("run");
+    for (what, fault, args, code, needle) in &rows {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_muscle"));
+        cmd.env_remove("MUSCLE_CUDA_EMU").env_remove("MUSCLE_FAULT").args(args);
+        if let Some(f) = fault {
+            cmd.env("MUSCLE_FAULT", f);
+        }
+        let o = cmd.output().expect("run");
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(*code), "{what}: {args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{what}: not one line: {err}");
         assert!(err.contains(needle.as_str()), "{what}: '{err}' does not name {needle}");
         assert!(!err.contains("panicked"), "{what}: {err}");
     }
-    // The write failure left no temporary files behind.
-    let leftovers: Vec<_> = std::fs::read_dir(d.join("full"))
-        .expect("dir")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The write failures left no temporary files behind, and the full disk the step-1 checkpoint.
+    for dir in [d.join("full"), fills.clone()] {
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{}: {leftovers:?}", dir.display());
+    }
+    for f in ["resume.safetensors", "checkpoint.safetensors"] {
+        let ck = muscle::train::checkpoint::Checkpoint::load(&fills.join(f)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ck.metadata.get("step").map(String::as_str), Some("1"), "{f}");
+    }
 }

@@ -32,7 +32,7 @@ pub(crate) fn scratch(name: &str) -> PathBuf {
 
 fn muscle() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_muscle"));
-    c.env_remove("MUSCLE_CUDA_EMU").stdout(Stdio::null()).stderr(Stdio::piped());
+    c.env_remove("MUSCLE_CUDA_EMU").env_remove("MUSCLE_FAULT").stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
@@ -186,4 +186,79 @@ fn a_run_killed_after_its_final_checkpoint_resumes_to_its_summary() {
         |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("json")["test_accuracy_ema"].clone();
     assert_eq!(field(&std::fs::read_to_string(d.join("summary.json")).expect("summary again")), field(&summary));
     assert_eq!(metrics_without_timing(&d).len(), 2);
+}
+
+/// A tiny run with checkpoints at steps 2, 4 and 6 (about half a second).
+const TINY: &[&str] =
+    &["train", "--width", "4", "--batch", "8", "--unlabeled-batch", "16", "--steps", "6", "--eval-every", "2"];
+
+/// The step a checkpoint file of `dir` holds.
+fn step_of(dir: &Path, file: &str) -> String {
+    let ck = Checkpoint::load(&dir.join(file)).unwrap_or_else(|e| panic!("{e}"));
+    ck.metadata.get("step").unwrap_or_else(|| panic!("{file} has no step")).clone()
+}
+
+/// Runs TINY into `out` with `MUSCLE_FAULT=fault` and checks that it stops with one line naming
+/// `needle`, exit 1, no temporary file, and its checkpoints at `steps` (resume, checkpoint); then
+/// resumes it without the fault and checks that it ends on the bytes and metrics of `reference`.
+fn stop_and_resume(reference: &Path, out: &Path, fault: &str, needle: &str, steps: (&str, &str)) {
+    let o = muscle().env("MUSCLE_FAULT", fault).args(TINY).arg("--out").arg(out).output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{fault}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{fault}: not one line: {err}");
+    assert!(err.contains(needle) && !err.contains("panicked"), "{fault}: '{err}' does not name {needle}");
+    let leftovers: Vec<_> = std::fs::read_dir(out)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{fault}: {leftovers:?}");
+    assert_eq!((step_of(out, "resume.safetensors").as_str(), step_of(out, "checkpoint.safetensors").as_str()), steps);
+    assert!(!out.join("summary.json").exists(), "{fault}");
+
+    let o = muscle().arg("train").arg("--resume").arg(out).output().expect("resume");
+    assert!(o.status.success(), "{fault}: resume: {}", String::from_utf8_lossy(&o.stderr));
+    for f in ["checkpoint.safetensors", "resume.safetensors"] {
+        let (got, want) = (std::fs::read(out.join(f)).expect("got"), std::fs::read(reference.join(f)).expect("want"));
+        assert!(got == want, "{fault}: the resumed run's {f} differs from the uninterrupted run's");
+    }
+    assert_eq!(metrics_without_timing(out), metrics_without_timing(reference), "{fault}");
+    assert!(out.join("summary.json").exists(), "{fault}");
+}
+
+#[test]
+fn a_run_stopped_by_a_full_disk_resumes_to_the_bytes_of_an_uninterrupted_run() {
+    // One-letter folders: config.json holds the --out path, so every run writes as many bytes.
+    let d = scratch("full-disk");
+    let a = d.join("a");
+    run_to_end(TINY, &a);
+    let size = |f: &str| std::fs::metadata(a.join(f)).expect("size").len();
+    let lines: Vec<u64> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| l.len() as u64 + 1)
+        .collect();
+    let (resume, checkpoint) = (size("resume.safetensors"), size("checkpoint.safetensors"));
+    // The bytes written by the end of the step-2 checkpoint; then the step-4 evaluation writes its
+    // metrics line, resume.safetensors and checkpoint.safetensors, in that order. The lines'
+    // lengths vary by a few bytes (images_per_second), far less than half of any of the three.
+    let step2 = size("config.json") + size("split.json") + lines[0] + resume + checkpoint;
+    let cases = [
+        ("m", step2 + lines[1] / 2, "metrics.jsonl", ("2", "2")),
+        ("r", step2 + lines[1] + resume / 2, "resume.safetensors", ("2", "2")),
+        ("c", step2 + lines[1] + resume + checkpoint / 2, "checkpoint.safetensors", ("4", "2")),
+    ];
+    for (name, budget, file, steps) in cases {
+        let needle = format!("{}: No space left on device", d.join(name).join(file).display());
+        stop_and_resume(&a, &d.join(name), &format!("disk@{budget}"), &needle, steps);
+    }
+}
+
+#[test]
+fn a_run_stopped_by_a_failed_allocation_resumes_to_the_bytes_of_an_uninterrupted_run() {
+    let d = scratch("failed-allocation");
+    let a = d.join("a");
+    run_to_end(TINY, &a);
+    let needle = "--batch: a batch of 8 images of 1x28x28 for step 3: could not be allocated";
+    stop_and_resume(&a, &d.join("b"), "alloc@3", needle, ("2", "2"));
 }

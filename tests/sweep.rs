@@ -48,3 +48,44 @@ fn a_grid_writes_tables_and_a_rerun_only_redoes_missing_cells() {
     assert!(lost.join("summary.json").exists());
     assert_eq!(std::fs::read(&kept).expect("kept"), before);
 }
+
+/// `muscle sweep` with a fault-free environment, stdout dropped.
+fn muscle_sweep(out: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_muscle"));
+    c.env_remove("MUSCLE_CUDA_EMU").env_remove("MUSCLE_FAULT").stdout(std::process::Stdio::null());
+    c.args(["sweep", "--methods", "supervised", "--label-counts", "10", "--steps", "2", "--eval-every", "2"])
+        .args(["--width", "4", "--batch", "8", "--out"])
+        .arg(out);
+    c
+}
+
+#[test]
+fn a_full_disk_while_writing_the_tables_is_one_line_naming_the_file_and_a_rerun_writes_them() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sweep-full-disk");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let o = muscle_sweep(&a).output().expect("sweep");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read(a.join("results.csv")).expect("csv");
+    // The finished cell, without the tables: the sweep's only writes are then the tables.
+    let cell = cell_name(Method::Supervised, 10, 1.0, 0);
+    std::fs::create_dir_all(b.join(&cell)).expect("dir");
+    for f in std::fs::read_dir(a.join(&cell)).expect("cell").filter_map(|e| e.ok()) {
+        std::fs::copy(f.path(), b.join(&cell).join(f.file_name())).expect("copy");
+    }
+    let o = muscle_sweep(&b).env("MUSCLE_FAULT", format!("disk@{}", csv.len() / 2)).output().expect("sweep");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("results.csv: No space left on device") && !err.contains("panicked"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(&b)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(names, [cell], "no table and no temporary file is left");
+
+    let o = muscle_sweep(&b).output().expect("rerun");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(b.join("results.csv")).expect("csv"), csv);
+    assert_eq!(std::fs::read(b.join("results.md")).expect("md"), std::fs::read(a.join("results.md")).expect("md"));
+}

@@ -126,6 +126,19 @@ impl Plan {
         let unlabeled_idx: Vec<usize> =
             (0..n_unl).map(|_| self.unlabeled[below(&mut rng, self.unlabeled.len())]).collect();
         let ds = &*self.train;
+        if crate::fault::alloc_fails_at(t + 1) {
+            // As the allocation in `gather` fails, with the flag that sizes the batch named.
+            let (flag, n) =
+                if labeled_idx.is_empty() { ("--unlabeled-batch", n_unl) } else { ("--batch", labeled_idx.len()) };
+            return Err(Error::out_of_memory(format!(
+                "{flag}: a batch of {n} images of {}x{}x{} for step {}: could not be allocated (injected by {})",
+                ds.channels,
+                ds.height,
+                ds.width,
+                t + 1,
+                crate::fault::VAR
+            )));
+        }
         let (labeled, labels) = if labeled_idx.is_empty() {
             (Tensor::zeros(&[0, ds.channels, ds.height, ds.width]), Vec::new())
         } else {

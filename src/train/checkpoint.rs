@@ -5,7 +5,6 @@ use crate::error::{Error, Result};
 use crate::npy::{self, Matrix};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// The values of one stored tensor.
@@ -197,14 +196,15 @@ pub fn read_matrix(path: &Path) -> Result<Matrix> {
     Ok(Matrix { rows, cols, data })
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
+/// Writes `bytes` to `path` so that a crash or a full disk leaves either the old file or the new
+/// one (and no temporary file after an error).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| Error::usage(format!("{}: not a file path", path.display())))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        crate::fault::write_all(&mut f, bytes)?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;

@@ -194,9 +194,13 @@ impl RunFiles {
         Ok((RunFiles { dir: dir.to_path_buf(), metrics }, history))
     }
 
+    /// Appends one line to metrics.jsonl; a line cut short by a full disk is dropped on resume
+    /// (it does not parse).
     fn metric(&mut self, line: &serde_json::Value) -> Result<()> {
         let path = self.dir.join("metrics.jsonl");
-        writeln!(self.metrics, "{line}").and_then(|_| self.metrics.flush()).map_err(|e| Error::io(&path, e))
+        crate::fault::write_all(&mut self.metrics, format!("{line}\n").as_bytes())
+            .and_then(|_| self.metrics.flush())
+            .map_err(|e| Error::io(&path, e))
     }
 }
 
