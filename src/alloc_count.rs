@@ -10,7 +10,7 @@
 //! allocator at the cost of one comparison.
 //!
 //! It also keeps the bytes live (allocated and not yet freed, blocks of every size) and their
-//! high-water mark, so that the memory estimate (`train::memory`) can measure what a small
+//! high-water mark, so that the memory estimate (`train::estimate`) can measure what a small
 //! training step needs and scale it to the requested batch.
 
 use std::alloc::{GlobalAlloc, Layout, System};

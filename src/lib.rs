@@ -20,6 +20,7 @@ pub mod fault;
 #[cfg(test)]
 mod fuzz;
 pub mod kernel_args;
+pub mod memory;
 pub mod nn;
 pub mod npy;
 pub mod ops;

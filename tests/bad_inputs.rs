@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A row of the table: what, MUSCLE_FAULT, arguments, exit code, what the line must name.
-type Row<'a> = (&'a str, Option<String>, Vec<String>, i32, String);
+/// A row of the table: what, an environment variable to set (MUSCLE_FAULT, MUSCLE_MEMORY_LIMIT),
+/// arguments, exit code, what the line must name.
+type Row<'a> = (&'a str, Option<(&'a str, String)>, Vec<String>, i32, String);
 
 fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -263,6 +264,21 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
                 s(d.join("huge-batch")),
             ],
             1,
+            "--batch 100000000 and --unlabeled-batch 256 (x2 views) of 1x28x28 images (convnet, muscle) needs ~".into(),
+        ),
+        (
+            "huge --batch past the estimate (a batch that cannot be allocated)",
+            Some(("MUSCLE_MEMORY_LIMIT", "off".into())),
+            vec![
+                "train".into(),
+                "--batch".into(),
+                "100000000".into(),
+                "--steps".into(),
+                "1".into(),
+                "--out".into(),
+                s(d.join("huge-batch-off")),
+            ],
+            1,
             "--batch: a batch of 100000000 images".into(),
         ),
         (
@@ -278,11 +294,47 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
                 s(d.join("huge-unlabeled")),
             ],
             1,
-            "--unlabeled-batch: a batch of 100000000 images".into(),
+            "--unlabeled-batch 100000000 (x2 views) of 1x28x28 images (convnet, muscle) needs ~".into(),
+        ),
+        (
+            "huge --resize on an image folder",
+            None,
+            vec![
+                "train".into(),
+                "--dataset".into(),
+                "folder".into(),
+                "--data".into(),
+                s(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar10-foolbox")),
+                "--resize".into(),
+                "30000".into(),
+            ],
+            1,
+            "--resize 30000: ".into(),
+        ),
+        (
+            "a data set larger than the memory limit",
+            Some(("MUSCLE_MEMORY_LIMIT", "4M".into())),
+            vec!["train".into(), "--steps".into(), "1".into()],
+            1,
+            "train-images-idx3-ubyte.gz: decoding [10000, 28, 28]: 7.5 MiB does not fit".into(),
+        ),
+        (
+            "a step larger than the memory limit",
+            Some(("MUSCLE_MEMORY_LIMIT", "200M".into())),
+            vec!["train".into(), "--steps".into(), "1".into()],
+            1,
+            "for one training step; this machine allows 200.0 MiB (MUSCLE_MEMORY_LIMIT)".into(),
+        ),
+        (
+            "malformed MUSCLE_MEMORY_LIMIT",
+            Some(("MUSCLE_MEMORY_LIMIT", "lots".into())),
+            vec!["train".into()],
+            2,
+            "MUSCLE_MEMORY_LIMIT".into(),
         ),
         (
             "a disk that fills mid-run",
-            Some(full_disk),
+            Some(("MUSCLE_FAULT", full_disk)),
             tiny.iter()
                 .map(|a| a.to_string())
                 .chain(["--steps", "3", "--eval-every", "1", "--out"].map(String::from))
@@ -293,7 +345,7 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
         (
             "a batch that cannot be allocated mid-run",
-            Some("alloc@2".into()),
+            Some(("MUSCLE_FAULT", "alloc@2".into())),
             tiny.iter()
                 .map(|a| a.to_string())
                 .chain(["--steps", "3", "--eval-every", "1", "--out"].map(String::from))
@@ -302,7 +354,13 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
             1,
             "--batch: a batch of 8 images of 1x28x28 for step 2: could not be allocated".into(),
         ),
-        ("malformed MUSCLE_FAULT", Some("disk@lots".into()), vec!["info".into()], 2, "MUSCLE_FAULT".into()),
+        (
+            "malformed MUSCLE_FAULT",
+            Some(("MUSCLE_FAULT", "disk@lots".into())),
+            vec!["info".into()],
+            2,
+            "MUSCLE_FAULT".into(),
+        ),
         (
             "resume without a run",
             None,
@@ -312,11 +370,11 @@ fn every_bad_input_gives_one_line_and_the_right_exit_code() {
         ),
     ];
     assert!(rows.len() >= 20);
-    for (what, fault, args, code, needle) in &rows {
+    for (what, env, args, code, needle) in &rows {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_muscle"));
-        cmd.env_remove("MUSCLE_CUDA_EMU").env_remove("MUSCLE_FAULT").args(args);
-        if let Some(f) = fault {
-            cmd.env("MUSCLE_FAULT", f);
+        cmd.env_remove("MUSCLE_CUDA_EMU").env_remove("MUSCLE_FAULT").env_remove("MUSCLE_MEMORY_LIMIT").args(args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
         }
         let o = cmd.output().expect("run");
         let err = String::from_utf8_lossy(&o.stderr);

@@ -8,6 +8,7 @@ mod errors;
 mod gpu;
 mod gradients;
 mod learning;
+mod memory;
 mod mi_reference;
 mod models;
 mod old_runs;

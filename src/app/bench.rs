@@ -8,7 +8,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelKind, ModelSpec, Module};
 use crate::rng::Rng;
-use crate::train::{memory, TrainConfig, Trainer};
+use crate::train::{estimate, TrainConfig, Trainer};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -255,7 +255,7 @@ impl StepRunner {
         let parameters = model.num_parameters();
         let trainer = Trainer::new(cfg, model)?;
         // No evaluation and no separate EMA model here: only the steps.
-        memory::check(&memory::RunShape { cfg, spec, aug: &aug, model_bytes: 0, eval_images: 0 })?;
+        estimate::check(&estimate::RunShape { cfg, spec, aug: &aug, model_bytes: 0, eval_images: 0 })?;
         let loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
         Ok(StepRunner { trainer, loader, step: 0, parameters, synthetic })
     }

@@ -25,7 +25,7 @@ pub struct CudaSlice<T: DeviceElem> {
 }
 
 /// Device bytes held by live buffers (every device together) and their high-water mark: what
-/// the memory estimate (`train::memory`) measures a small step's device footprint with.
+/// the memory estimate (`train::estimate`) measures a small step's device footprint with.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 

@@ -163,7 +163,7 @@ pub(crate) fn parse_into(
 fn read_set(files: &[PathBuf], set_name: &str, label_bytes: usize, class_names: &[&str]) -> Result<Dataset> {
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     for f in files {
-        let bytes = crate::train::memory::read_file(f)?;
+        let bytes = crate::memory::read_file(f)?;
         parse_into(&f.display().to_string(), &bytes, label_bytes, class_names.len(), &mut images, &mut labels)?;
     }
     Ok(Dataset {

@@ -134,16 +134,12 @@ fn read_split(
         )
     };
     // Before decoding: for a moment every image is held twice (decoded, then packed).
-    crate::train::memory::check_host_alloc(total.saturating_mul(2), what)?;
+    crate::memory::check_host_alloc(total.saturating_mul(2), what)?;
     let decoded: Vec<Result<Vec<u8>>> =
         files.par_iter().map(|(p, _)| decode(p).and_then(|img| convert(p, img, shape))).collect();
     let mut images = Vec::new();
     images.try_reserve_exact(total as usize).map_err(|_| {
-        Error::out_of_memory(format!(
-            "{}: {} could not be allocated",
-            what(),
-            crate::train::memory::human(total as f64)
-        ))
+        Error::out_of_memory(format!("{}: {} could not be allocated", what(), crate::memory::human(total as f64)))
     })?;
     for r in decoded {
         images.extend_from_slice(&r?);

@@ -25,7 +25,7 @@ pub(crate) fn parse(name: &str, bytes: &[u8], ndims: u8) -> Result<(Vec<usize>, 
         dec.read_exact(&mut header).map_err(corrupt)?;
         let (dims, size) = header_dims(name, &header, ndims)?;
         // The header's claim is checked against the memory limit before anything grows.
-        crate::train::memory::check_host_alloc(size as u64, || format!("{name}: decoding {dims:?}"))?;
+        crate::memory::check_host_alloc(size as u64, || format!("{name}: decoding {dims:?}"))?;
         let mut data = Vec::new();
         dec.take(size as u64 + 1).read_to_end(&mut data).map_err(corrupt)?;
         if data.len() != size {
@@ -119,8 +119,8 @@ pub(crate) fn load_dir(dir: &Path, set_name: &str, class_names: &[&str]) -> Resu
     let part = |prefix: &str| -> Result<Dataset> {
         let ip = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
         let lp = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
-        let ib = crate::train::memory::read_file(&ip)?;
-        let lb = crate::train::memory::read_file(&lp)?;
+        let ib = crate::memory::read_file(&ip)?;
+        let lb = crate::memory::read_file(&lp)?;
         dataset_from_bytes(set_name, class_names, (&ip.display().to_string(), &ib), (&lp.display().to_string(), &lb))
     };
     Ok(TrainTest { train: part("train")?, test: part("t10k")? })

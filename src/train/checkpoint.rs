@@ -154,7 +154,7 @@ impl Checkpoint {
 
     /// Reads a checkpoint file.
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = super::memory::read_file(path)?;
+        let bytes = crate::memory::read_file(path)?;
         Checkpoint::from_bytes(&bytes, path)
     }
 

@@ -3,9 +3,9 @@
 
 pub mod checkpoint;
 mod config;
+pub mod estimate;
 mod eval;
 mod hungarian;
-pub mod memory;
 mod state;
 
 pub use config::{MethodDefaults, OptimizerKind, ScheduleKind, TrainConfig};
@@ -293,7 +293,7 @@ fn run(
     }
     // Before the first batch is drawn: a run that cannot fit stops here with one line.
     let eval_images = cfg.eval_batch.min(test.len().max(split.val.len()));
-    let estimate = memory::check(&memory::RunShape {
+    let estimate = estimate::check(&estimate::RunShape {
         cfg,
         spec,
         aug: &aug,
@@ -379,7 +379,7 @@ fn run(
         train_images_per_second: ((cfg.steps - start) as usize * images_per_step) as f64 / train_seconds.max(1e-9),
         memory_estimate_bytes: estimate.as_ref().map(|e| e.host),
         device_memory_estimate_bytes: estimate.as_ref().and_then(|e| e.device),
-        peak_resident_bytes: memory::peak_resident_bytes(),
+        peak_resident_bytes: crate::memory::peak_resident_bytes(),
         device_peak_bytes: device_peak_bytes(cfg.device),
     };
     if let Some(f) = &files {

@@ -139,3 +139,57 @@ fn out_of_device_memory_is_one_line_and_exit_1() {
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(err.contains("out of memory") && err.contains("free") && err.contains("moving a tensor"), "{err}");
 }
+
+/// The device side of the memory estimate: a step that cannot fit the (emulated) device is
+/// refused before it starts, naming the flags and the free memory; one that fits is estimated
+/// within a quarter of its buffers' measured peak.
+#[cfg(all(muscle_cuda_emu, feature = "cudnn"))]
+#[test]
+fn the_device_memory_estimate_refuses_a_step_that_cannot_fit_and_is_close_to_the_peak() {
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpu-memory-estimate");
+    let _ = std::fs::remove_dir_all(&root);
+    let data = crate::memory::with_small_test_split(&root.join("data"), 200);
+    let run = |memory: &str, unlabeled: &str, out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_muscle"))
+            .env("MUSCLE_CUDA_EMU", "1")
+            .env("MUSCLE_CUDA_EMU_MEMORY", memory)
+            .env_remove("MUSCLE_MEMORY_LIMIT")
+            .env_remove("MUSCLE_FAULT")
+            .args([
+                "train",
+                "--device",
+                "cuda",
+                "--data",
+                &data,
+                "--steps",
+                "1",
+                "--batch",
+                "16",
+                "--unlabeled-batch",
+                unlabeled,
+                "--out",
+            ])
+            .arg(root.join(out))
+            .output()
+            .expect("run muscle")
+    };
+    let o = run("64M", "4096", "refused");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("--batch 16 and --unlabeled-batch 4096 (x2 views)")
+            && err.contains("on cuda:0 (emulated) for one training step")
+            && err.contains("free there"),
+        "{err}"
+    );
+    assert!(!root.join("refused/metrics.jsonl").exists(), "the refused run started");
+
+    let o = run("4G", "32", "fits");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(root.join("fits/summary.json")).expect("summary");
+    let s: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let est = s["device_memory_estimate_bytes"].as_f64().expect("a device estimate");
+    let peak = s["device_peak_bytes"].as_f64().expect("a device peak");
+    assert!((0.75..=1.25).contains(&(est / peak)), "device estimate {est} against a peak of {peak}");
+}
