@@ -8,7 +8,7 @@
 
 use super::buffer::CudaSlice;
 use super::device::Gpu;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -32,9 +32,20 @@ pub fn gpu_of(s: &CudaSlice<f32>) -> Result<Rc<Gpu>> {
     gpu(s.ordinal())
 }
 
-/// A new zeroed buffer of `len` f32 on `gpu` (at least one element: CUDA does not allocate 0).
-pub fn zeros(gpu: &Gpu, len: usize) -> Result<CudaSlice<f32>> {
-    gpu.zeros::<f32>(len.max(1))
+/// A new zeroed buffer for an f32 tensor of `shape` on `gpu` (at least one element: CUDA does not
+/// allocate 0); out of memory, the error names the shape and its size.
+pub fn zeros(gpu: &Gpu, shape: &[usize]) -> Result<CudaSlice<f32>> {
+    let len = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::shape(format!("a {shape:?} f32 tensor has more elements than memory can address")))?;
+    gpu.zeros::<f32>(len.max(1)).map_err(|e| match e.kind() {
+        // The device's message says how much was free; this one says what did not fit.
+        ErrorKind::OutOfMemory => {
+            e.context(format!("a {shape:?} f32 tensor ({})", crate::memory::human(len as f64 * 4.0)))
+        }
+        _ => e,
+    })
 }
 
 /// A device-to-device copy of `s` (same length).

@@ -27,8 +27,10 @@ pub(crate) fn buf(t: &Tensor) -> Result<&CudaSlice<f32>> {
     t.cuda_slice()
 }
 
-pub(crate) fn alloc(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
-    context::zeros(gpu, n)
+/// A zeroed device buffer for an op's f32 tensor of `shape` (at least one element); out of
+/// memory, the error names the shape.
+pub(crate) fn alloc(gpu: &Gpu, shape: &[usize]) -> Result<CudaSlice<f32>> {
+    context::zeros(gpu, shape)
 }
 
 pub(crate) fn wrap(s: CudaSlice<f32>, shape: &[usize]) -> Result<Tensor> {
@@ -38,4 +40,26 @@ pub(crate) fn wrap(s: CudaSlice<f32>, shape: &[usize]) -> Result<Tensor> {
 /// `g` on `gpu` (a gradient that arrives from the host, e.g. a seed, is uploaded).
 pub(crate) fn here(g: &Tensor, gpu: &Gpu) -> Result<Tensor> {
     g.to_device(Device::Cuda(gpu.info().ordinal))
+}
+
+#[cfg(all(test, muscle_cuda_emu))]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    /// An op's buffer that does not fit is one line naming the tensor's shape, its size and the
+    /// device's free memory (4 TiB fits no emulated memory, whatever MUSCLE_CUDA_EMU_MEMORY says).
+    #[test]
+    fn out_of_memory_names_the_shape() {
+        if !crate::cuda::emulation_requested() {
+            eprintln!("skipped: ops::gpu: set MUSCLE_CUDA_EMU=1 for the emulated device");
+            return;
+        }
+        let gpu = context::gpu(0).expect("the emulated device");
+        let e = alloc(&gpu, &[1 << 20, 1 << 20]).expect_err("a 4 TiB buffer");
+        let text = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{text}");
+        assert!(text.starts_with("a [1048576, 1048576] f32 tensor (4.0 TiB): out of memory on cuda:0"), "{text}");
+        assert!(text.contains("free") && !text.contains('\n'), "{text}");
+    }
 }

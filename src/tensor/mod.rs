@@ -116,7 +116,7 @@ impl Tensor {
             Device::Cuda(i) => {
                 let n: usize = shape.iter().product();
                 let gpu = crate::cuda::context::gpu(i)?;
-                let mut buf = crate::cuda::context::zeros(&gpu, n)?;
+                let mut buf = crate::cuda::context::zeros(&gpu, shape)?;
                 if n > 0 {
                     cuda::fill(&gpu, &mut buf, n, value)?;
                 }
@@ -140,7 +140,7 @@ impl Tensor {
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => {
                 let gpu = crate::cuda::context::gpu(i)?;
-                let mut packed = crate::cuda::context::zeros(&gpu, ts.len())?;
+                let mut packed = crate::cuda::context::zeros(&gpu, &[ts.len()])?;
                 for (at, t) in ts.iter().enumerate() {
                     let t = t.to_device(Device::Cuda(i))?;
                     gpu.copy_range(t.cuda_slice()?, 0..1, &mut packed, at)?;
@@ -168,7 +168,7 @@ impl Tensor {
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => {
                 let gpu = crate::cuda::context::gpu(s.ordinal())?;
-                let mut out = crate::cuda::context::zeros(&gpu, n)?;
+                let mut out = crate::cuda::context::zeros(&gpu, shape)?;
                 gpu.copy_range(s, from, &mut out, 0)?;
                 Tensor::from_cuda(out, shape.to_vec())
             }

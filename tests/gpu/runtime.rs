@@ -193,3 +193,18 @@ fn the_device_memory_estimate_refuses_a_step_that_cannot_fit_and_is_close_to_the
     let peak = s["device_peak_bytes"].as_f64().expect("a device peak");
     assert!((0.75..=1.25).contains(&(est / peak)), "device estimate {est} against a peak of {peak}");
 }
+
+/// An op whose output does not fit the device is one line naming the output's shape and the
+/// device's free memory: a 4 TiB one-hot from a one-element input fits no device.
+#[test]
+fn an_op_out_of_device_memory_names_the_shape() {
+    with_gpu("an_op_out_of_device_memory_names_the_shape", |_| {
+        let like = muscle::Tensor::full_on(muscle::Device::Cuda(0), &[1], 0.0).expect("on cuda:0");
+        let labels = muscle::ops::Indices::from(vec![0]);
+        let e = muscle::ops::mixmatch::one_hot(&labels, 1 << 40, &like).expect_err("a 4 TiB output");
+        let text = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{text}");
+        assert!(text.starts_with("a [1, 1099511627776] f32 tensor (4.0 TiB): out of memory"), "{text}");
+        assert!(text.contains("free") && !text.contains('\n'), "{text}");
+    });
+}

@@ -97,7 +97,7 @@ fn reserve(bytes: usize) -> Result<()> {
     loop {
         let after = used.checked_add(bytes).filter(|&a| a <= total).ok_or_else(|| {
             Error::out_of_memory(format!(
-                "out of memory on the emulated CUDA device: {bytes} bytes requested, {} of {total} free",
+                "out of memory on cuda:0 (emulated): {bytes} bytes requested, {} of {total} free",
                 total.saturating_sub(used)
             ))
         })?;

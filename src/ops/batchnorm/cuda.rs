@@ -264,15 +264,15 @@ pub(crate) fn batch_norm_train(
     args: BatchNormArgs,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let c = args.c;
-    let mut y = alloc(&gpu, x.numel())?;
+    let mut y = alloc(&gpu, x.shape())?;
     let stats = batchnorm_train_fwd(&gpu, &args, buf(x)?, buf(gamma)?, buf(beta)?, &mut y)?;
     let mean = wrap(context::copy(&stats.mean)?, &[c])?;
     let var = wrap(context::copy(&stats.var)?, &[c])?;
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
     let out = tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.numel())?) } else { None };
-        let (mut dg, mut db) = (alloc(&gpu, c)?, alloc(&gpu, c)?);
+        let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.shape())?) } else { None };
+        let (mut dg, mut db) = (alloc(&gpu, &[c])?, alloc(&gpu, &[c])?);
         batchnorm_train_bwd(
             &gpu,
             &args,
@@ -304,13 +304,13 @@ pub(crate) fn batch_norm_eval(
     args: BatchNormArgs,
 ) -> Result<Tensor> {
     let c = args.c;
-    let mut y = alloc(&gpu, x.numel())?;
+    let mut y = alloc(&gpu, x.shape())?;
     batchnorm_eval_fwd(&gpu, &args, buf(x)?, buf(gamma)?, buf(beta)?, buf(mean)?, buf(var)?, &mut y)?;
     let (xc, gc, bc, mc, vc) = (x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone());
     Ok(tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.numel())?) } else { None };
-        let (mut dg, mut db) = (alloc(&gpu, c)?, alloc(&gpu, c)?);
+        let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.shape())?) } else { None };
+        let (mut dg, mut db) = (alloc(&gpu, &[c])?, alloc(&gpu, &[c])?);
         let [x, g, gamma, beta, mean, var] = [&xc, &g, &gc, &bc, &mc, &vc].map(|t| buf(t));
         let bufs = EvalBwdBuffers { x: x?, dy: g?, gamma: gamma?, beta: beta?, mean: mean?, var: var? };
         batchnorm_eval_bwd(&gpu, &args, &bufs, dx.as_mut(), &mut dg, &mut db)?;

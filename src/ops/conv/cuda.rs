@@ -346,18 +346,19 @@ pub fn conv_backward_filter(gpu: &Gpu, s: &ConvShape, x: &F32Buf, dy: &F32Buf, d
 /// Convolution through cuDNN (geometry checked by the caller).
 #[cfg(feature = "cudnn")]
 pub(crate) fn conv2d(gpu: GpuRef, tape: &Tape, x: &Tensor, w: &Tensor, s: ConvShape) -> Result<Tensor> {
-    let mut y = alloc(&gpu, s.y_len())?;
+    let y_shape = [s.n, s.co, s.ho(), s.wo()];
+    let mut y = alloc(&gpu, &y_shape)?;
     conv_forward(&gpu, &s, buf(x)?, buf(w)?, &mut y)?;
     let (xc, wc) = (x.clone(), w.clone());
-    Ok(tape.record(wrap(y, &[s.n, s.co, s.ho(), s.wo()])?, &[x, w], move |g, grads| {
+    Ok(tape.record(wrap(y, &y_shape)?, &[x, w], move |g, grads| {
         let g = here(g, &gpu)?;
         if wc.requires_grad() {
-            let mut dw = alloc(&gpu, wc.numel())?;
+            let mut dw = alloc(&gpu, wc.shape())?;
             conv_backward_filter(&gpu, &s, buf(&xc)?, buf(&g)?, &mut dw)?;
             grads.add_to(&wc, wrap(dw, wc.shape())?)?;
         }
         if xc.requires_grad() {
-            let mut dx = alloc(&gpu, xc.numel())?;
+            let mut dx = alloc(&gpu, xc.shape())?;
             conv_backward_data(&gpu, &s, buf(&wc)?, buf(&g)?, &mut dx)?;
             grads.add_to(&xc, wrap(dx, xc.shape())?)?;
         }

@@ -94,14 +94,14 @@ fn unary(
     bwd: impl FnOnce(&Gpu, &F32Buf, &F32Buf, &mut F32Buf, usize) -> Result<()> + 'static,
 ) -> Result<Tensor> {
     let n = x.numel();
-    let mut y = alloc(&gpu, n)?;
+    let mut y = alloc(&gpu, x.shape())?;
     if n > 0 {
         fwd(&gpu, buf(x)?, &mut y, n)?;
     }
     let xc = x.clone();
     Ok(tape.record(wrap(y, x.shape())?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = alloc(&gpu, n)?;
+        let mut dx = alloc(&gpu, xc.shape())?;
         if n > 0 {
             bwd(&gpu, buf(&xc)?, buf(&g)?, &mut dx, n)?;
         }
@@ -128,7 +128,7 @@ pub(crate) fn scale(gpu: GpuRef, tape: &Tape, x: &Tensor, s: f32) -> Result<Tens
 /// a + b (shapes checked by the caller).
 pub(crate) fn add(gpu: GpuRef, tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let n = a.numel();
-    let mut y = alloc(&gpu, n)?;
+    let mut y = alloc(&gpu, a.shape())?;
     if n > 0 {
         add_fwd(&gpu, buf(a)?, buf(b)?, &mut y, n)?;
     }
@@ -143,15 +143,15 @@ pub(crate) fn add(gpu: GpuRef, tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Te
 /// Inverted dropout with the mask the CPU op draws for (seed, stream).
 pub(crate) fn dropout(gpu: GpuRef, tape: &Tape, x: &Tensor, p: f32, seed: u64, stream: u64) -> Result<Tensor> {
     let n = x.numel();
-    let mut y = alloc(&gpu, n)?;
-    let mut mask = alloc(&gpu, n)?;
+    let mut y = alloc(&gpu, x.shape())?;
+    let mut mask = alloc(&gpu, x.shape())?;
     if n > 0 {
         dropout_fwd(&gpu, buf(x)?, &mut y, &mut mask, n, p, seed, stream)?;
     }
     let xc = x.clone();
     Ok(tape.record(wrap(y, x.shape())?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = alloc(&gpu, n)?;
+        let mut dx = alloc(&gpu, xc.shape())?;
         if n > 0 {
             dropout_bwd(&gpu, buf(&g)?, &mask, &mut dx, n)?;
         }

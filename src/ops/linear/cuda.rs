@@ -45,7 +45,7 @@ pub(crate) fn product(
     p: Product,
 ) -> Result<Tensor> {
     let Product { m, k, n, rhs_t } = p;
-    let mut y = alloc(&gpu, m * n)?;
+    let mut y = alloc(&gpu, &[m, n])?;
     if let Some(bias) = bias {
         bias_rows_fwd(&gpu, buf(bias)?, &mut y, m, n)?;
     }
@@ -57,12 +57,12 @@ pub(crate) fn product(
     Ok(tape.record(wrap(y, &[m, n])?, &inputs, move |g, grads| {
         let g = here(g, &gpu)?;
         if ac.requires_grad() {
-            let mut da = alloc(&gpu, m * k)?;
+            let mut da = alloc(&gpu, &[m, k])?;
             blas::sgemm(&gpu, m, k, n, buf(&g)?, false, buf(&bc)?, !rhs_t, &mut da, 1.0, 0.0)?;
             grads.add_to(&ac, wrap(da, &[m, k])?)?;
         }
         if bc.requires_grad() {
-            let mut db = alloc(&gpu, k * n)?;
+            let mut db = alloc(&gpu, bc.shape())?;
             if rhs_t {
                 blas::sgemm(&gpu, n, k, m, buf(&g)?, true, buf(&ac)?, false, &mut db, 1.0, 0.0)?;
             } else {
@@ -71,7 +71,7 @@ pub(crate) fn product(
             grads.add_to(&bc, wrap(db, bc.shape())?)?;
         }
         if let Some(biasc) = biasc.filter(|b| b.requires_grad()) {
-            let mut dbias = alloc(&gpu, n)?;
+            let mut dbias = alloc(&gpu, &[n])?;
             bias_grad_bwd(&gpu, buf(&g)?, &mut dbias, m, n)?;
             grads.add_to(&biasc, wrap(dbias, &[n])?)?;
         }

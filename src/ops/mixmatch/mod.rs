@@ -23,7 +23,7 @@ pub fn guess(probs: &Tensor, temperature: f32) -> Result<Tensor> {
     let nu = rows / 2;
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("mixmatch guess", &[probs])? {
-        let mut q = crate::ops::gpu::alloc(&gpu, nu * c)?;
+        let mut q = crate::ops::gpu::alloc(&gpu, &[nu, c])?;
         cuda::guess_fwd(&gpu, crate::ops::gpu::buf(probs)?, &mut q, nu, c, 1.0 / temperature)?;
         return crate::ops::gpu::wrap(q, &[nu, c]);
     }
@@ -38,7 +38,7 @@ pub fn one_hot(labels: &Indices, classes: usize, like: &Tensor) -> Result<Tensor
     }
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("one_hot", &[like])? {
-        let mut y = crate::ops::gpu::alloc(&gpu, n * classes)?;
+        let mut y = crate::ops::gpu::alloc(&gpu, &[n, classes])?;
         if n > 0 {
             cuda::one_hot_fwd(&gpu, &labels.on_gpu(&gpu)?, &mut y, n, classes)?;
         }
@@ -61,7 +61,7 @@ pub fn mix_rows(x: &Tensor, perm: &Indices, mu: f32) -> Result<Tensor> {
     let row = x.numel() / rows;
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("mix_rows", &[x])? {
-        let mut y = crate::ops::gpu::alloc(&gpu, x.numel())?;
+        let mut y = crate::ops::gpu::alloc(&gpu, x.shape())?;
         cuda::mix_rows_fwd(&gpu, crate::ops::gpu::buf(x)?, &perm.on_gpu(&gpu)?, &mut y, (rows, row), mu)?;
         return crate::ops::gpu::wrap(y, x.shape());
     }

@@ -195,7 +195,7 @@ pub(crate) fn mutual_info(
     let (ac, bc) = (a.clone(), b.clone());
     let out = tape.record(loss, &[a, b], move |g, grads| {
         let g = here(g, &gpu)?;
-        let (mut ga, mut gb) = (alloc(&gpu, n * c)?, alloc(&gpu, n * c)?);
+        let (mut ga, mut gb) = (alloc(&gpu, &[n, c])?, alloc(&gpu, &[n, c])?);
         mi_bwd(&gpu, &fwd, buf(&g)?, &mut ga, &mut gb)?;
         grads.add_to(&ac, wrap(ga, &[n, c])?)?;
         grads.add_to(&bc, wrap(gb, &[n, c])?)

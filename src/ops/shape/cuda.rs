@@ -7,8 +7,7 @@ use crate::tensor::Tensor;
 
 /// Rows of `parts` one after another (shapes checked by the caller), as device copies.
 pub(crate) fn concat_rows(gpu: GpuRef, tape: &Tape, parts: &[&Tensor], shape: Vec<usize>) -> Result<Tensor> {
-    let total: usize = parts.iter().map(|p| p.numel()).sum();
-    let mut y = alloc(&gpu, total)?;
+    let mut y = alloc(&gpu, &shape)?;
     let mut at = 0;
     for p in parts {
         gpu.copy_range(buf(p)?, 0..p.numel(), &mut y, at)?;
@@ -21,7 +20,7 @@ pub(crate) fn concat_rows(gpu: GpuRef, tape: &Tape, parts: &[&Tensor], shape: Ve
         for p in &kept {
             let n = p.numel();
             if p.requires_grad() {
-                let mut part = alloc(&gpu, n)?;
+                let mut part = alloc(&gpu, p.shape())?;
                 gpu.copy_range(buf(&g)?, off..off + n, &mut part, 0)?;
                 grads.add_to(p, wrap(part, p.shape())?)?;
             }
@@ -40,12 +39,12 @@ pub(crate) fn narrow(
     len: usize,
     shape: Vec<usize>,
 ) -> Result<Tensor> {
-    let mut y = alloc(&gpu, len)?;
+    let mut y = alloc(&gpu, &shape)?;
     gpu.copy_range(buf(x)?, from..from + len, &mut y, 0)?;
     let xc = x.clone();
     Ok(tape.record(wrap(y, &shape)?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = alloc(&gpu, xc.numel())?;
+        let mut dx = alloc(&gpu, xc.shape())?;
         gpu.copy_range(buf(&g)?, 0..len, &mut dx, from)?;
         grads.add_to(&xc, wrap(dx, xc.shape())?)
     }))

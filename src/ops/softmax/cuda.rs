@@ -97,7 +97,7 @@ fn fused(gpu: GpuRef, tape: &Tape, x: &Tensor, loss: F32Buf, grad: F32Buf) -> Re
     Ok(tape.record(wrap(loss, &[])?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
         let n = xc.numel();
-        let mut dx = alloc(&gpu, n)?;
+        let mut dx = alloc(&gpu, xc.shape())?;
         loss_grad_bwd(&gpu, &grad, &mut dx, n, buf(&g)?)?;
         grads.add_to(&xc, wrap(dx, xc.shape())?)
     }))
@@ -122,7 +122,7 @@ pub(crate) fn cross_entropy_ids(
     c: usize,
 ) -> Result<Tensor> {
     let n = logits.numel() / c;
-    let mut grad = alloc(&gpu, n * c)?;
+    let mut grad = alloc(&gpu, logits.shape())?;
     let loss = cross_entropy_hard_fwd(&gpu, buf(logits)?, ids, &mut grad, n, c)?;
     fused(gpu, tape, logits, loss, grad)
 }
@@ -135,7 +135,7 @@ pub(crate) fn cross_entropy_soft(
     targets: &Tensor,
     (n, c): (usize, usize),
 ) -> Result<Tensor> {
-    let mut grad = alloc(&gpu, n * c)?;
+    let mut grad = alloc(&gpu, logits.shape())?;
     let loss = cross_entropy_soft_fwd(&gpu, buf(logits)?, buf(targets)?, &mut grad, n, c)?;
     fused(gpu, tape, logits, loss, grad)
 }
@@ -144,7 +144,7 @@ pub(crate) fn cross_entropy_soft(
 /// are mixed on the host anyway (ssl::mixmatch), so it is computed there, in the CPU's f64 order.
 pub(crate) fn mse(gpu: GpuRef, tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Tensor> {
     let n = p.numel();
-    let (mut grad, mut sq) = (alloc(&gpu, n)?, alloc(&gpu, n)?);
+    let (mut grad, mut sq) = (alloc(&gpu, p.shape())?, alloc(&gpu, p.shape())?);
     mse_fwd(&gpu, buf(p)?, buf(q)?, &mut grad, &mut sq, n)?;
     let loss = reduce_mean(&gpu, &sq, n)?;
     fused(gpu, tape, p, loss, grad)
@@ -153,7 +153,7 @@ pub(crate) fn mse(gpu: GpuRef, tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Te
 /// Row softmax (`log` false) or log-softmax (`log` true).
 pub(crate) fn softmax(gpu: GpuRef, tape: &Tape, x: &Tensor, c: usize, log: bool) -> Result<Tensor> {
     let n = x.numel() / c;
-    let mut y = alloc(&gpu, n * c)?;
+    let mut y = alloc(&gpu, x.shape())?;
     if log {
         log_softmax_fwd(&gpu, buf(x)?, &mut y, n, c)?;
     } else {
@@ -163,7 +163,7 @@ pub(crate) fn softmax(gpu: GpuRef, tape: &Tape, x: &Tensor, c: usize, log: bool)
     let (xc, yc) = (x.clone(), out.clone());
     Ok(tape.record(out, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = alloc(&gpu, n * c)?;
+        let mut dx = alloc(&gpu, xc.shape())?;
         if log {
             log_softmax_bwd(&gpu, buf(&yc)?, buf(&g)?, &mut dx, n, c)?;
         } else {
