@@ -19,6 +19,8 @@ pub enum ErrorKind {
     NonFinite,
     /// An allocation (host or device memory) that did not fit.
     OutOfMemory,
+    /// A run stopped on request (Ctrl-C from Python); its folder resumes from the last checkpoint.
+    Interrupted,
 }
 
 /// The crate's error: a kind and a message naming the file, argument or shape at fault.

@@ -204,6 +204,15 @@ impl RunFiles {
     }
 }
 
+/// Set by [`request_stop`]; the loop reads (and clears) it after every step.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the run in progress to stop after its current step with an `Interrupted` error (the
+/// Python package calls it on Ctrl-C); its folder keeps the last checkpoint and resumes from it.
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Trains as `cfg` says, calling `progress` after every step; returns the summary.
 pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
     run(cfg, None, progress)
@@ -252,6 +261,8 @@ fn run(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Summary> {
     let started = Instant::now();
+    // A request made before this run started is not for it.
+    STOP.store(false, std::sync::atomic::Ordering::SeqCst);
     let cfg = &cfg.resolved();
     cfg.validate()?;
     cfg.device.check_available()?;
@@ -355,6 +366,13 @@ fn run(
             last_eval = Some((raw, avg, val));
         }
         progress(&report);
+        if STOP.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let last = done - done % cfg.eval_every;
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                format!("stopped at step {done} on request; the run folder resumes from step {last}"),
+            ));
+        }
     }
     let (raw, avg, val) = match last_eval {
         Some(e) => e,

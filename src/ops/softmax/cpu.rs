@@ -159,6 +159,34 @@ pub fn cross_entropy_soft_fwd(x: &[f32], q: &[f32], c: usize, grad: &mut [f32]) 
     (parts.iter().sum::<f64>() / n as f64) as f32
 }
 
+/// Reference mean cross-entropy in f64 by plain loops: against class indices (`labels`, n of
+/// them) or target rows (`q`, n x c); returns (loss, d loss / d x). For checking other
+/// implementations (the Python package's float64 path), not for speed.
+pub fn cross_entropy_f64(x: &[f64], labels: Option<&[usize]>, q: Option<&[f64]>, c: usize) -> (f64, Vec<f64>) {
+    let n = x.len() / c;
+    let mut grad = vec![0.0f64; x.len()];
+    let mut total = 0.0f64;
+    for r in 0..n {
+        let xr = &x[r * c..(r + 1) * c];
+        let m = xr.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let s: f64 = xr.iter().map(|&v| (v - m).exp()).sum();
+        let lse = m + s.ln();
+        let gr = &mut grad[r * c..(r + 1) * c];
+        // d/dx of -sum_k t_k (x_k - lse) = softmax(x) * sum_k t_k - t.
+        let t = |k: usize| match (labels, q) {
+            (Some(l), _) => f64::from(u8::from(l[r] == k)),
+            (None, Some(q)) => q[r * c + k],
+            (None, None) => 0.0,
+        };
+        let mass: f64 = (0..c).map(t).sum();
+        for k in 0..c {
+            total -= t(k) * (xr[k] - lse);
+            gr[k] = (((xr[k] - m).exp() / s) * mass - t(k)) / n as f64;
+        }
+    }
+    (total / n as f64, grad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
