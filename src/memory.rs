@@ -23,7 +23,7 @@ pub fn human(bytes: f64) -> String {
 }
 
 /// A size from the environment: bytes, or with a K, M, G or T suffix (powers of 1024).
-fn parse_size(v: &str) -> Option<u64> {
+pub fn parse_size(v: &str) -> Option<u64> {
     let v = v.trim();
     let (digits, shift) = match v.char_indices().last()? {
         (i, 'K' | 'k') => (&v[..i], 10),

@@ -81,24 +81,42 @@ fn check_lambda(lam: f64) -> PyResult<()> {
     }
 }
 
+/// The two views and their gradients at the given addresses, checked: shape, lambda, alignment,
+/// finite logits.
+///
+/// # Safety
+/// The Python caller passes four distinct live C-contiguous arrays of n x c elements of T and
+/// keeps them alive and untouched until the kernel returns.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+unsafe fn two_views<'a, T: Copy + Into<f64>>(
+    a: usize,
+    b: usize,
+    ga: usize,
+    gb: usize,
+    n: usize,
+    c: usize,
+    lam: f64,
+) -> PyResult<(&'a [T], &'a [T], &'a mut [T], &'a mut [T])> {
+    let len = check_shape(n, c)?;
+    check_lambda(lam)?;
+    let views = (
+        view::<T>("logits_a", a, len)?,
+        view::<T>("logits_b", b, len)?,
+        view_mut::<T>("grad_a", ga, len)?,
+        view_mut::<T>("grad_b", gb, len)?,
+    );
+    check_finite("logits_a", views.0, c)?;
+    check_finite("logits_b", views.1, c)?;
+    Ok(views)
+}
+
 /// IIC loss of two n x c float32 logit matrices; writes both gradients; returns the loss.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn iic_f32(py: Python<'_>, a: usize, b: usize, ga: usize, gb: usize, n: usize, c: usize, lam: f64) -> PyResult<f64> {
-    let len = check_shape(n, c)?;
-    check_lambda(lam)?;
-    // SAFETY: the Python caller passes four distinct live C-contiguous float32 arrays of n x c
-    // elements and keeps them alive and untouched until this returns.
-    let (a, b, ga, gb) = unsafe {
-        (
-            view::<f32>("logits_a", a, len)?,
-            view::<f32>("logits_b", b, len)?,
-            view_mut::<f32>("grad_a", ga, len)?,
-            view_mut::<f32>("grad_b", gb, len)?,
-        )
-    };
-    check_finite("logits_a", a, c)?;
-    check_finite("logits_b", b, c)?;
+    // SAFETY: see two_views; the Python side (muscle/__init__.py, muscle/torch.py) keeps the
+    // float32 arrays alive for this call.
+    let (a, b, ga, gb) = unsafe { two_views::<f32>(a, b, ga, gb, n, c, lam)? };
     Ok(py.detach(|| {
         let fwd = mi_fwd(a, b, n, c, lam as f32);
         mi_bwd(&fwd, n, c, 1.0, ga, gb);
@@ -110,19 +128,8 @@ fn iic_f32(py: Python<'_>, a: usize, b: usize, ga: usize, gb: usize, n: usize, c
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn iic_f64(py: Python<'_>, a: usize, b: usize, ga: usize, gb: usize, n: usize, c: usize, lam: f64) -> PyResult<f64> {
-    let len = check_shape(n, c)?;
-    check_lambda(lam)?;
     // SAFETY: as in iic_f32, with float64 arrays.
-    let (a, b, ga, gb) = unsafe {
-        (
-            view::<f64>("logits_a", a, len)?,
-            view::<f64>("logits_b", b, len)?,
-            view_mut::<f64>("grad_a", ga, len)?,
-            view_mut::<f64>("grad_b", gb, len)?,
-        )
-    };
-    check_finite("logits_a", a, c)?;
-    check_finite("logits_b", b, c)?;
+    let (a, b, ga, gb) = unsafe { two_views::<f64>(a, b, ga, gb, n, c, lam)? };
     Ok(py.detach(|| {
         let (loss, da, db) = mi_loss_f64(a, b, n, c, lam);
         ga.copy_from_slice(&da);

@@ -67,22 +67,12 @@ pub fn total_memory() -> Result<usize> {
     TOTAL
         .get_or_init(|| match std::env::var("MUSCLE_CUDA_EMU_MEMORY") {
             Err(_) => Ok(16 << 30),
-            Ok(v) => parse_size(&v)
+            Ok(v) => crate::memory::parse_size(&v)
+                .and_then(|b| usize::try_from(b).ok())
                 .ok_or_else(|| format!("MUSCLE_CUDA_EMU_MEMORY={v:?}: expected a size in bytes, e.g. 1048576 or 64M")),
         })
         .clone()
         .map_err(Error::usage)
-}
-
-fn parse_size(v: &str) -> Option<usize> {
-    let v = v.trim();
-    let (digits, shift) = match v.char_indices().last()? {
-        (i, 'K' | 'k') => (&v[..i], 10),
-        (i, 'M' | 'm') => (&v[..i], 20),
-        (i, 'G' | 'g') => (&v[..i], 30),
-        _ => (v, 0),
-    };
-    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
 }
 
 /// Bytes of the emulated device's memory now in use.
