@@ -55,9 +55,10 @@ class _IicLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, Any, None]:  # type: ignore[override]
         ga, gb = ctx.saved_tensors
-        da = ga * grad if ctx.needs_input_grad[0] else None
-        db = gb * grad if ctx.needs_input_grad[1] else None
-        return da, db, None
+        # loss.backward() seeds 1: the saved gradients are the answer (two n x C passes spared).
+        if grad.item() != 1.0:
+            ga, gb = ga * grad, gb * grad
+        return (ga if ctx.needs_input_grad[0] else None), (gb if ctx.needs_input_grad[1] else None), None
 
 
 def iic_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
@@ -100,7 +101,7 @@ class _CrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> Tuple[Any, None, None]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * g, None, None
+        return (grad if g.item() == 1.0 else grad * g), None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: Any = None, targets: Any = None) -> torch.Tensor:

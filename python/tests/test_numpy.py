@@ -133,10 +133,13 @@ def test_bad_inputs_raise_clear_errors(a, b, lam, error, needle):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_a_non_finite_logit_is_a_value_error_naming_the_row(dtype, bad):
-    a, b = logits(8, 3, 12, dtype=dtype), logits(8, 3, 13, dtype=dtype)
-    b[5, 1] = bad
-    with pytest.raises(ValueError, match="logits_b: row 5"):
+    # Large enough for the parallel check's chunks; the bad value in the last chunk.
+    a, b = logits(70000, 3, 12, dtype=dtype), logits(70000, 3, 13, dtype=dtype)
+    b[69990, 1] = bad
+    with pytest.raises(ValueError, match="logits_b: row 69990"):
         muscle.iic_loss(a, b)
+    with pytest.raises(ValueError, match="logits: row 69990"):
+        muscle.cross_entropy(b, labels=np.zeros(70000, np.int64))
 
 
 def reference_cross_entropy(x, t):
