@@ -3,6 +3,13 @@
 //! config.json continues from its checkpoint, so a long grid can run over several sittings.
 //! After every cell, results.csv (one row per run) and results.md (mean +- std over seeds) are
 //! rewritten from the cells' summary.json files.
+//!
+//! Several workers can share one folder (machines on a shared file system, e.g. a Slurm array
+//! job): a worker claims a cell by creating `<cell>/.claim` atomically (`create_new`) before it
+//! runs it, and skips cells another worker has claimed, so no cell runs twice. `--shard i/K`
+//! spreads the start: worker i only visits the cells whose index in the grid is i modulo K.
+//! A claim is kept when its cell finishes or fails; one left by a worker that was killed is
+//! released by deleting `<cell>/.claim`.
 
 use super::progress::show;
 use super::train::TrainOptions;
@@ -10,8 +17,9 @@ use crate::error::{Error, Result};
 use crate::ssl::Method;
 use crate::train::{self, checkpoint::write_atomic, Progress, Summary, TrainConfig};
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 /// The options of `muscle sweep`: the grid's axes, and the options of every run.
 #[derive(Clone, Debug, clap::Args)]
@@ -31,6 +39,46 @@ pub struct SweepArgs {
     /// Label imbalance ratios, comma-separated.
     #[arg(long, alias = "imbalances", value_delimiter = ',', default_value = "1")]
     pub label_imbalances: Vec<f64>,
+    /// Run only part i of K of the grid (0 <= i < K): the cells whose index is i modulo K, for
+    /// the i-th task of an array job sharing --out with the others. Default: every cell.
+    #[arg(long, value_name = "I/K")]
+    pub shard: Option<Shard>,
+}
+
+/// Part `index` of `count` disjoint parts of a grid: the cells whose index is `index` modulo `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// Which part, 0-based.
+    pub index: usize,
+    /// How many parts.
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole grid (0/1).
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// Does the cell at `index` in grid order belong to this part?
+    pub fn contains(self, index: usize) -> bool {
+        index % self.count == self.index
+    }
+}
+
+impl FromStr for Shard {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Shard> {
+        let parsed = s.split_once('/').and_then(|(i, k)| Some((i.trim().parse().ok()?, k.trim().parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(Error::usage(format!("--shard: '{s}' is not I/K with 0 <= I < K (e.g. 0/4)"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// `muscle sweep`: runs the grid into --out with a progress display, then prints results.md.
@@ -44,13 +92,17 @@ pub fn command(a: &SweepArgs) -> Result<()> {
         label_imbalances: a.label_imbalances.clone(),
     };
     let tty = std::io::stdout().is_terminal();
-    sweep(&base, &grid, &dir, &mut |cell, p| {
+    let outcome = sweep(&base, &grid, &dir, a.shard.unwrap_or(Shard::ALL), &mut |cell, p| {
         if p.eval.is_some() || p.step == p.steps {
             print!("{cell}: ");
         }
         show(p, tty)
     })?;
     print!("{}", std::fs::read_to_string(dir.join("results.md")).map_err(|e| Error::io(&dir, e))?);
+    for (name, holder) in &outcome.held {
+        let claim = dir.join(name).join(CLAIM);
+        println!("{name}: skipped, claimed by {holder} (if that worker is gone, delete {})", claim.display());
+    }
     Ok(())
 }
 
@@ -72,40 +124,136 @@ pub fn cell_name(method: Method, labels: usize, label_imbalance: f64, seed: u64)
     format!("{method}-n{labels}-r{label_imbalance}-s{seed}")
 }
 
-/// Runs every cell of `grid` not finished yet under `dir`, with `base` for all other options
-/// (the options that default by method resolved for each cell's method).
-pub fn sweep(base: &TrainConfig, grid: &Grid, dir: &Path, progress: &mut dyn FnMut(&str, &Progress)) -> Result<()> {
+/// The name of the file that claims a cell for one worker.
+pub const CLAIM: &str = ".claim";
+
+/// What one worker did in a sweep.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// The cells this worker ran (trained or resumed), by folder name.
+    pub ran: Vec<String>,
+    /// The unfinished cells of its part that other workers had claimed: folder name and the
+    /// claim's line (host, pid, shard, time).
+    pub held: Vec<(String, String)>,
+}
+
+/// Runs every cell of `shard`'s part of `grid` not finished yet and not claimed by another worker
+/// under `dir`, with `base` for all other options (the options that default by method resolved
+/// for each cell's method).
+pub fn sweep(
+    base: &TrainConfig,
+    grid: &Grid,
+    dir: &Path,
+    shard: Shard,
+    progress: &mut dyn FnMut(&str, &Progress),
+) -> Result<Outcome> {
     if grid.methods.is_empty() || grid.labels.is_empty() || grid.seeds.is_empty() || grid.label_imbalances.is_empty() {
         return Err(Error::usage(
             "sweep: every grid axis (--methods, --label-counts, --seeds, --label-imbalances) needs a value",
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut outcome = Outcome::default();
+    let mut index = 0;
     for &method in &grid.methods {
         for &labels in &grid.labels {
             for &label_imbalance in &grid.label_imbalances {
                 for &seed in &grid.seeds {
+                    // The grid's fixed order numbers the cells, the same in every worker.
+                    let mine = shard.contains(index);
+                    index += 1;
                     let name = cell_name(method, labels, label_imbalance, seed);
                     let cell = dir.join(&name);
-                    if cell.join("summary.json").exists() {
+                    if !mine || cell.join("summary.json").exists() {
+                        continue;
+                    }
+                    if let Some(holder) = claim(&cell, shard)? {
+                        outcome.held.push((name, holder));
                         continue;
                     }
                     let mut report = |p: &Progress| progress(&name, p);
+                    // A config.json without a summary is an interrupted run: continue it.
                     if cell.join("config.json").exists() {
                         train::resume(&cell, &mut report)?;
-                        write_tables(dir)?;
-                        continue;
+                    } else {
+                        let cfg = TrainConfig {
+                            method,
+                            labels,
+                            label_imbalance,
+                            seed,
+                            out: Some(cell.clone()),
+                            ..base.clone()
+                        }
+                        .resolved();
+                        train::train(&cfg, &mut report)?;
                     }
-                    let cfg =
-                        TrainConfig { method, labels, label_imbalance, seed, out: Some(cell.clone()), ..base.clone() }
-                            .resolved();
-                    train::train(&cfg, &mut report)?;
+                    outcome.ran.push(name);
                     write_tables(dir)?;
                 }
             }
         }
     }
-    write_tables(dir)
+    write_tables(dir)?;
+    Ok(outcome)
+}
+
+/// Claims `cell` for this process by creating its claim file, which fails when it exists (an
+/// atomic test-and-set, also on NFS v3 and later): `None` when this worker now holds the cell,
+/// else the holder's line.
+fn claim(cell: &Path, shard: Shard) -> Result<Option<String>> {
+    std::fs::create_dir_all(cell).map_err(|e| Error::io(cell, e))?;
+    let path = cell.join(CLAIM);
+    let mut f = match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let line = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = line.trim();
+            // An empty file is a claim whose holder has not written its line yet.
+            return Ok(Some(if holder.is_empty() { "another worker".to_string() } else { holder.to_string() }));
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let line = format!("{} pid {} shard {shard} at {}\n", host_name(), std::process::id(), utc_now());
+    let written = f.write_all(line.as_bytes()).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        // Nothing ran: leave the cell free for another worker.
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        return Err(Error::io(&path, e));
+    }
+    Ok(None)
+}
+
+/// This machine's name (Linux: the kernel's host name; else $HOSTNAME), for claim files.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_string())
+}
+
+/// The current time in UTC as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    utc(secs)
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (the proleptic Gregorian calendar).
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days to a civil date (H. Hinnant's algorithm), from eras of 400 years starting in March.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 fn summaries(dir: &Path) -> Result<Vec<(PathBuf, Summary)>> {
@@ -184,5 +332,39 @@ mod tests {
         let parse = |flag: &str| Cli::try_parse_from(["muscle", flag, "1,10"]).expect("parse").sweep.label_imbalances;
         assert_eq!(parse("--imbalances"), [1.0, 10.0]);
         assert_eq!(parse("--label-imbalances"), [1.0, 10.0]);
+    }
+
+    #[test]
+    fn a_shard_is_i_of_k_and_the_shards_split_the_cells() {
+        assert_eq!("1/4".parse::<Shard>().expect("1/4"), Shard { index: 1, count: 4 });
+        assert_eq!("0/1".parse::<Shard>().expect("0/1"), Shard::ALL);
+        for bad in ["3/3", "0/0", "x/2", "1", "-1/2", "1/2/3", ""] {
+            let e = bad.parse::<Shard>().expect_err(bad);
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            assert!(e.message().starts_with("--shard: "), "{bad}: {e}");
+        }
+        let shards: Vec<Shard> = (0..3).map(|index| Shard { index, count: 3 }).collect();
+        for cell in 0..10 {
+            assert_eq!(shards.iter().filter(|s| s.contains(cell)).count(), 1, "cell {cell}");
+        }
+        assert!((0..10).all(|c| Shard::ALL.contains(c)));
+    }
+
+    #[test]
+    fn claim_times_are_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_709_251_199), "2024-02-29T23:59:59Z");
+        assert_eq!(utc(4_102_444_800), "2100-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_cell_is_claimed_once_and_the_second_claim_names_the_holder() {
+        let cell = std::env::temp_dir().join(format!("muscle-claim-{}", std::process::id())).join("c");
+        let _ = std::fs::remove_dir_all(&cell);
+        assert_eq!(claim(&cell, Shard { index: 1, count: 2 }).expect("claim"), None);
+        let holder = claim(&cell, Shard::ALL).expect("claim").expect("held");
+        assert!(holder.contains(&format!("pid {} shard 1/2 at ", std::process::id())), "{holder}");
+        let _ = std::fs::remove_dir_all(cell.parent().expect("parent"));
     }
 }

@@ -201,7 +201,11 @@ pub fn read_matrix(path: &Path) -> Result<Matrix> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| Error::usage(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    // One temporary name per process and call: two workers (or threads) writing the same file at
+    // once (a shared sweep's tables) must not write into, or rename away, each other's file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.{}-{call}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         crate::fault::write_all(&mut f, bytes)?;
