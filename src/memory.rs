@@ -53,6 +53,12 @@ pub fn peak_resident_bytes() -> Option<u64> {
     proc_status("VmHWM")
 }
 
+/// Starts a new peak resident memory (VmHWM) at the current resident memory (Linux's
+/// `clear_refs` 5); false where the system does not offer it.
+pub fn reset_peak_resident() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
 /// A field of /proc/meminfo in bytes.
 fn meminfo(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -212,6 +212,27 @@ fn a_cell_claimed_by_a_worker_that_is_gone_is_skipped_naming_it_until_the_claim_
     assert_eq!(cells, [cell_name(Method::Supervised, 10, 1.0, 0)].into_iter().collect(), "{stdout}");
 }
 
+/// A claim left on this machine by a process that has exited (a sweep killed or stopped with
+/// Ctrl-C) is taken over by the next run, so one machine's sweep resumes without manual steps.
+#[test]
+fn a_claim_of_this_machine_whose_process_is_gone_is_taken_over() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sweep-dead-claim");
+    let _ = std::fs::remove_dir_all(&dir);
+    let cell = dir.join(cell_name(Method::Supervised, 10, 1.0, 0));
+    std::fs::create_dir_all(&cell).expect("dir");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let mut gone = std::process::Command::new("true").spawn().expect("spawn");
+    let pid = gone.id();
+    gone.wait().expect("wait");
+    let line = format!("{} pid {pid} shard 0/1 at 2024-01-01T00:00:00Z\n", host.trim());
+    std::fs::write(cell.join(".claim"), line).expect("claim");
+    let (me, cells, stdout) = trained(worker(&dir, &["--shard", "0/8"]));
+    assert_eq!(cells, [cell_name(Method::Supervised, 10, 1.0, 0)].into_iter().collect(), "{stdout}");
+    let claim = std::fs::read_to_string(cell.join(".claim")).expect("claim");
+    assert!(claim.contains(&format!(" pid {me} ")), "{claim}");
+    assert!(!stdout.contains("claimed by"), "{stdout}");
+}
+
 #[test]
 fn a_bad_shard_exits_2_with_one_line_naming_it() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sweep-bad-shard");

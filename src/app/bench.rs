@@ -102,8 +102,16 @@ pub fn command(a: &BenchArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
     } else {
+        let memory = match (r.peak_resident_bytes, r.resident_after_build_bytes) {
+            (Some(peak), Some(built)) => format!(
+                ", peak memory {} ({} over the built model)",
+                crate::memory::human(peak as f64),
+                crate::memory::human(peak.saturating_sub(built) as f64)
+            ),
+            _ => String::new(),
+        };
         println!(
-            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s, large allocations/step: {:.1} requested, {:.1} from the system ({} threads, {}{})",
+            "{} {} batch {}+{}: {:.1} ms/step, {:.0} images/s, large allocations/step: {:.1} requested, {:.1} from the system{memory} ({} threads, {}{})",
             r.model,
             r.method,
             r.batch,
@@ -159,6 +167,11 @@ pub struct BenchResult {
     /// Of those, the ones that reached the system allocator (the rest were served by the
     /// allocator's cache of freed blocks; see `alloc_count`).
     pub large_system_allocations_per_step: Option<f64>,
+    /// Resident memory once the model, optimizer and loader were built (bytes).
+    pub resident_after_build_bytes: Option<u64>,
+    /// Peak resident memory over the steps (VmHWM restarted after the build; None where the
+    /// system cannot restart it). The steps' own increment is this less the one above.
+    pub peak_resident_bytes: Option<u64>,
 }
 
 /// Random images of the shape a model needs (for models the embedded set cannot feed).
@@ -277,6 +290,9 @@ impl StepRunner {
 /// Times `steps` training steps after `warmup` untimed ones.
 pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<BenchResult> {
     let mut runner = StepRunner::new(cfg)?;
+    // The steps' own memory: the high-water mark restarts once the model and loader are built.
+    let peak_reset = crate::memory::reset_peak_resident();
+    let built = crate::memory::resident_bytes();
     let mut times = Vec::with_capacity(steps);
     let counts = || (crate::alloc_count::large_allocations(), crate::alloc_count::large_system_allocations());
     let mut allocs_at_warmup = counts();
@@ -312,5 +328,7 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         large_system_allocations_per_step: crate::alloc_count::large_system_allocations()
             .zip(allocs_at_warmup.1)
             .map(|(end, start)| (end - start) as f64 / steps as f64),
+        resident_after_build_bytes: built,
+        peak_resident_bytes: crate::memory::peak_resident_bytes().filter(|_| peak_reset),
     })
 }

@@ -8,8 +8,10 @@
 //! job): a worker claims a cell by creating `<cell>/.claim` atomically (`create_new`) before it
 //! runs it, and skips cells another worker has claimed, so no cell runs twice. `--shard i/K`
 //! spreads the start: worker i only visits the cells whose index in the grid is i modulo K.
-//! A claim is kept when its cell finishes or fails; one left by a worker that was killed is
-//! released by deleting `<cell>/.claim`.
+//! A claim is kept when its cell finishes or fails. One left by a worker of this machine that is
+//! no longer running (killed, Ctrl-C) is taken over, so a sweep on one machine resumes over
+//! several sittings as before; one left on another machine is released by deleting
+//! `<cell>/.claim`.
 
 use super::progress::show;
 use super::train::TrainOptions;
@@ -202,12 +204,21 @@ pub fn sweep(
 /// else the holder's line.
 fn claim(cell: &Path, shard: Shard) -> Result<Option<String>> {
     std::fs::create_dir_all(cell).map_err(|e| Error::io(cell, e))?;
+    claim_once(cell, shard, false)
+}
+
+/// One attempt at the claim; `retried` after a stale claim was moved away (then a claim that
+/// exists again is another worker's, made in between).
+fn claim_once(cell: &Path, shard: Shard, retried: bool) -> Result<Option<String>> {
     let path = cell.join(CLAIM);
     let mut f = match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let line = std::fs::read_to_string(&path).unwrap_or_default();
             let holder = line.trim();
+            if !retried && take_over_if_stale(&path, holder) {
+                return claim_once(cell, shard, true);
+            }
             // An empty file is a claim whose holder has not written its line yet.
             return Ok(Some(if holder.is_empty() { "another worker".to_string() } else { holder.to_string() }));
         }
@@ -222,6 +233,27 @@ fn claim(cell: &Path, shard: Shard) -> Result<Option<String>> {
         return Err(Error::io(&path, e));
     }
     Ok(None)
+}
+
+/// Moves away the claim at `path` when its holder (`holder`, the claim's line) is a process of this
+/// machine that no longer runs; true when this worker did. The rename is the atomic step: of
+/// several workers that find the same stale claim, one renames it and the others get an error,
+/// and the winner then claims with `create_new` like anyone else.
+fn take_over_if_stale(path: &Path, holder: &str) -> bool {
+    let mut words = holder.split_whitespace();
+    let (Some(host), Some("pid"), Some(pid)) = (words.next(), words.next(), words.next()) else { return false };
+    let Ok(pid) = pid.parse::<u32>() else { return false };
+    // Only where /proc lists processes, and never our own claims.
+    let proc_fs = Path::new("/proc/self").exists();
+    if !proc_fs || host != host_name() || pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        return false;
+    }
+    let aside = path.with_file_name(format!("{CLAIM}.stale-{}", std::process::id()));
+    if std::fs::rename(path, &aside).is_err() {
+        return false;
+    }
+    let _ = std::fs::remove_file(&aside);
+    true
 }
 
 /// This machine's name (Linux: the kernel's host name; else $HOSTNAME), for claim files.
