@@ -99,8 +99,13 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n through the exponent bits; n is in [-126, 127] after the clamp. The integer comes from
+    // the bits of n + 1.5 * 2^23 (exact: n is a small whole number), not from `n as i32`, whose
+    // saturating semantics LLVM lowers lane by lane (scalar converts and inserts: most of a wide
+    // softmax's time); the result is the same bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let n_int = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -282,6 +287,48 @@ pub mod avx512 {
         let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.3));
         _mm512_mask_blend_ps(under, y, _mm512_setzero_ps())
     }
+
+    /// Softmax of one row of any length into `out` (same length): the max, then exp16 with the
+    /// sum in one register, then the scale; the last partial register is masked (its lanes read
+    /// as -inf and give exp 0), so no row is copied into a padded buffer.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `out.len() == x.len()`.
+    #[inline(always)]
+    pub unsafe fn softmax_row(x: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(x.len(), out.len());
+        let (full, tail) = (x.len() / 16, x.len() % 16);
+        let mask = ((1u32 << tail) - 1) as __mmask16;
+        let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+        let neg = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut m = neg;
+        for k in 0..full {
+            m = _mm512_max_ps(m, _mm512_loadu_ps(xp.add(16 * k)));
+        }
+        if tail > 0 {
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg, mask, xp.add(16 * full)));
+        }
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        let mut acc = _mm512_setzero_ps();
+        for k in 0..full {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(xp.add(16 * k)), mx));
+            _mm512_storeu_ps(op.add(16 * k), e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        if tail > 0 {
+            let e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(neg, mask, xp.add(16 * full)), mx));
+            _mm512_mask_storeu_ps(op.add(16 * full), mask, e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
+        for k in 0..full {
+            _mm512_storeu_ps(op.add(16 * k), _mm512_mul_ps(_mm512_loadu_ps(op.add(16 * k)), inv));
+        }
+        if tail > 0 {
+            let v = _mm512_maskz_loadu_ps(mask, op.add(16 * full));
+            _mm512_mask_storeu_ps(op.add(16 * full), mask, _mm512_mul_ps(v, inv));
+        }
+    }
 }
 
 /// Softmax of one row into `out` (max subtracted first so exp never overflows).
@@ -311,6 +358,57 @@ pub fn logsumexp_row(x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_softmax_row_matches_the_portable_one_at_every_tail() {
+        if level() != Level::Avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for len in [1usize, 15, 16, 17, 31, 100, 1000] {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+            let (mut want, mut got) = (vec![0.0f32; len], vec![-1.0f32; len]);
+            softmax_row(&x, &mut want);
+            // SAFETY: AVX-512 checked above; equal lengths.
+            unsafe { avx512::softmax_row(&x, &mut got) };
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 4.0 * f32::EPSILON * w.max(f32::MIN_POSITIVE), "len {len}, [{k}]: {g} vs {w}");
+            }
+            assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5, "len {len}");
+        }
+    }
+
+    #[test]
+    fn the_exponent_bits_trick_gives_the_cast_formulas_bits() {
+        // The earlier formula, with `n as i32`.
+        fn exp_cast(x: f32) -> f32 {
+            let xc = x.clamp(-87.3, 88.3);
+            let n = (xc * LOG2E).round_ties_even();
+            let r = xc - n * LN2_HI - n * LN2_LO;
+            let mut p = 1.987_569_1e-4f32;
+            p = p * r + 1.398_199_9e-3;
+            p = p * r + 8.333_452e-3;
+            p = p * r + 4.166_579_6e-2;
+            p = p * r + 1.666_666_5e-1;
+            p = p * r + 0.5;
+            let e = p * r * r + r + 1.0;
+            let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+            if x < -87.3 {
+                0.0
+            } else {
+                e * scale
+            }
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp(x).to_bits(), exp_cast(x).to_bits(), "x = {x}");
+            x += 0.000_731;
+        }
+        for x in [f32::INFINITY, f32::NEG_INFINITY, -87.3, 88.3, 0.0, -0.0, f32::MIN_POSITIVE] {
+            assert_eq!(exp(x).to_bits(), exp_cast(x).to_bits(), "x = {x}");
+        }
+    }
 
     #[test]
     fn exp_is_within_3_ulp_of_std_over_its_range() {

@@ -507,6 +507,18 @@ mod avx512 {
         u
     }
 
+    /// Row softmax of wide rows (C > 16) with masked tails: the auto-vectorised `simd::softmax_row`
+    /// spent about a third of a C = 100 forward + backward on padding and spills.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `x` and `y` hold the same whole rows of `c`.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+    pub unsafe fn softmax_rows(x: &[f32], c: usize, y: &mut [f32]) {
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            crate::cpu::simd::avx512::softmax_row(xr, yr);
+        }
+    }
+
     /// `super::backward_chunk` for C <= 16, reading z and w in `MiForward::blocked`'s order.
     ///
     /// # Safety
@@ -597,6 +609,16 @@ fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f3
         assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
         // SAFETY: `use_avx512` checked the CPU and c <= 16; the slices hold whole rows of C.
         return unsafe { avx512::forward_chunk(a, b, c, z, w, j) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if c > LANES && simd::level() == simd::Level::Avx512 {
+        assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
+        // SAFETY: the CPU has AVX-512 (checked above); the slices hold whole rows of C.
+        unsafe { avx512::softmax_rows(a, c, z) };
+        // SAFETY: as above.
+        unsafe { avx512::softmax_rows(b, c, w) };
+        sgemm(c, c, z.len() / c, Mat::t(z), Mat::n(w), j, false, 1);
+        return;
     }
     forward_chunk(a, b, c, z, w, j)
 }
