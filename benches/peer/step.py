@@ -164,7 +164,18 @@ class Augmenter:
         return (x / 255.0 - self.mean) / self.std
 
 
-def torch_times(case, threads, warmup, steps):
+def resident(field):
+    """VmRSS / VmHWM of this process in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def torch_times(case, threads, warmup, steps, memory=None):
+    """Median ms per step and parameter count; with `memory` (a dict), also the resident memory
+    once model, optimizer and EMA are built and the peak over the steps (VmHWM restarted there)."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -180,6 +191,10 @@ def torch_times(case, threads, warmup, steps):
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
     ema = [t.detach().clone() for t in model.state_dict().values() if t.dtype.is_floating_point]
+    if memory is not None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        memory["built"] = resident("VmRSS")
     times = []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -203,6 +218,8 @@ def torch_times(case, threads, warmup, steps):
             torch._foreach_lerp_(ema, cur, 1.0 - 0.999)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
+    if memory is not None:
+        memory["peak"] = resident("VmHWM")
     return statistics.median(times) * 1e3, params
 
 
@@ -224,7 +241,33 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two engines; medians over rounds")
     ap.add_argument("--case", choices=["convnet", "wrn", "all"], default="all")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak resident memory of each engine's steps, each in a fresh process, instead of times")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.memory_child:
+        mem = {}
+        torch_times(a.memory_child, a.threads, a.warmup, a.steps, mem)
+        print(json.dumps(mem))
+        return
+    if a.memory:
+        print(f"torch {torch.__version__}, {a.threads} threads, {a.warmup} + {a.steps} steps; MiB")
+        print(f"{'case':<26} {'engine':<8} {'built':>8} {'peak':>8} {'increment':>10}")
+        for case in (["convnet", "wrn"] if a.case == "all" else [a.case]):
+            child = subprocess.run([sys.executable, __file__, "--memory-child", case, "--threads", str(a.threads),
+                                    "--steps", str(a.steps), "--warmup", str(a.warmup)],
+                                   check=True, capture_output=True, text=True).stdout
+            t = json.loads(child.strip().splitlines()[-1])
+            model, method = ("convnet", "muscle") if case == "convnet" else ("wrn-28-2", "supervised")
+            out = subprocess.run([a.muscle, "bench", "--model", model, "--method", method, "--threads", str(a.threads),
+                                  "--steps", str(a.steps), "--warmup", str(a.warmup), "--json"],
+                                 check=True, capture_output=True, text=True).stdout
+            m = json.loads(out.strip().splitlines()[-1])
+            mib = 1 << 20
+            for engine, built, peak in [("PyTorch", t["built"], t["peak"]),
+                                        ("muscle", m["resident_after_build_bytes"], m["peak_resident_bytes"])]:
+                print(f"{case:<26} {engine:<8} {built / mib:>8.0f} {peak / mib:>8.0f} {(peak - built) / mib:>10.0f}")
+        return
     print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps after {a.warmup}, {a.rounds} rounds")
     print(f"{'case':<26} {'params':>9} {'PyTorch ms':>11} {'muscle ms':>10} {'ratio':>6}")
     for case in (["convnet", "wrn"] if a.case == "all" else [a.case]):
