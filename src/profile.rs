@@ -83,3 +83,17 @@ pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
 }
+
+/// Floating-point operations of the products (convolutions, matrix products) recorded for a
+/// training step, forward and backward, by the direct count (2 per multiply-add).
+static FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Adds `n` to the FLOP count (ops call it when they record a product on a tape).
+pub fn add_flops(n: u64) {
+    FLOPS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The FLOPs counted so far (`muscle bench` reads it per step for its roofline line).
+pub fn flops() -> u64 {
+    FLOPS.load(std::sync::atomic::Ordering::Relaxed)
+}

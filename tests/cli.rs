@@ -209,3 +209,33 @@ fn a_short_run_writes_its_files_and_eval_reproduces_the_ema_accuracy() {
     expect_error(&["plot", "--out", png.to_str().expect("utf8")], 2, "--sweep");
     expect_error(&["plot", "/nonexistent/run", "--out", png.to_str().expect("utf8")], 1, "/nonexistent/run");
 }
+
+/// `muscle bench --json` counts a step's FLOPs exactly (the convnet's five convolutions and its
+/// dense head at 2 + 2 x 2 images, forward and backward, the first layer without an input
+/// gradient) and reports the steps' memory.
+#[test]
+fn bench_reports_the_direct_flop_count_and_memory_of_a_step() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .env_remove("MUSCLE_CUDA_EMU")
+        .args(["bench", "--json", "--steps", "1", "--warmup", "0", "--batch", "2", "--unlabeled-batch", "2"])
+        .args(["--threads", "2"])
+        .output()
+        .expect("run muscle bench");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let r: serde_json::Value = serde_json::from_str(text.trim().lines().last().expect("a line")).expect("json");
+    let n = 6u64; // images per step
+                  // (c_in, c_out, side) per 3x3 convolution; x3 for forward, dW and dX, x2 for the first.
+    let convs = [(1u64, 32u64, 28u64), (32, 32, 28), (32, 64, 14), (64, 64, 14), (64, 128, 7)];
+    let mut flops: u64 = convs
+        .iter()
+        .enumerate()
+        .map(|(i, &(ci, co, s))| 2 * n * co * s * s * ci * 9 * if i == 0 { 2 } else { 3 })
+        .sum();
+    flops += 2 * n * 128 * 10 * 3; // the dense head
+    let got = r["gflop_per_step"].as_f64().expect("gflop_per_step");
+    assert!((got * 1e9 - flops as f64).abs() < 1.0, "counted {got} GFLOP, expected {}", flops as f64 / 1e9);
+    let built = r["resident_after_build_bytes"].as_f64().expect("built");
+    let peak = r["peak_resident_bytes"].as_f64().expect("peak");
+    assert!(built > 1e6 && peak >= built, "built {built}, peak {peak}");
+}

@@ -124,6 +124,14 @@ pub fn command(a: &BenchArgs) -> Result<()> {
             r.device,
             if r.synthetic { ", synthetic data" } else { "" }
         );
+        let peak = match r.fma_peak_gflops {
+            Some(p) => format!(", {:.1}% of the {p:.0} GFLOP/s FMA peak measured now", 100.0 * r.gflops / p),
+            None => String::new(),
+        };
+        println!(
+            "roofline: {:.2} GFLOP per step (convolutions and products, forward + backward, direct count): {:.1} GFLOP/s{peak}",
+            r.gflop_per_step, r.gflops
+        );
     }
     if crate::profile::enabled() {
         let rows = crate::profile::report();
@@ -167,6 +175,13 @@ pub struct BenchResult {
     /// Of those, the ones that reached the system allocator (the rest were served by the
     /// allocator's cache of freed blocks; see `alloc_count`).
     pub large_system_allocations_per_step: Option<f64>,
+    /// GFLOP of a step's convolutions and products, forward and backward, by the direct count
+    /// (2 per multiply-add; Winograd and other fast algorithms do fewer).
+    pub gflop_per_step: f64,
+    /// Those GFLOP over the median step time.
+    pub gflops: f64,
+    /// The CPU's FMA peak at the step's thread count, measured in the same run (CPU only).
+    pub fma_peak_gflops: Option<f64>,
     /// Resident memory once the model, optimizer and loader were built (bytes).
     pub resident_after_build_bytes: Option<u64>,
     /// Peak resident memory over the steps (VmHWM restarted after the build; None where the
@@ -296,10 +311,12 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
     let mut times = Vec::with_capacity(steps);
     let counts = || (crate::alloc_count::large_allocations(), crate::alloc_count::large_system_allocations());
     let mut allocs_at_warmup = counts();
+    let mut flops_at_warmup = crate::profile::flops();
     for step in 0..(warmup + steps) {
         if step == warmup {
             crate::profile::reset();
             allocs_at_warmup = counts();
+            flops_at_warmup = crate::profile::flops();
         }
         let t = Instant::now();
         runner.step()?;
@@ -307,9 +324,15 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    let flops_per_step = (crate::profile::flops() - flops_at_warmup) as f64 / steps as f64;
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let images = cfg.images_per_step();
+    // The CPU's FMA peak, measured now with the step's threads, for the roofline line.
+    let fma_peak_gflops = match cfg.device {
+        Device::Cpu => crate::cpu::peak::fma_peak_gflops(cfg.threads(), 0.5).map(|(g, _)| g),
+        _ => None,
+    };
     Ok(BenchResult {
         model: cfg.model.to_string(),
         method: cfg.method.to_string(),
@@ -328,6 +351,9 @@ pub fn bench_training(cfg: &TrainConfig, warmup: usize, steps: usize) -> Result<
         large_system_allocations_per_step: crate::alloc_count::large_system_allocations()
             .zip(allocs_at_warmup.1)
             .map(|(end, start)| (end - start) as f64 / steps as f64),
+        gflop_per_step: flops_per_step / 1e9,
+        gflops: flops_per_step / median / 1e9,
+        fma_peak_gflops,
         resident_after_build_bytes: built,
         peak_resident_bytes: crate::memory::peak_resident_bytes().filter(|_| peak_reset),
     })

@@ -47,6 +47,10 @@ pub(crate) fn conv_shape(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Conv
 /// Convolution of NCHW `x` by OIHW `w`.
 pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     let s = conv_shape(x, w, p)?;
+    // The direct count of a training step's share: forward, weight gradient, and the input
+    // gradient when the input needs one (counted here, so both devices count the same).
+    let fwd = 2 * (s.n * s.co * s.ho() * s.wo() * s.ci * s.kh * s.kw) as u64;
+    crate::profile::add_flops(fwd * if x.requires_grad() { 3 } else { 2 });
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("conv2d", &[x, w])? {
         #[cfg(feature = "cudnn")]

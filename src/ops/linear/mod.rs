@@ -65,6 +65,9 @@ pub(crate) struct Product {
 /// `a @ B (+ bias)` for shapes already checked, on the inputs' device, recorded on the tape.
 fn product(tape: &Tape, what: &str, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, p: Product) -> Result<Tensor> {
     let Product { m, k, n, rhs_t } = p;
+    // Forward, and a gradient per operand that needs one (as for conv2d).
+    let grads = 1 + u64::from(a.requires_grad()) + u64::from(b.requires_grad());
+    crate::profile::add_flops(2 * (m * k * n) as u64 * grads);
     let mut inputs = vec![a, b];
     inputs.extend(bias);
     #[cfg(feature = "cuda")]
