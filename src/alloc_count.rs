@@ -197,8 +197,8 @@ pub fn peak_bytes() -> Option<usize> {
 /// Frees every cached block (after one-off work whose block sizes will not come again, such as
 /// the memory estimate's probes, so that they do not stay resident).
 pub fn release_cache() {
-    let blocks: Vec<Slot> = Vec::with_capacity(SLOTS);
-    let mut blocks = blocks;
+    // Collected under the lock, freed after it: the system allocator is not called with it held.
+    let mut blocks = Vec::with_capacity(SLOTS);
     CACHE.with(|slots, bytes| {
         for s in slots.iter_mut().filter(|s| !s.ptr.is_null()) {
             blocks.push(*s);

@@ -134,14 +134,14 @@ pub fn check_host_alloc(bytes: u64, what: impl FnOnce() -> String) -> Result<()>
     Ok(())
 }
 
-/// A vector of `len` copies of `value`, allocated fallibly after [`check_host_alloc`].
-pub fn try_vec<T: Clone>(len: usize, value: T, what: impl Fn() -> String) -> Result<Vec<T>> {
-    let bytes = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
-    check_host_alloc(bytes, &what)?;
+/// An empty vector with room for `len` elements, or an out-of-memory error naming `what` when
+/// the allocator refuses (callers check the limit first with [`check_host_alloc`]).
+pub fn try_with_capacity<T>(len: usize, what: impl FnOnce() -> String) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::out_of_memory(format!("{}: {} could not be allocated", what(), human(bytes as f64))))?;
-    v.resize(len, value);
+    v.try_reserve_exact(len).map_err(|_| {
+        let bytes = (len as f64) * std::mem::size_of::<T>() as f64;
+        Error::out_of_memory(format!("{}: {} could not be allocated", what(), human(bytes)))
+    })?;
     Ok(v)
 }
 
@@ -152,10 +152,7 @@ pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let what = || format!("reading {}", path.display());
     check_host_alloc(len, what)?;
-    let mut bytes = Vec::new();
-    bytes
-        .try_reserve_exact(len as usize)
-        .map_err(|_| Error::out_of_memory(format!("{}: {} could not be allocated", what(), human(len as f64))))?;
+    let mut bytes = try_with_capacity(usize::try_from(len).unwrap_or(usize::MAX), what)?;
     f.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     Ok(bytes)
 }
@@ -184,10 +181,16 @@ mod tests {
     }
 
     #[test]
-    fn try_vec_refuses_what_cannot_exist() {
-        let e = try_vec(usize::MAX / 2, 0u8, || "a test buffer".into()).expect_err("too large");
+    fn fallible_allocation_refuses_what_cannot_exist() {
+        let e = try_with_capacity::<u8>(usize::MAX / 2, || "a test buffer".into()).expect_err("too large");
         assert_eq!(e.kind(), crate::error::ErrorKind::OutOfMemory);
         assert!(e.to_string().contains("a test buffer"), "{e}");
-        assert_eq!(try_vec(5, 7u16, || "small".into()).expect("fits"), vec![7u16; 5]);
+        if host_limit().ok().flatten().is_some() {
+            let e = check_host_alloc(u64::MAX / 2, || "a test buffer".into()).expect_err("over any limit");
+            assert_eq!(e.kind(), crate::error::ErrorKind::OutOfMemory);
+            assert!(e.to_string().contains("a test buffer"), "{e}");
+        }
+        let v = try_with_capacity::<u16>(5, || "small".into()).expect("fits");
+        assert!(v.is_empty() && v.capacity() >= 5);
     }
 }

@@ -160,10 +160,44 @@ fn labels_of(labels: &[i64], c: usize) -> PyResult<Vec<usize>> {
         .collect()
 }
 
+/// What a cross-entropy is taken against: class indices or soft target rows.
+enum Target<'a, T> {
+    Labels(Vec<usize>),
+    Soft(&'a [T]),
+}
+
+/// The logits, the gradient to write and the target at the given addresses (`labels` != 0 for
+/// int64 class indices, else `targets` n x c), checked: shape, alignment, finiteness, labels.
+///
+/// # Safety
+/// The Python caller passes live C-contiguous arrays of the stated sizes (logits and targets
+/// n x c of T, labels n int64, grad n x c of T distinct from the others) and keeps them alive and
+/// untouched until the kernel returns.
+#[allow(clippy::type_complexity)]
+unsafe fn cross_entropy_args<'a, T: Copy + Into<f64> + Send + Sync>(
+    x: usize,
+    labels: usize,
+    targets: usize,
+    grad: usize,
+    n: usize,
+    c: usize,
+) -> PyResult<(&'a [T], &'a mut [T], Target<'a, T>)> {
+    let len = check_shape(n, c)?;
+    let (x, g) = (view::<T>("logits", x, len)?, view_mut::<T>("grad", grad, len)?);
+    check_finite("logits", x, c)?;
+    let target = if labels != 0 {
+        Target::Labels(labels_of(view::<i64>("labels", labels, n)?, c)?)
+    } else {
+        let q = view::<T>("targets", targets, len)?;
+        check_finite("targets", q, c)?;
+        Target::Soft(q)
+    };
+    Ok((x, g, target))
+}
+
 /// Softmax cross-entropy of n x c logits against int64 labels (`labels` != 0) or n x c targets
 /// (`targets` != 0), float32 through the fused kernels; writes the gradient of the mean loss.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
 fn cross_entropy_f32(
     py: Python<'_>,
     x: usize,
@@ -173,26 +207,17 @@ fn cross_entropy_f32(
     n: usize,
     c: usize,
 ) -> PyResult<f64> {
-    let len = check_shape(n, c)?;
-    // SAFETY: as in iic_f32: live C-contiguous arrays of the stated sizes (labels: n int64,
-    // targets: n x c float32), distinct from `grad`.
-    let (x, g) = unsafe { (view::<f32>("logits", x, len)?, view_mut::<f32>("grad", grad, len)?) };
-    check_finite("logits", x, c)?;
-    if labels != 0 {
-        // SAFETY: as above.
-        let l = labels_of(unsafe { view::<i64>("labels", labels, n)? }, c)?;
-        Ok(py.detach(|| cross_entropy_hard_fwd(x, &l, c, g) as f64))
-    } else {
-        // SAFETY: as above.
-        let q = unsafe { view::<f32>("targets", targets, len)? };
-        check_finite("targets", q, c)?;
-        Ok(py.detach(|| cross_entropy_soft_fwd(x, q, c, g) as f64))
-    }
+    // SAFETY: see cross_entropy_args; muscle/__init__.py and muscle/torch.py keep the float32
+    // arrays alive for this call.
+    let (x, g, target) = unsafe { cross_entropy_args::<f32>(x, labels, targets, grad, n, c)? };
+    Ok(py.detach(|| match target {
+        Target::Labels(l) => cross_entropy_hard_fwd(x, &l, c, g) as f64,
+        Target::Soft(q) => cross_entropy_soft_fwd(x, q, c, g) as f64,
+    }))
 }
 
 /// The same in float64 through the plain-loop reference.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
 fn cross_entropy_f64_ref(
     py: Python<'_>,
     x: usize,
@@ -202,20 +227,12 @@ fn cross_entropy_f64_ref(
     n: usize,
     c: usize,
 ) -> PyResult<f64> {
-    let len = check_shape(n, c)?;
     // SAFETY: as in cross_entropy_f32, with float64 logits and targets.
-    let (x, g) = unsafe { (view::<f64>("logits", x, len)?, view_mut::<f64>("grad", grad, len)?) };
-    check_finite("logits", x, c)?;
-    let (loss, d) = if labels != 0 {
-        // SAFETY: as above.
-        let l = labels_of(unsafe { view::<i64>("labels", labels, n)? }, c)?;
-        py.detach(|| cross_entropy_f64(x, Some(&l), None, c))
-    } else {
-        // SAFETY: as above.
-        let q = unsafe { view::<f64>("targets", targets, len)? };
-        check_finite("targets", q, c)?;
-        py.detach(|| cross_entropy_f64(x, None, Some(q), c))
-    };
+    let (x, g, target) = unsafe { cross_entropy_args::<f64>(x, labels, targets, grad, n, c)? };
+    let (loss, d) = py.detach(|| match target {
+        Target::Labels(l) => cross_entropy_f64(x, Some(&l), None, c),
+        Target::Soft(q) => cross_entropy_f64(x, None, Some(q), c),
+    });
     g.copy_from_slice(&d);
     Ok(loss)
 }

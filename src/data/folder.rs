@@ -137,10 +137,7 @@ fn read_split(
     crate::memory::check_host_alloc(total.saturating_mul(2), what)?;
     let decoded: Vec<Result<Vec<u8>>> =
         files.par_iter().map(|(p, _)| decode(p).and_then(|img| convert(p, img, shape))).collect();
-    let mut images = Vec::new();
-    images.try_reserve_exact(total as usize).map_err(|_| {
-        Error::out_of_memory(format!("{}: {} could not be allocated", what(), crate::memory::human(total as f64)))
-    })?;
+    let mut images = crate::memory::try_with_capacity(usize::try_from(total).unwrap_or(usize::MAX), what)?;
     for r in decoded {
         images.extend_from_slice(&r?);
     }

@@ -32,11 +32,40 @@ const PROBE_SIDE: usize = 32;
 /// image (at 4 images apart the estimate of a default step varied by 2x; at 16, by a few %).
 const PROBE_IMAGES: usize = 16;
 
-/// Peak bytes above the starting point of one measured piece of work (host, device).
+/// Peak bytes above the starting point of one measured piece of work (host, device); also a
+/// number of bytes per image, so that the linear fits below read as arithmetic.
 #[derive(Clone, Copy, Debug, Default)]
 struct Peak {
     host: f64,
     device: f64,
+}
+
+impl std::ops::Add for Peak {
+    type Output = Peak;
+    fn add(self, o: Peak) -> Peak {
+        Peak { host: self.host + o.host, device: self.device + o.device }
+    }
+}
+
+impl std::ops::Sub for Peak {
+    type Output = Peak;
+    fn sub(self, o: Peak) -> Peak {
+        Peak { host: self.host - o.host, device: self.device - o.device }
+    }
+}
+
+impl std::ops::Mul<f64> for Peak {
+    type Output = Peak;
+    fn mul(self, k: f64) -> Peak {
+        Peak { host: self.host * k, device: self.device * k }
+    }
+}
+
+impl Peak {
+    /// Negative parts (a fit's noise) as 0.
+    fn at_least_zero(self) -> Peak {
+        Peak { host: self.host.max(0.0), device: self.device.max(0.0) }
+    }
 }
 
 /// Runs `f` and returns the host and device bytes it needed at its peak, from an empty pool.
@@ -135,14 +164,9 @@ pub fn estimate(run: &RunShape<'_>) -> Result<Option<Estimate>> {
     let base = step_peak(l0, u0)?;
     let per_labeled = if l0 > 0 { slope(base, step_peak(2 * l0, u0)?, l0) } else { Peak::default() };
     let per_unlabeled = if u0 > 0 { slope(base, step_peak(l0, 2 * u0)?, u0) } else { Peak::default() };
-    let at = |p: Peak, n: usize| (p.host * n as f64, p.device * n as f64);
-    let fixed = (
-        (base.host - per_labeled.host * l0 as f64 - per_unlabeled.host * u0 as f64).max(0.0),
-        (base.device - per_labeled.device * l0 as f64 - per_unlabeled.device * u0 as f64).max(0.0),
-    );
-    let (lh, ld) = at(per_labeled, plan.labeled);
-    let (uh, ud) = at(per_unlabeled, plan.unlabeled * usize::from(plan.views > 0));
-    let step = (fixed.0 + scale * (lh + uh), fixed.1 + scale * (ld + ud));
+    let fixed = (base - per_labeled * l0 as f64 - per_unlabeled * u0 as f64).at_least_zero();
+    let unlabeled = plan.unlabeled * usize::from(plan.views > 0);
+    let step = fixed + (per_labeled * plan.labeled as f64 + per_unlabeled * unlabeled as f64) * scale;
 
     // The evaluation: a forward pass without a tape over one batch of n images, at two sizes.
     let eval = if run.eval_images > 0 {
@@ -162,16 +186,11 @@ pub fn estimate(run: &RunShape<'_>) -> Result<Option<Estimate>> {
             let aug = Augment::normalize_only(run.aug.mean.clone(), run.aug.std.clone());
             measure(cfg.device, || evaluate(&mut model, &ds, None, &aug, n).map(|_| ()))
         };
-        let e4 = eval_peak(PROBE_IMAGES)?;
-        let per = slope(e4, eval_peak(2 * PROBE_IMAGES)?, PROBE_IMAGES);
-        let n = run.eval_images as f64;
-        let n0 = PROBE_IMAGES as f64;
-        (
-            (e4.host - n0 * per.host).max(0.0) + scale * per.host * n,
-            (e4.device - n0 * per.device).max(0.0) + scale * per.device * n,
-        )
+        let e0 = eval_peak(PROBE_IMAGES)?;
+        let per = slope(e0, eval_peak(2 * PROBE_IMAGES)?, PROBE_IMAGES);
+        (e0 - per * PROBE_IMAGES as f64).at_least_zero() + per * (scale * run.eval_images as f64)
     } else {
-        (0.0, 0.0)
+        Peak::default()
     };
 
     // The probes' buffers have sizes the run will not ask for again.
@@ -182,20 +201,20 @@ pub fn estimate(run: &RunShape<'_>) -> Result<Option<Estimate>> {
     // The host's tensor pool keeps a step's buffers idle while the evaluation runs (its batches
     // have other sizes) and the reverse: the peak holds both. Device buffers are freed as they
     // go: the larger of the two.
-    let device = (cfg.device != Device::Cpu).then(|| run.model_bytes as f64 + step.1.max(eval.1));
+    let device = (cfg.device != Device::Cpu).then(|| run.model_bytes as f64 + step.device.max(eval.device));
     // The emulated device's memory is this process's host memory.
     #[cfg(feature = "cuda")]
     let emulated = if crate::cuda::emulation_requested() { device.unwrap_or(0.0) } else { 0.0 };
     #[cfg(not(feature = "cuda"))]
     let emulated = 0.0;
-    let host = held + run.model_bytes as f64 + loader + step.0 + eval.0 + emulated;
+    let host = held + run.model_bytes as f64 + loader + step.host + eval.host + emulated;
     let device = device.map(|d| d as u64);
-    Ok(Some(Estimate { host: host.min(u64::MAX as f64) as u64, device, eval_peak: eval.0 > step.0 }))
+    Ok(Some(Estimate { host: host.min(u64::MAX as f64) as u64, device, eval_peak: eval.host > step.host }))
 }
 
 /// Bytes per image between two probes `n` images apart.
 fn slope(a: Peak, b: Peak, n: usize) -> Peak {
-    Peak { host: ((b.host - a.host) / n as f64).max(0.0), device: ((b.device - a.device) / n as f64).max(0.0) }
+    ((b - a) * (1.0 / n as f64)).at_least_zero()
 }
 
 /// What the run's step is made of, in the flags that set it: "--batch 64 and --unlabeled-batch
