@@ -53,6 +53,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         labeled_view2: Some(l2.clone()),
         labeled_idx: vec![0, 1, 2],
         unlabeled_idx: vec![0, 1, 2, 3],
+        unlabeled_labels: vec![0, 1, 2, 3],
     };
     let cfg = |mi_labeled| ObjectiveConfig {
         method: Method::Muscle,
@@ -96,6 +97,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
         labeled_view2: None,
         labeled_idx: vec![0, 1, 2],
         unlabeled_idx: (0..6).collect(),
+        unlabeled_labels: vec![0; 6],
     };
     let run = |method| {
         let cfg = ObjectiveConfig {

@@ -101,6 +101,7 @@ fn batch(ds: &data::Dataset, k: usize, b: usize, u: usize) -> StepBatch {
         views: vec![render(ds, &ui, k, 1), render(ds, &ui, k, 2)],
         labeled_view2: None,
         labeled_idx: li,
+        unlabeled_labels: ui.iter().map(|&i| ds.labels[i] as usize).collect(),
         unlabeled_idx: ui,
     }
 }

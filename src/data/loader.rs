@@ -37,12 +37,15 @@ pub struct BatchPlan {
     pub views: usize,
     /// Also draw a second, independent view of the labeled batch (for MI on labeled images).
     pub labeled_second_view: bool,
+    /// The second unlabeled view is a strong one (FixMatch): RandAugment and Cutout after the
+    /// weak crop and flip.
+    pub strong_view: bool,
 }
 
 impl BatchPlan {
     /// `labeled` labeled and `unlabeled` unlabeled images in `views` views, no second labeled view.
     pub fn new(labeled: usize, unlabeled: usize, views: usize) -> BatchPlan {
-        BatchPlan { labeled, unlabeled, views, labeled_second_view: false }
+        BatchPlan { labeled, unlabeled, views, labeled_second_view: false, strong_view: false }
     }
 }
 
@@ -101,6 +104,9 @@ pub struct StepBatch {
     pub labeled_idx: Vec<usize>,
     /// Training-set indices of the unlabeled images (their labels are for diagnostics only).
     pub unlabeled_idx: Vec<usize>,
+    /// The true labels of the unlabeled images, for diagnostics only (FixMatch's pseudo-label
+    /// accuracy); no objective trains on them.
+    pub unlabeled_labels: Vec<usize>,
 }
 
 /// What the worker needs to build the batch of any step.
@@ -114,6 +120,7 @@ struct Plan {
     unlabeled_batch: usize,
     views: usize,
     labeled_second_view: bool,
+    strong_view: bool,
 }
 
 impl Plan {
@@ -145,6 +152,10 @@ impl Plan {
             gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)))
                 .map_err(|e| e.context("--batch"))?
         };
+        if self.strong_view {
+            return Err(Error::usage("strong (RandAugment) views are not built yet"));
+        }
+        let unlabeled_labels = unlabeled_idx.iter().map(|&i| ds.label(i)).collect::<Result<Vec<usize>>>()?;
         let views = (0..self.views as u64)
             .map(|k| {
                 gather(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k, t)))
@@ -157,7 +168,16 @@ impl Plan {
         } else {
             None
         };
-        Ok(StepBatch { step: t, labeled, labels: labels.into(), views, labeled_view2, labeled_idx, unlabeled_idx })
+        Ok(StepBatch {
+            step: t,
+            labeled,
+            labels: labels.into(),
+            views,
+            labeled_view2,
+            labeled_idx,
+            unlabeled_idx,
+            unlabeled_labels,
+        })
     }
 }
 
@@ -213,6 +233,7 @@ impl StepBatch {
             labeled_view2,
             labeled_idx: self.labeled_idx.clone(),
             unlabeled_idx: self.unlabeled_idx.clone(),
+            unlabeled_labels: self.unlabeled_labels.clone(),
         };
         Ok((batch, indices))
     }
@@ -240,7 +261,8 @@ impl Loader {
         plan: BatchPlan,
         start_step: u64,
     ) -> Result<Loader> {
-        let BatchPlan { labeled: labeled_batch, unlabeled: unlabeled_batch, views, labeled_second_view } = plan;
+        let BatchPlan { labeled: labeled_batch, unlabeled: unlabeled_batch, views, labeled_second_view, strong_view } =
+            plan;
         train.validate()?;
         aug.check(&train)?;
         if views > 0 && unlabeled_batch == 0 {
@@ -272,6 +294,7 @@ impl Loader {
             unlabeled_batch,
             views,
             labeled_second_view,
+            strong_view,
         };
         let (tx, rx) = sync_channel(1);
         let worker = std::thread::Builder::new()

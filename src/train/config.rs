@@ -403,6 +403,7 @@ impl TrainConfig {
             unlabeled: self.unlabeled_batch(),
             views,
             labeled_second_view: self.mi_labeled && self.method.uses_unlabeled(),
+            strong_view: false,
         }
     }
 

@@ -157,6 +157,7 @@ pub fn estimate(run: &RunShape<'_>) -> Result<Option<Estimate>> {
             labeled_view2: if plan.labeled_second_view { Some(images(labeled, c, h, w, &mut rng)?) } else { None },
             labeled_idx: (0..labeled).collect(),
             unlabeled_idx: (0..if plan.views > 0 { unlabeled } else { 0 }).collect(),
+            unlabeled_labels: (0..if plan.views > 0 { unlabeled } else { 0 }).map(|i| i % spec.classes).collect(),
         };
         measure(cfg.device, || trainer.step(&batch, 0).map(|_| ()))
     };

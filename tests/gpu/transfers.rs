@@ -21,6 +21,7 @@ fn batch(step: u64, nl: usize, nu: usize) -> StepBatch {
         labeled_view2: None,
         labeled_idx: (0..nl).collect(),
         unlabeled_idx: (0..nu).collect(),
+        unlabeled_labels: (0..nu).map(|i| i % 10).collect(),
     }
 }
 
