@@ -189,3 +189,56 @@ extern "C" __global__ void mse_fwd_f32(const float* __restrict__ p, const float*
         grad[i] = __fdiv_rn(__fmul_rn(2.0f, d), nf);
     }
 }
+
+// cross_entropy_pseudo_fwd_f32: FixMatch's unlabeled term, one warp per unlabeled image i. The
+// weak view's logits w_i are only read (the pseudo-label is under stop-gradient): the largest
+// probability of softmax(w_i) is 1 / sum_j exp(w_ij - max), and the pseudo-label t_i is the first
+// column holding the max; the row is kept (mask_i = 1) when that probability >= tau. Then the
+// strong view's cross-entropy against t_i, masked: loss_i = mask_i (lse(s_i) - s_i[t_i]), and in
+// the same pass the gradient of the mean over ALL n rows (FixMatch divides by the whole batch),
+// grad_ij = mask_i (exp(s_ij - lse) - [j == t_i]) * (1 / n). For logging: hit_i = mask_i [t_i ==
+// truth_i] against the images' true labels. A non-finite weak row is never kept. Reads w, s,
+// truth; writes row_loss, mask, hit (n each) and grad (n x C); the means are reduce_mean's.
+extern "C" __global__ void cross_entropy_pseudo_fwd_f32(const float* __restrict__ w, const float* __restrict__ s,
+                                                        const int* __restrict__ truth, float* __restrict__ row_loss,
+                                                        float* __restrict__ mask, float* __restrict__ hit,
+                                                        float* __restrict__ grad, int n, int C, float tau) {
+    long long row = warp_row();
+    if (row >= n) return;
+    int lane = threadIdx.x % WARP;
+    const float* wr = w + row * C;
+    const float* sr = s + row * C;
+    float* gr = grad + row * C;
+    float wm, ws;
+    row_max_sum(wr, C, lane, &wm, &ws);
+    // The first column equal to the max: each lane's first, then the smallest over the warp.
+    int t = C;
+    for (int j = lane; j < C; j += WARP) {
+        if (wr[j] == wm) {
+            t = j;
+            break;
+        }
+    }
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        int u = __shfl_xor_sync(FULL_MASK, t, o);
+        t = u < t ? u : t;
+    }
+    bool keep = t < C && 1.0f / ws >= tau;
+    float m, sum;
+    row_max_sum(sr, C, lane, &m, &sum);
+    float l = m + logf(sum);
+    float inv_n = 1.0f / (float)n;
+    for (int j = lane; j < C; j += WARP) {
+        float g = 0.0f;
+        if (keep) {
+            g = expf(sr[j] - l) * inv_n;
+            if (j == t) g -= inv_n;
+        }
+        gr[j] = g;
+    }
+    if (lane == 0) {
+        row_loss[row] = keep ? l - sr[t] : 0.0f;
+        mask[row] = keep ? 1.0f : 0.0f;
+        hit[row] = keep && t == truth[row] ? 1.0f : 0.0f;
+    }
+}

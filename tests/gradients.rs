@@ -140,6 +140,23 @@ fn cross_entropies_and_mse() {
 }
 
 #[test]
+fn pseudo_labelled_cross_entropy_differentiates_the_strong_view_only() {
+    // Weak rows 0, 2, 4 spiked (kept at tau 0.95), rows 1 and 3 flat (dropped): no decision sits
+    // within a step of EPS, so the loss is flat in the weak logits and a gradient that leaked
+    // to them (the pseudo-label is under stop-gradient) would fail the check's relative error.
+    let mut w = randn(&[5, 7], 4).to_vec().expect("weak");
+    for (i, col) in [(0usize, 3usize), (2, 0), (4, 6)] {
+        w[i * 7 + col] += 8.0;
+    }
+    let weak = Tensor::from_vec(w, &[5, 7]).expect("weak");
+    let truth = ops::Indices::from(vec![3, 1, 2, 0, 5]);
+    let f = |t: &Tape, x: &[Tensor]| Ok(ops::cross_entropy_pseudo(t, &x[0], &x[1], 0.95, &truth)?.loss);
+    let report = check_gradients(&f, &[weak, randn(&[5, 7], 2)], EPS, TOL, PROBES).expect("gradient check");
+    assert_eq!(report[0].norm, 0.0, "the loss moved with the weak logits");
+    assert!(report[1].norm > 1e-4, "the strong logits got a vanishing test gradient");
+}
+
+#[test]
 fn a_small_network_end_to_end() {
     // conv -> BN(train) -> LReLU -> max-pool -> GAP -> linear -> CE: the tape chains them all.
     let labels = [1usize, 0, 2];

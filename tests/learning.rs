@@ -62,6 +62,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         ramp_steps: 0,
         mi_labeled,
         w_u: 75.0,
+        tau: 0.95,
         temperature: 0.5,
         mixup_alpha: 0.75,
     };
@@ -107,6 +108,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
             ramp_steps: 0,
             mi_labeled: false,
             w_u: 75.0,
+            tau: 0.95,
             temperature: 0.5,
             mixup_alpha: 0.75,
         };
@@ -127,6 +129,57 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
     assert!((with - (plain + w * mi)).abs() < 1e-5, "{with} vs {plain} + {w} * {mi}");
     // Without the MI term the guessing forward is not recorded at all.
     assert!(nodes_with > nodes_plain + 10, "{nodes_with} vs {nodes_plain}");
+}
+
+#[test]
+fn fixmatch_muscle_adds_the_weighted_mi_term_to_fixmatch() {
+    use muscle::data::StepBatch;
+    use muscle::ssl::{step_loss, Method, ObjectiveConfig};
+    let spec = ModelSpec { kind: ModelKind::ConvNet { width: 4 }, in_channels: 1, height: 8, width: 8, classes: 5 };
+    let batch = StepBatch {
+        step: 0,
+        labeled: randn(&[3, 1, 8, 8], 1),
+        labels: vec![0, 4, 2].into(),
+        views: vec![randn(&[6, 1, 8, 8], 3), randn(&[6, 1, 8, 8], 4)],
+        labeled_view2: None,
+        labeled_idx: vec![0, 1, 2],
+        unlabeled_idx: (0..6).collect(),
+        unlabeled_labels: vec![1; 6],
+    };
+    let run = |method, tau| {
+        let cfg = ObjectiveConfig {
+            method,
+            w_mi: 0.7,
+            lambda: 1.0,
+            ramp_steps: 0,
+            mi_labeled: false,
+            w_u: 2.0,
+            tau,
+            temperature: 0.5,
+            mixup_alpha: 0.75,
+        };
+        let mut m = Model::new(spec, 0).expect("model");
+        let tape = Tape::new();
+        let t = step_loss(&cfg, &mut m, &tape, &batch, 5, 9).expect("loss");
+        let p = t.pseudo.as_ref().expect("fixmatch reports its pseudo-labels");
+        let kept = p.kept.item().expect("kept");
+        let right = p.right.item().expect("right");
+        let v = t.values().expect("values");
+        (v.total, v.sup, v.mi, t.w_mi, v.host, kept, right)
+    };
+    // An untrained model is never 95% sure: nothing is kept, L_U is 0.
+    let (total, sup, mi0, _, host, kept, _) = run(Method::FixMatch, 0.95);
+    assert_eq!((mi0, host, kept), (0.0, 0.0, 0.0));
+    assert!((total - sup).abs() < 1e-6);
+    // A threshold every row reaches keeps them all: L_U is the strong view's mean CE.
+    let (total, sup, _, _, host, kept, right) = run(Method::FixMatch, 1e-3);
+    assert_eq!(kept, 1.0);
+    assert!((0.0..=1.0).contains(&right));
+    assert!(host > 0.0 && (total - (sup + 2.0 * host)).abs() < 1e-5, "{total} vs {sup} + 2 x {host}");
+    let (with, _, mi, w, host_mi, _, _) = run(Method::FixMatchMuscle, 1e-3);
+    assert!(mi.abs() > 0.0 && (w - 0.7).abs() < 1e-7);
+    assert_eq!(host_mi, host, "the same forward gives the same L_U");
+    assert!((with - (total + w * mi)).abs() < 1e-5, "{with} vs {total} + {w} * {mi}");
 }
 
 #[test]

@@ -114,6 +114,7 @@ fn objective(ramp_steps: u64) -> ObjectiveConfig {
         ramp_steps,
         mi_labeled: false,
         w_u: 0.0,
+        tau: 0.95,
         temperature: 0.5,
         mixup_alpha: 0.75,
     }

@@ -24,7 +24,10 @@ pub use linear::{linear, matmul};
 pub use mutual_info::{mutual_info_loss, mutual_info_loss_with_stats, MiStats};
 pub use pool::{global_avg_pool, max_pool2d};
 pub use shape::{concat_rows, flatten, narrow_rows, reshape};
-pub use softmax::{cross_entropy, cross_entropy_labels, cross_entropy_soft, log_softmax, mse, softmax};
+pub use softmax::{
+    cross_entropy, cross_entropy_labels, cross_entropy_pseudo, cross_entropy_soft, log_softmax, mse, softmax,
+    PseudoLabelLoss,
+};
 
 use crate::error::{Error, Result};
 use crate::tensor::{fmt_shape, Tensor};

@@ -18,6 +18,12 @@ pub enum Schedule {
         /// W, steps of linear warm-up (0: none).
         warmup_steps: u64,
     },
+    /// FixMatch's cosine: lr_k = base * cos(7 pi k / (16 K)), which ends at cos(7 pi / 16) ~ 0.195
+    /// of the base rate rather than at 0.
+    FixMatchCosine {
+        /// K, the run's length.
+        total_steps: u64,
+    },
 }
 
 impl Default for Schedule {
@@ -45,6 +51,14 @@ impl Schedule {
         Ok(Schedule::Cosine { total_steps, warmup_steps })
     }
 
+    /// FixMatch's cosine over `total_steps`, checked.
+    pub fn fixmatch_cosine(total_steps: u64) -> Result<Schedule> {
+        if total_steps == 0 {
+            return Err(Error::usage("--steps: a cosine schedule needs at least 1 step"));
+        }
+        Ok(Schedule::FixMatchCosine { total_steps })
+    }
+
     /// The learning rate of step `step` (0-based) for base rate `base`.
     pub fn lr(&self, base: f32, step: u64) -> f32 {
         let base = base as f64;
@@ -63,6 +77,10 @@ impl Schedule {
                     let progress = (t - warmup_steps as f64) / (total_steps - warmup_steps) as f64;
                     base * (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0
                 }
+            }
+            Schedule::FixMatchCosine { total_steps } => {
+                let k = t.min(total_steps as f64);
+                base * (7.0 * std::f64::consts::PI * k / (16.0 * total_steps as f64)).cos()
             }
         };
         lr as f32
@@ -99,6 +117,20 @@ mod tests {
             assert!(lr <= prev && lr >= 0.0);
             prev = lr;
         }
+    }
+
+    #[test]
+    fn fixmatch_cosine_follows_its_formula() {
+        let s = Schedule::fixmatch_cosine(1000).unwrap();
+        assert_eq!(s.lr(0.03, 0), 0.03);
+        let at = |k: f64| (0.03f64 * (7.0 * std::f64::consts::PI * k / 16000.0).cos()) as f32;
+        for k in [1u64, 250, 500, 999, 1000] {
+            assert_eq!(s.lr(0.03, k), at(k as f64), "step {k}");
+        }
+        // It ends near 0.195 of the base rate, not at 0, and stays there past the end.
+        assert!((s.lr(1.0, 1000) - 0.19509).abs() < 1e-4);
+        assert_eq!(s.lr(1.0, 5000), s.lr(1.0, 1000));
+        assert!(Schedule::fixmatch_cosine(0).is_err());
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
         total = ops::add(tape, &total, &ops::scale(tape, &mi, w)?)?;
         mi_term = Some(mi);
     }
-    Ok(LossTerms { sup: Some(lx), host: Some(lu), w_u, mi: mi_term, w_mi: w, total })
+    Ok(LossTerms { sup: Some(lx), host: Some(lu), w_u, mi: mi_term, w_mi: w, total, pseudo: None })
 }
 
 #[cfg(test)]

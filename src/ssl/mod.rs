@@ -1,11 +1,13 @@
 //! Training objectives: the loss of one step for each method. They see batches of tensors and a
 //! model, never a data format.
 
+mod fixmatch;
 mod mixmatch;
 mod muscle;
 mod pretrain;
 mod supervised;
 
+pub use fixmatch::fixmatch_loss;
 pub use mixmatch::{mixmatch_loss, mixup_draw};
 pub use muscle::muscle_loss;
 pub use pretrain::pretrain_loss;
@@ -31,6 +33,10 @@ choice! {
         MixMatch = "mixmatch",
         /// MixMatch + w_mi * IIC loss between the two label-guessing views (the paper's "incorporated").
         MixMatchMuscle = "mixmatch-muscle",
+        /// FixMatch: cross-entropy of a strong view against the weak view's confident pseudo-label.
+        FixMatch = "fixmatch",
+        /// FixMatch + w_mi * IIC loss between the weak and the strong view.
+        FixMatchMuscle = "fixmatch-muscle",
         /// Unsupervised pre-training: the IIC loss alone (`muscle pretrain`).
         Pretrain = "pretrain",
     }
@@ -42,11 +48,23 @@ choice! {
 
 impl Method {
     /// The methods `--method` offers: all but `pretrain`, which has its own command.
-    pub const TRAIN: [Method; 4] = [Method::Supervised, Method::Muscle, Method::MixMatch, Method::MixMatchMuscle];
+    pub const TRAIN: [Method; 6] = [
+        Method::Supervised,
+        Method::Muscle,
+        Method::MixMatch,
+        Method::MixMatchMuscle,
+        Method::FixMatch,
+        Method::FixMatchMuscle,
+    ];
 
     /// Whether the method reads unlabeled batches.
     pub fn uses_unlabeled(self) -> bool {
         !matches!(self, Method::Supervised)
+    }
+
+    /// Whether the method is FixMatch's (a weak and a strong view, pseudo-labels).
+    pub fn is_fixmatch(self) -> bool {
+        matches!(self, Method::FixMatch | Method::FixMatchMuscle)
     }
 }
 
@@ -63,8 +81,11 @@ pub struct ObjectiveConfig {
     pub ramp_steps: u64,
     /// Also feed the labeled images' two views into the MI term.
     pub mi_labeled: bool,
-    /// MixMatch's maximum unlabeled-loss weight w_u (75 for CIFAR-10).
+    /// The host method's unlabeled-loss weight w_u: MixMatch's maximum (75 for CIFAR-10),
+    /// FixMatch's lambda_u (1, not ramped).
     pub w_u: f32,
+    /// FixMatch's confidence threshold tau of the pseudo-labels.
+    pub tau: f32,
     /// MixMatch's sharpening temperature T.
     pub temperature: f32,
     /// MixMatch's Beta(alpha, alpha) for MixUp.
@@ -85,8 +106,18 @@ pub struct LossTerms {
     pub host: Option<Tensor>,
     /// Weight applied to the MI term this step.
     pub w_mi: f32,
-    /// Weight applied to the host term this step (MixMatch's ramped w_u).
+    /// Weight applied to the host term this step (MixMatch's ramped w_u, FixMatch's lambda_u).
     pub w_u: f32,
+    /// FixMatch's pseudo-label diagnostics (None for the other methods).
+    pub pseudo: Option<PseudoLabelStats>,
+}
+
+/// FixMatch's pseudo-label diagnostics of one step, as scalars on the model's device.
+pub struct PseudoLabelStats {
+    /// Fraction of the unlabeled images whose weak prediction reached tau (the mask rate).
+    pub kept: Tensor,
+    /// Fraction of the unlabeled images kept with a pseudo-label equal to their true label.
+    pub right: Tensor,
 }
 
 /// The values of a step's loss terms on the host (0 for a term the method has none of).
@@ -148,6 +179,8 @@ pub fn upload_indices(cfg: &ObjectiveConfig, batch: &StepBatch, step: u64, seed:
             let n = batch.labels.len() + 2 * batch.views.first().map_or(0, |v| v.shape()[0]);
             vec![mixup_draw(seed, step, cfg.mixup_alpha as f64, n).1]
         }
+        // The true labels that score the pseudo-labels.
+        Method::FixMatch | Method::FixMatchMuscle => vec![batch.unlabeled_labels.clone()],
         _ => Vec::new(),
     }
 }
@@ -170,6 +203,7 @@ pub fn step_loss_with(cfg: &ObjectiveConfig, model: &mut Model, input: StepInput
         Method::Supervised => supervised_loss(model, &input),
         Method::Muscle => muscle_loss(cfg, model, &input),
         Method::MixMatch | Method::MixMatchMuscle => mixmatch_loss(cfg, model, &input),
+        Method::FixMatch | Method::FixMatchMuscle => fixmatch_loss(cfg, model, &input),
         Method::Pretrain => pretrain_loss(cfg, model, &input),
     }
 }

@@ -39,5 +39,5 @@ pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) 
     let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
     let w = ramp(cfg.w_mi, step, cfg.ramp_steps);
     let total = ops::add(tape, &sup, &ops::scale(tape, &mi, w)?)?;
-    Ok(LossTerms { sup: Some(sup), mi: Some(mi), w_mi: w, host: None, w_u: 0.0, total })
+    Ok(LossTerms { sup: Some(sup), mi: Some(mi), w_mi: w, host: None, w_u: 0.0, total, pseudo: None })
 }

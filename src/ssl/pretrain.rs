@@ -16,5 +16,5 @@ pub fn pretrain_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let za = ops::narrow_rows(tape, &logits, 0, nu)?;
     let zb = ops::narrow_rows(tape, &logits, nu, nu)?;
     let total = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
-    Ok(LossTerms { sup: None, mi: Some(total.clone()), w_mi: 1.0, host: None, w_u: 0.0, total })
+    Ok(LossTerms { sup: None, mi: Some(total.clone()), w_mi: 1.0, host: None, w_u: 0.0, total, pseudo: None })
 }

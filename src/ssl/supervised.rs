@@ -10,5 +10,5 @@ pub fn supervised_loss(model: &mut Model, input: &StepInput) -> Result<LossTerms
     let StepInput { tape, batch, step, seed, .. } = *input;
     let logits = model.forward(tape, &batch.labeled, &ForwardCtx::train(seed, step))?;
     let total = ops::cross_entropy_labels(tape, &logits, &batch.labels)?;
-    Ok(LossTerms { sup: Some(total.clone()), total, mi: None, w_mi: 0.0, host: None, w_u: 0.0 })
+    Ok(LossTerms { sup: Some(total.clone()), total, mi: None, w_mi: 0.0, host: None, w_u: 0.0, pseudo: None })
 }

@@ -41,6 +41,8 @@ choice! {
         Cosine = "cosine",
         /// The base rate throughout.
         Constant = "constant",
+        /// FixMatch's cosine, lr_k = base * cos(7 pi k / (16 K)): ends at ~0.2 of the base rate.
+        FixMatchCosine = "fixmatch-cosine",
     }
     unknown(s) = Error::usage(format!(
         "--schedule: unknown schedule '{s}' (expected {})",
@@ -63,11 +65,17 @@ pub struct MethodDefaults {
     pub batch: usize,
     /// Unlabeled images per step.
     pub unlabeled_batch: usize,
+    /// The host method's unlabeled-loss weight.
+    pub w_u: f32,
+    /// Nesterov momentum (SGD).
+    pub nesterov: bool,
 }
 
 impl MethodDefaults {
     /// The defaults for `method`: METHOD.md's recipe, except 600 steps at lr 1e-3 (chosen on a
-    /// validation split, README "Default recipe"), for every method so far.
+    /// validation split, README "Default recipe") for the MUSCLE and MixMatch methods; the
+    /// FixMatch methods take FixMatch's own recipe (SGD + Nesterov at 0.03, its cosine, mu = 7,
+    /// lambda_u = 1).
     pub fn of(method: Method) -> MethodDefaults {
         match method {
             Method::Supervised | Method::Muscle | Method::MixMatch | Method::MixMatchMuscle | Method::Pretrain => {
@@ -78,8 +86,20 @@ impl MethodDefaults {
                     schedule: ScheduleKind::Cosine,
                     batch: 64,
                     unlabeled_batch: 256,
+                    w_u: 75.0,
+                    nesterov: false,
                 }
             }
+            Method::FixMatch | Method::FixMatchMuscle => MethodDefaults {
+                optimizer: OptimizerKind::Sgd,
+                lr: 0.03,
+                weight_decay: 5e-4,
+                schedule: ScheduleKind::FixMatchCosine,
+                batch: 64,
+                unlabeled_batch: 448,
+                w_u: 1.0,
+                nesterov: true,
+            },
         }
     }
 }
@@ -104,7 +124,7 @@ pub struct TrainConfig {
     /// Image folders: convert to 1 (grey) or 3 (colour) channels.
     #[arg(long)]
     pub channels: Option<usize>,
-    /// Objective: supervised, muscle, mixmatch, mixmatch-muscle.
+    /// Objective: supervised, muscle, mixmatch, mixmatch-muscle, fixmatch, fixmatch-muscle.
     #[arg(long, default_value_t = TrainConfig::DEFAULT.method)]
     pub method: Method,
     /// Architecture: convnet, wrn-28-2, cnn13.
@@ -137,18 +157,19 @@ pub struct TrainConfig {
     /// Labeled images per step [default: 64 for every method].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Unlabeled images per step (each forwarded in two augmented views) [default: 256 for every
-    /// method].
+    /// Unlabeled images per step (each forwarded in two augmented views) [default: 256; 448 for
+    /// fixmatch and fixmatch-muscle (FixMatch's mu = 7)].
     #[arg(long)]
     pub unlabeled_batch: Option<usize>,
-    /// Base learning rate [default: 1e-3 for every method].
+    /// Base learning rate [default: 1e-3; 0.03 for fixmatch and fixmatch-muscle].
     #[arg(long)]
     pub lr: Option<f32>,
-    /// Learning-rate schedule: cosine (decayed to 0 at the last step) or constant [default:
-    /// cosine for every method].
+    /// Learning-rate schedule: cosine (decayed to 0 at the last step), constant, or
+    /// fixmatch-cosine (cos(7 pi k / 16 K)) [default: cosine; fixmatch-cosine for fixmatch and
+    /// fixmatch-muscle].
     #[arg(long)]
     pub schedule: Option<ScheduleKind>,
-    /// Optimizer: adamw, adam, sgd [default: adamw for every method].
+    /// Optimizer: adamw, adam, sgd [default: adamw; sgd for fixmatch and fixmatch-muscle].
     #[arg(long)]
     pub optimizer: Option<OptimizerKind>,
     /// Weight decay (AdamW: decoupled, times the lr) [default: 5e-4 for every method].
@@ -157,6 +178,11 @@ pub struct TrainConfig {
     /// SGD momentum.
     #[arg(long, default_value_t = TrainConfig::DEFAULT.momentum)]
     pub momentum: f32,
+    /// SGD: Nesterov momentum (`--nesterov` or `--nesterov false`) [default: false; true for
+    /// fixmatch and fixmatch-muscle].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(default)]
+    pub nesterov: Option<bool>,
     /// Decay only conv and dense kernels, not biases and BN parameters (MixMatch's choice).
     #[arg(long)]
     #[serde(default)]
@@ -170,9 +196,15 @@ pub struct TrainConfig {
     /// Also feed two augmented views of the labeled images into the MI term.
     #[arg(long)]
     pub mi_labeled: bool,
-    /// MixMatch: maximum weight of the unlabeled loss L_U (75 for CIFAR-10, 150 for CIFAR-100).
-    #[arg(long, default_value_t = TrainConfig::DEFAULT.w_u)]
-    pub w_u: f32,
+    /// Weight of the host method's unlabeled loss L_U: MixMatch's maximum (ramped; 75 for
+    /// CIFAR-10, 150 for CIFAR-100), FixMatch's lambda_u (not ramped) [default: 75; 1 for
+    /// fixmatch and fixmatch-muscle].
+    #[arg(long)]
+    pub w_u: Option<f32>,
+    /// FixMatch: confidence threshold of the pseudo-labels, in (0, 1].
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.tau)]
+    #[serde(default = "default_tau")]
+    pub tau: f32,
     /// MixMatch: sharpening temperature of the guessed labels.
     #[arg(long, default_value_t = TrainConfig::DEFAULT.temperature)]
     pub temperature: f32,
@@ -216,6 +248,11 @@ fn default_width() -> usize {
 
 fn one() -> usize {
     1
+}
+
+/// config.json's `tau`, which runs from before FixMatch did not write.
+fn default_tau() -> f32 {
+    TrainConfig::DEFAULT.tau
 }
 
 /// config.json's `width`, which runs of other models wrote as null.
@@ -272,6 +309,10 @@ method_defaulted! {
     optimizer: OptimizerKind,
     /// Weight decay.
     weight_decay: f32,
+    /// The host method's unlabeled-loss weight.
+    w_u: f32,
+    /// Nesterov momentum (SGD).
+    nesterov: bool,
 }
 
 impl TrainConfig {
@@ -298,10 +339,12 @@ impl TrainConfig {
         weight_decay: None,
         momentum: 0.9,
         decay_kernels_only: false,
+        nesterov: None,
         w_mi: 1.0,
         lambda: 1.0,
         mi_labeled: false,
-        w_u: 75.0,
+        w_u: None,
+        tau: 0.95,
         temperature: 0.5,
         mixup_alpha: 0.75,
         ramp: 0.2,
@@ -374,8 +417,11 @@ impl TrainConfig {
         if !(self.w_mi.is_finite() && self.w_mi >= 0.0) {
             return Err(Error::usage("--w-mi: must be a finite value >= 0"));
         }
-        if !(self.w_u.is_finite() && self.w_u >= 0.0) {
+        if !(self.w_u().is_finite() && self.w_u() >= 0.0) {
             return Err(Error::usage("--w-u: must be a finite value >= 0"));
+        }
+        if !(self.tau > 0.0 && self.tau <= 1.0) {
+            return Err(Error::usage(format!("--tau {}: must be in (0, 1]", self.tau)));
         }
         positive("--temperature", self.temperature.is_finite() && self.temperature > 0.0)?;
         positive("--mixup-alpha", self.mixup_alpha.is_finite() && self.mixup_alpha > 0.0)?;
@@ -403,7 +449,7 @@ impl TrainConfig {
             unlabeled: self.unlabeled_batch(),
             views,
             labeled_second_view: self.mi_labeled && self.method.uses_unlabeled(),
-            strong_view: false,
+            strong_view: self.method.is_fixmatch(),
         }
     }
 
@@ -458,24 +504,39 @@ mod tests {
 
     #[test]
     fn unset_options_take_the_methods_defaults() {
-        for method in [Method::Supervised, Method::Muscle, Method::MixMatch, Method::MixMatchMuscle, Method::Pretrain] {
+        for method in Method::TRAIN.into_iter().chain([Method::Pretrain]) {
             let cfg = TrainConfig { method, ..Default::default() };
             let d = MethodDefaults::of(method);
             let r = cfg.resolved();
             assert_eq!(
-                (r.optimizer, r.lr, r.weight_decay, r.schedule, r.batch, r.unlabeled_batch),
+                (r.optimizer, r.lr, r.weight_decay, r.schedule, r.batch, r.unlabeled_batch, r.w_u, r.nesterov),
                 (
                     Some(d.optimizer),
                     Some(d.lr),
                     Some(d.weight_decay),
                     Some(d.schedule),
                     Some(d.batch),
-                    Some(d.unlabeled_batch)
+                    Some(d.unlabeled_batch),
+                    Some(d.w_u),
+                    Some(d.nesterov)
                 )
             );
         }
         let given = TrainConfig { lr: Some(0.1), batch: Some(3), ..Default::default() };
         assert_eq!((given.lr(), given.batch()), (0.1, 3));
+        // FixMatch's recipe: SGD + Nesterov at 0.03, its cosine, 64 + 7 x 64, lambda_u 1.
+        let fm = TrainConfig { method: Method::FixMatch, ..Default::default() };
+        assert_eq!(
+            (fm.optimizer(), fm.lr(), fm.schedule(), fm.batch(), fm.unlabeled_batch(), fm.w_u(), fm.nesterov()),
+            (OptimizerKind::Sgd, 0.03, ScheduleKind::FixMatchCosine, 64, 448, 1.0, true)
+        );
+        assert!(fm.batch_plan().strong_view && !TrainConfig::default().batch_plan().strong_view);
+        assert_eq!(fm.images_per_step(), 64 + 2 * 448);
+        let tau = |tau| TrainConfig { tau, ..fm.clone() }.validate().map_err(|e| e.message().to_string());
+        assert!(tau(1.0).is_ok() && tau(0.5).is_ok());
+        for bad in [0.0, -0.1, 1.01, f32::NAN] {
+            assert!(tau(bad).is_err_and(|m| m.starts_with("--tau")), "tau {bad}");
+        }
     }
 
     #[test]

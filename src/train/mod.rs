@@ -138,6 +138,7 @@ fn make_optimizer(cfg: &TrainConfig) -> Result<Box<dyn Optimizer>> {
         OptimizerKind::Sgd => {
             let mut s = SgdConfig::new(lr);
             s.momentum = cfg.momentum;
+            s.nesterov = cfg.nesterov();
             s.weight_decay = weight_decay;
             s.decay_scope = decay_scope;
             Box::new(Sgd::new(s)?)
@@ -354,13 +355,19 @@ fn run(
                 evaluate_run(cfg, &mut trainer, &mut ema_model, &test, &train, &split.val, &eval_aug)?;
             report.eval = Some((raw.accuracy, avg.accuracy));
             ema_history.push(avg.accuracy);
+            let pseudo = trainer.take_pseudo_label_stats()?;
             if let Some(f) = files.as_mut() {
-                f.metric(&json!({
+                let mut line = json!({
                     "step": done, "loss": loss, "loss_supervised": sup, "loss_mi": mi,
                     "w_mi": w_mi, "loss_host": host, "lr": lr, "test_accuracy": raw.accuracy,
                     "test_accuracy_ema": avg.accuracy, "val_accuracy_ema": val,
                     "images_per_second": report.images_per_second,
-                }))?;
+                });
+                if let Some(p) = pseudo {
+                    line["mask_rate"] = p.mask_rate.into();
+                    line["pseudo_label_accuracy"] = p.accuracy.into();
+                }
+                f.metric(&line)?;
                 save_checkpoints(&f.dir, &trainer, &ema_model, done, cfg, &train, &aug)?;
             }
             last_eval = Some((raw, avg, val));
@@ -489,6 +496,20 @@ pub struct Trainer {
     objective: ObjectiveConfig,
     base_lr: f32,
     seed: u64,
+    /// FixMatch's pseudo-label fractions (kept, kept and right) summed on the model's device
+    /// since the last [`Trainer::take_pseudo_label_stats`], and the steps summed.
+    pseudo_sums: Option<[Tensor; 2]>,
+    pseudo_steps: u64,
+}
+
+/// FixMatch's pseudo-labels since the last evaluation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PseudoLabelSummary {
+    /// Mean fraction of the unlabeled images whose weak prediction reached tau.
+    pub mask_rate: f64,
+    /// Fraction of those kept pseudo-labels that equal the images' true labels (None when none
+    /// was kept).
+    pub accuracy: Option<f64>,
 }
 
 impl Trainer {
@@ -500,6 +521,7 @@ impl Trainer {
             schedule: match cfg.schedule() {
                 ScheduleKind::Cosine => Schedule::cosine(cfg.steps, 0)?,
                 ScheduleKind::Constant => Schedule::constant(),
+                ScheduleKind::FixMatchCosine => Schedule::fixmatch_cosine(cfg.steps)?,
             },
             objective: ObjectiveConfig {
                 method: cfg.method,
@@ -507,14 +529,32 @@ impl Trainer {
                 lambda: cfg.lambda,
                 ramp_steps: cfg.ramp_steps(),
                 mi_labeled: cfg.mi_labeled,
-                w_u: cfg.w_u,
+                w_u: cfg.w_u(),
+                tau: cfg.tau,
                 temperature: cfg.temperature,
                 mixup_alpha: cfg.mixup_alpha,
             },
             base_lr: cfg.lr(),
             seed: cfg.seed,
+            pseudo_sums: None,
+            pseudo_steps: 0,
             model,
         })
+    }
+
+    /// FixMatch's pseudo-label mask rate and accuracy averaged over the steps since the last
+    /// call (one download of the two sums kept on the device), then restarts the sums; None when
+    /// no step since produced pseudo-labels.
+    pub fn take_pseudo_label_stats(&mut self) -> Result<Option<PseudoLabelSummary>> {
+        let (Some([kept, right]), steps) = (self.pseudo_sums.take(), std::mem::take(&mut self.pseudo_steps)) else {
+            return Ok(None);
+        };
+        let v = Tensor::scalars_to_host(&[&kept, &right])?;
+        let (kept, right) = (v[0] as f64, v[1] as f64);
+        Ok(Some(PseudoLabelSummary {
+            mask_rate: kept / steps.max(1) as f64,
+            accuracy: (kept > 0.0).then(|| right / kept),
+        }))
     }
 
     /// One step: loss on the tape, backward, optimizer update, EMA update. A non-finite loss
@@ -539,6 +579,17 @@ impl Trainer {
         };
         // One copy of every term to the host (on a GPU, the step's only download).
         let v = terms.values()?;
+        if let Some(p) = &terms.pseudo {
+            // Summed where they were computed: no download until the next evaluation reads them.
+            match &mut self.pseudo_sums {
+                Some([kept, right]) => {
+                    kept.add_assign(&p.kept)?;
+                    right.add_assign(&p.right)?;
+                }
+                None => self.pseudo_sums = Some([p.kept.clone(), p.right.clone()]),
+            }
+            self.pseudo_steps += 1;
+        }
         let loss = v.total;
         // The terms first, so the message names the one that went bad.
         for (name, v) in [("supervised", v.sup), ("mi", v.mi), ("host", v.host), ("total", loss)] {

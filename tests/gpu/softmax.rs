@@ -77,6 +77,40 @@ fn cross_entropy_hard_matches_cpu() {
 }
 
 #[test]
+fn cross_entropy_pseudo_matches_cpu() {
+    with_gpu("cross_entropy_pseudo_matches_cpu", |gpu| {
+        for (t, &(n, c)) in [(1usize, 3usize), (37, 10), (1000, 10), (33, 1000), (5, 1025)].iter().enumerate() {
+            let what = format!("n {n} C {c}");
+            let mut r = Rng::new(50 + t as u64, 1);
+            // Half the weak rows confident (a spike of 20: max probability > 0.99 even at C =
+            // 1025), the rest spread, so no row sits within rounding of tau; a tie in row 0.
+            let mut w = randv(n * c, 1.0, 60 + t as u64);
+            for i in (0..n).step_by(2) {
+                w[i * c + r.below(c as u32) as usize] += 20.0;
+            }
+            w[..c].fill(0.0);
+            w[c - 1] = 30.0;
+            w[c / 2] = 30.0;
+            let s = awkward_logits(n, c, 70 + t as u64);
+            let truth: Vec<usize> = (0..n).map(|_| r.below(c as u32) as usize).collect();
+            let mut want_grad = vec![0.0; n * c];
+            let (want, want_kept, want_right) = cpu::cross_entropy_pseudo_fwd(&w, &s, &truth, c, 0.95, &mut want_grad);
+            let ti: Vec<i32> = truth.iter().map(|&l| l as i32).collect();
+            let (wd, sd, td) = (up(gpu, &w), up(gpu, &s), up(gpu, &ti));
+            let mut grad = zeros(gpu, n * c);
+            let [loss, kept, right] = k::cross_entropy_pseudo_fwd(gpu, &wd, &sd, &td, &mut grad, n, c, 0.95).unwrap();
+            let (loss, kept, right) = (down(gpu, &loss)[0], down(gpu, &kept)[0], down(gpu, &right)[0]);
+            // The mask and the pseudo-labels are decisions: equal on both sides (no row is near
+            // tau). The loss and gradient as for hard labels: 1e-5 relative, 1e-4 of the largest.
+            assert_eq!((kept, right), (want_kept, want_right), "{what}: kept / right fractions");
+            assert!(n == 1 || kept > 0.0, "{what}: no row kept");
+            assert!((loss - want).abs() <= 1e-5 * want.abs().max(1.0), "{what}: loss {loss} vs cpu {want}");
+            assert_scaled(&format!("grad {what}"), &down(gpu, &grad), &want_grad, 1e-4);
+        }
+    });
+}
+
+#[test]
 fn cross_entropy_soft_matches_cpu() {
     with_gpu("cross_entropy_soft_matches_cpu", |gpu| {
         for (t, &(n, c)) in [(1usize, 3usize), (37, 10), (1000, 10), (33, 1000), (5, 1025)].iter().enumerate() {

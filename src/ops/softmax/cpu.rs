@@ -159,6 +159,60 @@ pub fn cross_entropy_soft_fwd(x: &[f32], q: &[f32], c: usize, grad: &mut [f32]) 
     (parts.iter().sum::<f64>() / n as f64) as f32
 }
 
+/// FixMatch's pseudo-labelled cross-entropy of `strong` (n x c) against the confident argmax of
+/// `weak` (n x c, read only): row i is kept when its weak softmax's largest probability reaches
+/// `tau`; `grad` gets d(mean over all n rows)/d strong (zero rows where not kept). Returns (mean
+/// loss, fraction of rows kept, fraction kept with the pseudo-label equal to `truth`). Twin of
+/// `cross_entropy_pseudo_fwd_f32`.
+pub fn cross_entropy_pseudo_fwd(
+    weak: &[f32],
+    strong: &[f32],
+    truth: &[usize],
+    c: usize,
+    tau: f32,
+    grad: &mut [f32],
+) -> (f32, f32, f32) {
+    let n = truth.len();
+    let inv_n = 1.0 / n as f32;
+    let step = CHUNK_ROWS * c;
+    let parts: Vec<[f64; 3]> = weak
+        .par_chunks(step)
+        .zip(strong.par_chunks(step))
+        .zip(grad.par_chunks_mut(step))
+        .zip(truth.par_chunks(CHUNK_ROWS))
+        .map(|(((wc, sc), gc), tc)| {
+            let mut acc = [0.0f64; 3];
+            for (((wr, sr), gr), &y) in wc.chunks_exact(c).zip(sc.chunks_exact(c)).zip(gc.chunks_exact_mut(c)).zip(tc) {
+                let wm = simd::max(wr);
+                let ws: f32 = wr.iter().map(|&v| simd::exp(v - wm)).sum();
+                // The first column holding the max (none in a row of NaNs).
+                let t = wr.iter().position(|&v| v == wm);
+                let Some(t) = t.filter(|_| 1.0 / ws >= tau) else {
+                    gr.fill(0.0);
+                    continue;
+                };
+                let l = logsumexp_row(sr);
+                for (g, &v) in gr.iter_mut().zip(sr) {
+                    *g = simd::exp(v - l) * inv_n;
+                }
+                gr[t] -= inv_n;
+                acc[0] += (l - sr[t]) as f64;
+                acc[1] += 1.0;
+                acc[2] += (t == y) as u8 as f64;
+            }
+            acc
+        })
+        .collect();
+    let mut total = [0.0f64; 3];
+    for p in &parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    let mean = |v: f64| (v / n as f64) as f32;
+    (mean(total[0]), mean(total[1]), mean(total[2]))
+}
+
 /// Reference mean cross-entropy in f64 by plain loops: against class indices (`labels`, n of
 /// them) or target rows (`q`, n x c); returns (loss, d loss / d x). For checking other
 /// implementations (the Python package's float64 path), not for speed.
@@ -240,6 +294,68 @@ mod tests {
             assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "soft n {n} c {c}: {got} vs {want}");
             assert_close(&g, &want_g, 1e-5, "soft grad");
         }
+    }
+
+    /// FixMatch's term by the textbook formulas in f64: (loss, kept, right, grad).
+    fn pseudo_reference(w: &[f32], s: &[f32], truth: &[usize], c: usize, tau: f64) -> (f64, f64, f64, Vec<f64>) {
+        let n = truth.len();
+        let (mut loss, mut kept, mut right, mut grad) = (0.0, 0.0, 0.0, vec![0.0; n * c]);
+        for i in 0..n {
+            let wr: Vec<f64> = w[i * c..(i + 1) * c].iter().map(|&v| v as f64).collect();
+            let m = wr.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            // A row of NaNs has no max and is never kept.
+            let Some(t) = wr.iter().position(|&v| v == m) else { continue };
+            if 1.0 / wr.iter().map(|v| (v - m).exp()).sum::<f64>() < tau {
+                continue;
+            }
+            let sr: Vec<f64> = s[i * c..(i + 1) * c].iter().map(|&v| v as f64).collect();
+            let ms = sr.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = ms + sr.iter().map(|v| (v - ms).exp()).sum::<f64>().ln();
+            loss += lse - sr[t];
+            kept += 1.0;
+            right += (t == truth[i]) as u8 as f64;
+            for k in 0..c {
+                grad[i * c + k] = ((sr[k] - lse).exp() - (k == t) as u8 as f64) / n as f64;
+            }
+        }
+        (loss / n as f64, kept / n as f64, right / n as f64, grad)
+    }
+
+    #[test]
+    fn pseudo_labelled_cross_entropy_matches_the_formulas() {
+        let (n, c) = (2100, 10); // more than two chunks of rows
+        let mut r = Rng::new(5, 5);
+        let mut w = randn(n * c, 1.0, 61);
+        // Every other row confident (a +9 spike: max probability ~0.99), the rest near-uniform,
+        // so no row sits within rounding of tau = 0.95.
+        for i in (0..n).step_by(2) {
+            w[i * c + r.below(c as u32) as usize] += 9.0;
+        }
+        // A tie (the first column wins) and a NaN row (never kept).
+        w[..c].fill(0.0);
+        w[1] = 12.0;
+        w[4] = 12.0;
+        w[3 * c..4 * c].fill(f32::NAN);
+        let s = randn(n * c, 3.0, 62);
+        let truth: Vec<usize> = (0..n).map(|i| (i * 3) % c).collect();
+        let mut g = vec![f32::NAN; n * c];
+        let (loss, kept, right) = cross_entropy_pseudo_fwd(&w, &s, &truth, c, 0.95, &mut g);
+        let (want, want_kept, want_right, want_g) = pseudo_reference(&w, &s, &truth, c, 0.95);
+        assert!((loss as f64 - want).abs() <= 1e-5 * (1.0 + want), "{loss} vs {want}");
+        assert_eq!((kept as f64, right as f64), (want_kept as f32 as f64, want_right as f32 as f64));
+        assert!((0.45..0.55).contains(&kept), "kept {kept}");
+        assert!(right > 0.0 && right < kept);
+        assert_close(&g, &want_g, 1e-6, "pseudo grad");
+        // The tied row (max probability < 0.5), the NaN row and the uncertain rows: no gradient.
+        assert!(g[..c].iter().chain(&g[c..2 * c]).chain(&g[3 * c..4 * c]).all(|&v| v == 0.0));
+        // At tau 0.4 the tied row is kept with the first of its two columns as the label.
+        let mut g1 = vec![0.0; c];
+        cross_entropy_pseudo_fwd(&w[..c], &s[..c], &[1], c, 0.4, &mut g1);
+        assert!(g1[1] < 0.0 && g1[4] > 0.0 && g1[0] > 0.0, "{g1:?}");
+        // tau = 1 keeps only rows whose softmax is exactly one-hot in f32; none here.
+        let (loss, kept, _) = cross_entropy_pseudo_fwd(&w, &s, &truth, c, 1.0, &mut g);
+        assert_eq!((loss, kept), (0.0, 0.0));
+        assert!(g.iter().all(|&v| v == 0.0));
     }
 
     #[test]

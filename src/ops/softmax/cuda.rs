@@ -78,6 +78,29 @@ pub fn cross_entropy_soft_fwd(
     reduce_mean(gpu, &rows, n)
 }
 
+/// FixMatch's pseudo-labelled cross-entropy of the strong logits `s` (n x c) against the confident
+/// argmax of the weak logits `w`, with `grad` = d(mean loss)/d s; returns one-element buffers
+/// (mean loss, fraction kept, fraction kept and right against `truth`). CPU twin:
+/// `cpu::cross_entropy_pseudo_fwd`.
+#[allow(clippy::too_many_arguments)] // the kernel's buffers, each checked here
+pub fn cross_entropy_pseudo_fwd(
+    gpu: &Gpu,
+    w: &F32Buf,
+    s: &F32Buf,
+    truth: &CudaSlice<i32>,
+    grad: &mut F32Buf,
+    n: usize,
+    c: usize,
+    tau: f32,
+) -> Result<[F32Buf; 3]> {
+    let k = "cross_entropy_pseudo_fwd_f32";
+    let (ni, ci) = row_checks(k, n, c, &[("w", w.len()), ("s", s.len()), ("grad", grad.len())])?;
+    need(k, "truth", truth.len(), n)?;
+    let (mut rows, mut mask, mut hit) = (gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?);
+    launch!(gpu, k, rows_cfg(k, n)?, w, s, truth, &mut rows, &mut mask, &mut hit, grad, &ni, &ci, &tau)?;
+    Ok([reduce_mean(gpu, &rows, n)?, reduce_mean(gpu, &mask, n)?, reduce_mean(gpu, &hit, n)?])
+}
+
 /// dx = s[0] grad, the factor read on the device: a fused loss's backward. CPU twin: the
 /// host closure of `fused` in mod.rs.
 pub fn loss_grad_bwd(gpu: &Gpu, grad: &F32Buf, dx: &mut F32Buf, n: usize, s: &F32Buf) -> Result<()> {
@@ -125,6 +148,21 @@ pub(crate) fn cross_entropy_ids(
     let mut grad = alloc(&gpu, logits.shape())?;
     let loss = cross_entropy_hard_fwd(&gpu, buf(logits)?, ids, &mut grad, n, c)?;
     fused(gpu, tape, logits, loss, grad)
+}
+
+/// FixMatch's pseudo-labelled cross-entropy, fused with its gradient wrt the strong logits;
+/// the weak logits are only read. Returns the loss and the two fractions (kept, kept and right).
+pub(crate) fn cross_entropy_pseudo(
+    gpu: GpuRef,
+    tape: &Tape,
+    (weak, strong): (&Tensor, &Tensor),
+    truth: &CudaSlice<i32>,
+    (n, c): (usize, usize),
+    tau: f32,
+) -> Result<[Tensor; 3]> {
+    let mut grad = alloc(&gpu, strong.shape())?;
+    let [loss, kept, right] = cross_entropy_pseudo_fwd(&gpu, buf(weak)?, buf(strong)?, truth, &mut grad, n, c, tau)?;
+    Ok([fused(gpu, tape, strong, loss, grad)?, wrap(kept, &[])?, wrap(right, &[])?])
 }
 
 /// Mean soft-target cross-entropy, fused with its gradient.

@@ -118,6 +118,54 @@ pub fn cross_entropy_soft(tape: &Tape, logits: &Tensor, targets: &Tensor) -> Res
     Ok(fused(tape, logits, loss, grad))
 }
 
+/// FixMatch's unlabeled term and its diagnostics ([`cross_entropy_pseudo`]).
+pub struct PseudoLabelLoss {
+    /// Mean over every unlabeled image of mask * CE(pseudo-label, strong logits), on the tape.
+    pub loss: Tensor,
+    /// Fraction of the images whose weak prediction reached the threshold (the mask rate).
+    pub kept: Tensor,
+    /// Fraction of the images kept with a pseudo-label equal to their true label.
+    pub right: Tensor,
+}
+
+/// FixMatch's L_U: the cross-entropy of `strong` (n x c logits, with gradient) against the
+/// argmax of softmax(`weak`) (read only: the pseudo-label is under stop-gradient), over the rows
+/// whose largest weak probability is at least `tau`, averaged over all n rows. `truth` (the
+/// images' true labels, for the diagnostics only) scores the kept pseudo-labels.
+pub fn cross_entropy_pseudo(
+    tape: &Tape,
+    weak: &Tensor,
+    strong: &Tensor,
+    tau: f32,
+    truth: &crate::ops::Indices,
+) -> Result<PseudoLabelLoss> {
+    let (n, c) = rows_cols(strong, "cross_entropy_pseudo strong logits")?;
+    weak.same_shape(strong, "cross_entropy_pseudo weak vs strong logits")?;
+    if n == 0 || truth.len() != n {
+        return Err(Error::shape(format!(
+            "cross_entropy_pseudo: {} true labels for logits {}",
+            truth.len(),
+            fmt_shape(strong.shape())
+        )));
+    }
+    if !(tau > 0.0 && tau <= 1.0) {
+        return Err(Error::usage(format!("--tau {tau}: must be in (0, 1]")));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("cross_entropy_pseudo", &[weak, strong])? {
+        let ids = truth.on_gpu(&gpu)?;
+        let [loss, kept, right] = cuda::cross_entropy_pseudo(gpu, tape, (weak, strong), &ids, (n, c), tau)?;
+        return Ok(PseudoLabelLoss { loss, kept, right });
+    }
+    let mut grad = crate::pool::take(n * c);
+    let (loss, kept, right) = k::cross_entropy_pseudo_fwd(weak.data()?, strong.data()?, truth, c, tau, &mut grad);
+    Ok(PseudoLabelLoss {
+        loss: fused(tape, strong, loss, grad),
+        kept: Tensor::scalar(kept),
+        right: Tensor::scalar(right),
+    })
+}
+
 /// Mean over every element of (p - q)^2, for a constant target `q` (MixMatch's L_U).
 pub fn mse(tape: &Tape, p: &Tensor, q: &Tensor) -> Result<Tensor> {
     p.same_shape(q, "mse")?;
