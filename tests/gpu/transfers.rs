@@ -26,11 +26,15 @@ fn batch(step: u64, nl: usize, nu: usize) -> StepBatch {
 }
 
 fn new_trainer(method: Method, device: Device) -> Trainer {
-    let cfg = TrainConfig { method, device, ..TrainConfig::DEFAULT };
+    trainer_for(&TrainConfig { method, device, ..TrainConfig::DEFAULT })
+}
+
+fn trainer_for(cfg: &TrainConfig) -> Trainer {
+    let device = cfg.device;
     let spec = ModelSpec { kind: ModelKind::ConvNet { width: 8 }, in_channels: 1, height: 28, width: 28, classes: 10 };
     let mut model = Model::new(spec, 3).expect("model");
     model.to_device(device).expect("to device");
-    Trainer::new(&cfg, model).expect("trainer")
+    Trainer::new(cfg, model).expect("trainer")
 }
 
 /// The transfers of step 1 (after step 0 has made every lasting buffer); step 0's loss terms
@@ -63,10 +67,35 @@ fn step_transfers(method: Method) -> muscle::cuda::Transfers {
 #[test]
 fn a_training_step_copies_to_and_from_the_device_once() {
     with_gpu("a_training_step_copies_to_and_from_the_device_once", |_| {
-        for method in [Method::Supervised, Method::Muscle, Method::MixMatchMuscle] {
+        for method in [Method::Supervised, Method::Muscle, Method::MixMatchMuscle, Method::FixMatchMuscle] {
             let t = step_transfers(method);
             assert_eq!((t.h2d, t.d2h), (1, 1), "{method}: host-to-device and device-to-host copies per step: {t:?}");
             assert!(t.d2h_bytes <= 64, "{method}: {} bytes downloaded per step (at most 64)", t.d2h_bytes);
         }
+    });
+}
+
+#[test]
+fn fixmatch_pseudo_label_statistics_match_the_cpu() {
+    with_gpu("fixmatch_pseudo_label_statistics_match_the_cpu", |_| {
+        // A threshold an untrained model's largest probabilities straddle (0.14 keeps every row
+        // here, 0.2 none), so the mask is neither all nor none: 0.72 of the rows were kept.
+        let cfg = |device| TrainConfig { method: Method::FixMatchMuscle, tau: 0.16, device, ..TrainConfig::DEFAULT };
+        let (mut gpu, mut cpu) = (trainer_for(&cfg(Device::Cuda(0))), trainer_for(&cfg(Device::Cpu)));
+        for step in 0..2 {
+            let (g, c) =
+                (gpu.step(&batch(step, 8, 16), step).expect("gpu"), cpu.step(&batch(step, 8, 16), step).expect("cpu"));
+            assert!(
+                (g.host - c.host).abs() <= 1e-4 * c.host.abs().max(1.0),
+                "step {step} L_U: gpu {} vs cpu {}",
+                g.host,
+                c.host
+            );
+        }
+        let g = gpu.take_pseudo_label_stats().expect("gpu stats").expect("some");
+        let c = cpu.take_pseudo_label_stats().expect("cpu stats").expect("some");
+        assert!(c.mask_rate > 0.0 && c.mask_rate < 1.0, "mask rate {} proves nothing", c.mask_rate);
+        assert_eq!(g, c, "pseudo-label statistics");
+        assert_eq!(gpu.take_pseudo_label_stats().expect("again"), None, "the sums restart after a read");
     });
 }
