@@ -9,6 +9,7 @@ pub(crate) mod cifar;
 pub(crate) mod folder;
 pub(crate) mod idx;
 mod loader;
+pub mod randaugment;
 mod split;
 
 pub use augment::{augment_into, normalize_into, Augment};
