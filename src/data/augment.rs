@@ -148,9 +148,12 @@ fn source(p: usize, pad: usize, n: usize, reflect: bool) -> Option<usize> {
     Some(if m < n as isize { m } else { period - m } as usize)
 }
 
+/// Per output row or column, the source index (None: a zero pixel).
+type Sources = Vec<Option<usize>>;
+
 /// Checks the crop `d` and returns, for each output row and column, its source index in image
 /// `ds` (None for a zero pixel): the crop of the padded image at `d`, then the flip.
-fn crop_indices(ds: &Dataset, aug: &Augment, d: Draw) -> Result<(Vec<Option<usize>>, Vec<Option<usize>>)> {
+fn crop_indices(ds: &Dataset, aug: &Augment, d: Draw) -> Result<(Sources, Sources)> {
     let (h, w) = (ds.height, ds.width);
     if d.dy > aug.pad.saturating_mul(2) || d.dx > aug.pad.saturating_mul(2) {
         return Err(Error::usage(format!("crop offset ({}, {}) outside 0..={}", d.dy, d.dx, 2 * aug.pad)));
@@ -223,7 +226,7 @@ pub(crate) fn render_raw(ds: &Dataset, i: usize, aug: &Augment, d: Draw, out: &m
 
 /// Normalises raw C x H x W pixels through `lut` (one table per channel) into `out`.
 pub(crate) fn normalize_raw(raw: &[u8], lut: &[[f32; 256]], out: &mut [f32]) -> Result<()> {
-    if out.len() != raw.len() || lut.is_empty() || raw.len() % lut.len() != 0 {
+    if out.len() != raw.len() || lut.is_empty() || !raw.len().is_multiple_of(lut.len()) {
         return Err(Error::shape(format!(
             "{} raw values, {} outputs and {} normalisation tables do not fit",
             raw.len(),

@@ -399,8 +399,8 @@ fn affine(img: &mut [u8], c: usize, h: usize, w: usize, a: [f64; 6]) {
         for y in 0..h {
             let yi = coord(yo);
             if inside(yi, h) {
-                for x in xmin..xmax {
-                    put(y, x, yi, xin[x]);
+                for (x, &xi) in xin.iter().enumerate().take(xmax).skip(xmin) {
+                    put(y, x, yi, xi);
                 }
             }
             yo += a[4];
