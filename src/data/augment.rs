@@ -201,7 +201,7 @@ pub(crate) fn render(
 }
 
 /// As `render`, but the raw pixels (zero padding stays 0), for RandAugment to work on.
-pub(crate) fn render_raw(ds: &Dataset, i: usize, aug: &Augment, d: Draw, out: &mut [u8]) -> Result<()> {
+fn render_raw(ds: &Dataset, i: usize, aug: &Augment, d: Draw, out: &mut [u8]) -> Result<()> {
     let (h, w) = (ds.height, ds.width);
     let img = ds.try_image(i)?;
     if out.len() != img.len() {
