@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use muscle::app::train::{PretrainArgs, TrainArgs};
-use muscle::app::{self, bench::BenchArgs, eval::EvalArgs, mi::MiArgs, plot::PlotArgs, sweep::SweepArgs};
+use muscle::app::{
+    self, augment::AugmentArgs, bench::BenchArgs, eval::EvalArgs, mi::MiArgs, plot::PlotArgs, sweep::SweepArgs,
+};
 use std::process::ExitCode;
 
 /// Caches freed large blocks and counts large allocations, so that `muscle bench` can report them per step.
@@ -36,6 +38,9 @@ enum Command {
     /// Draw PNG charts: EMA test accuracy against steps for run folders (their metrics.jsonl),
     /// or, with --sweep, accuracy against the number of labels per method (results.csv).
     Plot(PlotArgs),
+    /// Draw a PNG grid of what the network is fed: per training image, the original, weak views
+    /// (crop + flip) and strong views (crop + flip, RandAugment, Cutout).
+    Augment(AugmentArgs),
     /// Print build features, devices and threads.
     Info,
 }
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => app::bench::command(&a),
         Command::Mi(a) => app::mi::command(&a),
         Command::Plot(a) => app::plot::command(&a),
+        Command::Augment(a) => app::augment::command(&a),
         Command::Info => app::info::command(),
     };
     match result {

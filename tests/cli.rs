@@ -239,3 +239,36 @@ fn bench_reports_the_direct_flop_count_and_memory_of_a_step() {
     let peak = r["peak_resident_bytes"].as_f64().expect("peak");
     assert!(built > 1e6 && peak >= built, "built {built}, peak {peak}");
 }
+
+#[test]
+fn augment_draws_a_grid_of_weak_and_strong_views() {
+    let d = scratch("cli-augment");
+    let png = d.join("grid.png");
+    let p = png.to_str().expect("utf8");
+    let o = muscle(&["augment", "--out", p, "--images", "3", "--views", "2", "--seed", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 28x28 cells upscaled 3x (96 / 28), 1 + 2 + 2 columns, 2 px separators.
+    let img = image::open(&png).expect("a PNG").to_rgb8();
+    let (cell, sep) = (84usize, 2usize);
+    assert_eq!((img.width(), img.height()), ((5 * (cell + sep) + sep) as u32, (3 * (cell + sep) + sep) as u32));
+    let cell_at = |row: usize, col: usize| -> Vec<u8> {
+        let (x0, y0) = (sep + col * (cell + sep), sep + row * (cell + sep));
+        (y0..y0 + cell)
+            .flat_map(|y| (x0..x0 + cell).map(move |x| (x, y)))
+            .map(|(x, y)| img.get_pixel(x as u32, y as u32)[0])
+            .collect()
+    };
+    for row in 0..3 {
+        let weak = [cell_at(row, 1), cell_at(row, 2)];
+        for col in [3, 4] {
+            let strong = cell_at(row, col);
+            assert!(weak.iter().all(|w| *w != strong), "row {row}: strong column {col} equals a weak one");
+            // Not the white background: the strong view was drawn.
+            assert!(strong.iter().any(|&v| v != 255), "row {row} column {col} is blank");
+        }
+    }
+    expect_error(&["augment", "--out", p, "--images", "0"], 2, "--images");
+    expect_error(&["augment", "--out", p, "--views", "0"], 2, "--views");
+    expect_error(&["augment", "--out", p, "--dataset", "imagenet"], 2, "--dataset");
+    expect_error(&["augment", "--out", "/nonexistent/dir/grid.png"], 1, "/nonexistent/dir");
+}

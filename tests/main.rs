@@ -12,6 +12,7 @@ mod memory;
 mod mi_reference;
 mod models;
 mod old_runs;
+mod randaugment;
 mod reliability;
 mod sweep;
 mod training_reference;

@@ -148,6 +148,22 @@ fn source(p: usize, pad: usize, n: usize, reflect: bool) -> Option<usize> {
     Some(if m < n as isize { m } else { period - m } as usize)
 }
 
+/// Per output row or column, the source index (None: a zero pixel).
+type Sources = Vec<Option<usize>>;
+
+/// Checks the crop `d` and returns, for each output row and column, its source index in image
+/// `ds` (None for a zero pixel): the crop of the padded image at `d`, then the flip.
+fn crop_indices(ds: &Dataset, aug: &Augment, d: Draw) -> Result<(Sources, Sources)> {
+    let (h, w) = (ds.height, ds.width);
+    if d.dy > aug.pad.saturating_mul(2) || d.dx > aug.pad.saturating_mul(2) {
+        return Err(Error::usage(format!("crop offset ({}, {}) outside 0..={}", d.dy, d.dx, 2 * aug.pad)));
+    }
+    let rows = (0..h).map(|y| source(y + d.dy, aug.pad, h, aug.reflect)).collect();
+    // Flip after the crop, as RandomCrop followed by RandomHorizontalFlip does.
+    let cols = (0..w).map(|x| source(if d.flip { w - 1 - x } else { x } + d.dx, aug.pad, w, aug.reflect)).collect();
+    Ok((rows, cols))
+}
+
 /// Writes image `i` of `ds`, cropped at `d` from the padded image and optionally flipped, then
 /// normalised through `lut` (from `aug.lut()`, after `aug.check(ds)`), into `out` (C x H x W).
 pub(crate) fn render(
@@ -166,13 +182,7 @@ pub(crate) fn render(
     if out.len() != img.len() {
         return Err(Error::shape(format!("output buffer of {} floats for a {}x{h}x{w} image", out.len(), ds.channels)));
     }
-    if d.dy > aug.pad.saturating_mul(2) || d.dx > aug.pad.saturating_mul(2) {
-        return Err(Error::usage(format!("crop offset ({}, {}) outside 0..={}", d.dy, d.dx, 2 * aug.pad)));
-    }
-    let rows: Vec<Option<usize>> = (0..h).map(|y| source(y + d.dy, aug.pad, h, aug.reflect)).collect();
-    // Flip after the crop, as RandomCrop followed by RandomHorizontalFlip does.
-    let cols: Vec<Option<usize>> =
-        (0..w).map(|x| source(if d.flip { w - 1 - x } else { x } + d.dx, aug.pad, w, aug.reflect)).collect();
+    let (rows, cols) = crop_indices(ds, aug, d)?;
     for ((plane, dst), table) in img.chunks_exact(h * w).zip(out.chunks_exact_mut(h * w)).zip(lut) {
         let zero = table[0];
         for (row, sy) in dst.chunks_exact_mut(w).zip(&rows) {
@@ -188,6 +198,68 @@ pub(crate) fn render(
         }
     }
     Ok(())
+}
+
+/// As `render`, but the raw pixels (zero padding stays 0), for RandAugment to work on.
+fn render_raw(ds: &Dataset, i: usize, aug: &Augment, d: Draw, out: &mut [u8]) -> Result<()> {
+    let (h, w) = (ds.height, ds.width);
+    let img = ds.try_image(i)?;
+    if out.len() != img.len() {
+        return Err(Error::shape(format!("output buffer of {} bytes for a {}x{h}x{w} image", out.len(), ds.channels)));
+    }
+    let (rows, cols) = crop_indices(ds, aug, d)?;
+    for (plane, dst) in img.chunks_exact(h * w).zip(out.chunks_exact_mut(h * w)) {
+        for (row, sy) in dst.chunks_exact_mut(w).zip(&rows) {
+            match sy {
+                None => row.fill(0),
+                Some(sy) => {
+                    let src = &plane[sy * w..(sy + 1) * w];
+                    for (o, sx) in row.iter_mut().zip(&cols) {
+                        *o = sx.map_or(0, |sx| src[sx]);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Normalises raw C x H x W pixels through `lut` (one table per channel) into `out`.
+pub(crate) fn normalize_raw(raw: &[u8], lut: &[[f32; 256]], out: &mut [f32]) -> Result<()> {
+    if out.len() != raw.len() || lut.is_empty() || !raw.len().is_multiple_of(lut.len()) {
+        return Err(Error::shape(format!(
+            "{} raw values, {} outputs and {} normalisation tables do not fit",
+            raw.len(),
+            out.len(),
+            lut.len()
+        )));
+    }
+    let plane = raw.len() / lut.len();
+    if plane == 0 {
+        return Ok(());
+    }
+    for ((src, dst), table) in raw.chunks_exact(plane).zip(out.chunks_exact_mut(plane)).zip(lut) {
+        dst.iter_mut().zip(src).for_each(|(o, &v)| *o = table[v as usize]);
+    }
+    Ok(())
+}
+
+/// Writes an augmentation of image `i` as raw pixels into `out` (C x H x W): the weak crop and
+/// flip drawn from `rng`, then, with `strong: Some(rng2)`, RandAugment and Cutout drawn from
+/// `rng2` (a strong view, as FixMatch's).
+pub fn augment_raw(
+    ds: &Dataset,
+    i: usize,
+    aug: &Augment,
+    rng: &mut Rng,
+    strong: Option<&mut Rng>,
+    out: &mut [u8],
+) -> Result<()> {
+    render_raw(ds, i, aug, Draw::sample(aug, rng), out)?;
+    match strong {
+        Some(r) => super::randaugment::strong(out, ds.channels, ds.height, ds.width, r),
+        None => Ok(()),
+    }
 }
 
 /// Writes a random augmentation of image `i` (draws from `rng`), normalised, into `out` (C x H x W).

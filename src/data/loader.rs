@@ -4,7 +4,7 @@
 //! Every random draw is keyed by (seed, purpose, step, position in the batch), so a batch is a
 //! pure function of those: the same at any thread count, and the same when a run resumes at step t.
 
-use super::augment::{render, Augment, Draw};
+use super::augment::{augment_raw, normalize_raw, render, Augment, Draw};
 use super::split::{below, Split};
 use super::Dataset;
 use crate::device::Device;
@@ -25,6 +25,10 @@ const PURPOSE_LABELED: u64 = u64::from_be_bytes(*b"dat:labl");
 const PURPOSE_VIEW: u64 = u64::from_be_bytes(*b"dat:vw\0\0");
 /// RNG purpose of the labeled batch's second view.
 const PURPOSE_LABELED_2: u64 = u64::from_be_bytes(*b"dat:lab2");
+/// RNG purpose of the strong view's RandAugment and Cutout (its crop and flip use the view's).
+const PURPOSE_STRONG: u64 = u64::from_be_bytes(*b"dat:strg");
+/// The unlabeled view that is strong when the plan asks for one (FixMatch: 0 weak, 1 strong).
+const STRONG_VIEW: usize = 1;
 
 /// What one step draws: batch sizes and views.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +63,19 @@ pub fn gather(
     aug: &Augment,
     augment: Option<(u64, u64, u64)>,
 ) -> Result<(Tensor, Vec<usize>)> {
+    gather_with(ds, idx, aug, augment, false)
+}
+
+/// `gather`; with `strong`, image b's crop and flip are followed by RandAugment and Cutout drawn
+/// from `Rng::keyed(seed, &[PURPOSE_STRONG, step, b])`, so a strong view too depends only on
+/// (seed, step, b).
+fn gather_with(
+    ds: &Dataset,
+    idx: &[usize],
+    aug: &Augment,
+    augment: Option<(u64, u64, u64)>,
+    strong: bool,
+) -> Result<(Tensor, Vec<usize>)> {
     if idx.is_empty() {
         return Err(Error::usage(format!("an empty batch of {} was requested", ds.name)));
     }
@@ -75,13 +92,28 @@ pub fn gather(
     let what = || format!("a batch of {} images of {}x{}x{}", idx.len(), ds.channels, ds.height, ds.width);
     let len = idx.len().checked_mul(chw).ok_or_else(|| Error::out_of_memory(format!("{}: size overflows", what())))?;
     let mut data = crate::pool::try_zeros(len, what)?;
-    data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate().try_for_each(|(b, (out, &i))| {
-        let d = match augment {
-            Some((seed, purpose, step)) => Draw::sample(aug, &mut Rng::keyed(seed, &[purpose, step, b as u64])),
-            None => Draw::identity(aug),
-        };
-        render(ds, i, aug, &lut, d, out)
-    })?;
+    let images = data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate();
+    match augment {
+        Some((seed, purpose, step)) if strong => {
+            // One raw buffer per worker: RandAugment works on u8 before the normalisation.
+            images.try_for_each_init(
+                || vec![0u8; chw],
+                |raw, (b, (out, &i))| {
+                    let mut strong = Rng::keyed(seed, &[PURPOSE_STRONG, step, b as u64]);
+                    augment_raw(ds, i, aug, &mut Rng::keyed(seed, &[purpose, step, b as u64]), Some(&mut strong), raw)?;
+                    normalize_raw(raw, &lut, out)
+                },
+            )?
+        }
+        None if strong => return Err(Error::usage("a strong view needs random draws (a seed and a step)")),
+        _ => images.try_for_each(|(b, (out, &i))| {
+            let d = match augment {
+                Some((seed, purpose, step)) => Draw::sample(aug, &mut Rng::keyed(seed, &[purpose, step, b as u64])),
+                None => Draw::identity(aug),
+            };
+            render(ds, i, aug, &lut, d, out)
+        })?,
+    }
     let t = Tensor::from_vec(data, &[idx.len(), ds.channels, ds.height, ds.width])?;
     Ok((t, labels))
 }
@@ -152,13 +184,11 @@ impl Plan {
             gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)))
                 .map_err(|e| e.context("--batch"))?
         };
-        if self.strong_view {
-            return Err(Error::usage("strong (RandAugment) views are not built yet"));
-        }
         let unlabeled_labels = unlabeled_idx.iter().map(|&i| ds.label(i)).collect::<Result<Vec<usize>>>()?;
-        let views = (0..self.views as u64)
+        let views = (0..self.views)
             .map(|k| {
-                gather(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k, t)))
+                let strong = self.strong_view && k == STRONG_VIEW;
+                gather_with(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k as u64, t)), strong)
                     .map(|(v, _)| v)
                     .map_err(|e| e.context("--unlabeled-batch"))
             })
@@ -270,6 +300,18 @@ impl Loader {
         }
         if labeled_batch == 0 && views == 0 {
             return Err(Error::usage("--batch 0 with no unlabeled views: a step would have no images"));
+        }
+        if strong_view && views <= STRONG_VIEW {
+            return Err(Error::usage(format!(
+                "a strong view is unlabeled view {STRONG_VIEW}: it needs at least {} views, not {views}",
+                STRONG_VIEW + 1
+            )));
+        }
+        if strong_view && train.channels != 1 && train.channels != 3 {
+            return Err(Error::usage(format!(
+                "{}: strong (RandAugment) views need 1 or 3 channels, not {}",
+                train.name, train.channels
+            )));
         }
         if labeled_batch > 0 && split.labeled.is_empty() {
             return Err(Error::usage("the split has no labeled images to draw a labeled batch from"));
@@ -406,7 +448,7 @@ impl Iterator for EvalBatches<'_> {
 mod tests {
     use super::super::split::split;
     use super::super::tests::emb;
-    use super::super::{augment_into, normalize_into, DatasetKind};
+    use super::super::{augment_into, augment_raw, normalize_into, DatasetKind};
     use super::*;
 
     fn setup() -> (Arc<Dataset>, Split, Augment) {
@@ -464,6 +506,51 @@ mod tests {
         // Bad indices and empty batches are errors, not panics.
         assert!(gather(tr, &[tr.len()], &aug, None).is_err());
         assert_eq!(gather(tr, &[], &aug, None).unwrap_err().kind(), ErrorKind::Usage);
+    }
+
+    fn strong_plan(labeled: usize, unlabeled: usize) -> BatchPlan {
+        BatchPlan { strong_view: true, ..BatchPlan::new(labeled, unlabeled, 2) }
+    }
+
+    #[test]
+    fn strong_views_are_keyed_by_seed_step_and_image() {
+        let (tr, s, aug) = setup();
+        let batch =
+            |plan: BatchPlan, step| Loader::new(tr.clone(), &s, aug.clone(), 7, plan, step).unwrap().next().unwrap();
+        let (a, weak) = (batch(strong_plan(8, 64), 2), batch(BatchPlan::new(8, 64, 2), 2));
+        // View 0 and the labeled batch are the weak plan's, bit for bit.
+        assert_eq!(a.views[0].data().unwrap(), weak.views[0].data().unwrap());
+        assert_eq!(a.labeled.data().unwrap(), weak.labeled.data().unwrap());
+        assert_eq!(a.unlabeled_idx, weak.unlabeled_idx);
+        assert_eq!(a.unlabeled_labels, a.unlabeled_idx.iter().map(|&i| tr.labels[i] as usize).collect::<Vec<_>>());
+        // The strong view is the same at 1 and 2 threads.
+        let key = Some((7, PURPOSE_VIEW + 1, 2));
+        for threads in [1, 2] {
+            let (v, _) = pool(threads).install(|| gather_with(&tr, &a.unlabeled_idx, &aug, key, true)).unwrap();
+            assert_eq!(v.data().unwrap(), a.views[1].data().unwrap(), "{threads} thread(s)");
+        }
+        // Row b is the weak draw of (seed, view-1 purpose, step, b) then RandAugment + Cutout from
+        // (seed, strong purpose, step, b), normalised.
+        let lut = aug.lut();
+        let (mut raw, mut row) = (vec![0u8; 784], vec![0.0f32; 784]);
+        let strong_rows = a.views[1].data().unwrap();
+        let weak_rows = weak.views[1].data().unwrap();
+        let mut differ = 0;
+        for b in 0..64usize {
+            let mut r = Rng::keyed(7, &[PURPOSE_VIEW + 1, 2, b as u64]);
+            let mut r2 = Rng::keyed(7, &[PURPOSE_STRONG, 2, b as u64]);
+            augment_raw(&tr, a.unlabeled_idx[b], &aug, &mut r, Some(&mut r2), &mut raw).unwrap();
+            normalize_raw(&raw, &lut, &mut row).unwrap();
+            assert_eq!(&strong_rows[b * 784..(b + 1) * 784], &row[..], "image {b}");
+            differ += usize::from(strong_rows[b * 784..(b + 1) * 784] != weak_rows[b * 784..(b + 1) * 784]);
+        }
+        // Identity with a zero-side Cutout is rare: nearly every strong view differs from its weak one.
+        assert!(differ >= 60, "only {differ} of 64 strong views differ from the weak ones");
+        // Another step draws other strong views.
+        assert_ne!(batch(strong_plan(8, 64), 3).views[1].data().unwrap(), a.views[1].data().unwrap());
+        // A strong view needs a second view to be, and 1 or 3 channels.
+        let one = BatchPlan { strong_view: true, ..BatchPlan::new(8, 64, 1) };
+        assert_eq!(Loader::new(tr.clone(), &s, aug.clone(), 7, one, 0).err().unwrap().kind(), ErrorKind::Usage);
     }
 
     #[test]

@@ -9,9 +9,10 @@ pub(crate) mod cifar;
 pub(crate) mod folder;
 pub(crate) mod idx;
 mod loader;
+pub mod randaugment;
 mod split;
 
-pub use augment::{augment_into, normalize_into, Augment};
+pub use augment::{augment_into, augment_raw, normalize_into, Augment};
 pub use cifar::{CIFAR100_CLASSES, CIFAR10_CLASSES};
 pub use loader::{eval_batches, gather, BatchPlan, EvalBatches, Loader, StepBatch};
 pub use split::{biased_counts, label_counts, split, Split};
