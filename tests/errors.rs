@@ -76,10 +76,13 @@ fn choices_keep_their_words_and_messages() {
         &["adam", "adamw", "sgd"],
         "--optimizer: unknown optimizer 'x' (expected adam, adamw or sgd)",
     );
-    check::<ScheduleKind>(&["cosine", "constant"], "--schedule: unknown schedule 'x' (expected cosine or constant)");
+    check::<ScheduleKind>(
+        &["cosine", "constant", "fixmatch-cosine"],
+        "--schedule: unknown schedule 'x' (expected cosine, constant or fixmatch-cosine)",
+    );
     check::<Method>(
-        &["supervised", "muscle", "mixmatch", "mixmatch-muscle", "pretrain"],
-        "--method: unknown method 'x' (expected supervised, muscle, mixmatch, mixmatch-muscle)",
+        &["supervised", "muscle", "mixmatch", "mixmatch-muscle", "fixmatch", "fixmatch-muscle", "pretrain"],
+        "--method: unknown method 'x' (expected supervised, muscle, mixmatch, mixmatch-muscle, fixmatch, fixmatch-muscle)",
     );
     check::<DatasetKind>(
         &["fashion-mnist", "mnist", "cifar10", "cifar100", "folder"],

@@ -262,3 +262,57 @@ fn a_run_stopped_by_a_failed_allocation_resumes_to_the_bytes_of_an_uninterrupted
     let needle = "--batch: a batch of 8 images of 1x28x28 for step 3: could not be allocated";
     stop_and_resume(&a, &d.join("b"), "alloc@3", needle, ("2", "2"));
 }
+
+#[test]
+fn a_fixmatch_run_killed_mid_way_resumes_to_the_bytes_of_an_uninterrupted_run() {
+    // FixMatch + MUSCLE (strong views, pseudo-labels, SGD + Nesterov, its cosine) at a threshold
+    // this small model's near-uniform predictions straddle, so the pseudo-label sums restart at each checkpoint too.
+    let args = [
+        "train",
+        "--method",
+        "fixmatch-muscle",
+        "--tau",
+        "0.11",
+        "--width",
+        "4",
+        "--batch",
+        "8",
+        "--unlabeled-batch",
+        "24",
+        "--steps",
+        "10",
+        "--eval-every",
+        "2",
+    ];
+    let d = scratch("fixmatch-kill");
+    let (reference, out) = (d.join("a"), d.join("b"));
+    run_to_end(&args, &reference);
+    let metrics = metrics_without_timing(&reference);
+    assert!(metrics.iter().all(|m| m["mask_rate"].is_number()), "{metrics:?}");
+    assert!(metrics.iter().any(|m| m["mask_rate"].as_f64() > Some(0.0)), "no pseudo-label was kept: {metrics:?}");
+
+    // SIGKILL once the step-4 checkpoint is there (before the run's end at 10).
+    let mut child = muscle().args(args).arg("--out").arg(&out).spawn().expect("spawn");
+    let t = Instant::now();
+    let killed_at = loop {
+        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint at step 4 within two minutes");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the run ended ({status}) before it was killed");
+        }
+        let ck = out.join("checkpoint.safetensors");
+        if ck.exists() && Checkpoint::load(&ck).is_ok_and(|c| c.metadata.get("step").is_some_and(|s| s != "2")) {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+            break step_of(&out, "checkpoint.safetensors");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(!out.join("summary.json").exists(), "killed at step {killed_at} but the run had finished");
+    let o = muscle().arg("train").arg("--resume").arg(&out).output().expect("resume");
+    assert!(o.status.success(), "resume: {}", String::from_utf8_lossy(&o.stderr));
+    for f in ["checkpoint.safetensors", "resume.safetensors"] {
+        let (got, want) = (std::fs::read(out.join(f)).expect("got"), std::fs::read(reference.join(f)).expect("want"));
+        assert!(got == want, "killed at step {killed_at}: the resumed run's {f} differs from the uninterrupted run's");
+    }
+    assert_eq!(metrics_without_timing(&out), metrics, "killed at step {killed_at}");
+}

@@ -66,8 +66,9 @@ OPS = [
 
 def rand_augment(img, rng, n=2):
     """n operations drawn uniformly with replacement, magnitudes uniform in their ranges (Posterize's
-    bits uniform over the integers 4..8), then Cutout: a grey square of side uniform in [0, 0.5] of
-    the image side at a uniform centre, clipped to the image."""
+    bits uniform over the integers 4..8), then Cutout: a grey square of side round(u min(W, H) / 2),
+    u uniform in [0, 1), from (centre - side // 2) at a uniform pixel centre, clipped to the image
+    (muscle's src/data/randaugment.rs definition)."""
     for k in rng.integers(0, len(OPS), n):
         _, rng_range, f = OPS[k]
         if rng_range is None:
@@ -78,10 +79,11 @@ def rand_augment(img, rng, n=2):
             v = float(rng.uniform(*rng_range))
         img = f(img, v)
     w, h = img.size
-    side = rng.uniform(0.0, 0.5) * min(w, h)
-    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-    x0, y0 = int(max(0.0, cx - side / 2)), int(max(0.0, cy - side / 2))
-    x1, y1 = int(min(w, x0 + side)), int(min(h, y0 + side))
+    side = int(round(rng.uniform(0.0, 0.5) * min(w, h)))
+    cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
+    x0, y0 = cx - side // 2, cy - side // 2
+    x1, y1 = min(w, x0 + side), min(h, y0 + side)
+    x0, y0 = max(0, x0), max(0, y0)
     if x1 > x0 and y1 > y0:
         img = img.copy()
         ImageDraw.Draw(img).rectangle((x0, y0, x1 - 1, y1 - 1), fill=GREY)

@@ -4,10 +4,10 @@
 //! upscaled by an integer factor (nearest) with white separators.
 
 use crate::data::{augment_raw, Augment, Dataset, DatasetKind};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::train::{self, TrainConfig};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// White pixels between cells and around the grid.
 pub const SEPARATOR: usize = 2;
@@ -67,7 +67,9 @@ pub fn command(a: &AugmentArgs) -> Result<()> {
     }
     let idx: Vec<usize> = (0..a.images).map(|k| k * train.len() / a.images).collect();
     let (w, h, rgb) = grid(&train, &aug, &idx, a.views, a.seed)?;
-    write_png(w, h, rgb, &a.out)?;
+    let img = image::RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| Error::shape(format!("{}: the grid's buffer does not hold {w}x{h} RGB", a.out.display())))?;
+    super::plot::write_png(&img, &a.out)?;
     println!(
         "{}: {} images of {} (original, {} weak, {} strong views each), {w}x{h} px",
         a.out.display(),
@@ -120,14 +122,4 @@ pub fn grid(ds: &Dataset, aug: &Augment, idx: &[usize], views: usize, seed: u64)
         }
     }
     Ok((gw32, gh32, rgb))
-}
-
-/// Writes through a temporary file, so that a failed write leaves no half-written PNG.
-fn write_png(w: u32, h: u32, rgb: Vec<u8>, out: &Path) -> Result<()> {
-    let img = image::RgbImage::from_raw(w, h, rgb)
-        .ok_or_else(|| Error::shape(format!("{}: the grid's buffer does not hold {w}x{h} RGB", out.display())))?;
-    let tmp = out.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| Error::new(ErrorKind::Io, format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }

@@ -127,7 +127,7 @@ pub fn render(series: &[Series], title: &str, x_label: &str, y_label: &str, log_
 }
 
 /// Writes through a temporary file, so that a failed write leaves no half-written PNG.
-fn write_png(img: &image::RgbImage, out: &Path) -> Result<()> {
+pub(crate) fn write_png(img: &image::RgbImage, out: &Path) -> Result<()> {
     let tmp = out.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png)
         .map_err(|e| Error::new(crate::error::ErrorKind::Io, format!("{}: {e}", tmp.display())))?;

@@ -123,7 +123,7 @@ mod tests {
     fn fixmatch_cosine_follows_its_formula() {
         let s = Schedule::fixmatch_cosine(1000).unwrap();
         assert_eq!(s.lr(0.03, 0), 0.03);
-        let at = |k: f64| (0.03f64 * (7.0 * std::f64::consts::PI * k / 16000.0).cos()) as f32;
+        let at = |k: f64| (0.03f32 as f64 * (7.0 * std::f64::consts::PI * k / 16000.0).cos()) as f32;
         for k in [1u64, 250, 500, 999, 1000] {
             assert_eq!(s.lr(0.03, k), at(k as f64), "step {k}");
         }
