@@ -1,8 +1,11 @@
 //! Fault injection for tests, from the environment variable `MUSCLE_FAULT` (read once):
 //! `disk@BYTES` makes the run-folder writes fail with ENOSPC once BYTES bytes have been written in
 //! all, as a disk that fills mid-run does; `alloc@STEP` makes the batch of step STEP (counting
-//! from 1, as metrics.jsonl does) fail to allocate. Both may be given, comma-separated. Unset, the
-//! writes and batches behave normally; the real error paths run either way.
+//! from 1, as metrics.jsonl does) fail to allocate; `kill@STEP` makes the last process of a
+//! data-parallel run SIGKILL itself after step STEP (a rank that dies); `allreduce@STEP` skips the
+//! gradients' all-reduce of step STEP (the replicas then part, which the run must notice).
+//! Several may be given, comma-separated. Unset, the writes and batches behave normally; the real
+//! error paths run either way.
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -19,13 +22,20 @@ pub struct Faults {
     pub disk: Option<u64>,
     /// The step (from 1) whose batch cannot be allocated.
     pub alloc: Option<u64>,
+    /// The step (from 1) after which the last process of the run kills itself.
+    pub kill: Option<u64>,
+    /// The step (from 1) whose gradients are not all-reduced.
+    pub allreduce: Option<u64>,
 }
 
 impl Faults {
     /// Parses `disk@BYTES`, `alloc@STEP` or both, comma-separated; anything else is a usage error.
     pub fn parse(s: &str) -> Result<Faults> {
-        let bad =
-            |part: &str| Error::usage(format!("{VAR}={s}: '{part}' is not disk@BYTES or alloc@STEP (comma-separated)"));
+        let bad = |part: &str| {
+            Error::usage(format!(
+                "{VAR}={s}: '{part}' is not disk@BYTES, alloc@STEP, kill@STEP or allreduce@STEP (comma-separated)"
+            ))
+        };
         let mut f = Faults::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (kind, n) = part.split_once('@').ok_or_else(|| bad(part))?;
@@ -33,6 +43,8 @@ impl Faults {
             match kind {
                 "disk" => f.disk = Some(n),
                 "alloc" if n > 0 => f.alloc = Some(n),
+                "kill" if n > 0 => f.kill = Some(n),
+                "allreduce" if n > 0 => f.allreduce = Some(n),
                 _ => return Err(bad(part)),
             }
         }
@@ -66,6 +78,27 @@ pub fn alloc_fails_at(step: u64) -> bool {
     faults().alloc == Some(step)
 }
 
+/// Whether the last process of a data-parallel run is to die after step `step` (from 1).
+pub fn kill_after(step: u64) -> bool {
+    faults().kill == Some(step)
+}
+
+/// Whether the gradients of step `step` (from 1) are to skip the all-reduce.
+pub fn allreduce_skipped_at(step: u64) -> bool {
+    faults().allreduce == Some(step)
+}
+
+/// SIGKILL to this process, as the kernel's OOM killer or a lost node delivers it: no unwinding,
+/// no flush, nothing after it runs.
+pub fn kill_self() -> ! {
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    // The signal is on its way; never return into the run.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Bytes written so far by the run-folder writes of this process.
 static WRITTEN: AtomicU64 = AtomicU64::new(0);
 
@@ -97,9 +130,12 @@ mod tests {
     #[test]
     fn parses_both_kinds_and_rejects_the_rest() {
         assert_eq!(Faults::parse("").expect("empty"), Faults::default());
-        assert_eq!(Faults::parse("disk@100").expect("disk"), Faults { disk: Some(100), alloc: None });
-        assert_eq!(Faults::parse("alloc@3, disk@0").expect("both"), Faults { disk: Some(0), alloc: Some(3) });
-        for bad in ["disk", "disk@", "disk@x", "disk@-1", "alloc@0", "mem@3", "disk@1,oops"] {
+        assert_eq!(Faults::parse("disk@100").expect("disk"), Faults { disk: Some(100), ..Faults::default() });
+        assert_eq!(
+            Faults::parse("alloc@3, disk@0, kill@5").expect("all three"),
+            Faults { disk: Some(0), alloc: Some(3), kill: Some(5), allreduce: None }
+        );
+        for bad in ["disk", "disk@", "disk@x", "disk@-1", "alloc@0", "kill@0", "mem@3", "disk@1,oops"] {
             let e = Faults::parse(bad).expect_err(bad);
             assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{bad}");
             assert!(e.message().contains("MUSCLE_FAULT"), "{e}");

@@ -55,6 +55,11 @@ fn main() -> ExitCode {
     if let Err(e) = muscle::fault::check_env() {
         return exit_with(&e);
     }
+    // Joins the MPI world when mpirun started this process; finalised when main returns.
+    let _mpi = match muscle::dist::init() {
+        Ok(g) => g,
+        Err(e) => return exit_with(&e),
+    };
     let result = match cli.command {
         Command::Train(a) => app::train::command(&a),
         Command::Pretrain(a) => app::train::pretrain_command(&a),

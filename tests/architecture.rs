@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom up; a module may use only modules of lower layers (and itself).
 const LAYERS: &[&[&str]] = &[
     &["error"],
-    &["rng", "pool", "profile", "alloc_count", "kernel_args", "npy", "fault", "memory"],
+    &["rng", "pool", "profile", "alloc_count", "kernel_args", "npy", "fault", "memory", "dist"],
     &["cpu", "cuda"],
     &["device"],
     &["tensor"],

@@ -63,6 +63,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         mi_labeled,
         w_u: 75.0,
         tau: 0.95,
+        world: muscle::dist::world(),
         temperature: 0.5,
         mixup_alpha: 0.75,
     };
@@ -109,6 +110,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
             mi_labeled: false,
             w_u: 75.0,
             tau: 0.95,
+            world: muscle::dist::world(),
             temperature: 0.5,
             mixup_alpha: 0.75,
         };
@@ -155,6 +157,7 @@ fn fixmatch_muscle_adds_the_weighted_mi_term_to_fixmatch() {
             mi_labeled: false,
             w_u: 2.0,
             tau,
+            world: muscle::dist::world(),
             temperature: 0.5,
             mixup_alpha: 0.75,
         };

@@ -11,6 +11,7 @@ mod learning;
 mod memory;
 mod mi_reference;
 mod models;
+mod mpi;
 mod old_runs;
 mod randaugment;
 mod reliability;

@@ -115,6 +115,7 @@ fn objective(ramp_steps: u64) -> ObjectiveConfig {
         mi_labeled: false,
         w_u: 0.0,
         tau: 0.95,
+        world: muscle::dist::world(),
         temperature: 0.5,
         mixup_alpha: 0.75,
     }

@@ -60,6 +60,9 @@ pub fn command(a: &TrainArgs) -> Result<()> {
         Some(dir) => train::resume(dir, &mut |p| show(p, tty))?,
         None => train::train(&a.train.config(), &mut |p| show(p, tty))?,
     };
+    if !crate::dist::world().is_root() {
+        return Ok(());
+    }
     println!(
         "final: {} on {} ({} labels, {} steps, seed {}, {}): test accuracy {:.4}, EMA {:.4}; {:.1} s, {:.0} train img/s",
         s.method,

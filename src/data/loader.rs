@@ -44,12 +44,36 @@ pub struct BatchPlan {
     /// The second unlabeled view is a strong one (FixMatch): RandAugment and Cutout after the
     /// weak crop and flip.
     pub strong_view: bool,
+    /// The part of every batch this process takes in a data-parallel run.
+    pub shard: Shard,
+}
+
+/// Process `rank` of `ranks` takes rows [rank B / ranks, (rank + 1) B / ranks) of every batch of
+/// B rows; the batch itself (indices and augmentation draws, keyed by the row's place in the
+/// whole batch) is the same for any number of processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank.
+    pub rank: usize,
+    /// The number of processes.
+    pub ranks: usize,
+}
+
+impl Shard {
+    /// The whole batch (one process).
+    pub const WHOLE: Shard = Shard { rank: 0, ranks: 1 };
+
+    /// This shard's rows of a batch of `n` rows (`n` a multiple of the number of processes).
+    pub fn rows(self, n: usize) -> std::ops::Range<usize> {
+        let per = n / self.ranks.max(1);
+        self.rank * per..(self.rank + 1) * per
+    }
 }
 
 impl BatchPlan {
     /// `labeled` labeled and `unlabeled` unlabeled images in `views` views, no second labeled view.
     pub fn new(labeled: usize, unlabeled: usize, views: usize) -> BatchPlan {
-        BatchPlan { labeled, unlabeled, views, labeled_second_view: false, strong_view: false }
+        BatchPlan { labeled, unlabeled, views, labeled_second_view: false, strong_view: false, shard: Shard::WHOLE }
     }
 }
 
@@ -63,18 +87,20 @@ pub fn gather(
     aug: &Augment,
     augment: Option<(u64, u64, u64)>,
 ) -> Result<(Tensor, Vec<usize>)> {
-    gather_with(ds, idx, aug, augment, false)
+    gather_with(ds, idx, aug, augment, false, 0)
 }
 
 /// `gather`; with `strong`, image b's crop and flip are followed by RandAugment and Cutout drawn
 /// from `Rng::keyed(seed, &[PURPOSE_STRONG, step, b])`, so a strong view too depends only on
-/// (seed, step, b).
+/// (seed, step, b). `idx` are rows `first..` of the step's whole batch (a data-parallel shard):
+/// the draws are keyed by the row's place in the whole batch.
 fn gather_with(
     ds: &Dataset,
     idx: &[usize],
     aug: &Augment,
     augment: Option<(u64, u64, u64)>,
     strong: bool,
+    first: usize,
 ) -> Result<(Tensor, Vec<usize>)> {
     if idx.is_empty() {
         return Err(Error::usage(format!("an empty batch of {} was requested", ds.name)));
@@ -92,7 +118,7 @@ fn gather_with(
     let what = || format!("a batch of {} images of {}x{}x{}", idx.len(), ds.channels, ds.height, ds.width);
     let len = idx.len().checked_mul(chw).ok_or_else(|| Error::out_of_memory(format!("{}: size overflows", what())))?;
     let mut data = crate::pool::try_zeros(len, what)?;
-    let images = data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate();
+    let images = data.par_chunks_mut(chw).zip(idx.par_iter()).enumerate().map(|(b, x)| (b + first, x));
     match augment {
         Some((seed, purpose, step)) if strong => {
             // One raw buffer per worker: RandAugment works on u8 before the normalisation.
@@ -153,6 +179,7 @@ struct Plan {
     views: usize,
     labeled_second_view: bool,
     strong_view: bool,
+    shard: Shard,
 }
 
 impl Plan {
@@ -164,6 +191,9 @@ impl Plan {
         let n_unl = if self.views > 0 { self.unlabeled_batch } else { 0 };
         let unlabeled_idx: Vec<usize> =
             (0..n_unl).map(|_| self.unlabeled[below(&mut rng, self.unlabeled.len())]).collect();
+        // This process's rows of the whole batch (all of them in a single-process run).
+        let (lr, ur) = (self.shard.rows(labeled_idx.len()), self.shard.rows(unlabeled_idx.len()));
+        let (labeled_idx, unlabeled_idx) = (labeled_idx[lr.clone()].to_vec(), unlabeled_idx[ur.clone()].to_vec());
         let ds = &*self.train;
         if crate::fault::alloc_fails_at(t + 1) {
             // As the allocation in `gather` fails, with the flag that sizes the batch named.
@@ -181,20 +211,22 @@ impl Plan {
         let (labeled, labels) = if labeled_idx.is_empty() {
             (Tensor::zeros(&[0, ds.channels, ds.height, ds.width]), Vec::new())
         } else {
-            gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)))
+            gather_with(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED, t)), false, lr.start)
                 .map_err(|e| e.context("--batch"))?
         };
         let unlabeled_labels = unlabeled_idx.iter().map(|&i| ds.label(i)).collect::<Result<Vec<usize>>>()?;
         let views = (0..self.views)
             .map(|k| {
                 let strong = self.strong_view && k == STRONG_VIEW;
-                gather_with(ds, &unlabeled_idx, &self.aug, Some((self.seed, PURPOSE_VIEW + k as u64, t)), strong)
+                let draws = Some((self.seed, PURPOSE_VIEW + k as u64, t));
+                gather_with(ds, &unlabeled_idx, &self.aug, draws, strong, ur.start)
                     .map(|(v, _)| v)
                     .map_err(|e| e.context("--unlabeled-batch"))
             })
             .collect::<Result<Vec<Tensor>>>()?;
         let labeled_view2 = if self.labeled_second_view && !labeled_idx.is_empty() {
-            Some(gather(ds, &labeled_idx, &self.aug, Some((self.seed, PURPOSE_LABELED_2, t)))?.0)
+            let draws = Some((self.seed, PURPOSE_LABELED_2, t));
+            Some(gather_with(ds, &labeled_idx, &self.aug, draws, false, lr.start)?.0)
         } else {
             None
         };
@@ -291,8 +323,25 @@ impl Loader {
         plan: BatchPlan,
         start_step: u64,
     ) -> Result<Loader> {
-        let BatchPlan { labeled: labeled_batch, unlabeled: unlabeled_batch, views, labeled_second_view, strong_view } =
-            plan;
+        let BatchPlan {
+            labeled: labeled_batch,
+            unlabeled: unlabeled_batch,
+            views,
+            labeled_second_view,
+            strong_view,
+            shard,
+        } = plan;
+        let k = shard.ranks;
+        if k == 0 || shard.rank >= k {
+            return Err(Error::usage(format!("shard {} of {k} processes", shard.rank)));
+        }
+        for (flag, n) in
+            [("--batch", labeled_batch), ("--unlabeled-batch", if views > 0 { unlabeled_batch } else { 0 })]
+        {
+            if !n.is_multiple_of(k) {
+                return Err(Error::usage(format!("{flag} {n}: does not split evenly over {k} processes")));
+            }
+        }
         train.validate()?;
         aug.check(&train)?;
         if views > 0 && unlabeled_batch == 0 {
@@ -337,6 +386,7 @@ impl Loader {
             views,
             labeled_second_view,
             strong_view,
+            shard,
         };
         let (tx, rx) = sync_channel(1);
         let worker = std::thread::Builder::new()
@@ -526,7 +576,7 @@ mod tests {
         // The strong view is the same at 1 and 2 threads.
         let key = Some((7, PURPOSE_VIEW + 1, 2));
         for threads in [1, 2] {
-            let (v, _) = pool(threads).install(|| gather_with(&tr, &a.unlabeled_idx, &aug, key, true)).unwrap();
+            let (v, _) = pool(threads).install(|| gather_with(&tr, &a.unlabeled_idx, &aug, key, true, 0)).unwrap();
             assert_eq!(v.data().unwrap(), a.views[1].data().unwrap(), "{threads} thread(s)");
         }
         // Row b is the weak draw of (seed, view-1 purpose, step, b) then RandAugment + Cutout from
@@ -551,6 +601,40 @@ mod tests {
         // A strong view needs a second view to be, and 1 or 3 channels.
         let one = BatchPlan { strong_view: true, ..BatchPlan::new(8, 64, 1) };
         assert_eq!(Loader::new(tr.clone(), &s, aug.clone(), 7, one, 0).err().unwrap().kind(), ErrorKind::Usage);
+    }
+
+    #[test]
+    fn the_shards_of_a_batch_are_its_rows_whatever_the_number_of_processes() {
+        let (tr, s, aug) = setup();
+        let plan = |rank, ranks| BatchPlan { shard: Shard { rank, ranks }, ..strong_plan(8, 64) };
+        let batch = |p: BatchPlan| Loader::new(tr.clone(), &s, aug.clone(), 7, p, 3).unwrap().next().unwrap();
+        let whole = batch(plan(0, 1));
+        let cat =
+            |f: &dyn Fn(&StepBatch) -> Vec<f32>, parts: &[StepBatch]| parts.iter().flat_map(f).collect::<Vec<f32>>();
+        for ranks in [2usize, 4] {
+            let parts: Vec<StepBatch> = (0..ranks).map(|r| batch(plan(r, ranks))).collect();
+            assert!(parts.iter().all(|p| p.labels.len() == 8 / ranks && p.unlabeled_idx.len() == 64 / ranks));
+            // Rows, indices, labels and every view (the strong one too) are the whole batch's, in
+            // order: the draws are keyed by the row's place in the whole batch.
+            assert_eq!(cat(&|p| p.labeled.data().unwrap().to_vec(), &parts), whole.labeled.data().unwrap());
+            for v in 0..2 {
+                assert_eq!(cat(&|p| p.views[v].data().unwrap().to_vec(), &parts), whole.views[v].data().unwrap());
+            }
+            let idx: Vec<usize> = parts.iter().flat_map(|p| p.unlabeled_idx.clone()).collect();
+            assert_eq!(idx, whole.unlabeled_idx);
+            let labels: Vec<usize> = parts.iter().flat_map(|p| p.labels.host.clone()).collect();
+            assert_eq!(labels, whole.labels.host);
+        }
+        // A batch that does not split evenly is refused, naming the flag.
+        let e = Loader::new(
+            tr.clone(),
+            &s,
+            aug.clone(),
+            7,
+            BatchPlan { shard: Shard { rank: 0, ranks: 3 }, ..strong_plan(8, 63) },
+            0,
+        );
+        assert!(e.err().unwrap().message().starts_with("--batch 8"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod split;
 
 pub use augment::{augment_into, augment_raw, normalize_into, Augment};
 pub use cifar::{CIFAR100_CLASSES, CIFAR10_CLASSES};
-pub use loader::{eval_batches, gather, BatchPlan, EvalBatches, Loader, StepBatch};
+pub use loader::{eval_batches, gather, BatchPlan, EvalBatches, Loader, Shard, StepBatch};
 pub use split::{biased_counts, label_counts, split, Split};
 
 use crate::error::{choice, Error, Result};

@@ -21,7 +21,7 @@ pub use conv::{conv2d, Conv2dParams};
 pub use elementwise::{add, dropout, leaky_relu, relu, scale};
 pub use indices::Indices;
 pub use linear::{linear, matmul};
-pub use mutual_info::{mutual_info_loss, mutual_info_loss_with_stats, MiStats};
+pub use mutual_info::{mutual_info_loss, mutual_info_loss_across, mutual_info_loss_with_stats, MiStats};
 pub use pool::{global_avg_pool, max_pool2d};
 pub use shape::{concat_rows, flatten, narrow_rows, reshape};
 pub use softmax::{

@@ -31,7 +31,7 @@ pub fn fixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let mut total = ops::add(tape, &sup, &ops::scale(tape, &pl.loss, cfg.w_u)?)?;
     let (mut mi_term, mut w) = (None, 0.0);
     if cfg.method == super::Method::FixMatchMuscle {
-        let mi = ops::mutual_info_loss(tape, &zw, &zs, cfg.lambda)?;
+        let mi = ops::mutual_info_loss_across(tape, &zw, &zs, cfg.lambda, cfg.world)?;
         w = ramp(cfg.w_mi, step, cfg.ramp_steps);
         total = ops::add(tape, &total, &ops::scale(tape, &mi, w)?)?;
         mi_term = Some(mi);

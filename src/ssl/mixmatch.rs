@@ -78,7 +78,7 @@ pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     if with_mi {
         let za = ops::narrow_rows(tape, &gl, 0, nu)?;
         let zb = ops::narrow_rows(tape, &gl, nu, nu)?;
-        let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
+        let mi = ops::mutual_info_loss_across(tape, &za, &zb, cfg.lambda, cfg.world)?;
         w = ramp(cfg.w_mi, step, cfg.ramp_steps);
         total = ops::add(tape, &total, &ops::scale(tape, &mi, w)?)?;
         mi_term = Some(mi);

@@ -86,6 +86,8 @@ pub struct ObjectiveConfig {
     pub w_u: f32,
     /// FixMatch's confidence threshold tau of the pseudo-labels.
     pub tau: f32,
+    /// The processes of a data-parallel run (the MI term's joint is summed over them).
+    pub world: &'static crate::dist::World,
     /// MixMatch's sharpening temperature T.
     pub temperature: f32,
     /// MixMatch's Beta(alpha, alpha) for MixUp.

@@ -36,7 +36,7 @@ pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) 
             (sup, ops::narrow_rows(tape, &logits, nl, nu)?, ops::narrow_rows(tape, &logits, nl + nu, nu)?)
         }
     };
-    let mi = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
+    let mi = ops::mutual_info_loss_across(tape, &za, &zb, cfg.lambda, cfg.world)?;
     let w = ramp(cfg.w_mi, step, cfg.ramp_steps);
     let total = ops::add(tape, &sup, &ops::scale(tape, &mi, w)?)?;
     Ok(LossTerms { sup: Some(sup), mi: Some(mi), w_mi: w, host: None, w_u: 0.0, total, pseudo: None })

@@ -15,6 +15,6 @@ pub fn pretrain_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
     let za = ops::narrow_rows(tape, &logits, 0, nu)?;
     let zb = ops::narrow_rows(tape, &logits, nu, nu)?;
-    let total = ops::mutual_info_loss(tape, &za, &zb, cfg.lambda)?;
+    let total = ops::mutual_info_loss_across(tape, &za, &zb, cfg.lambda, cfg.world)?;
     Ok(LossTerms { sup: None, mi: Some(total.clone()), w_mi: 1.0, host: None, w_u: 0.0, total, pseudo: None })
 }

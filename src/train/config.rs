@@ -367,14 +367,29 @@ impl TrainConfig {
         Ok(cfg)
     }
 
-    /// Every option's value (the method's defaults filled in), with the crate version, git commit
-    /// and cargo features: the text of config.json.
+    /// The number of processes the run whose config.json is at `path` was started with (1 for
+    /// files from before data-parallel runs).
+    pub fn world_size_in(path: &Path) -> Result<usize> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        match v.get("world_size") {
+            None => Ok(1),
+            Some(n) => n.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| {
+                Error::format(format!("{}: world_size {n} is not a number of processes", path.display()))
+            }),
+        }
+    }
+
+    /// Every option's value (the method's defaults filled in), with the crate version, git commit,
+    /// cargo features and the number of processes: the text of config.json.
     pub fn to_json(&self) -> Result<String> {
         let unwritable = |e: serde_json::Error| Error::usage(format!("the options cannot be written as JSON: {e}"));
         let mut v = serde_json::to_value(self.resolved()).map_err(unwritable)?;
         v["version"] = env!("CARGO_PKG_VERSION").into();
         v["git_commit"] = option_env!("MUSCLE_GIT_COMMIT").unwrap_or("unknown").into();
         v["features"] = crate::device::build_features().into();
+        v["world_size"] = crate::dist::world().size().into();
         let text = serde_json::to_string_pretty(&v).map_err(unwritable)?;
         Ok(format!("{text}\n"))
     }
@@ -450,6 +465,7 @@ impl TrainConfig {
             views,
             labeled_second_view: self.mi_labeled && self.method.uses_unlabeled(),
             strong_view: self.method.is_fixmatch(),
+            shard: crate::data::Shard::WHOLE,
         }
     }
 

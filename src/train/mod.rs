@@ -222,7 +222,17 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn FnMut(&Progress)) -> Result<S
 /// Continues the run in `dir` from its last checkpoint (resume.safetensors), or from its start
 /// when it was stopped before the first one, with the options in its config.json.
 pub fn resume(dir: &Path, progress: &mut dyn FnMut(&Progress)) -> Result<Summary> {
-    let mut cfg = TrainConfig::load(&dir.join("config.json"))?;
+    let path = dir.join("config.json");
+    let mut cfg = TrainConfig::load(&path)?;
+    let started_with = TrainConfig::world_size_in(&path)?;
+    let now = crate::dist::world().size();
+    if started_with != now {
+        return Err(Error::usage(format!(
+            "{}: the run was started by {started_with} process(es) and resumes only with as many (mpirun -np \
+             {started_with}), not {now}: each process's share of every batch depends on their number",
+            dir.display()
+        )));
+    }
     cfg.out = Some(dir.to_path_buf());
     let state = dir.join("resume.safetensors");
     let state = if state.exists() { Some(checkpoint::Checkpoint::load(&state)?) } else { None };
@@ -267,6 +277,15 @@ fn run(
     let cfg = &cfg.resolved();
     cfg.validate()?;
     cfg.device.check_available()?;
+    let world = crate::dist::world();
+    if world.size() > 1 && cfg.device != crate::device::Device::Cpu {
+        return Err(Error::device(format!(
+            "--device {} with {} processes: the all-reduce over NCCL is not built yet; data-parallel runs are CPU-only",
+            cfg.device,
+            world.size()
+        )));
+    }
+    check_same_options(cfg)?;
     crate::cpu::set_threads(cfg.threads())?;
     let TrainTest { train, test } = load_data(cfg)?;
     let split = data::split(&train, cfg.labels, cfg.val, cfg.label_imbalance, cfg.split_seed())?;
@@ -316,9 +335,13 @@ fn run(
     #[cfg(feature = "cuda")]
     crate::cuda::buffer::reset_device_peak();
     let train = Arc::new(train);
-    let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, cfg.batch_plan(), start)?;
+    // Each process of a data-parallel run takes its rows of every batch.
+    let plan = data::BatchPlan { shard: data::Shard { rank: world.rank(), ranks: world.size() }, ..cfg.batch_plan() };
+    let mut loader = Loader::new(train.clone(), &split, aug.clone(), cfg.seed, plan, start)?;
     let mut ema_history = Vec::new();
-    let mut files = match (cfg.out.as_deref(), &resume) {
+    // Rank 0 alone writes the run's folder.
+    let out = cfg.out.as_deref().filter(|_| world.is_root());
+    let mut files = match (out, &resume) {
         (Some(d), Some(_)) => {
             let (f, h) = RunFiles::reopen(d, start)?;
             ema_history = h;
@@ -356,6 +379,7 @@ fn run(
             report.eval = Some((raw.accuracy, avg.accuracy));
             ema_history.push(avg.accuracy);
             let pseudo = trainer.take_pseudo_label_stats()?;
+            check_replicas(&trainer.model, done)?;
             if let Some(f) = files.as_mut() {
                 let mut line = json!({
                     "step": done, "loss": loss, "loss_supervised": sup, "loss_mi": mi,
@@ -372,7 +396,12 @@ fn run(
             }
             last_eval = Some((raw, avg, val));
         }
-        progress(&report);
+        if world.is_root() {
+            progress(&report);
+        }
+        if crate::fault::kill_after(done) && world.size() > 1 && world.rank() == world.size() - 1 {
+            crate::fault::kill_self();
+        }
         if STOP.swap(false, std::sync::atomic::Ordering::SeqCst) {
             let last = done - done % cfg.eval_every;
             return Err(Error::new(
@@ -531,6 +560,7 @@ impl Trainer {
                 mi_labeled: cfg.mi_labeled,
                 w_u: cfg.w_u(),
                 tau: cfg.tau,
+                world: crate::dist::world(),
                 temperature: cfg.temperature,
                 mixup_alpha: cfg.mixup_alpha,
             },
@@ -550,7 +580,11 @@ impl Trainer {
             return Ok(None);
         };
         let v = Tensor::scalars_to_host(&[&kept, &right])?;
-        let (kept, right) = (v[0] as f64, v[1] as f64);
+        // A data-parallel run's fractions are means over the processes' equal shards.
+        let world = crate::dist::world();
+        let mut sums = [v[0] as f64, v[1] as f64];
+        world.sum_f64(&mut sums)?;
+        let (kept, right) = (sums[0] / world.size() as f64, sums[1] / world.size() as f64);
         Ok(Some(PseudoLabelSummary {
             mask_rate: kept / steps.max(1) as f64,
             accuracy: (kept > 0.0).then(|| right / kept),
@@ -578,7 +612,16 @@ impl Trainer {
             step_loss_with(&self.objective, &mut self.model, input)?
         };
         // One copy of every term to the host (on a GPU, the step's only download).
-        let v = terms.values()?;
+        let mut v = terms.values()?;
+        let world = crate::dist::world();
+        if world.size() > 1 {
+            // The whole batch's terms: the processes' means averaged (the MI term is the same on
+            // every process), so every process logs and checks the same values.
+            let mut all = [v.total, v.sup, v.mi, v.host];
+            world.sum_f32(&mut all)?;
+            let k = world.size() as f32;
+            v = crate::ssl::TermValues { total: all[0] / k, sup: all[1] / k, mi: all[2] / k, host: all[3] / k };
+        }
         if let Some(p) = &terms.pseudo {
             // Summed where they were computed: no download until the next evaluation reads them.
             match &mut self.pseudo_sums {
@@ -597,10 +640,14 @@ impl Trainer {
                 return Err(Error::new(ErrorKind::NonFinite, format!("step {step}: the {name} loss is {v}; stopping")));
             }
         }
-        let grads = {
+        let mut grads = {
             let _p = crate::profile::scope("backward");
             tape.backward(&terms.total)?
         };
+        if world.size() > 1 && !crate::fault::allreduce_skipped_at(step + 1) {
+            let _p = crate::profile::scope("all-reduce");
+            average_gradients(&self.model, &mut grads, world)?;
+        }
         // Every gradient checked on the host is a download per parameter per step: on a GPU the
         // loss check above stands alone (a non-finite update shows in the next step's loss).
         let mut bad = None;
@@ -630,6 +677,107 @@ impl Trainer {
         self.ema.update(&self.model, step)?;
         Ok(StepStats { loss, sup: v.sup, mi: v.mi, w_mi: terms.w_mi, host: v.host, lr })
     }
+}
+
+/// Replaces every trainable parameter's gradient by its mean over the processes: the gradients
+/// go over as one buffer (in the model's parameter order), summed in rank order, so every
+/// process gets the same bits and the replicas stay identical.
+fn average_gradients(model: &Model, grads: &mut crate::autograd::Gradients, world: &crate::dist::World) -> Result<()> {
+    let mut params = Vec::new();
+    model.visit(&mut |_, role, t| {
+        if role.is_trainable() {
+            params.push(t.clone());
+        }
+    });
+    let mut flat = Vec::new();
+    for p in &params {
+        match grads.get(p) {
+            Some(g) => flat.extend_from_slice(&g.to_vec()?),
+            None => flat.resize(flat.len() + p.numel(), 0.0),
+        }
+    }
+    world.sum_f32(&mut flat)?;
+    let k = world.size() as f32;
+    let mut at = 0;
+    for p in &params {
+        let n = p.numel();
+        let mean: Vec<f32> = flat[at..at + n].iter().map(|g| g / k).collect();
+        at += n;
+        grads.take(p);
+        grads.add_to(p, Tensor::from_vec(mean, p.shape())?)?;
+    }
+    Ok(())
+}
+
+/// A hash of the trainable parameters' bits (FNV-1a), to check that the replicas of a
+/// data-parallel run stay identical.
+fn weights_hash(model: &Model) -> Result<u64> {
+    let mut h = 0xcbf29ce484222325u64;
+    let mut bad = None;
+    model.visit(&mut |_, role, t| {
+        if role.is_trainable() && bad.is_none() {
+            match t.to_vec() {
+                Ok(v) => {
+                    for x in v {
+                        for b in x.to_bits().to_le_bytes() {
+                            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+                        }
+                    }
+                }
+                Err(e) => bad = Some(e),
+            }
+        }
+    });
+    bad.map_or(Ok(h), Err)
+}
+
+/// Stops the run when the replicas' weights differ (the all-reduce keeps them equal bit for bit).
+fn check_replicas(model: &Model, step: u64) -> Result<()> {
+    let world = crate::dist::world();
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let mine = weights_hash(model)?;
+    for (r, other) in world.gather_bytes(&mine.to_le_bytes())?.iter().enumerate() {
+        if other.as_slice() != mine.to_le_bytes() {
+            return Err(Error::new(
+                ErrorKind::Device,
+                format!(
+                    "step {step}: the weights of rank {r} differ from rank {}'s: the replicas diverged",
+                    world.rank()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every process of a data-parallel run must take the same options (the thread count and the
+/// output folder aside): a mismatch is named before the first step.
+fn check_same_options(cfg: &TrainConfig) -> Result<()> {
+    let world = crate::dist::world();
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let plain = |c: &TrainConfig| serde_json::to_value(TrainConfig { threads: None, out: None, ..c.clone() });
+    let text = plain(cfg).map_err(|e| Error::format(e.to_string()))?.to_string();
+    // Every side compared after the same text round trip (an f32 option prints differently as
+    // a parsed f64).
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).map_err(|e| Error::format(e.to_string()));
+    let mine = parse(text.as_bytes())?;
+    for (r, other) in world.gather_bytes(text.as_bytes())?.iter().enumerate() {
+        let other = parse(other)?;
+        if let Some((key, v)) = mine.as_object().and_then(|m| m.iter().find(|(k, v)| other.get(k.as_str()) != Some(v)))
+        {
+            return Err(Error::usage(format!(
+                "--{}: rank {r} has {} and rank {} has {v}: every process of a data-parallel run takes the same options",
+                key.replace('_', "-"),
+                other.get(key.as_str()).unwrap_or(&serde_json::Value::Null),
+                world.rank()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Writes resume.safetensors (first) and checkpoint.safetensors, each atomically.

@@ -120,6 +120,24 @@ fn forward_chunk_rows(n: usize, c: usize) -> usize {
 
 /// Loss and everything the backward needs, from the logits of both views (n x C each, row-major).
 pub fn mi_fwd(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f32) -> MiForward {
+    let local = |_: &mut [f64]| Ok(());
+    match mi_fwd_reduced(logits_a, logits_b, n, c, lambda, &local) {
+        Ok(f) => f,
+        Err(_) => unreachable!("the local reduction cannot fail"),
+    }
+}
+
+/// [`mi_fwd`] with the joint counts J = Z^T W (C x C, f64) passed through `reduce` before the
+/// entropies: in a data-parallel run it sums them over the processes, so that the loss is that of
+/// the whole batch's joint (each process holding its rows' softmaxes for the backward).
+pub fn mi_fwd_reduced(
+    logits_a: &[f32],
+    logits_b: &[f32],
+    n: usize,
+    c: usize,
+    lambda: f32,
+    reduce: &dyn Fn(&mut [f64]) -> crate::error::Result<()>,
+) -> crate::error::Result<MiForward> {
     debug_assert!(n >= 1 && c >= 1);
     debug_assert!(logits_a.len() == n * c && logits_b.len() == n * c);
     let (mut z, mut w) = (crate::pool::take(n * c), crate::pool::take(n * c));
@@ -142,11 +160,12 @@ pub fn mi_fwd(logits_a: &[f32], logits_b: &[f32], n: usize, c: usize, lambda: f3
             *acc += v as f64;
         }
     }
+    reduce(&mut j)?;
     let mut out = joint_terms(&j, c, lambda as f64);
     out.z = z;
     out.w = w;
     out.blocked = use_avx512(c);
-    out
+    Ok(out)
 }
 
 /// Lanes of the padded fast path: rows of up to this many classes live in one AVX-512 register.

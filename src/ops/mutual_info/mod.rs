@@ -9,6 +9,7 @@ pub mod cuda;
 pub use cpu::mi_loss_f64;
 
 use crate::autograd::Tape;
+use crate::dist::World;
 use crate::error::{Error, Result};
 use crate::tensor::{fmt_shape, Tensor};
 use cpu as k;
@@ -50,22 +51,32 @@ pub fn mutual_info_loss_with_stats(
     logits_b: &Tensor,
     lambda: f32,
 ) -> Result<(Tensor, MiStats)> {
-    let (out, stats) = mutual_info(tape, logits_a, logits_b, lambda, true)?;
+    let (out, stats) = mutual_info(tape, logits_a, logits_b, lambda, true, None)?;
     let stats = stats.ok_or_else(|| Error::device("mutual_info_loss_with_stats: no statistics came back"))?;
     Ok((out, stats))
 }
 
-/// The op behind both entry points; on a GPU the statistics are downloaded only when asked for.
+/// The op behind every entry point; on a GPU the statistics are downloaded only when asked for.
+/// With a `world` of several processes the joint is summed over them (see
+/// [`mutual_info_loss_across`]).
 fn mutual_info(
     tape: &Tape,
     logits_a: &Tensor,
     logits_b: &Tensor,
     lambda: f32,
     with_stats: bool,
+    world: Option<&'static World>,
 ) -> Result<(Tensor, Option<MiStats>)> {
     let (n, c) = check(logits_a, logits_b, lambda)?;
+    let world = world.filter(|w| w.size() > 1);
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("mutual_info_loss", &[logits_a, logits_b])? {
+        if let Some(w) = world {
+            return Err(Error::device(format!(
+                "mutual_info_loss over {} processes on a GPU: the joint's all-reduce over NCCL is not built yet",
+                w.size()
+            )));
+        }
         let (out, s) = cuda::mutual_info(gpu, tape, logits_a, logits_b, (n, c), lambda, with_stats)?;
         let stats = s.map(|s| MiStats {
             loss: s.joint_entropy - 2.0 * lambda as f64 * s.marginal_entropy,
@@ -76,7 +87,14 @@ fn mutual_info(
     }
     // On the host the statistics cost nothing extra: they are returned whether asked for or not.
     let _ = with_stats;
-    let fwd = k::mi_fwd(logits_a.data()?, logits_b.data()?, n, c, lambda);
+    let fwd = match world {
+        Some(w) => k::mi_fwd_reduced(logits_a.data()?, logits_b.data()?, n, c, lambda, &|j| w.sum_f64(j))?,
+        None => k::mi_fwd(logits_a.data()?, logits_b.data()?, n, c, lambda),
+    };
+    // Every process's gradients are averaged over the processes after the backward (the other
+    // terms are means over each process's rows); this term is one loss of the whole batch, whose
+    // gradient is the sum of the processes' parts: scale by their number to undo the average.
+    let ranks = world.map_or(1.0, |w| w.size() as f32);
     let stats = MiStats {
         loss: fwd.joint_entropy - 2.0 * lambda as f64 * fwd.marginal_entropy,
         joint_entropy: fwd.joint_entropy,
@@ -86,7 +104,7 @@ fn mutual_info(
     let (ac, bc) = (logits_a.clone(), logits_b.clone());
     let out = tape.record(out, &[logits_a, logits_b], move |g, grads| {
         let (mut ga, mut gb) = (crate::pool::take(n * c), crate::pool::take(n * c));
-        k::mi_bwd(&fwd, n, c, g.item()?, &mut ga, &mut gb);
+        k::mi_bwd(&fwd, n, c, g.item()? * ranks, &mut ga, &mut gb);
         grads.add_to(&ac, Tensor::cpu(ga, vec![n, c]))?;
         grads.add_to(&bc, Tensor::cpu(gb, vec![n, c]))
     });
@@ -95,7 +113,23 @@ fn mutual_info(
 
 /// L_mi(lambda) between softmax(logits_a) and softmax(logits_b) (n x C each): a scalar.
 pub fn mutual_info_loss(tape: &Tape, logits_a: &Tensor, logits_b: &Tensor, lambda: f32) -> Result<Tensor> {
-    Ok(mutual_info(tape, logits_a, logits_b, lambda, false)?.0)
+    Ok(mutual_info(tape, logits_a, logits_b, lambda, false, None)?.0)
+}
+
+/// L_mi(lambda) of the whole batch of a data-parallel run, each process holding its rows of
+/// `logits_a` and `logits_b`: the C x C joint is summed over the processes (in rank order, the
+/// same bits on each) before the entropies, so every process gets the loss of the whole batch's
+/// joint; the backward gives each process its rows' part of the gradient, times the number of
+/// processes (the trainer averages the processes' gradients). A world of one is
+/// [`mutual_info_loss`].
+pub fn mutual_info_loss_across(
+    tape: &Tape,
+    logits_a: &Tensor,
+    logits_b: &Tensor,
+    lambda: f32,
+    world: &'static World,
+) -> Result<Tensor> {
+    Ok(mutual_info(tape, logits_a, logits_b, lambda, false, Some(world))?.0)
 }
 
 #[cfg(test)]
