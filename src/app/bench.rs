@@ -3,7 +3,7 @@
 //! images marked synthetic; with `--op`, one kernel (`bench_op` on the CPU, `bench_op_gpu` on a GPU).
 
 use super::bench_op::{self, OpBench};
-use crate::data::{self, Augment, Dataset, DatasetKind, Loader};
+use crate::data::{self, Augment, BatchPlan, Dataset, DatasetKind, Loader, Shard};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::{Model, ModelKind, ModelSpec, Module};
@@ -99,6 +99,9 @@ pub fn command(a: &BenchArgs) -> Result<()> {
         crate::profile::enable();
     }
     let r = bench_training(&cfg, a.warmup, a.steps)?;
+    if !crate::dist::world().is_root() {
+        return Ok(());
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r).map_err(|e| Error::format(e.to_string()))?);
     } else {
@@ -284,7 +287,10 @@ impl StepRunner {
         let trainer = Trainer::new(cfg, model)?;
         // No evaluation and no separate EMA model here: only the steps.
         estimate::check(&estimate::RunShape { cfg, spec, aug: &aug, model_bytes: 0, eval_images: 0 })?;
-        let loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, cfg.batch_plan(), 0)?;
+        // Under mpirun each process takes its rows, as `train` does.
+        let world = crate::dist::world();
+        let plan = BatchPlan { shard: Shard { rank: world.rank(), ranks: world.size() }, ..cfg.batch_plan() };
+        let loader = Loader::new(Arc::new(train), &split, aug, cfg.seed, plan, 0)?;
         Ok(StepRunner { trainer, loader, step: 0, parameters, synthetic })
     }
 
