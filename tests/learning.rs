@@ -64,6 +64,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         w_u: 75.0,
         tau: 0.95,
         world: muscle::dist::world(),
+        sync_bn: false,
         temperature: 0.5,
         mixup_alpha: 0.75,
     };
@@ -111,6 +112,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
             w_u: 75.0,
             tau: 0.95,
             world: muscle::dist::world(),
+            sync_bn: false,
             temperature: 0.5,
             mixup_alpha: 0.75,
         };
@@ -158,6 +160,7 @@ fn fixmatch_muscle_adds_the_weighted_mi_term_to_fixmatch() {
             w_u: 2.0,
             tau,
             world: muscle::dist::world(),
+            sync_bn: false,
             temperature: 0.5,
             mixup_alpha: 0.75,
         };

@@ -65,6 +65,54 @@ fn two_ranks_stay_bit_identical_and_part_without_the_all_reduce() {
     assert!(!o.status.success() && text(&o).contains("--batch 15"), "{}", text(&o));
 }
 
+/// The largest difference between two checkpoints' f32 tensors, relative to each tensor's
+/// largest magnitude (names and shapes must agree).
+fn max_relative_difference(a: &Path, b: &Path) -> f64 {
+    use muscle::train::checkpoint::{Checkpoint, Values};
+    let (a, b) = (Checkpoint::load(a).expect("a"), Checkpoint::load(b).expect("b"));
+    assert_eq!(a.entries.len(), b.entries.len());
+    let mut worst = 0.0f64;
+    for (x, y) in a.entries.iter().zip(&b.entries) {
+        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
+        if let (Values::F32(u), Values::F32(v)) = (&x.values, &y.values) {
+            let scale = u.iter().fold(1e-6f64, |m, &t| m.max(t.abs() as f64));
+            for (&p, &q) in u.iter().zip(v) {
+                worst = worst.max((p as f64 - q as f64).abs() / scale);
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn with_sync_bn_two_ranks_train_like_one_process_on_the_same_global_batches() {
+    let d = scratch("mpi-sync-bn");
+    let extra = ["--steps", "5", "--eval-every", "5", "--threads", "1"];
+    let with = |x: &[&'static str]| -> Vec<&'static str> { extra.iter().chain(x).copied().collect() };
+    let (one, synced, local) = (d.join("one"), d.join("synced"), d.join("local"));
+    let plain = Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .args(args(&with(&["--sync-bn"]), &one))
+        .env_remove("MUSCLE_CUDA_EMU")
+        .env_remove("MUSCLE_FAULT")
+        .output()
+        .expect("plain run");
+    ok(plain);
+    ok(mpirun(2, &[], &args(&with(&["--sync-bn"]), &synced)));
+    ok(mpirun(2, &[], &args(&extra, &local)));
+    // Weights, BN's running statistics and the EMA: the synchronised run is the one-process run
+    // up to the order of its sums; per-process statistics (DDP's default) are another objective.
+    let (near, far) = (
+        max_relative_difference(&one.join("checkpoint.safetensors"), &synced.join("checkpoint.safetensors")),
+        max_relative_difference(&one.join("checkpoint.safetensors"), &local.join("checkpoint.safetensors")),
+    );
+    eprintln!("sync-bn: {near:e} from one process; per-rank statistics: {far:e}");
+    assert!(near < 1e-4, "--sync-bn over 2 ranks is {near} away from one process");
+    assert!(
+        far > 10.0 * near.max(1e-4),
+        "per-rank statistics are only {far} away (sync-bn: {near}): the test proves nothing"
+    );
+}
+
 #[test]
 fn one_process_under_mpirun_writes_the_bytes_of_a_plain_run() {
     let d = scratch("mpi-one");

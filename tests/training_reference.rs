@@ -116,6 +116,7 @@ fn objective(ramp_steps: u64) -> ObjectiveConfig {
         w_u: 0.0,
         tau: 0.95,
         world: muscle::dist::world(),
+        sync_bn: false,
         temperature: 0.5,
         mixup_alpha: 0.75,
     }

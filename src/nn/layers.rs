@@ -35,16 +35,19 @@ pub struct ForwardCtx {
     pub step: u64,
     /// Which forward pass of the step (a step may run several; each gets its own masks).
     pub pass: u64,
+    /// Batch norm's statistics over the whole batch of these processes (`--sync-bn`; None: this
+    /// process's rows).
+    pub sync_bn: Option<&'static crate::dist::World>,
 }
 
 impl ForwardCtx {
     /// Evaluation: running statistics, no dropout.
     pub fn eval() -> ForwardCtx {
-        ForwardCtx { train: false, seed: 0, step: 0, pass: 0 }
+        ForwardCtx { train: false, seed: 0, step: 0, pass: 0, sync_bn: None }
     }
     /// Training at `step` of a run seeded `seed`.
     pub fn train(seed: u64, step: u64) -> ForwardCtx {
-        ForwardCtx { train: true, seed, step, pass: 0 }
+        ForwardCtx { train: true, seed, step, pass: 0, sync_bn: None }
     }
 }
 
@@ -122,8 +125,15 @@ impl BatchNorm2d {
                 slope,
             );
         }
-        let (y, stats) = ops::batch_norm_train(tape, x, &self.weight, &self.bias, self.eps, slope)?;
-        let m = (x.numel() / stats.mean.numel().max(1)) as f32;
+        let (y, stats) = match ctx.sync_bn {
+            Some(world) => {
+                ops::batchnorm::batch_norm_train_across(tape, (x, &self.weight, &self.bias), self.eps, slope, world)?
+            }
+            None => ops::batch_norm_train(tape, x, &self.weight, &self.bias, self.eps, slope)?,
+        };
+        // Values per channel behind the statistics (every process's with --sync-bn).
+        let ranks = ctx.sync_bn.map_or(1, |w| w.size());
+        let m = (x.numel() / stats.mean.numel().max(1) * ranks) as f32;
         let unbias = m / (m - 1.0);
         let mom = self.momentum;
         ops::batchnorm::running_update(&mut self.running_mean, &stats.mean, mom, 1.0)?;

@@ -87,7 +87,13 @@ impl Sequential {
                 Layer::LeakyRelu(s) => ops::leaky_relu(tape, &h, *s)?,
                 Layer::MaxPool(k) => ops::max_pool2d(tape, &h, *k)?,
                 Layer::Dropout(p) if ctx.train => {
-                    ops::dropout(tape, &h, *p, ctx.seed, mix(&[DROPOUT, ctx.step, ctx.pass, i as u64]))?
+                    // Each process of a data-parallel run draws its own masks (its rows are others).
+                    let world = crate::dist::world();
+                    let mut key = vec![DROPOUT, ctx.step, ctx.pass, i as u64];
+                    if world.size() > 1 {
+                        key.push(world.rank() as u64);
+                    }
+                    ops::dropout(tape, &h, *p, ctx.seed, mix(&key))?
                 }
                 Layer::Dropout(_) => h,
                 Layer::GlobalAvgPool => ops::global_avg_pool(tape, &h)?,

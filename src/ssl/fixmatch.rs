@@ -8,7 +8,7 @@
 
 use super::{LossTerms, ObjectiveConfig, PseudoLabelStats, StepInput};
 use crate::error::Result;
-use crate::nn::{ForwardCtx, Model};
+use crate::nn::Model;
 use crate::ops::{self, Indices};
 use crate::optim::ramp;
 
@@ -18,7 +18,7 @@ pub fn fixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let [weak, strong] = input.two_views("fixmatch")?;
     let (nl, nu) = (batch.labels.len(), weak.shape()[0]);
     let x = ops::concat_rows(tape, &[&batch.labeled, weak, strong])?;
-    let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
+    let logits = model.forward(tape, &x, &cfg.forward_ctx(seed, step))?;
     let sup = ops::cross_entropy_labels(tape, &ops::narrow_rows(tape, &logits, 0, nl)?, &batch.labels)?;
     let zw = ops::narrow_rows(tape, &logits, nl, nu)?;
     let zs = ops::narrow_rows(tape, &logits, nl + nu, nu)?;

@@ -10,7 +10,7 @@
 use super::{LossTerms, ObjectiveConfig, StepInput};
 use crate::autograd::Tape;
 use crate::error::Result;
-use crate::nn::{ForwardCtx, Model};
+use crate::nn::Model;
 use crate::ops::{self, mixmatch, Indices};
 use crate::optim::ramp;
 use crate::rng::Rng;
@@ -38,7 +38,7 @@ pub fn mixmatch_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let with_mi = cfg.method == super::Method::MixMatchMuscle;
     let (nl, nu) = (batch.labels.len(), u1.shape()[0]);
     let classes = model.spec().classes;
-    let mut ctx = ForwardCtx::train(seed, step);
+    let mut ctx = cfg.forward_ctx(seed, step);
 
     // Label guessing: one forward of both views (BN statistics over both). With the MI term it is
     // recorded on the tape; the guess itself is computed from detached values (stop-gradient).

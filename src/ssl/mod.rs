@@ -16,7 +16,7 @@ pub use supervised::supervised_loss;
 use crate::autograd::Tape;
 use crate::data::StepBatch;
 use crate::error::{choice, Error, Result};
-use crate::nn::Model;
+use crate::nn::{ForwardCtx, Model};
 use crate::ops::Indices;
 use crate::tensor::Tensor;
 
@@ -88,10 +88,21 @@ pub struct ObjectiveConfig {
     pub tau: f32,
     /// The processes of a data-parallel run (the MI term's joint is summed over them).
     pub world: &'static crate::dist::World,
+    /// Batch norm's statistics over the whole batch of the processes (`--sync-bn`).
+    pub sync_bn: bool,
     /// MixMatch's sharpening temperature T.
     pub temperature: f32,
     /// MixMatch's Beta(alpha, alpha) for MixUp.
     pub mixup_alpha: f32,
+}
+
+impl ObjectiveConfig {
+    /// The training forward's context at `step` (with the processes to synchronise batch norm
+    /// over when `sync_bn` is set and there are several).
+    pub fn forward_ctx(&self, seed: u64, step: u64) -> ForwardCtx {
+        let sync_bn = Some(self.world).filter(|w| self.sync_bn && w.size() > 1);
+        ForwardCtx { sync_bn, ..ForwardCtx::train(seed, step) }
+    }
 }
 
 /// The loss of one step: the total to differentiate and its terms (for logging), as tensors on
@@ -202,7 +213,7 @@ pub fn step_loss(
 /// [`step_loss`] with the index vectors of [`upload_indices`] already on the batch's device.
 pub fn step_loss_with(cfg: &ObjectiveConfig, model: &mut Model, input: StepInput<'_>) -> Result<LossTerms> {
     match cfg.method {
-        Method::Supervised => supervised_loss(model, &input),
+        Method::Supervised => supervised_loss(cfg, model, &input),
         Method::Muscle => muscle_loss(cfg, model, &input),
         Method::MixMatch | Method::MixMatchMuscle => mixmatch_loss(cfg, model, &input),
         Method::FixMatch | Method::FixMatchMuscle => fixmatch_loss(cfg, model, &input),

@@ -3,7 +3,7 @@
 
 use super::{LossTerms, ObjectiveConfig, StepInput};
 use crate::error::{Error, Result};
-use crate::nn::{ForwardCtx, Model};
+use crate::nn::Model;
 use crate::ops;
 use crate::optim::ramp;
 
@@ -14,7 +14,7 @@ pub fn muscle_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput) 
     let [v1, v2] = input.two_views("muscle")?;
     let nl = batch.labels.len();
     let nu = v1.shape()[0];
-    let ctx = ForwardCtx::train(seed, step);
+    let ctx = cfg.forward_ctx(seed, step);
     let (sup, za, zb) = match (&batch.labeled_view2, cfg.mi_labeled) {
         (Some(l2), true) => {
             // [labeled, labeled view 2, view 1, view 2]: the MI term pairs (labeled, view 1)

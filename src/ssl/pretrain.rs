@@ -3,7 +3,7 @@
 
 use super::{LossTerms, ObjectiveConfig, StepInput};
 use crate::error::Result;
-use crate::nn::{ForwardCtx, Model};
+use crate::nn::Model;
 use crate::ops;
 
 /// L = L_mi(f(A(u)), f(A'(u))), one forward over both views.
@@ -12,7 +12,7 @@ pub fn pretrain_loss(cfg: &ObjectiveConfig, model: &mut Model, input: &StepInput
     let [v1, v2] = input.two_views("pre-training")?;
     let nu = v1.shape()[0];
     let x = ops::concat_rows(tape, &[v1, v2])?;
-    let logits = model.forward(tape, &x, &ForwardCtx::train(seed, step))?;
+    let logits = model.forward(tape, &x, &cfg.forward_ctx(seed, step))?;
     let za = ops::narrow_rows(tape, &logits, 0, nu)?;
     let zb = ops::narrow_rows(tape, &logits, nu, nu)?;
     let total = ops::mutual_info_loss_across(tape, &za, &zb, cfg.lambda, cfg.world)?;

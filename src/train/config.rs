@@ -201,6 +201,11 @@ pub struct TrainConfig {
     /// fixmatch and fixmatch-muscle].
     #[arg(long)]
     pub w_u: Option<f32>,
+    /// Data-parallel runs (mpirun): batch-norm statistics over the whole batch of every process
+    /// instead of each process's rows (PyTorch's SyncBatchNorm).
+    #[arg(long)]
+    #[serde(default)]
+    pub sync_bn: bool,
     /// FixMatch: confidence threshold of the pseudo-labels, in (0, 1].
     #[arg(long, default_value_t = TrainConfig::DEFAULT.tau)]
     #[serde(default = "default_tau")]
@@ -344,6 +349,7 @@ impl TrainConfig {
         lambda: 1.0,
         mi_labeled: false,
         w_u: None,
+        sync_bn: false,
         tau: 0.95,
         temperature: 0.5,
         mixup_alpha: 0.75,

@@ -561,6 +561,7 @@ impl Trainer {
                 w_u: cfg.w_u(),
                 tau: cfg.tau,
                 world: crate::dist::world(),
+                sync_bn: cfg.sync_bn,
                 temperature: cfg.temperature,
                 mixup_alpha: cfg.mixup_alpha,
             },

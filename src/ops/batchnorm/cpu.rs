@@ -90,6 +90,18 @@ multiversion! {
     }
 }
 
+/// One channel's (mean, biased var, invstd, scale, shift) from its sums of (x - k) and (x - k)^2
+/// over `m` values (the shift k keeps the one-pass variance accurate).
+fn channel_stats((s, q, k): (f64, f64, f32), m: f64, eps: f32, gamma: f32, beta: f32) -> (f32, f32, f32, f32, f32) {
+    let mean_k = s / m;
+    let var = (q / m - mean_k * mean_k).max(0.0);
+    let mean = mean_k + k as f64;
+    let invstd = 1.0 / (var + eps as f64).sqrt();
+    let scale = (gamma as f64 * invstd) as f32;
+    let shift = (beta as f64 - mean * gamma as f64 * invstd) as f32;
+    (mean as f32, var as f32, invstd as f32, scale, shift)
+}
+
 /// Per-channel batch statistics saved by the training forward for the backward.
 #[derive(Clone, Debug)]
 pub struct BatchStats {
@@ -196,15 +208,7 @@ pub fn batchnorm_train_fwd(args: &BatchNormArgs, x: &[f32], gamma: &[f32], beta:
             let per_ch: Vec<(f32, f32, f32, f32, f32)> = chs
                 .clone()
                 .zip(sums.iter().zip(&ks))
-                .map(|(ch, (&(s, q), &k))| {
-                    let mean_k = s / m;
-                    let var = (q / m - mean_k * mean_k).max(0.0);
-                    let mean = mean_k + k as f64;
-                    let invstd = 1.0 / (var + eps as f64).sqrt();
-                    let scale = (gamma[ch] as f64 * invstd) as f32;
-                    let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
-                    (mean as f32, var as f32, invstd as f32, scale, shift)
-                })
+                .map(|(ch, (&(s, q), &k))| channel_stats((s, q, k), m, eps, gamma[ch], beta[ch]))
                 .collect();
             for i in 0..n {
                 for (ch, st) in chs.clone().zip(&per_ch) {
@@ -222,6 +226,87 @@ pub fn batchnorm_train_fwd(args: &BatchNormArgs, x: &[f32], gamma: &[f32], beta:
         var: stats.iter().map(|s| s.1).collect(),
         invstd: stats.iter().map(|s| s.2).collect(),
     }
+}
+
+/// A sum over the processes of a data-parallel run (identity in a single process).
+pub type Reduce<'a> = &'a dyn Fn(&mut [f64]) -> crate::error::Result<()>;
+
+/// Synchronised batch norm's training forward (`--sync-bn`): the per-channel shifted sums of this
+/// process's rows go through `reduce` (summed over the processes, each shifting channel ch by
+/// the same `ks[ch]`), and the statistics are those of `rows` rows in all; then this process's
+/// planes are normalised with them. With one process and the shift x[ch * hw] it computes
+/// [`batchnorm_train_fwd`]'s statistics (the sums run channel by channel instead of in blocks).
+pub fn batchnorm_train_fwd_synced(
+    args: &BatchNormArgs,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+    (ks, rows): (&[f32], usize),
+    reduce: Reduce,
+) -> crate::error::Result<BatchStats> {
+    let BatchNormArgs { n, c, hw, eps, slope } = *args;
+    let mut sums = vec![(0.0f64, 0.0f64); c];
+    sums.par_iter_mut()
+        .enumerate()
+        .for_each(|(ch, o)| block_sums(x, n, c, hw, ch, &ks[ch..ch + 1], std::slice::from_mut(o)));
+    let mut flat: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+    reduce(&mut flat)?;
+    let m = (rows * hw) as f64;
+    let per_ch: Vec<(f32, f32, f32, f32, f32)> =
+        (0..c).map(|ch| channel_stats((flat[2 * ch], flat[2 * ch + 1], ks[ch]), m, eps, gamma[ch], beta[ch])).collect();
+    y[..n * c * hw].par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (dst, src))| {
+        let st = per_ch[plane % c];
+        normalize_plane(src, dst, st.3, st.4, slope);
+    });
+    Ok(BatchStats {
+        mean: per_ch.iter().map(|s| s.0).collect(),
+        var: per_ch.iter().map(|s| s.1).collect(),
+        invstd: per_ch.iter().map(|s| s.2).collect(),
+    })
+}
+
+/// Synchronised batch norm's training backward: the per-channel sums of dz and dz * xhat go
+/// through `reduce` before dx (statistics of `rows` rows in all, as the forward's); dgamma and
+/// dbeta stay this process's sums (the trainer averages the processes' gradients).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_bwd_synced(
+    args: &BatchNormArgs,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &BatchStats,
+    dx: Option<&mut [f32]>,
+    (dgamma, dbeta): (&mut [f32], &mut [f32]),
+    rows: usize,
+    reduce: Reduce,
+) -> crate::error::Result<()> {
+    let BatchNormArgs { n, c, hw, slope, .. } = *args;
+    let a = slope.unwrap_or(1.0);
+    let p: Vec<Plane> = (0..c)
+        .map(|ch| Plane { mean: stats.mean[ch], invstd: stats.invstd[ch], g: gamma[ch], b: beta[ch], a })
+        .collect();
+    let mut sums = vec![(0.0f64, 0.0f64); c];
+    sums.par_iter_mut()
+        .enumerate()
+        .for_each(|(ch, o)| backward_sums(x, dy, n, c, hw, ch, &p[ch..ch + 1], std::slice::from_mut(o)));
+    for (ch, &(sdz, sdzx)) in sums.iter().enumerate() {
+        dgamma[ch] = sdzx as f32;
+        dbeta[ch] = sdz as f32;
+    }
+    let mut flat: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+    reduce(&mut flat)?;
+    if let Some(dx) = dx {
+        let m = (rows * hw) as f64;
+        dx[..n * c * hw].par_chunks_mut(hw).enumerate().for_each(|(plane, dst)| {
+            let (ch, off) = (plane % c, plane * hw);
+            let q = p[ch];
+            let (k, ma, mb) = (q.g * q.invstd, (flat[2 * ch] / m) as f32, (flat[2 * ch + 1] / m) as f32);
+            backward_plane(&x[off..off + hw], &dy[off..off + hw], dst, q.mean, q.invstd, q.g, q.b, q.a, k, ma, mb);
+        });
+    }
+    Ok(())
 }
 
 /// Evaluation forward: normalise with running statistics (then LeakyReLU when given).
@@ -391,5 +476,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Synchronised batch norm with a stand-in for a second process that holds the same rows (the
+    /// reduce doubles every sum, over 2n rows): the statistics, outputs and gradients are those of
+    /// one process, so the sums, the shift and the row count meet as the true all-reduce needs.
+    #[test]
+    fn synced_batch_norm_over_a_duplicated_batch_is_the_single_process_one() {
+        let (n, c, hw) = (3, 6, 50);
+        let x = rand(n * c * hw, 5, 3.0);
+        let dy = rand(n * c * hw, 6, 0.0);
+        let (gamma, beta) = (rand(c, 7, 0.5), rand(c, 8, 0.0));
+        let args = BatchNormArgs { n, c, hw, eps: 1e-5, slope: Some(0.1) };
+        let (mut y, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        let stats = batchnorm_train_fwd(&args, &x, &gamma, &beta, &mut y);
+        let double = |v: &mut [f64]| -> crate::error::Result<()> {
+            v.iter_mut().for_each(|t| *t *= 2.0);
+            Ok(())
+        };
+        let ks: Vec<f32> = (0..c).map(|ch| x[ch * hw]).collect();
+        let synced = batchnorm_train_fwd_synced(&args, &x, &gamma, &beta, &mut y2, (&ks, 2 * n), &double).expect("fwd");
+        for ch in 0..c {
+            assert!((synced.mean[ch] - stats.mean[ch]).abs() < 1e-6 && (synced.var[ch] - stats.var[ch]).abs() < 1e-5);
+        }
+        assert!(y.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
+        let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+        batchnorm_train_bwd(&args, &x, &dy, &gamma, &beta, &stats, Some(&mut dx), &mut dg, &mut db);
+        let (mut dx2, mut dg2, mut db2) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+        let grads = (&mut dg2[..], &mut db2[..]);
+        batchnorm_train_bwd_synced(&args, &x, &dy, &gamma, &beta, &synced, Some(&mut dx2), grads, 2 * n, &double)
+            .expect("bwd");
+        assert!(dx.iter().zip(&dx2).all(|(a, b)| (a - b).abs() < 1e-5), "dx");
+        assert!(dg.iter().zip(&dg2).chain(db.iter().zip(&db2)).all(|(a, b)| (a - b).abs() < 1e-4), "dgamma, dbeta");
     }
 }

@@ -92,6 +92,67 @@ pub fn batch_norm_train(
     Ok((out, moments))
 }
 
+/// [`batch_norm_train`] with the statistics of the whole batch of a data-parallel run
+/// (`--sync-bn`): each channel's sums over this process's rows are summed over the processes (in
+/// rank order, around rank 0's shift), in the forward and in the backward, so every process
+/// normalises with the same statistics a single process would compute for the whole batch. A
+/// world of one is [`batch_norm_train`]. CPU only (the GPU path's all-reduce is NCCL's, not built).
+pub fn batch_norm_train_across(
+    tape: &Tape,
+    (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
+    eps: f32,
+    slope: Option<f32>,
+    world: &'static crate::dist::World,
+) -> Result<(Tensor, BatchMoments)> {
+    if world.size() == 1 {
+        return batch_norm_train(tape, x, gamma, beta, eps, slope);
+    }
+    let _p = crate::profile::scope("batch_norm.fwd");
+    let (n, c, hw) = check(x, &[gamma, beta])?;
+    if x.device() != crate::device::Device::Cpu {
+        return Err(Error::device("batch_norm with --sync-bn on a GPU: the all-reduce over NCCL is not built yet"));
+    }
+    if n == 0 || hw == 0 {
+        return Err(Error::shape(format!("batch_norm: an empty input {}", fmt_shape(x.shape()))));
+    }
+    let args = BatchNormArgs { n, c, hw, eps, slope };
+    // Every process shifts a channel's sums by rank 0's first value of it (the shift keeps the
+    // one-pass variance accurate; the sums only add up if it is the same everywhere).
+    let xd = x.data()?;
+    let mut ks: Vec<f64> = (0..c).map(|ch| if world.is_root() { xd[ch * hw] as f64 } else { 0.0 }).collect();
+    world.sum_f64(&mut ks)?;
+    let ks: Vec<f32> = ks.iter().map(|&k| k as f32).collect();
+    let rows = n * world.size();
+    let reduce = |v: &mut [f64]| world.sum_f64(v);
+    let mut y = crate::pool::take(x.numel());
+    let stats = k::batchnorm_train_fwd_synced(&args, xd, gamma.data()?, beta.data()?, &mut y, (&ks, rows), &reduce)?;
+    let out = Tensor::cpu(y, x.shape().to_vec());
+    let saved = Arc::new(stats.clone());
+    let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
+    let out = tape.record(out, &[x, gamma, beta], move |g, grads| {
+        let _p = crate::profile::scope("batch_norm.bwd");
+        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
+        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+        let (x, g, gamma, beta) = (xc.data()?, g.data()?, gc.data()?, bc.data()?);
+        let reduce = |v: &mut [f64]| world.sum_f64(v);
+        k::batchnorm_train_bwd_synced(
+            &args,
+            x,
+            g,
+            gamma,
+            beta,
+            &saved,
+            dx.as_deref_mut(),
+            (&mut dg, &mut db),
+            rows,
+            &reduce,
+        )?;
+        add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
+    });
+    let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
+    Ok((out, moments))
+}
+
 /// Evaluation mode: normalise with the running statistics (constants); LeakyReLU(`slope`) fused
 /// when given.
 #[allow(clippy::too_many_arguments)]
