@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -103,9 +102,9 @@ def test_ctrl_c_stops_a_run_that_then_resumes(tmp_path):
         if int(line) >= 4:
             break
     proc.send_signal(signal.SIGINT)
-    start = time.time()
-    _, err = proc.communicate(timeout=60)
-    assert time.time() - start < 30
+    # A run that ignored Ctrl-C would go on for minutes: communicate's timeout is the hang check
+    # (no tighter bound: a loaded CI machine took 42 s to finish the step and its checkpoint).
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
     assert not (out / "summary.json").exists()
     _, meta = muscle.load_checkpoint(out / "resume.safetensors")
