@@ -6,6 +6,8 @@
 # RESULTS_DIR/summary.md). Meant to finish in under 5 minutes.
 #   env       nvidia-smi, the CUDA libraries found, BUILD.txt, `muscle info`
 #   smoke     one GPU parity test (loads every kernel module)
+#   nccl      a one-rank NCCL all-gather and the ordered-sum kernel (the device path of data-parallel
+#             runs; several GPUs under mpirun stay unverified: this machine has one and no MPI)
 #   parity    every GPU parity test with REQUIRE_GPU=1 (a missing GPU fails instead of skipping)
 #   timings   the kernels at n = 65,536, C = 10 / 100 against the bytes/3 TB/s floor
 #   bench     `muscle bench --device cuda` (convnet MUSCLE training steps), then `--op mi`
@@ -55,7 +57,7 @@ env_report() {
     nvidia-smi || echo "nvidia-smi: not available"
     echo
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    for lib in libcuda.so libnvrtc.so libcublas.so libcudnn.so; do
+    for lib in libcuda.so libnvrtc.so libcublas.so libcudnn.so libnccl.so; do
         echo "$lib: $(ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{print $NF}') $(
             IFS=:; for d in $LD_LIBRARY_PATH; do ls "$d"/"$lib"* 2>/dev/null | head -n 1; done)"
     done
@@ -69,6 +71,7 @@ env_report() {
 stage env env_report
 stage smoke env REQUIRE_GPU=1 ./gpu-tests gpu::elementwise::leaky_relu_add_scale_match_cpu_bitwise --exact --nocapture
 smoke=$?
+stage nccl env REQUIRE_GPU=1 ./gpu-tests gpu::collective --nocapture
 if [ "$smoke" -eq 0 ]; then
     stage parity env REQUIRE_GPU=1 timeout 240 ./gpu-tests gpu:: --test-threads=1
     stage timings env REQUIRE_GPU=1 timeout 120 ./gpu-tests gpu::timings::kernel_timings_against_the_floor --exact --ignored --nocapture

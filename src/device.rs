@@ -52,6 +52,19 @@ impl FromStr for Device {
 crate::error::string_conversions!(Device);
 
 impl Device {
+    /// The device of the process of node-local rank `local_rank` in a run that asked for `self`:
+    /// on GPUs each process of a machine takes its own, `cuda:N` being the first of them
+    /// (`cuda:N + local rank`, as DDP does with LOCAL_RANK); the host is shared, and so is the
+    /// emulated device's name (each process has an emulated cuda:0 of its own).
+    pub fn for_local_rank(self, local_rank: usize) -> Device {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) if crate::cuda::emulation_requested() => self,
+            Device::Cuda(i) => Device::Cuda(i + local_rank),
+            Device::Cpu => self,
+        }
+    }
+
     /// The device as reports and summary.json record it: `cpu`, `cuda:N`, or `cuda:0 (emulated)`
     /// when `MUSCLE_CUDA_EMU=1` puts the emulated device in the GPU's place.
     pub fn label(self) -> String {
@@ -102,5 +115,23 @@ impl Device {
                  (rebuild with --features cuda,cudnn)",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_process_of_a_machine_takes_its_own_gpu() {
+        assert_eq!(Device::Cpu.for_local_rank(3), Device::Cpu);
+        #[cfg(feature = "cuda")]
+        if crate::cuda::emulation_requested() {
+            // One emulated device per process, always cuda:0.
+            assert_eq!(Device::Cuda(0).for_local_rank(1), Device::Cuda(0));
+            return;
+        }
+        assert_eq!(Device::Cuda(0).for_local_rank(0), Device::Cuda(0));
+        assert_eq!(Device::Cuda(2).for_local_rank(1), Device::Cuda(3));
     }
 }

@@ -16,13 +16,16 @@ const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE
 pub struct World {
     rank: usize,
     size: usize,
+    /// The rank among the processes of this machine (MPI's shared-memory split): which GPU is
+    /// this process's.
+    local_rank: usize,
     #[cfg(feature = "mpi")]
     comm: Option<Comm>,
 }
 
 impl std::fmt::Debug for World {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "World {{ rank: {}, size: {} }}", self.rank, self.size)
+        write!(f, "World {{ rank: {}, size: {}, local rank: {} }}", self.rank, self.size, self.local_rank)
     }
 }
 
@@ -60,8 +63,11 @@ pub fn init() -> Result<Guard> {
         let universe = mpi::initialize().ok_or_else(|| Error::usage("MPI was initialised twice"))?;
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        // Open MPI sets no LOCAL_RANK: the processes that share this machine's memory are those
+        // of one node, ranked by their world rank.
+        let local_rank = comm.split_shared(comm.rank()).rank() as usize;
         WORLD
-            .set(World { rank, size, comm: Some(Comm(comm)) })
+            .set(World { rank, size, local_rank, comm: Some(Comm(comm)) })
             .map_err(|_| Error::usage("dist::init: the world was already set"))?;
         return Ok(Guard { _universe: Some(universe) });
     }
@@ -85,6 +91,7 @@ pub fn world() -> &'static World {
     WORLD.get_or_init(|| World {
         rank: 0,
         size: 1,
+        local_rank: 0,
         #[cfg(feature = "mpi")]
         comm: None,
     })
@@ -104,6 +111,17 @@ impl World {
     /// Whether this is rank 0 (the one that writes the run's files and prints).
     pub fn is_root(&self) -> bool {
         self.rank == 0
+    }
+
+    /// This process's rank among the processes of its machine.
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    /// Rank 0's `bytes`, on every rank (NCCL's unique id, made on rank 0).
+    pub fn broadcast_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let mut all = self.gather_bytes(bytes)?;
+        Ok(std::mem::take(&mut all[0]))
     }
 
     /// Every rank's `bytes`, in rank order (lengths may differ).
@@ -202,6 +220,7 @@ mod tests {
         let w = World {
             rank: 0,
             size: 1,
+            local_rank: 0,
             #[cfg(feature = "mpi")]
             comm: None,
         };
@@ -210,5 +229,7 @@ mod tests {
         assert_eq!(v, [1.5, -2.0]);
         assert_eq!(w.gather_bytes(b"abc").expect("gather"), vec![b"abc".to_vec()]);
         assert!(w.is_root());
+        assert_eq!(w.broadcast_bytes(b"id").expect("broadcast"), b"id");
+        assert_eq!(w.local_rank(), 0);
     }
 }

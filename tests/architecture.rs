@@ -311,8 +311,12 @@ fn no_import_cycle_between_the_modules_of_a_folder() {
 
 /// The op families: (folder under src/, kernel file stem or None for a cuDNN-only family).
 fn families() -> Vec<(PathBuf, Option<String>)> {
-    let mut out =
-        vec![(PathBuf::from("src/optim"), Some("optim".into())), (PathBuf::from("src/tensor"), Some("tensor".into()))];
+    // The CUDA runtime owns the data-parallel sums' kernels (cuda::collective, beside NCCL).
+    let mut out = vec![
+        (PathBuf::from("src/optim"), Some("optim".into())),
+        (PathBuf::from("src/tensor"), Some("tensor".into())),
+        (PathBuf::from("src/cuda"), Some("collective".into())),
+    ];
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root().join("src/ops"))
         .expect("src/ops")
         .map(|e| e.unwrap().path())
@@ -372,7 +376,10 @@ fn an_op_familys_kernels_are_named_only_in_its_folder() {
     cu_files.sort();
     let mut owned: Vec<String> = families.iter().filter_map(|(_, k)| k.clone()).collect();
     owned.sort();
-    assert_eq!(cu_files, owned, "each kernels/<family>.cu needs a src/ops/<family>/ folder (or optim/, tensor/)");
+    assert_eq!(
+        cu_files, owned,
+        "each kernels/<family>.cu needs a src/ops/<family>/ folder (or optim/, tensor/, cuda/ for collective)"
+    );
 
     let mut code_files = Vec::new();
     for dir in ["src", "tests", "benches"] {

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 const RUN: &[&str] = &["train", "--width", "8", "--batch", "16", "--unlabeled-batch", "32"];
 
 /// `mpirun -np n muscle ARGS` (as root in containers, oversubscribed on a 2-core machine, no
-/// binding so that --threads decides), under `timeout 90` so that a hang is a failure.
+/// binding so that --threads decides), under `timeout 90` so that a hang is a failure (300 on
+/// the emulated device, which runs kernels as C++ a thousand times slower than a GPU).
 fn mpirun(n: usize, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let limit = if env.iter().any(|&(k, _)| k == "MUSCLE_CUDA_EMU") { "300" } else { "90" };
     let mut c = Command::new("timeout");
-    c.args(["90", "mpirun", "--oversubscribe", "--bind-to", "none", "-np", &n.to_string()])
+    c.args([limit, "mpirun", "--oversubscribe", "--bind-to", "none", "-np", &n.to_string()])
         .arg(env!("CARGO_BIN_EXE_muscle"))
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -113,6 +115,41 @@ fn with_sync_bn_two_ranks_train_like_one_process_on_the_same_global_batches() {
     );
 }
 
+/// GPU ranks (`--device cuda`; here each process's emulated device, the gradients and the MI
+/// joint gathered through NCCL's stand-in and summed on the device in rank order) stay
+/// bit-identical (the replica check at the evaluation stops the job otherwise) and train as host
+/// ranks do; --sync-bn, CPU-only, is refused on them before the first step.
+#[test]
+fn gpu_ranks_stay_bit_identical_and_train_like_host_ranks() {
+    let d = scratch("mpi-gpu");
+    // The MI weight at full strength from step 0 (--ramp 0), so its joint's sum takes part.
+    let extra = ["--steps", "3", "--eval-every", "3", "--threads", "1", "--ramp", "0"];
+    let on_gpu: Vec<&str> = extra.iter().chain(&["--device", "cuda"]).copied().collect();
+    let emu = [("MUSCLE_CUDA_EMU", "1")];
+    let (gpus, hosts, one) = (d.join("gpus"), d.join("hosts"), d.join("one"));
+    ok(mpirun(2, &emu, &args(&on_gpu, &gpus)));
+    ok(mpirun(2, &[], &args(&extra, &hosts)));
+    let plain = Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .args(args(&extra, &one))
+        .env_remove("MUSCLE_CUDA_EMU")
+        .env_remove("MUSCLE_FAULT")
+        .output()
+        .expect("plain run");
+    ok(plain);
+    let summary = std::fs::read_to_string(gpus.join("summary.json")).expect("summary");
+    assert!(summary.contains("cuda:0 (emulated)"), "{summary}");
+    // Convolutions sum in other orders on the GPU: near the host ranks, not bit-equal; one
+    // process (per-process BN statistics over the whole batch) is far.
+    let ck = |p: &Path| p.join("checkpoint.safetensors");
+    let (near, far) =
+        (max_relative_difference(&ck(&gpus), &ck(&hosts)), max_relative_difference(&ck(&one), &ck(&hosts)));
+    eprintln!("GPU ranks: {near:e} from host ranks; one process: {far:e}");
+    assert!(near < 1e-3, "GPU ranks are {near} away from host ranks");
+    assert!(far > 10.0 * near.max(1e-3), "one process is only {far} away (GPU ranks: {near}): the test proves nothing");
+    let o = mpirun(2, &emu, &["train", "--device", "cuda", "--sync-bn", "--steps", "1"]);
+    assert!(!o.status.success() && text(&o).contains("--sync-bn"), "{}", text(&o));
+}
+
 #[test]
 fn one_process_under_mpirun_writes_the_bytes_of_a_plain_run() {
     let d = scratch("mpi-one");
@@ -143,18 +180,24 @@ fn the_mi_loss_over_two_ranks_is_the_loss_of_the_whole_batch() {
     }
     let (a, b) = (d.join("a.npy"), d.join("b.npy"));
     let files = ["--logits-a", a.to_str().expect("utf8"), "--logits-b", b.to_str().expect("utf8")];
-    let run = |n: usize, engine: bool| -> serde_json::Value {
+    let run = |n: usize, engine: &[&'static str], env: &[(&str, &str)]| -> serde_json::Value {
         let mut argv = vec!["mi"];
         argv.extend(files);
-        if engine {
-            argv.push("--engine");
-        }
-        let o = ok(mpirun(n, &[], &argv));
+        argv.extend(engine);
+        let o = ok(mpirun(n, env, &argv));
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("one JSON line")
     };
-    let (one, two, reference) = (run(1, true), run(2, true), run(1, false));
+    let engine = ["--engine"];
+    let (one, two, reference) = (run(1, &engine, &[]), run(2, &engine, &[]), run(1, &[], &[]));
     assert_eq!(two["processes"], 2);
+    // On GPU ranks (each process's emulated device; the joint gathered through NCCL's stand-in
+    // and summed on the device in rank order): the host ranks' loss and gradient.
+    let gpus = run(2, &["--engine", "--device", "cuda"], &[("MUSCLE_CUDA_EMU", "1")]);
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().expect("number");
+    for k in ["loss", "grad_sq"] {
+        let (x, y) = (f(&two, k), f(&gpus, k));
+        assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{k}: host ranks {x}, GPU ranks {y}");
+    }
     // Two processes' joint sums in another order than one's: f32 rounding, 1e-5 relative.
     for k in ["loss", "grad_sq"] {
         let (x, y) = (f(&one, k), f(&two, k));

@@ -31,6 +31,10 @@ pub struct MiArgs {
     /// the joint is summed over the processes (the data-parallel MI term).
     #[arg(long, conflicts_with = "out")]
     pub engine: bool,
+    /// With --engine: the device the op runs on (cpu, or cuda[:N]; under mpirun each process
+    /// takes the GPU of its node-local rank, and the joint is summed on the devices).
+    #[arg(long, default_value_t = crate::device::Device::Cpu, requires = "engine")]
+    pub device: crate::device::Device,
 }
 
 /// `muscle mi`: prints the loss as JSON, and writes the gradients to --out when given.
@@ -46,7 +50,7 @@ pub fn command(a: &MiArgs) -> Result<()> {
         )));
     }
     if a.engine {
-        return engine(&za, &zb, a.lambda as f32);
+        return engine(&za, &zb, a.lambda as f32, a.device);
     }
     let (loss, ga, gb) = mi_loss_f64(&za.data, &zb.data, za.rows, za.cols, a.lambda);
     if let Some(out) = &a.out {
@@ -66,8 +70,10 @@ pub fn command(a: &MiArgs) -> Result<()> {
 }
 
 /// `muscle mi --engine`: the f32 op on this process's rows, the joint summed over the processes.
-fn engine(za: &Matrix, zb: &Matrix, lambda: f32) -> Result<()> {
+fn engine(za: &Matrix, zb: &Matrix, lambda: f32, device: crate::device::Device) -> Result<()> {
     let world = crate::dist::world();
+    let device = device.for_local_rank(world.local_rank());
+    device.check_available()?;
     let k = world.size();
     if !za.rows.is_multiple_of(k) {
         return Err(Error::usage(format!("--logits-a: {} rows do not split evenly over {k} processes", za.rows)));
@@ -75,7 +81,7 @@ fn engine(za: &Matrix, zb: &Matrix, lambda: f32) -> Result<()> {
     let rows = Shard { rank: world.rank(), ranks: k }.rows(za.rows);
     let mine = |m: &Matrix| -> Result<Tensor> {
         let v = m.data[rows.start * m.cols..rows.end * m.cols].iter().map(|&x| x as f32).collect();
-        Ok(Tensor::from_vec(v, &[rows.len(), m.cols])?.into_param())
+        Ok(Tensor::from_vec(v, &[rows.len(), m.cols])?.to_device(device)?.into_param())
     };
     let (ta, tb) = (mine(za)?, mine(zb)?);
     let tape = Tape::new();

@@ -1,6 +1,7 @@
 //! The CUDA runtime (feature `cuda`): a context with the hand-written kernels of `kernels/*.cu`
 //! loaded ([`Gpu`]), per-thread contexts, what every launcher shares ([`launch`]: the launch
-//! macro and the size checks) and cuBLAS SGEMM ([`blas`]). The launchers themselves live with
+//! macro and the size checks), cuBLAS SGEMM ([`blas`]) and the data-parallel sums over NCCL
+//! ([`collective`], with its kernels/collective.cu). The launchers themselves live with
 //! their op family (`src/ops/<family>/cuda.rs`, beside the CPU twins they are tested against).
 //!
 //! Like `cpu/`, this module knows nothing of tensors or the tape: it works on [`CudaSlice`]s and
@@ -12,6 +13,7 @@
 
 pub mod blas;
 pub mod buffer;
+pub mod collective;
 pub mod context;
 pub mod device;
 pub mod elem;

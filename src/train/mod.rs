@@ -274,18 +274,22 @@ fn run(
     let started = Instant::now();
     // A request made before this run started is not for it.
     STOP.store(false, std::sync::atomic::Ordering::SeqCst);
-    let cfg = &cfg.resolved();
+    let mut cfg = cfg.resolved();
     cfg.validate()?;
-    cfg.device.check_available()?;
     let world = crate::dist::world();
-    if world.size() > 1 && cfg.device != crate::device::Device::Cpu {
-        return Err(Error::device(format!(
-            "--device {} with {} processes: the all-reduce over NCCL is not built yet; data-parallel runs are CPU-only",
+    // The options as given, the same on every process; then each process's own GPU.
+    check_same_options(&cfg)?;
+    cfg.device = cfg.device.for_local_rank(world.local_rank());
+    let cfg = &cfg;
+    cfg.device.check_available()?;
+    if world.size() > 1 && cfg.sync_bn && cfg.device != crate::device::Device::Cpu {
+        return Err(Error::usage(format!(
+            "--sync-bn with --device {} over {} processes: synchronised batch norm is CPU-only \
+             (the GPU's batch norm keeps per-process statistics; drop --sync-bn)",
             cfg.device,
             world.size()
         )));
     }
-    check_same_options(cfg)?;
     crate::cpu::set_threads(cfg.threads())?;
     let TrainTest { train, test } = load_data(cfg)?;
     let split = data::split(&train, cfg.labels, cfg.val, cfg.label_imbalance, cfg.split_seed())?;
@@ -683,13 +687,21 @@ impl Trainer {
 /// Replaces every trainable parameter's gradient by its mean over the processes: the gradients
 /// go over as one buffer (in the model's parameter order), summed in rank order, so every
 /// process gets the same bits and the replicas stay identical.
-fn average_gradients(model: &Model, grads: &mut crate::autograd::Gradients, world: &crate::dist::World) -> Result<()> {
+fn average_gradients(
+    model: &Model,
+    grads: &mut crate::autograd::Gradients,
+    world: &'static crate::dist::World,
+) -> Result<()> {
     let mut params = Vec::new();
     model.visit(&mut |_, role, t| {
         if role.is_trainable() {
             params.push(t.clone());
         }
     });
+    #[cfg(feature = "cuda")]
+    if let crate::device::Device::Cuda(ordinal) = model.device() {
+        return average_gradients_on_gpu(&*crate::cuda::context::gpu(ordinal)?, &params, grads, world);
+    }
     let mut flat = Vec::new();
     for p in &params {
         match grads.get(p) {
@@ -706,6 +718,38 @@ fn average_gradients(model: &Model, grads: &mut crate::autograd::Gradients, worl
         at += n;
         grads.take(p);
         grads.add_to(p, Tensor::from_vec(mean, p.shape())?)?;
+    }
+    Ok(())
+}
+
+/// [`average_gradients`] on a GPU: the gradients copied into one device buffer, summed in rank
+/// order and divided on the device (the host path's bits, without leaving the GPU), copied back.
+#[cfg(feature = "cuda")]
+fn average_gradients_on_gpu(
+    gpu: &crate::cuda::Gpu,
+    params: &[Tensor],
+    grads: &mut crate::autograd::Gradients,
+    world: &'static crate::dist::World,
+) -> Result<()> {
+    let total: usize = params.iter().map(|p| p.numel()).sum();
+    let mut flat = gpu.zeros::<f32>(total.max(1))?;
+    let mut at = 0;
+    for p in params {
+        let n = p.numel();
+        if let Some(g) = grads.get(p) {
+            gpu.copy_range(g.cuda_slice()?, 0..n, &mut flat, at)?;
+        }
+        at += n;
+    }
+    crate::cuda::collective::sum_f32(gpu, world, &mut flat, world.size() as f32)?;
+    let mut at = 0;
+    for p in params {
+        let n = p.numel();
+        let mut mean = gpu.zeros::<f32>(n.max(1))?;
+        gpu.copy_range(&flat, at..at + n, &mut mean, 0)?;
+        at += n;
+        grads.take(p);
+        grads.add_to(p, Tensor::from_cuda(mean, p.shape().to_vec())?)?;
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 
 mod batchnorm;
+mod collective;
 #[cfg(feature = "cudnn")]
 mod conv;
 mod elementwise;

@@ -96,7 +96,8 @@ pub fn batch_norm_train(
 /// (`--sync-bn`): each channel's sums over this process's rows are summed over the processes (in
 /// rank order, around rank 0's shift), in the forward and in the backward, so every process
 /// normalises with the same statistics a single process would compute for the whole batch. A
-/// world of one is [`batch_norm_train`]. CPU only (the GPU path's all-reduce is NCCL's, not built).
+/// world of one is [`batch_norm_train`]. CPU only: the GPU's batch norm (cuDNN's, or ours) computes
+/// its statistics inside one kernel, with no point at which to sum them over the processes.
 pub fn batch_norm_train_across(
     tape: &Tape,
     (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
@@ -110,7 +111,7 @@ pub fn batch_norm_train_across(
     let _p = crate::profile::scope("batch_norm.fwd");
     let (n, c, hw) = check(x, &[gamma, beta])?;
     if x.device() != crate::device::Device::Cpu {
-        return Err(Error::device("batch_norm with --sync-bn on a GPU: the all-reduce over NCCL is not built yet"));
+        return Err(Error::device("batch_norm with --sync-bn on a GPU: synchronised statistics are CPU-only"));
     }
     if n == 0 || hw == 0 {
         return Err(Error::shape(format!("batch_norm: an empty input {}", fmt_shape(x.shape()))));

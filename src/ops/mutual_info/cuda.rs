@@ -90,6 +90,20 @@ pub fn mi_fwd(
     c: usize,
     lambda: f32,
 ) -> Result<MiForwardGpu> {
+    mi_fwd_across(gpu, (logits_a, logits_b), n, c, lambda, None)
+}
+
+/// [`mi_fwd`] of a data-parallel run's rows on this process: the f64 joint is summed over the
+/// processes of `world` (on the device, in rank order) before the entropies. CPU twin:
+/// `cpu::mi_fwd_reduced`.
+pub fn mi_fwd_across(
+    gpu: &Gpu,
+    (logits_a, logits_b): (&F32Buf, &F32Buf),
+    n: usize,
+    c: usize,
+    lambda: f32,
+    world: Option<&'static crate::dist::World>,
+) -> Result<MiForwardGpu> {
     let k = "mi_fwd";
     let (ni, ci) = row_checks(k, n, c, &[("logits_a", logits_a.len()), ("logits_b", logits_b.len())])?;
     if c > MI_MAX_C {
@@ -126,6 +140,9 @@ pub fn mi_fwd(
         &parts_i,
         &cc_i
     )?;
+    if let Some(world) = world {
+        crate::cuda::collective::sum_f64(gpu, world, &mut j)?;
+    }
     let kf = "mi_finish_fwd_f32";
     let mut p = gpu.zeros::<f64>(cc)?;
     let mut vec = gpu.zeros::<f64>(3 * c)?;
@@ -188,13 +205,21 @@ pub(crate) fn mutual_info(
     (n, c): (usize, usize),
     lambda: f32,
     with_stats: bool,
+    world: Option<&'static crate::dist::World>,
 ) -> Result<(Tensor, Option<MiScalars>)> {
-    let fwd = mi_fwd(&gpu, buf(a)?, buf(b)?, n, c, lambda)?;
+    let fwd = mi_fwd_across(&gpu, (buf(a)?, buf(b)?), n, c, lambda, world)?;
+    // As on the host: this process's rows' part of the whole batch's gradient, times the number
+    // of processes (the trainer averages the processes' gradients).
+    let ranks = world.map_or(1.0, |w| w.size() as f32);
     let stats = if with_stats { Some(fwd.scalars(&gpu)?) } else { None };
     let loss = wrap(context::copy(&fwd.loss)?, &[])?;
     let (ac, bc) = (a.clone(), b.clone());
     let out = tape.record(loss, &[a, b], move |g, grads| {
-        let g = here(g, &gpu)?;
+        let mut g = here(g, &gpu)?;
+        if ranks != 1.0 {
+            // The host's `g * ranks`: one f32 product.
+            g = crate::ops::scale(&Tape::no_grad(), &g, ranks)?;
+        }
         let (mut ga, mut gb) = (alloc(&gpu, &[n, c])?, alloc(&gpu, &[n, c])?);
         mi_bwd(&gpu, &fwd, buf(&g)?, &mut ga, &mut gb)?;
         grads.add_to(&ac, wrap(ga, &[n, c])?)?;

@@ -71,13 +71,7 @@ fn mutual_info(
     let world = world.filter(|w| w.size() > 1);
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("mutual_info_loss", &[logits_a, logits_b])? {
-        if let Some(w) = world {
-            return Err(Error::device(format!(
-                "mutual_info_loss over {} processes on a GPU: the joint's all-reduce over NCCL is not built yet",
-                w.size()
-            )));
-        }
-        let (out, s) = cuda::mutual_info(gpu, tape, logits_a, logits_b, (n, c), lambda, with_stats)?;
+        let (out, s) = cuda::mutual_info(gpu, tape, logits_a, logits_b, (n, c), lambda, with_stats, world)?;
         let stats = s.map(|s| MiStats {
             loss: s.joint_entropy - 2.0 * lambda as f64 * s.marginal_entropy,
             joint_entropy: s.joint_entropy,
