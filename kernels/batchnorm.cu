@@ -6,13 +6,16 @@
 //   batchnorm_stats_fwd_f32   grid (C, splits): block (ch, s) sums (x - k) and (x - k)^2 in f64
 //                             over its share of the channel's N * HW elements, k = the channel's
 //                             first element (a shift that keeps the one-pass variance accurate
-//                             when |mean| >> std, as the CPU does). splits is picked by the host
+//                             when |mean| >> std, as the CPU does), or with --sync-bn rank 0's
+//                             first element, the same on every process (`shift`, given). splits is picked by the host
 //                             from (N, HW) only, so the f64 partials (and the result) do not
 //                             depend on the GPU. One block per channel would leave most SMs idle
 //                             for the 16..512 channels of these models.
 //   batchnorm_finish_fwd_f32  one thread per channel: adds its splits in order, then the CPU's
 //                             formulas in f64: mean, biased var (clamped at 0), invstd, and the
 //                             folded scale = gamma invstd, shift = beta - mean gamma invstd (f32).
+//                             With --sync-bn the split sums are every process's (summed between
+//                             the two launches) and n counts the rows of all processes.
 //   batchnorm_norm_fwd_f32    elementwise y = act(x * scale + shift).
 // Training backward, three launches with the same split: sums of dz and dz * xhat with
 // dz = dy * act'(gamma xhat + beta) (the mask is recomputed from x, never stored), then per channel
@@ -49,16 +52,30 @@ __device__ __forceinline__ void split_range(long long L, int s, int splits, long
     *end = L * (s + 1) / splits;
 }
 
+// The shift k of channel ch: the given one (--sync-bn: rank 0's), else the channel's first element.
+__device__ __forceinline__ float bn_shift(const float* x, const float* shift, int given, int ch, int hw) {
+    return given ? shift[ch] : x[(long long)ch * hw];
+}
+
+// batchnorm_first_fwd_f32: first[ch] = x[ch * HW], each channel's first element (rank 0's shifts
+// under --sync-bn). Reads x; writes first (C). Launch: ceil(C / 256) blocks of 256.
+extern "C" __global__ void batchnorm_first_fwd_f32(const float* __restrict__ x, float* __restrict__ first, int C,
+                                                   int hw) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch < C) first[ch] = x[(long long)ch * hw];
+}
+
 // batchnorm_stats_fwd_f32: part[(ch * splits + s) * 2 + {0, 1}] = sums of (x - k), (x - k)^2
-// over split s of channel ch, in f64. Element j of a channel is image j / HW, offset j % HW;
-// the index walks by the block size and carries (image, offset) instead of dividing each time.
-// Reads x; writes part. Launch: grid (C, splits), block 256.
-extern "C" __global__ void batchnorm_stats_fwd_f32(const float* __restrict__ x, double* __restrict__ part, int n,
-                                                   int C, int hw, int splits) {
+// over split s of channel ch, in f64, k = bn_shift. Element j of a channel is image j / HW, offset
+// j % HW; the index walks by the block size and carries (image, offset) instead of dividing each
+// time. Reads x, shift (when given); writes part. Launch: grid (C, splits), block 256.
+extern "C" __global__ void batchnorm_stats_fwd_f32(const float* __restrict__ x, const float* __restrict__ shift,
+                                                   double* __restrict__ part, int n, int C, int hw, int splits,
+                                                   int shift_given) {
     const int ch = blockIdx.x, s = blockIdx.y;
     long long begin, end;
     split_range((long long)n * hw, s, splits, &begin, &end);
-    const float k = x[(long long)ch * hw];
+    const float k = bn_shift(x, shift, shift_given, ch, hw);
     double sum = 0.0, sq = 0.0;
     long long j = begin + threadIdx.x;
     long long img = j / hw, off = j % hw;
@@ -83,14 +100,16 @@ extern "C" __global__ void batchnorm_stats_fwd_f32(const float* __restrict__ x, 
 
 // batchnorm_finish_fwd_f32: per channel, the statistics from the split sums (in split order),
 // as src/ops/batchnorm/cpu.rs batchnorm_train_fwd: mean, var, invstd (f32 outputs for the backward) and the
-// folded scale / shift. Reads x (the shift k), part, gamma, beta; writes mean, var, invstd,
+// folded scale / shift; n is the rows the sums cover (every process's under --sync-bn). Reads x
+// or shift (the shift k, as the stats kernel), part, gamma, beta; writes mean, var, invstd,
 // scale, shift (C each). Launch: ceil(C / 128) blocks of 128.
-extern "C" __global__ void batchnorm_finish_fwd_f32(const float* __restrict__ x, const double* __restrict__ part,
+extern "C" __global__ void batchnorm_finish_fwd_f32(const float* __restrict__ x, const float* __restrict__ shift,
+                                                    const double* __restrict__ part,
                                                     const float* __restrict__ gamma, const float* __restrict__ beta,
                                                     float* __restrict__ mean_out, float* __restrict__ var_out,
                                                     float* __restrict__ invstd_out, float* __restrict__ scale_out,
                                                     float* __restrict__ shift_out, int n, int C, int hw, int splits,
-                                                    float eps) {
+                                                    float eps, int shift_given) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
     double s = 0.0, q = 0.0;
@@ -102,7 +121,7 @@ extern "C" __global__ void batchnorm_finish_fwd_f32(const float* __restrict__ x,
     const double mean_k = s / m;
     double var = q / m - mean_k * mean_k;
     var = var > 0.0 ? var : 0.0;
-    const double mean = mean_k + (double)x[(long long)ch * hw];
+    const double mean = mean_k + (double)bn_shift(x, shift, shift_given, ch, hw);
     const double invstd = 1.0 / sqrt(var + (double)eps);
     const double g = (double)gamma[ch];
     mean_out[ch] = (float)mean;
@@ -190,7 +209,9 @@ extern "C" __global__ void batchnorm_reduce_bwd_f32(const float* __restrict__ x,
 }
 
 // batchnorm_finish_bwd_f32: per channel, dgamma = sum dz xhat, dbeta = sum dz (f32 of the f64
-// sums, in split order) and coef = (mean dz, mean dz xhat) for the dx pass.
+// sums, in split order) and coef = (mean dz, mean dz xhat) for the dx pass; n is the rows the
+// sums cover (under --sync-bn, launched once on this process's sums for dgamma and dbeta and once
+// on every process's, with all their rows, for coef).
 // Reads part; writes dgamma, dbeta (C each), coef (2 C). Launch: ceil(C / 128) blocks of 128.
 extern "C" __global__ void batchnorm_finish_bwd_f32(const double* __restrict__ part, float* __restrict__ dgamma,
                                                     float* __restrict__ dbeta, float* __restrict__ coef, int n, int C,

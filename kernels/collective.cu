@@ -11,10 +11,10 @@
 
 #include "common.cuh"
 
-// sum_ranks_f32: out[i] = (parts[i] + parts[n + i] + ... + parts[(ranks - 1) n + i]) / divisor,
+// sum_ranks_fwd_f32: out[i] = (parts[i] + parts[n + i] + ... + parts[(ranks - 1) n + i]) / divisor,
 // added left to right. Reads parts (ranks x n); writes out (n). Launch: grid-stride, block 256.
-extern "C" __global__ void sum_ranks_f32(const float* __restrict__ parts, float* __restrict__ out, long long n,
-                                         int ranks, float divisor) {
+extern "C" __global__ void sum_ranks_fwd_f32(const float* __restrict__ parts, float* __restrict__ out, long long n,
+                                             int ranks, float divisor) {
     GRID_STRIDE(i, n) {
         float acc = parts[i];
         for (int r = 1; r < ranks; ++r) acc = __fadd_rn(acc, parts[(long long)r * n + i]);
@@ -22,11 +22,12 @@ extern "C" __global__ void sum_ranks_f32(const float* __restrict__ parts, float*
     }
 }
 
-// sum_ranks_f64: out[i] = parts[i] + parts[n + i] + ... + parts[(ranks - 1) n + i], left to
-// right (the MI joint's f64 sums; no division). Reads parts (ranks x n); writes out (n).
+// sum_ranks_double_fwd_f32: out[i] = parts[i] + parts[n + i] + ... + parts[(ranks - 1) n + i], left
+// to right, on doubles (the MI joint's and batch norm's f64 sums; no division). The _f32 suffix is
+// the models' precision, as for every kernel here. Reads parts (ranks x n); writes out (n).
 // Launch: grid-stride, block 256.
-extern "C" __global__ void sum_ranks_f64(const double* __restrict__ parts, double* __restrict__ out, long long n,
-                                         int ranks) {
+extern "C" __global__ void sum_ranks_double_fwd_f32(const double* __restrict__ parts, double* __restrict__ out,
+                                                    long long n, int ranks) {
     GRID_STRIDE(i, n) {
         double acc = parts[i];
         for (int r = 1; r < ranks; ++r) acc += parts[(long long)r * n + i];  // a lone add: nothing to contract

@@ -296,9 +296,11 @@ void batchnorm() {
     Device<float> stats(5 * C);  // mean, var, invstd, scale, shift
     float* s = stats.ptr;
     std::vector<float> got = every_schedule<float>("batchnorm", [&] {
-        must(launch("batchnorm_stats_fwd_f32", {C, splits, 1}, {256, 1, 1}, dx.ptr, dpart.ptr, N, C, hw, splits));
-        must(launch("batchnorm_finish_fwd_f32", {1, 1, 1}, {128, 1, 1}, dx.ptr, dpart.ptr, dgamma.ptr, dbeta.ptr, s,
-                    s + C, s + 2 * C, s + 3 * C, s + 4 * C, N, C, hw, splits, eps));
+        // No given shift (0): the kernels shift by each channel's first element.
+        must(launch("batchnorm_stats_fwd_f32", {C, splits, 1}, {256, 1, 1}, dx.ptr, dx.ptr, dpart.ptr, N, C, hw, splits,
+                    0));
+        must(launch("batchnorm_finish_fwd_f32", {1, 1, 1}, {128, 1, 1}, dx.ptr, dx.ptr, dpart.ptr, dgamma.ptr,
+                    dbeta.ptr, s, s + C, s + 2 * C, s + 3 * C, s + 4 * C, N, C, hw, splits, eps, 0));
         must(launch("batchnorm_norm_fwd_f32", {blocks(total, 256), 1, 1}, {256, 1, 1}, dx.ptr, s + 3 * C, s + 4 * C,
                     dy.ptr, total, C, hw, slope));
         std::vector<float> out = stats.read(), y = dy.read();
@@ -379,7 +381,7 @@ void speed(double limit_ms) {
     Device<float> x(random_floats((size_t)N * C * hw, -1.0f, 1.0f, 18));
     Device<double> part(C * splits * 2);
     auto t0 = std::chrono::steady_clock::now();
-    must(launch("batchnorm_stats_fwd_f32", {C, splits, 1}, {256, 1, 1}, x.ptr, part.ptr, N, C, hw, splits));
+    must(launch("batchnorm_stats_fwd_f32", {C, splits, 1}, {256, 1, 1}, x.ptr, x.ptr, part.ptr, N, C, hw, splits, 0));
     auto t1 = std::chrono::steady_clock::now();
     const int n = 8000, classes = 100;
     Device<float> dx(random_floats((size_t)n * classes, -4.0f, 4.0f, 19)), dy((size_t)n * classes);

@@ -133,7 +133,7 @@ pub fn sum_f32(gpu: &Gpu, world: &'static World, v: &mut F32Buf, divisor: f32) -
     if world.size() == 1 && divisor == 1.0 {
         return Ok(());
     }
-    let k = "sum_ranks_f32";
+    let k = "sum_ranks_fwd_f32";
     let (parts, n, ranks) = gathered(gpu, world, v, k)?;
     let cfg = flat_cfg(v.len());
     launch!(gpu, k, cfg, &parts, v, &n, &ranks, &divisor)
@@ -145,7 +145,7 @@ pub fn sum_f64(gpu: &Gpu, world: &'static World, v: &mut CudaSlice<f64>) -> Resu
     if world.size() == 1 {
         return Ok(());
     }
-    let k = "sum_ranks_f64";
+    let k = "sum_ranks_double_fwd_f32";
     let (parts, n, ranks) = gathered(gpu, world, v, k)?;
     let cfg = flat_cfg(v.len());
     launch!(gpu, k, cfg, &parts, v, &n, &ranks)

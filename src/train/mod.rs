@@ -282,14 +282,6 @@ fn run(
     cfg.device = cfg.device.for_local_rank(world.local_rank());
     let cfg = &cfg;
     cfg.device.check_available()?;
-    if world.size() > 1 && cfg.sync_bn && cfg.device != crate::device::Device::Cpu {
-        return Err(Error::usage(format!(
-            "--sync-bn with --device {} over {} processes: synchronised batch norm is CPU-only \
-             (the GPU's batch norm keeps per-process statistics; drop --sync-bn)",
-            cfg.device,
-            world.size()
-        )));
-    }
     crate::cpu::set_threads(cfg.threads())?;
     let TrainTest { train, test } = load_data(cfg)?;
     let split = data::split(&train, cfg.labels, cfg.val, cfg.label_imbalance, cfg.split_seed())?;

@@ -71,6 +71,39 @@ fn batchnorm_train_matches_cpu() {
     });
 }
 
+/// --sync-bn's path (rank 0's shifts given to the statistics kernels, the sums passed through
+/// the device collective, the backward's two finishes) in a world of one is the plain path, bit
+/// for bit; over two processes it is tests/mpi.rs's.
+#[test]
+fn synchronised_batchnorm_in_a_world_of_one_is_the_plain_one_bitwise() {
+    with_gpu("synchronised_batchnorm_in_a_world_of_one_is_the_plain_one_bitwise", |gpu| {
+        let world = muscle::dist::world();
+        let (n, c, hw) = (7usize, 16usize, 49usize);
+        let x: Vec<f32> = randv(n * c * hw, 2.0, 610).iter().map(|v| 3.0 + v).collect();
+        let gamma = randv(c, 0.5, 611);
+        let beta = randv(c, 0.5, 612);
+        let dy = randv(n * c * hw, 1.0, 613);
+        let (xd, gd, bd, dyd) = (up(gpu, &x), up(gpu, &gamma), up(gpu, &beta), up(gpu, &dy));
+        let args = BatchNormArgs { n, c, hw, eps: 1e-5, slope: Some(0.1) };
+        let (mut y, mut ys) = (zeros(gpu, x.len()), zeros(gpu, x.len()));
+        let plain = k::batchnorm_train_fwd(gpu, &args, &xd, &gd, &bd, &mut y).unwrap();
+        let synced = k::batchnorm_train_fwd_across(gpu, &args, (&xd, &gd, &bd), &mut ys, Some(world)).unwrap();
+        assert_bits("y", &down(gpu, &ys), &down(gpu, &y));
+        for (what, a, b) in [("mean", &synced.mean, &plain.mean), ("var", &synced.var, &plain.var)] {
+            assert_bits(what, &down(gpu, a), &down(gpu, b));
+        }
+        let (mut dx, mut dg, mut db) = (zeros(gpu, x.len()), zeros(gpu, c), zeros(gpu, c));
+        k::batchnorm_train_bwd(gpu, &args, &xd, &dyd, &gd, &bd, &plain, Some(&mut dx), &mut dg, &mut db).unwrap();
+        let (mut dxs, mut dgs, mut dbs) = (zeros(gpu, x.len()), zeros(gpu, c), zeros(gpu, c));
+        let inputs = (&xd, &dyd, &gd, &bd);
+        k::batchnorm_train_bwd_across(gpu, &args, inputs, &synced, Some(&mut dxs), (&mut dgs, &mut dbs), Some(world))
+            .unwrap();
+        for (what, a, b) in [("dx", &dxs, &dx), ("dgamma", &dgs, &dg), ("dbeta", &dbs, &db)] {
+            assert_bits(what, &down(gpu, a), &down(gpu, b));
+        }
+    });
+}
+
 #[test]
 fn batchnorm_eval_matches_cpu_bitwise() {
     with_gpu("batchnorm_eval_matches_cpu_bitwise", |gpu| {

@@ -4,7 +4,8 @@
 
 use crate::autograd::Tape;
 use crate::cuda::launch::{cfg, elems, flat_cfg, grid_dim, int, launch, long, need, nonzero, BLOCK};
-use crate::cuda::{context, F32Buf, Gpu};
+use crate::cuda::{collective, context, F32Buf, Gpu};
+use crate::dist::World;
 use crate::error::Result;
 use crate::kernel_args::BatchNormArgs;
 use crate::ops::gpu::{alloc, buf, here, wrap, GpuRef};
@@ -79,11 +80,56 @@ pub fn batchnorm_train_fwd(
     beta: &F32Buf,
     y: &mut F32Buf,
 ) -> Result<BatchStatsGpu> {
+    batchnorm_train_fwd_across(gpu, args, (x, gamma, beta), y, None)
+}
+
+/// [`batchnorm_train_fwd`] with the statistics of every process of `world` (`--sync-bn`): the
+/// sums shifted by rank 0's first element of each channel and summed over the processes on the
+/// device between the two statistics launches, over all their rows. CPU twin:
+/// `cpu::batchnorm_train_fwd_synced`.
+pub fn batchnorm_train_fwd_across(
+    gpu: &Gpu,
+    args: &BatchNormArgs,
+    (x, gamma, beta): (&F32Buf, &F32Buf, &F32Buf),
+    y: &mut F32Buf,
+    world: Option<&'static World>,
+) -> Result<BatchStatsGpu> {
     let BatchNormArgs { n, c, hw, eps, slope } = *args;
     let k = "batchnorm_train_fwd";
     let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &[("gamma", gamma.len()), ("beta", beta.len())])?;
+    let shift = match world {
+        Some(w) => {
+            let mut first = gpu.zeros::<f32>(c)?;
+            if w.is_root() {
+                let kf = "batchnorm_first_fwd_f32";
+                launch!(
+                    gpu,
+                    kf,
+                    cfg((grid_dim(kf, c.div_ceil(BLOCK as usize))?, 1, 1), BLOCK),
+                    x,
+                    &mut first,
+                    &s.c,
+                    &s.hw
+                )?;
+            }
+            // Rank 0's values plus zeros: rank 0's shifts on every process.
+            collective::sum_f32(gpu, w, &mut first, 1.0)?;
+            Some(first)
+        }
+        None => None,
+    };
+    // Without a given shift the kernels read x's own first elements; x stands in for the buffer.
+    let (shift_buf, given) = match &shift {
+        Some(b) => (b, 1i32),
+        None => (x, 0i32),
+    };
+    let rows = int(k, "rows of every process", n * world.map_or(1, |w| w.size()))?;
     let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
-    launch!(gpu, "batchnorm_stats_fwd_f32", cfg(s.grid, BLOCK), x, &mut part, &s.n, &s.c, &s.hw, &s.splits)?;
+    let ks = "batchnorm_stats_fwd_f32";
+    launch!(gpu, ks, cfg(s.grid, BLOCK), x, shift_buf, &mut part, &s.n, &s.c, &s.hw, &s.splits, &given)?;
+    if let Some(w) = world {
+        collective::sum_f64(gpu, w, &mut part)?;
+    }
     let mut st = BatchStatsGpu {
         mean: gpu.zeros(c)?,
         var: gpu.zeros(c)?,
@@ -96,6 +142,7 @@ pub fn batchnorm_train_fwd(
         "batchnorm_finish_fwd_f32",
         cfg((c.div_ceil(128) as u32, 1, 1), 128),
         x,
+        shift_buf,
         &part,
         gamma,
         beta,
@@ -104,11 +151,12 @@ pub fn batchnorm_train_fwd(
         &mut st.invstd,
         &mut st.scale,
         &mut st.shift,
-        &s.n,
+        &rows,
         &s.c,
         &s.hw,
         &s.splits,
-        &eps
+        &eps,
+        &given
     )?;
     let a = slope.unwrap_or(1.0);
     let total = s.total as usize;
@@ -140,6 +188,7 @@ pub fn batchnorm_eval_fwd(
 /// Training backward: `dx` (when given), `dgamma`, `dbeta` (overwritten), from the forward's
 /// statistics (`mean`, `invstd` of `stats` are used). With `slope`, `dy` is the gradient of the
 /// activation's output. CPU twin: `cpu::batchnorm_train_bwd`.
+#[allow(clippy::too_many_arguments)]
 pub fn batchnorm_train_bwd(
     gpu: &Gpu,
     args: &BatchNormArgs,
@@ -151,6 +200,21 @@ pub fn batchnorm_train_bwd(
     dx: Option<&mut F32Buf>,
     dgamma: &mut F32Buf,
     dbeta: &mut F32Buf,
+) -> Result<()> {
+    batchnorm_train_bwd_across(gpu, args, (x, dy, gamma, beta), stats, dx, (dgamma, dbeta), None)
+}
+
+/// [`batchnorm_train_bwd`] of a forward synchronised over `world` (`--sync-bn`): the sums of dz
+/// and dz xhat are summed over the processes before dx; dgamma and dbeta stay this process's (the
+/// trainer averages the processes' gradients). CPU twin: `cpu::batchnorm_train_bwd_synced`.
+pub fn batchnorm_train_bwd_across(
+    gpu: &Gpu,
+    args: &BatchNormArgs,
+    (x, dy, gamma, beta): (&F32Buf, &F32Buf, &F32Buf, &F32Buf),
+    stats: &BatchStatsGpu,
+    dx: Option<&mut F32Buf>,
+    (dgamma, dbeta): (&mut F32Buf, &mut F32Buf),
+    world: Option<&'static World>,
 ) -> Result<()> {
     let BatchNormArgs { n, c, hw, slope, .. } = *args;
     let k = "batchnorm_train_bwd";
@@ -165,7 +229,7 @@ pub fn batchnorm_train_bwd(
     let dx_len = dx.as_ref().map_or(usize::MAX, |d| d.len());
     let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("dy", dy.len()), ("dx", dx_len)], &per_ch)?;
     let sums = SumInputs { x, dy, mean: &stats.mean, invstd: &stats.invstd, gamma, beta };
-    let coef = channel_sums(gpu, &s, c, &sums, slope, dgamma, dbeta)?;
+    let coef = channel_sums(gpu, &s, c, &sums, slope, (dgamma, dbeta), world)?;
     let a = slope.unwrap_or(1.0);
     if let Some(dx) = dx {
         let total = s.total as usize;
@@ -202,15 +266,16 @@ struct SumInputs<'a> {
 }
 
 /// dgamma = sum dz xhat and dbeta = sum dz per channel (f64 partial sums in a fixed order, then
-/// f32), and returns coef = (mean dz, mean dz xhat) per channel for the training-mode dx.
+/// f32), and returns coef = (mean dz, mean dz xhat) per channel for the training-mode dx; over
+/// every process of `world` for coef (dgamma and dbeta stay this process's sums).
 fn channel_sums(
     gpu: &Gpu,
     s: &BnSizes,
     c: usize,
     i: &SumInputs<'_>,
     slope: Option<f32>,
-    dgamma: &mut F32Buf,
-    dbeta: &mut F32Buf,
+    (dgamma, dbeta): (&mut F32Buf, &mut F32Buf),
+    world: Option<&'static World>,
 ) -> Result<F32Buf> {
     let a = slope.unwrap_or(1.0);
     let mut part = gpu.zeros::<f64>(c * s.splits as usize * 2)?;
@@ -219,7 +284,16 @@ fn channel_sums(
     launch!(gpu, kr, cfg(s.grid, BLOCK), i.x, i.dy, i.mean, i.invstd, i.gamma, i.beta, &mut part, sn, sc, shw, sp, &a)?;
     let mut coef = gpu.zeros::<f32>(2 * c)?;
     let kf = "batchnorm_finish_bwd_f32";
-    launch!(gpu, kf, cfg((c.div_ceil(128) as u32, 1, 1), 128), &part, dgamma, dbeta, &mut coef, sn, sc, shw, sp)?;
+    let blocks = cfg((c.div_ceil(128) as u32, 1, 1), 128);
+    launch!(gpu, kf, blocks, &part, dgamma, dbeta, &mut coef, sn, sc, shw, sp)?;
+    if let Some(w) = world {
+        // The means for dx over every process's rows; this launch's dgamma and dbeta (the whole
+        // batch's) are not the ones the trainer averages, so they go to scratch buffers.
+        collective::sum_f64(gpu, w, &mut part)?;
+        let rows = int(kf, "rows of every process", s.n as usize * w.size())?;
+        let (mut dg_all, mut db_all) = (gpu.zeros::<f32>(c)?, gpu.zeros::<f32>(c)?);
+        launch!(gpu, kf, blocks, &part, &mut dg_all, &mut db_all, &mut coef, &rows, sc, shw, sp)?;
+    }
     Ok(coef)
 }
 
@@ -262,10 +336,11 @@ pub(crate) fn batch_norm_train(
     tape: &Tape,
     (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
     args: BatchNormArgs,
+    world: Option<&'static World>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let c = args.c;
     let mut y = alloc(&gpu, x.shape())?;
-    let stats = batchnorm_train_fwd(&gpu, &args, buf(x)?, buf(gamma)?, buf(beta)?, &mut y)?;
+    let stats = batchnorm_train_fwd_across(&gpu, &args, (buf(x)?, buf(gamma)?, buf(beta)?), &mut y, world)?;
     let mean = wrap(context::copy(&stats.mean)?, &[c])?;
     let var = wrap(context::copy(&stats.var)?, &[c])?;
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
@@ -273,18 +348,8 @@ pub(crate) fn batch_norm_train(
         let g = here(g, &gpu)?;
         let mut dx = if xc.requires_grad() { Some(alloc(&gpu, xc.shape())?) } else { None };
         let (mut dg, mut db) = (alloc(&gpu, &[c])?, alloc(&gpu, &[c])?);
-        batchnorm_train_bwd(
-            &gpu,
-            &args,
-            buf(&xc)?,
-            buf(&g)?,
-            buf(&gc)?,
-            buf(&bc)?,
-            &stats,
-            dx.as_mut(),
-            &mut dg,
-            &mut db,
-        )?;
+        let inputs = (buf(&xc)?, buf(&g)?, buf(&gc)?, buf(&bc)?);
+        batchnorm_train_bwd_across(&gpu, &args, inputs, &stats, dx.as_mut(), (&mut dg, &mut db), world)?;
         if let Some(dx) = dx {
             grads.add_to(&xc, wrap(dx, xc.shape())?)?;
         }
@@ -366,7 +431,7 @@ pub fn batchnorm_eval_bwd(
     launch!(gpu, kc, cfg((grid_dim(kc, c.div_ceil(BLOCK as usize))?, 1, 1), BLOCK), b.var, &mut invstd, &s.c, &eps)?;
     let (x, dy, mean, gamma, beta) = (b.x, b.dy, b.mean, b.gamma, b.beta);
     let sums = SumInputs { x, dy, mean, invstd: &invstd, gamma, beta };
-    channel_sums(gpu, &s, c, &sums, slope, dgamma, dbeta)?;
+    channel_sums(gpu, &s, c, &sums, slope, (dgamma, dbeta), None)?;
     let a = slope.unwrap_or(1.0);
     if let Some(dx) = dx {
         let kd = "batchnorm_eval_dx_bwd_f32";

@@ -72,7 +72,7 @@ pub fn batch_norm_train(
     }
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("batch_norm", &[x, gamma, beta])? {
-        let (y, mean, var) = cuda::batch_norm_train(gpu, tape, (x, gamma, beta), args)?;
+        let (y, mean, var) = cuda::batch_norm_train(gpu, tape, (x, gamma, beta), args, None)?;
         return Ok((y, BatchMoments { mean, var }));
     }
     let mut y = crate::pool::take(x.numel());
@@ -96,8 +96,8 @@ pub fn batch_norm_train(
 /// (`--sync-bn`): each channel's sums over this process's rows are summed over the processes (in
 /// rank order, around rank 0's shift), in the forward and in the backward, so every process
 /// normalises with the same statistics a single process would compute for the whole batch. A
-/// world of one is [`batch_norm_train`]. CPU only: the GPU's batch norm (cuDNN's, or ours) computes
-/// its statistics inside one kernel, with no point at which to sum them over the processes.
+/// world of one is [`batch_norm_train`]. On GPUs the same sums meet through
+/// `cuda::collective` (NCCL), between the statistics kernels.
 pub fn batch_norm_train_across(
     tape: &Tape,
     (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
@@ -110,13 +110,15 @@ pub fn batch_norm_train_across(
     }
     let _p = crate::profile::scope("batch_norm.fwd");
     let (n, c, hw) = check(x, &[gamma, beta])?;
-    if x.device() != crate::device::Device::Cpu {
-        return Err(Error::device("batch_norm with --sync-bn on a GPU: synchronised statistics are CPU-only"));
-    }
     if n == 0 || hw == 0 {
         return Err(Error::shape(format!("batch_norm: an empty input {}", fmt_shape(x.shape()))));
     }
     let args = BatchNormArgs { n, c, hw, eps, slope };
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = crate::ops::gpu::on_gpu("batch_norm", &[x, gamma, beta])? {
+        let (y, mean, var) = cuda::batch_norm_train(gpu, tape, (x, gamma, beta), args, Some(world))?;
+        return Ok((y, BatchMoments { mean, var }));
+    }
     // Every process shifts a channel's sums by rank 0's first value of it (the shift keeps the
     // one-pass variance accurate; the sums only add up if it is the same everywhere).
     let xd = x.data()?;
