@@ -89,8 +89,12 @@ def test_a_run_stopped_from_python_resumes_to_the_same_bytes(tmp_path):
 
 def test_ctrl_c_stops_a_run_that_then_resumes(tmp_path):
     out = tmp_path / "run"
+    # The child restores Python's own Ctrl-C handler: a process started with SIGINT ignored (a
+    # test run from a background job of a non-interactive shell) inherits the ignore, and Python
+    # then installs no KeyboardInterrupt at all (a local CI run finished all 400 steps that way).
     script = textwrap.dedent(f"""
-        import muscle, sys
+        import muscle, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def tell(p):
             print(p["step"], flush=True)
         muscle.train(out={str(out)!r}, steps=400, eval_every=2, width=4, batch=8, unlabeled_batch=16,
