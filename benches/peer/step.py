@@ -5,9 +5,15 @@ same thread count, alternated with `muscle bench` in one run so that both see th
 
 Cases: the convnet MUSCLE step (64 labeled + 2 x 256 unlabeled views, 28x28x1, embedded
 Fashion-MNIST) and the wrn-28-2 supervised step (batch 64, 32x32x3, generated images).
-Prints PyTorch's ms/step, ours, and the ratio muscle / PyTorch (below 1: muscle is faster).
+
+PyTorch runs as the variants a user would try (`--variants`): eager with default settings;
+channels_last; oneDNN (mkldnn) turned off; torch.compile of the model (inductor on the CPU); and
+the whole step compiled (forward + losses, the AdamW step and the EMA update, each a compiled
+function: backward stays autograd's). Prints every variant's ms/step, ours, and the ratio muscle /
+fastest variant (below 1: muscle is faster).
 
 Usage: benches/peer/run.sh [--threads 2] [--steps 20] [--rounds 2] [--case convnet|wrn|all]
+                           [--variants eager,channels_last,...]
 """
 import argparse
 import gzip
@@ -17,6 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -173,9 +182,15 @@ def resident(field):
     return None
 
 
-def torch_times(case, threads, warmup, steps, memory=None):
-    """Median ms per step and parameter count; with `memory` (a dict), also the resident memory
-    once model, optimizer and EMA are built and the peak over the steps (VmHWM restarted there)."""
+VARIANTS = ["eager", "channels_last", "no-mkldnn", "compile-model", "compile-step"]
+# torch.backends.mkldnn.flags() warns about Intel GPUs' TF32 on every use.
+warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+
+
+def torch_times(case, threads, warmup, steps, memory=None, variant="eager"):
+    """Median ms per step and parameter count of one of VARIANTS; with `memory` (a dict), also the
+    resident memory once model, optimizer and EMA are built and the peak over the steps (VmHWM
+    restarted there). Compilation happens in the warm-up steps, which are not timed."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -188,39 +203,63 @@ def torch_times(case, threads, warmup, steps, memory=None):
         aug = Augmenter(images, 4, True, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], gen)
         model, b, u = WideResNet(), 64, 0
     model.train()
+    layout = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=layout)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
-    ema = [t.detach().clone() for t in model.state_dict().values() if t.dtype.is_floating_point]
+    # The floating-point parameters and buffers, listed once (state_dict's tensors share storage).
+    cur = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+    ema = [t.detach().clone() for t in cur]
+    net = torch.compile(model) if variant == "compile-model" else model
+
+    def losses(x, yl):
+        logits = net(x)
+        loss = F.cross_entropy(logits[:b], yl)
+        if u:
+            loss = loss + iic_loss(logits[b:b + u], logits[b + u:])
+        return loss
+
+    def opt_step():
+        opt.step()
+
+    @torch.no_grad()
+    def ema_step():
+        torch._foreach_lerp_(ema, cur, 1.0 - 0.999)
+
+    if variant == "compile-step":
+        losses, opt_step, ema_step = torch.compile(losses), torch.compile(opt_step), torch.compile(ema_step)
+    settings = torch.backends.mkldnn.flags(enabled=False) if variant == "no-mkldnn" else contextlib.nullcontext()
     if memory is not None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         memory["built"] = resident("VmRSS")
     times = []
-    for step in range(warmup + steps):
-        t0 = time.perf_counter()
-        xl = aug.batch(b)
-        yl = torch.randint(0, 10, (b,), generator=gen)
-        if u:
-            # Two augmentations of the same unlabeled images, as muscle's step.
-            iu = torch.randint(0, aug.padded.shape[0], (u,), generator=gen)
-            x = torch.cat([xl, aug.images(iu), aug.images(iu)])
-        else:
-            x = xl
-        logits = model(x)
-        loss = F.cross_entropy(logits[:b], yl)
-        if u:
-            loss = loss + iic_loss(logits[b:b + u], logits[b + u:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            cur = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
-            torch._foreach_lerp_(ema, cur, 1.0 - 0.999)
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+    with settings:
+        for step in range(warmup + steps):
+            t0 = time.perf_counter()
+            one_step(aug, gen, b, u, layout, losses, opt, opt_step, ema_step)
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
     if memory is not None:
         memory["peak"] = resident("VmHWM")
     return statistics.median(times) * 1e3, params
+
+
+def one_step(aug, gen, b, u, layout, losses, opt, opt_step, ema_step):
+    """Fresh augmented batches, forward, losses, backward, AdamW, EMA."""
+    xl = aug.batch(b)
+    yl = torch.randint(0, 10, (b,), generator=gen)
+    if u:
+        # Two augmentations of the same unlabeled images, as muscle's step.
+        iu = torch.randint(0, aug.padded.shape[0], (u,), generator=gen)
+        x = torch.cat([xl, aug.images(iu), aug.images(iu)])
+    else:
+        x = xl
+    loss = losses(x.contiguous(memory_format=layout), yl)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_step()
+    ema_step()
 
 
 def muscle_times(binary, case, threads, warmup, steps):
@@ -241,6 +280,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two engines; medians over rounds")
     ap.add_argument("--case", choices=["convnet", "wrn", "all"], default="all")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"PyTorch variants to time, comma-separated, of {','.join(VARIANTS)}")
     ap.add_argument("--memory", action="store_true",
                     help="peak resident memory of each engine's steps, each in a fresh process, instead of times")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -268,25 +309,38 @@ def main():
                                         ("muscle", m["resident_after_build_bytes"], m["peak_resident_bytes"])]:
                 print(f"{case:<26} {engine:<8} {built / mib:>8.0f} {peak / mib:>8.0f} {(peak - built) / mib:>10.0f}")
         return
+    variants = a.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown}; choose from {VARIANTS}")
     print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps after {a.warmup}, {a.rounds} rounds")
-    print(f"{'case':<26} {'params':>9} {'PyTorch ms':>11} {'muscle ms':>10} {'ratio':>6}")
     for case in (["convnet", "wrn"] if a.case == "all" else [a.case]):
-        pt, mu = [], []
+        engines = [f"PyTorch {v}" for v in variants] + ["muscle"]
+        times = {e: [] for e in engines}
+        counts = set()
         for r in range(a.rounds):
-            # Alternate which engine goes first, so drift in the machine's speed hits both.
-            order = [0, 1] if r % 2 == 0 else [1, 0]
-            for o in order:
-                if o == 0:
-                    ms, p_torch = torch_times(case, a.threads, a.warmup, a.steps)
-                    pt.append(ms)
+            # Alternate the order, so drift in the machine's speed hits every engine alike.
+            for e in (engines if r % 2 == 0 else engines[::-1]):
+                if e == "muscle":
+                    ms, p = muscle_times(a.muscle, case, a.threads, a.warmup, a.steps)
                 else:
-                    ms, p_ours = muscle_times(a.muscle, case, a.threads, a.warmup, a.steps)
-                    mu.append(ms)
-        if p_torch != p_ours:
-            sys.exit(f"{case}: parameter counts differ: PyTorch {p_torch}, muscle {p_ours}")
-        t, m = statistics.median(pt), statistics.median(mu)
+                    ms, p = torch_times(case, a.threads, a.warmup, a.steps, variant=e.split(" ", 1)[1])
+                times[e].append(ms)
+                counts.add(p)
+        if len(counts) != 1:
+            sys.exit(f"{case}: parameter counts differ between the engines: {sorted(counts)}")
         name = "convnet MUSCLE 64+2x256" if case == "convnet" else "wrn-28-2 supervised 64"
-        print(f"{name:<26} {p_ours:>9} {t:>11.1f} {m:>10.1f} {m / t:>6.2f}   (PyTorch {pt}, muscle {mu})")
+        med = {e: statistics.median(t) for e, t in times.items()}
+        fastest = min((e for e in engines if e != "muscle"), key=med.get)
+        print(f"{name} ({counts.pop()} parameters), median ms/step (per round):")
+        for e in engines:
+            rounds = ", ".join(f"{t:.1f}" for t in times[e])
+            mark = "  <- fastest PyTorch" if e == fastest else ""
+            print(f"  {e:<24} {med[e]:>9.1f}   ({rounds}){mark}")
+        per_round = ", ".join(f"{m / min(times[e][r] for e in engines if e != 'muscle'):.2f}"
+                              for r, m in enumerate(times["muscle"]))
+        print(f"  muscle / fastest PyTorch: {med['muscle'] / med[fastest]:.2f}   (per round against that round's "
+              f"fastest: {per_round})")
 
 
 if __name__ == "__main__":
