@@ -16,6 +16,7 @@ Usage: benches/peer/run.sh [--threads 2] [--steps 20] [--rounds 2] [--case convn
                            [--variants eager,channels_last,...]
 """
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -23,8 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-import contextlib
 import warnings
 
 import numpy as np
@@ -278,7 +277,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2, help="alternations of the two engines; medians over rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the engines (every variant and muscle); medians over rounds")
     ap.add_argument("--case", choices=["convnet", "wrn", "all"], default="all")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"PyTorch variants to time, comma-separated, of {','.join(VARIANTS)}")
