@@ -314,7 +314,8 @@ def main():
         sys.exit(f"--variants: unknown {unknown}; choose from {VARIANTS}")
     print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps after {a.warmup}, {a.rounds} rounds")
     for case in (["convnet", "wrn"] if a.case == "all" else [a.case]):
-        engines = [f"PyTorch {v}" for v in variants] + ["muscle"]
+        pytorch = [f"PyTorch {v}" for v in variants]
+        engines = pytorch + ["muscle"]
         times = {e: [] for e in engines}
         counts = set()
         for r in range(a.rounds):
@@ -330,13 +331,13 @@ def main():
             sys.exit(f"{case}: parameter counts differ between the engines: {sorted(counts)}")
         name = "convnet MUSCLE 64+2x256" if case == "convnet" else "wrn-28-2 supervised 64"
         med = {e: statistics.median(t) for e, t in times.items()}
-        fastest = min((e for e in engines if e != "muscle"), key=med.get)
+        fastest = min(pytorch, key=med.get)
         print(f"{name} ({counts.pop()} parameters), median ms/step (per round):")
         for e in engines:
             rounds = ", ".join(f"{t:.1f}" for t in times[e])
             mark = "  <- fastest PyTorch" if e == fastest else ""
             print(f"  {e:<24} {med[e]:>9.1f}   ({rounds}){mark}")
-        per_round = ", ".join(f"{m / min(times[e][r] for e in engines if e != 'muscle'):.2f}"
+        per_round = ", ".join(f"{m / min(times[e][r] for e in pytorch):.2f}"
                               for r, m in enumerate(times["muscle"]))
         print(f"  muscle / fastest PyTorch: {med['muscle'] / med[fastest]:.2f}   (per round against that round's "
               f"fastest: {per_round})")
