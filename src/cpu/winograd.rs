@@ -1,4 +1,6 @@
-//! Winograd F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions with even sides (AVX-512).
+//! Winograd F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions with even sides (AVX-512 and
+//! AVX2 + FMA: the same operations in the same order, so both give the same bits, those of the
+//! scalar twin `forward_reference`).
 //!
 //! Each 2 x 2 block of outputs ("tile") comes from a 4 x 4 patch of input: with V = B^T d B the
 //! patch's transform and U = G g G^T the kernel's, the tile is A^T (U . V) A, 16 products per
@@ -39,7 +41,7 @@ const MIN_CHANNELS: usize = 16;
 /// Which convolutions take Winograd on this machine, from `MUSCLE_CONV`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// None (`gemm` or `direct`, for comparisons; or no AVX-512).
+    /// None (`gemm` or `direct`, for comparisons; or neither AVX-512 nor AVX2 + FMA).
     Off,
     /// Input gradients only: the default.
     InputGrad,
@@ -50,7 +52,7 @@ enum Mode {
 fn mode() -> Mode {
     static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
     *MODE.get_or_init(|| {
-        if super::simd::level() != super::simd::Level::Avx512 {
+        if super::simd::level() == super::simd::Level::Baseline {
             return Mode::Off;
         }
         match std::env::var("MUSCLE_CONV").as_deref() {
@@ -68,7 +70,7 @@ pub fn forward_applies(s: &ConvShape) -> bool {
 }
 
 /// Whether the input gradient of a stride-1 layer, the convolution `t` of dY with the flipped
-/// kernel, runs here: by default on AVX-512 machines, for shapes that `fit`.
+/// kernel, runs here: by default on AVX-512 and AVX2 machines, for shapes that `fit`.
 pub fn input_grad_applies(t: &ConvShape) -> bool {
     mode() != Mode::Off && fits(t)
 }
@@ -269,8 +271,9 @@ unsafe fn output_transform(
 /// F(2x2, 3x3). Callers check `forward_applies` or `input_grad_applies` (or AVX-512 and `fits`)
 /// first.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
-    // AVX-512 code, and odd sides would leave a row and a column unwritten.
+    // SIMD code, and odd sides would leave a row and a column unwritten.
     assert!(mode() != Mode::Off && fits(s), "winograd::forward: {s:?} on this CPU");
+    let avx512 = super::simd::level() == super::simd::Level::Avx512;
     let tiles = (s.h / 2) * (s.w / 2);
     let imgs = (GROUP_FLOATS / (XI * s.ci.max(s.co) * tiles)).clamp(1, s.n.max(1));
     let stride = (imgs * tiles).next_multiple_of(16);
@@ -283,53 +286,74 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     let init = || Scratch {
         v: crate::pool::take(XI * vpitch),
         m: crate::pool::take(XI * mpitch),
-        e: vec![0.0f32; 4 * scratch_row(s.w)],
+        e: vec![0.0f32; 5 * scratch_row(s.w)],
     };
     y.par_chunks_mut(imgs * img_out).zip(x.par_chunks(imgs * img_in)).for_each_init(init, |sc, (yg, xg)| {
         let (vb, mb, e) = (&mut sc.v, &mut sc.m, &mut sc.e);
         let k_imgs = xg.len() / img_in;
         for k in 0..k_imgs {
-            // SAFETY: AVX-512 (`mode`); e is zero outside the columns the transform writes;
-            // vb holds XI x vpitch floats and k tiles + tiles <= stride.
-            unsafe { input_transform(&xg[k * img_in..][..img_in], s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e) };
+            let xk = &xg[k * img_in..][..img_in];
+            // SAFETY: the CPU has the instruction set of the branch taken (`mode`, `level`); e
+            // is zero outside the columns the transforms write; vb holds XI x vpitch floats and
+            // k tiles + tiles <= stride.
+            unsafe {
+                if avx512 {
+                    input_transform(xk, s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e)
+                } else {
+                    avx2::input_transform(xk, s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e)
+                }
+            }
         }
         // Tiles past the group's last (up to a whole vector) hold stale values; their products
         // land in M's padding and are never read.
-        let nvec = (k_imgs * tiles).div_ceil(16);
+        let ntiles = k_imgs * tiles;
         for xi in 0..XI {
             for b in 0..blocks {
                 let valid = (s.co - b * OCB).min(OCB);
                 let ub = &u[(xi * blocks + b) * s.ci * OCB..][..s.ci * OCB];
                 let vx = &vb[xi * vpitch..][..s.ci * stride];
                 let mx = &mut mb[xi * mpitch + b * OCB * stride..][..valid * stride];
-                // Whole register tiles of RV vectors, then the last vectors one by one.
-                let whole = nvec / RV * RV;
-                // SAFETY: vectors 0..nvec lie within `stride` (a multiple of 16 covering every
-                // tile) in each of the ci rows of vx and the `valid` rows of mx; ub holds
-                // ci x OCB floats; the CPU has AVX-512 (`mode`).
+                // SAFETY: vectors of 16 (8) tiles up to ntiles rounded up lie within `stride` (a
+                // multiple of 16 covering every tile) in each of the ci rows of vx and the
+                // `valid` rows of mx; ub holds ci x OCB floats; the CPU has the instruction set
+                // of the branch taken.
                 unsafe {
                     let (vp, up, mp) = (vx.as_ptr(), ub.as_ptr(), mx.as_mut_ptr());
-                    for q in (0..whole).step_by(RV) {
-                        product::<RV>(vp.add(16 * q), stride, up, s.ci, mp.add(16 * q), valid);
-                    }
-                    for q in whole..nvec {
-                        product::<1>(vp.add(16 * q), stride, up, s.ci, mp.add(16 * q), valid);
+                    if avx512 {
+                        // Whole register tiles of RV vectors, then the last vectors one by one.
+                        let nvec = ntiles.div_ceil(16);
+                        let whole = nvec / RV * RV;
+                        for q in (0..whole).step_by(RV) {
+                            product::<RV>(vp.add(16 * q), stride, up, s.ci, mp.add(16 * q), valid);
+                        }
+                        for q in whole..nvec {
+                            product::<1>(vp.add(16 * q), stride, up, s.ci, mp.add(16 * q), valid);
+                        }
+                    } else {
+                        avx2::products(vp, stride, up, s.ci, mp, valid, ntiles);
                     }
                 }
             }
         }
         for k in 0..k_imgs {
-            // SAFETY: AVX-512 (`mode`); mb holds XI x mpitch floats.
+            let yk = &mut yg[k * img_out..][..img_out];
+            // SAFETY: the CPU has the instruction set of the branch taken; mb holds XI x mpitch
+            // floats.
             unsafe {
-                output_transform(mb, s.co, s.h, s.w, k * tiles, stride, mpitch, &mut yg[k * img_out..][..img_out])
-            };
+                if avx512 {
+                    output_transform(mb, s.co, s.h, s.w, k * tiles, stride, mpitch, yk)
+                } else {
+                    avx2::output_transform(mb, s.co, s.h, s.w, k * tiles, stride, mpitch, yk)
+                }
+            }
         }
     });
 }
 
 /// One task's buffers: V and M from the tensor pool (stale values: every element read is
 /// written first, but for padding lanes whose products are never read), returned on drop, so
-/// the task splits of every call do not zero megabytes; the row-transform scratch.
+/// the task splits of every call do not zero megabytes; the row-transform scratch (four rows,
+/// and a fifth that stays zero: the AVX2 transform's rows above and below the image).
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
@@ -370,18 +394,327 @@ unsafe fn product<const R: usize>(v: *const f32, stride: usize, u: *const f32, c
     }
 }
 
+/// The AVX2 + FMA kernels: 8-lane twins of the AVX-512 ones above, operation for operation
+/// (the same adds in the same order, the same FMA chain over input channels), so an AVX2
+/// machine computes the bits an AVX-512 one does. Partial vectors are stored through a stack
+/// copy, not `vmaskmovps`, which is microcoded and slow on AMD's Zen.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{scratch_row, OCB, XI};
+    use std::arch::x86_64::*;
+
+    /// Output channels per register tile: half an OCB block of U.
+    const OCH: usize = 4;
+    /// Vectors of 8 tiles per register tile: 4 x 3 accumulators, 3 loads and a broadcast fill
+    /// the 16 registers.
+    const RV: usize = 3;
+
+    /// Stores the first `n` lanes of `v` at `p`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_first(p: *mut f32, n: usize, v: __m256) {
+        if n >= 8 {
+            _mm256_storeu_ps(p, v);
+        } else {
+            let mut t = [0.0f32; 8];
+            _mm256_storeu_ps(t.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(t.as_ptr(), p, n);
+        }
+    }
+
+    /// (even lanes, odd lanes) of the 16 floats a, b.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn deinterleave(a: __m256, b: __m256) -> (__m256, __m256) {
+        // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit pairs reordered.
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let fix = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+        (fix(even), fix(odd))
+    }
+
+    /// `super::input_transform` on 8 tiles per vector.
+    ///
+    /// # Safety
+    /// AVX2 + FMA present; `e` holds 5 `scratch_row(w)` floats, zero outside columns 1..=w of
+    /// its first four rows and zero in the fifth; `v` holds XI x pitch >= ci x stride floats with
+    /// t0 + (h / 2) (w / 2) <= stride.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn input_transform(
+        x: &[f32],
+        ci: usize,
+        h: usize,
+        w: usize,
+        v: &mut [f32],
+        t0: usize,
+        stride: usize,
+        pitch: usize,
+        e: &mut [f32],
+    ) {
+        let (th, tw) = (h / 2, w / 2);
+        let er = scratch_row(w);
+        assert!(
+            x.len() >= ci * h * w
+                && e.len() >= 5 * er
+                && pitch >= ci * stride
+                && v.len() >= XI * pitch
+                && t0 + th * tw <= stride
+        );
+        let vp = v.as_mut_ptr();
+        for c in 0..ci {
+            let plane = &x[c * h * w..][..h * w];
+            for ty in 0..th {
+                // Patch rows 2 ty - 1 .. 2 ty + 2 (the zero row outside the image) combined by
+                // B^T's rows over whole image rows: plain loops that the compiler vectorizes.
+                let (rows, zero) = e.split_at_mut(4 * er);
+                let zero = &zero[..w];
+                let d = |k: usize| {
+                    let r = (2 * ty + k) as isize - 1;
+                    if r < 0 || r as usize >= h {
+                        zero
+                    } else {
+                        &plane[r as usize * w..][..w]
+                    }
+                };
+                let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+                let (e0, rest) = rows.split_at_mut(er);
+                let (e1, rest) = rest.split_at_mut(er);
+                let (e2, e3) = rest.split_at_mut(er);
+                let (e0, e1, e2, e3) = (&mut e0[1..=w], &mut e1[1..=w], &mut e2[1..=w], &mut e3[1..=w]);
+                for col in 0..w {
+                    let (a, b, c2, d) = (d0[col], d1[col], d2[col], d3[col]);
+                    e0[col] = a - c2;
+                    e1[col] = b + c2;
+                    e2[col] = c2 - b;
+                    e3[col] = b - d;
+                }
+                // Tile tx's patch columns 2 tx - 1 .. 2 tx + 2 are padded columns 2 tx .. 2 tx + 3.
+                let ep = e.as_ptr();
+                for tx0 in (0..tw).step_by(8) {
+                    let n = (tw - tx0).min(8);
+                    let at = t0 + ty * tw + tx0;
+                    for k in 0..4 {
+                        let p = ep.add(k * er + 2 * tx0);
+                        let (p0, p1) = deinterleave(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                        let (p2, p3) = deinterleave(_mm256_loadu_ps(p.add(2)), _mm256_loadu_ps(p.add(10)));
+                        let out = [
+                            _mm256_sub_ps(p0, p2),
+                            _mm256_add_ps(p1, p2),
+                            _mm256_sub_ps(p2, p1),
+                            _mm256_sub_ps(p1, p3),
+                        ];
+                        for (j, o) in out.iter().enumerate() {
+                            store_first(vp.add((k * 4 + j) * pitch + c * stride + at), n, *o);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `super::output_transform` on 8 tiles per vector.
+    ///
+    /// # Safety
+    /// AVX2 + FMA present; `mb` holds XI x pitch floats, pitch >= co x stride + 8, with
+    /// t0 + (h / 2) (w / 2) <= stride; `y` holds co x h x w floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn output_transform(
+        mb: &[f32],
+        co: usize,
+        h: usize,
+        w: usize,
+        t0: usize,
+        stride: usize,
+        pitch: usize,
+        y: &mut [f32],
+    ) {
+        let (th, tw) = (h / 2, w / 2);
+        // Whole-vector loads reach up to 7 floats past the last tile of a row of M.
+        assert!(pitch >= co * stride + 8 && mb.len() >= XI * pitch && t0 + th * tw <= stride && y.len() >= co * h * w);
+        let yp = y.as_mut_ptr();
+        for o in 0..co {
+            for ty in 0..th {
+                for tx0 in (0..tw).step_by(8) {
+                    let n = (tw - tx0).min(8);
+                    let at = t0 + ty * tw + tx0;
+                    let mut m = [_mm256_setzero_ps(); XI];
+                    for (xi, mv) in m.iter_mut().enumerate() {
+                        *mv = _mm256_loadu_ps(mb.as_ptr().add(xi * pitch + o * stride + at));
+                    }
+                    let v = |k: usize, j: usize| m[k * 4 + j];
+                    // A^T over k, then over j.
+                    let mut s0 = [_mm256_setzero_ps(); 4];
+                    let mut s1 = [_mm256_setzero_ps(); 4];
+                    for j in 0..4 {
+                        s0[j] = _mm256_add_ps(_mm256_add_ps(v(0, j), v(1, j)), v(2, j));
+                        s1[j] = _mm256_sub_ps(_mm256_sub_ps(v(1, j), v(2, j)), v(3, j));
+                    }
+                    let rows = [
+                        (
+                            _mm256_add_ps(_mm256_add_ps(s0[0], s0[1]), s0[2]),
+                            _mm256_sub_ps(_mm256_sub_ps(s0[1], s0[2]), s0[3]),
+                        ),
+                        (
+                            _mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), s1[2]),
+                            _mm256_sub_ps(_mm256_sub_ps(s1[1], s1[2]), s1[3]),
+                        ),
+                    ];
+                    for (dr, (even, odd)) in rows.into_iter().enumerate() {
+                        let dst = yp.add((o * h + 2 * ty + dr) * w + 2 * tx0);
+                        // e0 o0 e1 o1 | e4 o4 e5 o5 and e2 o2 e3 o3 | e6 o6 e7 o7, halves regrouped.
+                        let (lo, hi) = (_mm256_unpacklo_ps(even, odd), _mm256_unpackhi_ps(even, odd));
+                        store_first(dst, (2 * n).min(8), _mm256_permute2f128_ps::<0x20>(lo, hi));
+                        if n > 4 {
+                            store_first(dst.add(8), 2 * n - 8, _mm256_permute2f128_ps::<0x31>(lo, hi));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// M rows o < valid (`stride` apart) at every vector of 8 tiles covering `ntiles` = sum
+    /// over c < ci of U[c][o] x V row c, in register tiles of OCH channels x RV vectors.
+    ///
+    /// # Safety
+    /// AVX2 + FMA present; `v + c * stride .. + ntiles` rounded up to 8 readable for c < ci; `u`
+    /// holds ci * OCB floats; `m + o * stride ..` likewise writable for o < valid <= OCB.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn products(
+        v: *const f32,
+        stride: usize,
+        u: *const f32,
+        ci: usize,
+        m: *mut f32,
+        valid: usize,
+        ntiles: usize,
+    ) {
+        let nvec = ntiles.div_ceil(8);
+        let whole = nvec / RV * RV;
+        for o0 in (0..valid).step_by(OCH) {
+            let rows = (valid - o0).min(OCH);
+            let (uo, mo) = (u.add(o0), m.add(o0 * stride));
+            for q in (0..whole).step_by(RV) {
+                product::<RV>(v.add(8 * q), stride, uo, ci, mo.add(8 * q), rows);
+            }
+            for q in whole..nvec {
+                product::<1>(v.add(8 * q), stride, uo, ci, mo.add(8 * q), rows);
+            }
+        }
+    }
+
+    /// One register tile: OCH channels (U columns `u + o`, OCB apart per c) x R vectors.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn product<const R: usize>(
+        v: *const f32,
+        stride: usize,
+        u: *const f32,
+        ci: usize,
+        m: *mut f32,
+        valid: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); R]; OCH];
+        for c in 0..ci {
+            let row = v.add(c * stride);
+            let mut xv = [_mm256_setzero_ps(); R];
+            for (r, x) in xv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(row.add(8 * r));
+            }
+            for (o, acc_o) in acc.iter_mut().enumerate() {
+                let g = _mm256_broadcast_ss(&*u.add(c * OCB + o));
+                for r in 0..R {
+                    acc_o[r] = _mm256_fmadd_ps(g, xv[r], acc_o[r]);
+                }
+            }
+        }
+        for (o, acc_o) in acc.iter().enumerate().take(valid) {
+            for (r, a) in acc_o.iter().enumerate() {
+                _mm256_storeu_ps(m.add(o * stride + 8 * r), *a);
+            }
+        }
+    }
+}
+
+/// The scalar twin of `forward`: every tile's transforms, its FMA chains over input channels
+/// and its output transform in the SIMD kernels' order, one value at a time. Both SIMD paths
+/// must give its bits (tests); it runs on any CPU, slowly, as the reference.
+pub fn forward_reference(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    assert!(fits(s) && x.len() >= s.n * s.ci * s.h * s.w, "winograd::forward_reference: {s:?}");
+    let blocks = s.co.div_ceil(OCB);
+    let u = transform_weights(s, w);
+    let (h, wd) = (s.h as isize, s.w as isize);
+    let mut y = vec![0.0f32; s.n * s.co * s.h * s.w];
+    let mut v = vec![0.0f32; XI * s.ci];
+    for n in 0..s.n {
+        for ty in 0..s.h / 2 {
+            for tx in 0..s.w / 2 {
+                for c in 0..s.ci {
+                    let plane = &x[(n * s.ci + c) * s.h * s.w..][..s.h * s.w];
+                    let px = |r: isize, q: isize| {
+                        if r < 0 || q < 0 || r >= h || q >= wd {
+                            0.0
+                        } else {
+                            plane[(r * wd + q) as usize]
+                        }
+                    };
+                    // B^T over the patch's rows, then over its columns.
+                    // cols[j][k]: patch column j after B^T over the rows.
+                    let cols: [[f32; 4]; 4] = std::array::from_fn(|j| {
+                        let q = (2 * tx + j) as isize - 1;
+                        let d = |k: usize| px((2 * ty + k) as isize - 1, q);
+                        [d(0) - d(2), d(1) + d(2), d(2) - d(1), d(1) - d(3)]
+                    });
+                    for k in 0..4 {
+                        let p = cols.map(|col| col[k]);
+                        let out = [p[0] - p[2], p[1] + p[2], p[2] - p[1], p[1] - p[3]];
+                        for (j, o) in out.iter().enumerate() {
+                            v[(k * 4 + j) * s.ci + c] = *o;
+                        }
+                    }
+                }
+                for o in 0..s.co {
+                    let mut m = [0.0f32; XI];
+                    for (xi, mv) in m.iter_mut().enumerate() {
+                        let ub = &u[(xi * blocks + o / OCB) * s.ci * OCB..];
+                        *mv = (0..s.ci).fold(0.0f32, |acc, c| ub[c * OCB + o % OCB].mul_add(v[xi * s.ci + c], acc));
+                    }
+                    let mut s0 = [0.0f32; 4];
+                    let mut s1 = [0.0f32; 4];
+                    for j in 0..4 {
+                        s0[j] = (m[j] + m[4 + j]) + m[8 + j];
+                        s1[j] = (m[4 + j] - m[8 + j]) - m[12 + j];
+                    }
+                    for (dr, sr) in [s0, s1].iter().enumerate() {
+                        let at = ((n * s.co + o) * s.h + 2 * ty + dr) * s.w + 2 * tx;
+                        y[at] = (sr[0] + sr[1]) + sr[2];
+                        y[at + 1] = (sr[1] - sr[2]) - sr[3];
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::im2col::assert_forward_matches_naive;
 
-    /// Against f64 loops: planes of 2 x 2 up to 32 x 32, wide and tall, tile counts that leave
-    /// partial vectors and partial register tiles, output channels short of a block, groups of
-    /// one and of several images (with a partial last group).
-    #[test]
-    fn forward_matches_direct_loops() {
-        let conv = |n, ci, h, w, co| ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 1, pad: 1 };
-        let shapes = [
+    fn conv(n: usize, ci: usize, h: usize, w: usize, co: usize) -> ConvShape {
+        ConvShape { n, ci, h, w, co, kh: 3, kw: 3, stride: 1, pad: 1 }
+    }
+
+    /// Planes of 2 x 2 up to 32 x 32, wide and tall, tile rows that leave partial 8- and
+    /// 16-tile vectors (the convnet's 28 and 14 wide), partial register tiles, output channels
+    /// short of a block and of half a block, groups of one and of several images (with a
+    /// partial last group).
+    fn shapes() -> Vec<ConvShape> {
+        vec![
             conv(2, 16, 4, 4, 17),
             conv(3, 16, 2, 2, 20),
             conv(5, 16, 8, 8, 16),
@@ -394,15 +727,50 @@ mod tests {
             conv(4, 32, 32, 32, 32),
             conv(4, 128, 8, 8, 128),
             conv(4, 64, 16, 16, 64),
-        ];
+            conv(3, 32, 28, 28, 32),
+            conv(5, 64, 14, 14, 32),
+            conv(2, 16, 4, 30, 18),
+        ]
+    }
+
+    #[test]
+    fn forward_matches_direct_loops() {
         if mode() == Mode::Off {
-            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV=gemm / direct)");
+            eprintln!("skipped: no AVX-512 or AVX2 (or MUSCLE_CONV=gemm / direct)");
             return;
         }
-        assert!(shapes.iter().all(fits));
+        assert!(shapes().iter().all(fits));
         assert!(!fits(&conv(1, 16, 7, 8, 16)) && !fits(&conv(1, 8, 8, 8, 16)) && !fits(&conv(1, 16, 8, 8, 8)));
-        for (k, s) in shapes.iter().enumerate() {
+        for (k, s) in shapes().iter().enumerate() {
             assert_forward_matches_naive(s, k as u64, forward);
+        }
+    }
+
+    /// The scalar twin is a Winograd convolution (on every CPU).
+    #[test]
+    fn reference_matches_direct_loops() {
+        for (k, s) in shapes().iter().enumerate().step_by(2) {
+            assert_forward_matches_naive(s, 40 + k as u64, |s, x, w, y| y.copy_from_slice(&forward_reference(s, x, w)));
+        }
+    }
+
+    /// This CPU's SIMD path gives the twin's bits; an add in another order, a mul + add in
+    /// place of an FMA or a stale lane stored would not.
+    #[test]
+    fn simd_gives_the_scalar_twins_bits() {
+        if mode() == Mode::Off {
+            eprintln!("skipped: no AVX-512 or AVX2 (or MUSCLE_CONV=gemm / direct)");
+            return;
+        }
+        for (k, s) in shapes().iter().enumerate() {
+            let x = crate::rng::normal_vec(s.x_len(), 1.0, 60 + k as u64);
+            let w = crate::rng::normal_vec(s.w_len(), 1.0, 80 + k as u64);
+            let mut y = vec![f32::NAN; s.y_len()];
+            forward(s, &x, &w, &mut y);
+            let want = forward_reference(s, &x, &w);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{s:?} output {i}: {a} vs {b}");
+            }
         }
     }
 }

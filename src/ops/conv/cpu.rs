@@ -1,7 +1,7 @@
 //! The CPU convolution: which algorithm runs each layer, in one place. The kernels themselves are
 //! shared CPU code (`cpu::direct_conv`, `cpu::winograd`, `cpu::im2col`); this file only chooses:
-//! Winograd, then the direct AVX-512 kernels, where they apply on this CPU, im2col + GEMM for
-//! every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths on one machine).
+//! Winograd (AVX-512 or AVX2), then the direct AVX-512 kernels, where they apply on this CPU,
+//! im2col + GEMM for every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths on one machine).
 
 use crate::kernel_args::ConvShape;
 
@@ -52,7 +52,18 @@ pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32],
             }
             return;
         }
+        // Without the direct kernels (AVX2): the weight gradient through im2col + GEMM, the
+        // input gradient through Winograd where it applies.
+        let t = ConvShape { ci: s.co, co: s.ci, ..*s };
+        match dx {
+            Some(dx) if winograd::input_grad_applies(&t) => {
+                im2col::gemm_backward(s, x, w, dy, dw, None);
+                winograd::forward(&t, dy, &s.flip_weights(w), dx)
+            }
+            dx => im2col::gemm_backward(s, x, w, dy, dw, dx),
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
     im2col::gemm_backward(s, x, w, dy, dw, dx)
 }
 
