@@ -18,8 +18,8 @@
 //! to 4.9e-3 from PyTorch's (direct: 1.6e-6), past the model test's 1e-3; in the input gradient
 //! nothing sums them that way, and the same gradients stay within 1.7e-6. So input gradients
 //! take Winograd by default and forwards only with `MUSCLE_CONV=winograd` (training does not
-//! mind: cuDNN picks Winograd kernels too); `MUSCLE_CONV=direct` turns it off. Every sum has a
-//! fixed order: results do not depend on threads.
+//! mind: cuDNN picks Winograd kernels too); `MUSCLE_CONV=direct` or `gemm` turns it off. Every
+//! sum has a fixed order: results depend neither on threads nor on the instruction set.
 
 use crate::kernel_args::ConvShape;
 use rayon::prelude::*;
