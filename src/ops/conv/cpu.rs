@@ -1,7 +1,8 @@
 //! The CPU convolution: which algorithm runs each layer, in one place. The kernels themselves are
 //! shared CPU code (`cpu::direct_conv`, `cpu::winograd`, `cpu::im2col`); this file only chooses:
 //! Winograd (AVX-512 or AVX2), then the direct AVX-512 kernels, where they apply on this CPU,
-//! im2col + GEMM for every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths on one machine).
+//! im2col + GEMM for every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths
+//! on one machine).
 
 use crate::kernel_args::ConvShape;
 
