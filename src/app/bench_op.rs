@@ -136,7 +136,16 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
         Op::Mi => {
             let bw = cpu::peak::copy_bandwidth_gbs(256);
             let (fwd, both) = ops::mutual_info::bench::cpu_times(n, c, b.reps);
-            Ok(mi_cases("mi", n, c, fwd, both, bw, fma_peak()?))
+            let peak = fma_peak()?;
+            let mut out = mi_cases("mi", n, c, fwd, both, bw, peak);
+            if c > 16 {
+                // Wide C: the three products alone through the GEMM crate, the yardstick the
+                // forward + backward is held against (BENCHMARKS.md, MI loss).
+                let t = ops::mutual_info::bench::cpu_gemm_reference(n, c, b.reps);
+                let flops = (6 * n * c * c) as f64;
+                out.push(compute_case(format!("gemm crate, the same 3 products n={n} C={c}"), t, flops, peak));
+            }
+            Ok(out)
         }
         Op::SoftmaxCe => {
             let bw = cpu::peak::copy_bandwidth_gbs(256);

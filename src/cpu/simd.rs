@@ -331,6 +331,129 @@ pub mod avx512 {
     }
 }
 
+/// AVX2 + FMA building blocks: 8-lane twins of the AVX-512 ones, for machines without AVX-512.
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// e^x lane-wise with `avx512::exp16`'s operations (FMA range reduction and polynomial, then
+    /// e * 2^n), so both give the same bits; 2^n comes from the exponent bits, as in `simd::exp`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA (call it from a function that enables them).
+    #[inline(always)]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            xc,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for k in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k));
+        }
+        let e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0));
+        // n is integral and in [-126, 127] after the clamp: the conversion is exact, 2^n is normal,
+        // and one rounded product gives what `vscalefps` gives.
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        let y = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.3));
+        _mm256_andnot_ps(under, y)
+    }
+
+    /// Sum of the 8 lanes, as the tree ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
+    ///
+    /// # Safety
+    /// The CPU must support AVX (any AVX2 caller does).
+    #[inline(always)]
+    pub unsafe fn hsum8(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+
+    /// Largest of the 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX (any AVX2 caller does).
+    #[inline(always)]
+    pub unsafe fn hmax8(v: __m256) -> f32 {
+        let q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_max_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+
+    /// The last `len < 8` floats at `p` in a register, the other lanes `fill`: a stack copy, since
+    /// Zen 1 microcodes `vmaskmovps`.
+    #[inline(always)]
+    unsafe fn load_tail(p: *const f32, len: usize, fill: f32) -> __m256 {
+        let mut t = [fill; 8];
+        std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), len);
+        _mm256_loadu_ps(t.as_ptr())
+    }
+
+    /// Stores the first `len < 8` lanes of `v` at `p`.
+    #[inline(always)]
+    unsafe fn store_tail(v: __m256, p: *mut f32, len: usize) {
+        let mut t = [0.0f32; 8];
+        _mm256_storeu_ps(t.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(t.as_ptr(), p, len);
+    }
+
+    /// Softmax of one row of any length into `out` (same length), as `avx512::softmax_row` with
+    /// 8 lanes: the tail's lanes read as -inf and give exp 0.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `out.len() == x.len()`.
+    #[inline(always)]
+    pub unsafe fn softmax_row(x: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(x.len(), out.len());
+        let (full, tail) = (x.len() / 8, x.len() % 8);
+        let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for k in 0..full {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(xp.add(8 * k)));
+        }
+        let t = load_tail(xp.add(8 * full), tail, f32::NEG_INFINITY);
+        if tail > 0 {
+            m = _mm256_max_ps(m, t);
+        }
+        let mx = _mm256_set1_ps(hmax8(m));
+        // Two independent exps per iteration: one exp8 is a chain of a dozen dependent FMAs, and
+        // with one per iteration the loop ran at its latency, not its throughput.
+        let (mut acc, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for k in (0..full / 2).map(|k| 2 * k) {
+            let e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(xp.add(8 * k)), mx));
+            let e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(xp.add(8 * k + 8)), mx));
+            _mm256_storeu_ps(op.add(8 * k), e0);
+            _mm256_storeu_ps(op.add(8 * k + 8), e1);
+            acc = _mm256_add_ps(acc, e0);
+            acc1 = _mm256_add_ps(acc1, e1);
+        }
+        if full % 2 == 1 {
+            let k = full - 1;
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(xp.add(8 * k)), mx));
+            _mm256_storeu_ps(op.add(8 * k), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        acc = _mm256_add_ps(acc, acc1);
+        let mut et = _mm256_setzero_ps();
+        if tail > 0 {
+            et = exp8(_mm256_sub_ps(t, mx));
+            acc = _mm256_add_ps(acc, et);
+        }
+        let inv = _mm256_set1_ps(1.0 / hsum8(acc));
+        for k in 0..full {
+            _mm256_storeu_ps(op.add(8 * k), _mm256_mul_ps(_mm256_loadu_ps(op.add(8 * k)), inv));
+        }
+        if tail > 0 {
+            store_tail(_mm256_mul_ps(et, inv), op.add(8 * full), tail);
+        }
+    }
+}
+
 /// Softmax of one row into `out` (max subtracted first so exp never overflows).
 #[inline(always)]
 pub fn softmax_row(x: &[f32], out: &mut [f32]) {
@@ -376,6 +499,71 @@ mod tests {
                 assert!((g - w).abs() <= 4.0 * f32::EPSILON * w.max(f32::MIN_POSITIVE), "len {len}, [{k}]: {g} vs {w}");
             }
             assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5, "len {len}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_softmax_row_matches_the_portable_one_at_every_tail() {
+        if level() == Level::Baseline {
+            eprintln!("skipped: no AVX2 + FMA on this CPU");
+            return;
+        }
+        for len in [1usize, 7, 8, 9, 15, 16, 17, 100, 1000] {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+            let (mut want, mut got) = (vec![0.0f32; len], vec![-1.0f32; len]);
+            softmax_row(&x, &mut want);
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run(x: &[f32], out: &mut [f32]) {
+                avx2::softmax_row(x, out)
+            }
+            // SAFETY: AVX2 + FMA checked above; equal lengths.
+            unsafe { run(&x, &mut got) };
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 4.0 * f32::EPSILON * w.max(f32::MIN_POSITIVE), "len {len}, [{k}]: {g} vs {w}");
+            }
+            assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5, "len {len}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_exp8_equals_the_scalar_exp_and_the_avx512_exp16() {
+        if level() == Level::Baseline {
+            eprintln!("skipped: no AVX2 + FMA on this CPU");
+            return;
+        }
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run8(x: &[f32; 16]) -> [f32; 16] {
+            let mut out = [0.0f32; 16];
+            _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp8(_mm256_loadu_ps(x.as_ptr())));
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), avx2::exp8(_mm256_loadu_ps(x.as_ptr().add(8))));
+            out
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run16(x: &[f32; 16]) -> [f32; 16] {
+            let mut out = [0.0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), avx512::exp16(_mm512_loadu_ps(x.as_ptr())));
+            out
+        }
+        let mut x = [0.0f32; 16];
+        for k in 0..2000 {
+            x.iter_mut().enumerate().for_each(|(l, v)| *v = (k * 16 + l) as f32 * 0.0061 - 97.0);
+            x[0] = f32::NEG_INFINITY;
+            x[1] = -87.3;
+            // SAFETY: level() reported at least AVX2 + FMA.
+            let got = unsafe { run8(&x) };
+            for (g, &v) in got.iter().zip(&x) {
+                let want = exp(v);
+                assert!((g - want).abs() <= 2.0 * f32::EPSILON * want, "exp8({v}) = {g}, scalar {want}");
+            }
+            if level() == Level::Avx512 {
+                // SAFETY: level() reported AVX-512.
+                let wide = unsafe { run16(&x) };
+                let bits = |v: [f32; 16]| v.map(f32::to_bits);
+                assert_eq!(bits(got), bits(wide), "exp8 and exp16 at {x:?}");
+            }
         }
     }
 

@@ -20,6 +20,22 @@ pub fn cpu_times(n: usize, c: usize, reps: usize) -> (f64, f64) {
     (fwd, both)
 }
 
+/// Median seconds of the GEMM crate doing the loss's three C x C products alone, each one call over
+/// all n rows on every thread: J = Z^T W (C x C), then G^ W and G^ Z (n x C each). The yardstick
+/// for wide C, where the kernels' own products run per chunk with the softmax fused around them.
+pub fn cpu_gemm_reference(n: usize, c: usize, reps: usize) -> f64 {
+    use crate::cpu::gemm::{sgemm, Mat};
+    let (z, w) = (normal_vec(n * c, 1.0, 3), normal_vec(n * c, 1.0, 4));
+    let g = normal_vec(c * c, 1.0, 5);
+    let (mut j, mut ua, mut ub) = (vec![0.0f32; c * c], vec![0.0f32; n * c], vec![0.0f32; n * c]);
+    let threads = crate::cpu::threads();
+    median_secs(reps, || {
+        sgemm(c, c, n, Mat::t(&z), Mat::n(&w), black_box(&mut j), false, threads);
+        sgemm(n, c, c, Mat::n(&w), Mat::n(&g), black_box(&mut ua), false, threads);
+        sgemm(n, c, c, Mat::n(&z), Mat::n(&g), black_box(&mut ub), false, threads);
+    })
+}
+
 /// Median seconds of the GPU forward and of forward + backward at n x c, each call synchronised.
 #[cfg(feature = "cuda")]
 pub fn cuda_times(gpu: &crate::cuda::Gpu, n: usize, c: usize, reps: usize) -> crate::error::Result<(f64, f64)> {

@@ -49,10 +49,11 @@ pub struct MiForward {
     pub z: Vec<f32>,
     /// softmax(logits_b), stored as `z`.
     pub w: Vec<f32>,
-    // Whether z and w are in 16-row class-major blocks (`blocked()`): the AVX-512 kernels keep a
-    // block's classes in registers, one row per lane, so this order spares the forward and the
-    // backward two 16 x 16 transposes each. Private: the backward's unsafe path relies on it.
-    blocked: bool,
+    // Rows per class-major block of z and w (`blocked()`), 0 for row-major: the AVX-512 (16)
+    // and AVX2 (8) kernels keep a block's classes in registers, one row per lane, so this order
+    // spares the forward and the backward a transpose each. Private: the backward's unsafe path
+    // relies on it.
+    block: usize,
     /// The joint P = S / s before the clamp, C x C.
     pub p: Vec<f64>,
     /// G - (2 lambda - 1), C x C: -ln P_cd + lambda ln m_c + lambda ln m_d with the clamp applied as
@@ -69,11 +70,16 @@ pub struct MiForward {
 }
 
 impl MiForward {
-    /// Whether `z` and `w` are stored in 16-row class-major blocks (the AVX-512 kernels' order: each
-    /// whole block of 16 rows holds class x of its row r at 16 x + r; the rows after the last whole
-    /// block are row-major) rather than row-major.
+    /// Whether `z` and `w` are stored in class-major blocks of `block_rows()` rows (the SIMD
+    /// kernels' order: each whole block of B rows holds class x of its row r at B x + r; the rows
+    /// after the last whole block are row-major) rather than row-major.
     pub fn blocked(&self) -> bool {
-        self.blocked
+        self.block > 0
+    }
+
+    /// Rows per class-major block of `z` and `w`: 16 (AVX-512), 8 (AVX2) or 0 (row-major).
+    pub fn block_rows(&self) -> usize {
+        self.block
     }
 
     /// softmax(logits_a) as a row-major n x C matrix.
@@ -89,12 +95,13 @@ impl MiForward {
     fn rows(&self, stored: &[f32]) -> Vec<f32> {
         let mut out = stored.to_vec();
         let c = self.g0.len().isqrt();
-        if self.blocked {
-            let whole = stored.len() / (16 * c) * 16 * c;
-            for (o, blk) in out[..whole].chunks_exact_mut(16 * c).zip(stored.chunks_exact(16 * c)) {
-                for r in 0..16 {
+        let b = self.block;
+        if b > 0 {
+            let whole = stored.len() / (b * c) * b * c;
+            for (o, blk) in out[..whole].chunks_exact_mut(b * c).zip(stored.chunks_exact(b * c)) {
+                for r in 0..b {
                     for x in 0..c {
-                        o[r * c + x] = blk[x * 16 + r];
+                        o[r * c + x] = blk[x * b + r];
                     }
                 }
             }
@@ -112,10 +119,12 @@ impl Drop for MiForward {
 }
 
 /// Rows per partial product in the forward: a function of (n, c) only, so the f64 reduction order,
-/// and with it the result, does not depend on the thread count.
+/// and with it the result, does not depend on the thread count. A multiple of the backward's
+/// CHUNK_ROWS, so that only the last chunk of either pass ends in rows after its last whole
+/// class-major block (the blocked storage order is the same whichever pass cut the rows).
 fn forward_chunk_rows(n: usize, c: usize) -> usize {
     let max_parts = (MAX_PARTIAL_ELEMS / (c * c)).max(1);
-    CHUNK_ROWS.max(n.div_ceil(max_parts))
+    n.div_ceil(max_parts).next_multiple_of(CHUNK_ROWS)
 }
 
 /// Loss and everything the backward needs, from the logits of both views (n x C each, row-major).
@@ -164,7 +173,7 @@ pub fn mi_fwd_reduced(
     let mut out = joint_terms(&j, c, lambda as f64);
     out.z = z;
     out.w = w;
-    out.blocked = use_avx512(c);
+    out.block = block_rows(c);
     Ok(out)
 }
 
@@ -248,7 +257,7 @@ fn joint_terms(j: &[f64], c: usize, lambda: f64) -> MiForward {
         s,
         z: Vec::new(),
         w: Vec::new(),
-        blocked: false,
+        block: 0,
         g0: g.iter().map(|&v| (v - shift) as f32).collect(),
         g_hat: g.iter().map(|&v| (v - pg) as f32).collect(),
         clamped: p.iter().filter(|&&v| v < EPS).count(),
@@ -301,6 +310,24 @@ multiversion! {
             }
         }
     }
+}
+
+/// Calls `$f::<C>(args)` for the runtime class count `$c` in 1..=16: with C a constant, every
+/// per-class loop is unrolled and the block's class registers stay in registers (with a runtime
+/// C the loops kept a compare per class and the blocks spilled to the stack).
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_classes {
+    ($c:expr, $f:ident($($arg:expr),*)) => {
+        match $c {
+            1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*), 5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*), 8 => $f::<8>($($arg),*), 9 => $f::<9>($($arg),*),
+            10 => $f::<10>($($arg),*), 11 => $f::<11>($($arg),*), 12 => $f::<12>($($arg),*),
+            13 => $f::<13>($($arg),*), 14 => $f::<14>($($arg),*), 15 => $f::<15>($($arg),*),
+            16 => $f::<16>($($arg),*),
+            c => unreachable!("SIMD MI kernel called with {c} classes (the caller checks 1..=16)"),
+        }
+    };
 }
 
 /// AVX-512 kernels for C <= 16: each row is one masked 16-lane register, so the row max, exp,
@@ -398,23 +425,6 @@ mod avx512 {
         for (x, v) in col.iter().enumerate().take(c) {
             _mm512_storeu_ps(p.add(x * 16), *v);
         }
-    }
-
-    /// Calls `$f::<C>(args)` for the runtime class count `$c` in 1..=16: with C a constant, every
-    /// per-class loop is unrolled and the block's class registers stay in registers (with a runtime
-    /// C the loops kept a compare per class and the blocks spilled to the stack).
-    macro_rules! for_classes {
-        ($c:expr, $f:ident($($arg:expr),*)) => {
-            match $c {
-                1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*), 5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*),
-                7 => $f::<7>($($arg),*), 8 => $f::<8>($($arg),*), 9 => $f::<9>($($arg),*),
-                10 => $f::<10>($($arg),*), 11 => $f::<11>($($arg),*), 12 => $f::<12>($($arg),*),
-                13 => $f::<13>($($arg),*), 14 => $f::<14>($($arg),*), 15 => $f::<15>($($arg),*),
-                16 => $f::<16>($($arg),*),
-                c => unreachable!("AVX-512 MI kernel called with {c} classes (the caller checks 1..=16)"),
-            }
-        };
     }
 
     /// `super::forward_chunk` for C <= 16, writing z and w in `MiForward::blocked`'s order: blocks
@@ -616,36 +626,251 @@ mod avx512 {
     }
 }
 
-/// Whether the AVX-512 kernels above serve C classes on this CPU.
-fn use_avx512(c: usize) -> bool {
-    cfg!(target_arch = "x86_64") && c <= LANES && simd::level() == simd::Level::Avx512
+/// AVX2 + FMA twins of the AVX-512 kernels for C <= 16, for machines without AVX-512: blocks of 8
+/// rows with one register per class (lane = row), stored class-major between the passes as there.
+/// Rows become class registers and gradients rows again through a stack transpose: 8 x C scalar
+/// moves cost less than the C exps (or C x C FMAs) each block feeds, and Zen 1 microcodes the
+/// masked loads an in-register transpose of short rows would need.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::cpu::simd::avx2::{exp8, hsum8};
+    use std::arch::x86_64::*;
+
+    /// 8 rows of C floats at `p` as class registers: lane r of element x is class x of row r.
+    #[inline(always)]
+    unsafe fn load_rows8<const C: usize>(p: *const f32) -> [__m256; C] {
+        let mut t = [[0.0f32; 8]; C];
+        for r in 0..8 {
+            for (x, col) in t.iter_mut().enumerate() {
+                col[r] = *p.add(r * C + x);
+            }
+        }
+        t.map(|col| _mm256_loadu_ps(col.as_ptr()))
+    }
+
+    /// The inverse of `load_rows8`: class registers back to 8 rows of C floats at `p`.
+    #[inline(always)]
+    unsafe fn store_rows8<const C: usize>(v: &[__m256; C], p: *mut f32) {
+        let mut t = [[0.0f32; 8]; C];
+        for (col, &reg) in t.iter_mut().zip(v) {
+            _mm256_storeu_ps(col.as_mut_ptr(), reg);
+        }
+        for r in 0..8 {
+            for (x, col) in t.iter().enumerate() {
+                *p.add(r * C + x) = col[r];
+            }
+        }
+    }
+
+    /// Softmax of 8 rows at `p`, one register per class: max, sum and reciprocal lane-wise.
+    #[inline(always)]
+    unsafe fn softmax_classes8<const C: usize>(p: *const f32) -> [__m256; C] {
+        let mut col = load_rows8::<C>(p);
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for v in &col {
+            m = _mm256_max_ps(m, *v);
+        }
+        let mut s = _mm256_setzero_ps();
+        for v in col.iter_mut() {
+            *v = exp8(_mm256_sub_ps(*v, m));
+            s = _mm256_add_ps(s, *v);
+        }
+        let inv = _mm256_div_ps(_mm256_set1_ps(1.0), s);
+        for v in col.iter_mut() {
+            *v = _mm256_mul_ps(*v, inv);
+        }
+        col
+    }
+
+    /// `super::forward_chunk` for C <= 16, writing z and w in 8-row class-major blocks.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; c in 1..=16; a, b, z, w hold the same whole rows; j is
+    /// C x C.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn forward_chunk(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+        for_classes!(c, forward_chunk_n(a, b, z, w, j))
+    }
+
+    /// `forward_chunk` for a constant C.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn forward_chunk_n<const C: usize>(a: &[f32], b: &[f32], z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+        let blocks = a.len() / C / 8;
+        for (src, dst) in [(a, &mut *z), (b, &mut *w)] {
+            for blk in 0..blocks {
+                let at = blk * 8 * C;
+                let v = softmax_classes8::<C>(src.as_ptr().add(at));
+                for (x, reg) in v.iter().enumerate() {
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(at + x * 8), *reg);
+                }
+            }
+        }
+        // J = Z^T W over the whole blocks: one accumulator per (x, y), lane-wise, then one
+        // horizontal sum per entry. At most 8 columns y per pass keep the accumulators, z_x and
+        // w_y within the 16 ymm registers.
+        let (zp, wp) = (z.as_ptr(), w.as_ptr());
+        for x in 0..C {
+            joint_lanes::<C, 0>(zp, wp, blocks, x, j);
+            if C > 8 {
+                joint_lanes::<C, 8>(zp, wp, blocks, x, j);
+            }
+        }
+        // The rows after the last whole block: row-major, through the portable kernel.
+        let done = blocks * 8 * C;
+        if done < a.len() {
+            let mut jt = [0.0f32; 256];
+            let jt = &mut jt[..C * C];
+            super::forward_chunk(&a[done..], &b[done..], C, &mut z[done..], &mut w[done..], jt);
+            for (jv, t) in j.iter_mut().zip(jt.iter()) {
+                *jv += t;
+            }
+        }
+    }
+
+    /// Entries (x, Y0..Y0 + 8) of J (overwritten) over `blocks` class-major 8-row blocks.
+    #[inline(always)]
+    unsafe fn joint_lanes<const C: usize, const Y0: usize>(
+        z: *const f32,
+        w: *const f32,
+        blocks: usize,
+        x: usize,
+        j: &mut [f32],
+    ) {
+        let ys = Y0..C.min(Y0 + 8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for blk in 0..blocks {
+            let base = blk * 8 * C;
+            let zx = _mm256_loadu_ps(z.add(base + x * 8));
+            for (k, y) in ys.clone().enumerate() {
+                acc[k] = _mm256_fmadd_ps(zx, _mm256_loadu_ps(w.add(base + y * 8)), acc[k]);
+            }
+        }
+        for (k, y) in ys.enumerate() {
+            j[x * C + y] = hsum8(acc[k]);
+        }
+    }
+
+    /// u = G^ v for one block of C class registers at `v` (lane = row), the classes of v outer.
+    #[inline(always)]
+    unsafe fn products8<const C: usize>(v: *const f32, g_hat: &[f32]) -> [__m256; C] {
+        let mut u = [_mm256_setzero_ps(); C];
+        for y in 0..C {
+            let vy = _mm256_loadu_ps(v.add(y * 8));
+            for (x, ux) in u.iter_mut().enumerate() {
+                *ux = _mm256_fmadd_ps(vy, _mm256_set1_ps(*g_hat.get_unchecked(y * C + x)), *ux);
+            }
+        }
+        u
+    }
+
+    /// Row softmax of wide rows (C > 16): `simd::avx2::softmax_row` per row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x` and `y` hold the same whole rows of `c`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_rows(x: &[f32], c: usize, y: &mut [f32]) {
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            crate::cpu::simd::avx2::softmax_row(xr, yr);
+        }
+    }
+
+    /// `super::backward_chunk` for C <= 16, reading z and w in 8-row class-major blocks.
+    ///
+    /// # Safety
+    /// As for `forward_chunk`; g_hat is C x C and symmetric.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn backward_chunk(
+        z: &[f32],
+        w: &[f32],
+        g_hat: &[f32],
+        c: usize,
+        scale: f32,
+        ga: &mut [f32],
+        gb: &mut [f32],
+    ) {
+        for_classes!(c, backward_chunk_n(z, w, g_hat, scale, ga, gb))
+    }
+
+    /// `backward_chunk` for a constant C.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_chunk_n<const C: usize>(
+        z: &[f32],
+        w: &[f32],
+        g_hat: &[f32],
+        scale: f32,
+        ga: &mut [f32],
+        gb: &mut [f32],
+    ) {
+        let sv = _mm256_set1_ps(scale);
+        let blocks = z.len() / C / 8;
+        for blk in 0..blocks {
+            let at = blk * 8 * C;
+            let (zb, wb) = (z.as_ptr().add(at), w.as_ptr().add(at));
+            // One view at a time; <z_i, G^ w_i> = <w_i, G^ z_i> (G^ symmetric) serves both.
+            let ua = products8::<C>(wb, g_hat);
+            let mut d = _mm256_setzero_ps();
+            for (x, u) in ua.iter().enumerate() {
+                d = _mm256_fmadd_ps(_mm256_loadu_ps(zb.add(x * 8)), *u, d);
+            }
+            let mut out = [_mm256_setzero_ps(); C];
+            for (x, (o, u)) in out.iter_mut().zip(&ua).enumerate() {
+                *o = _mm256_mul_ps(_mm256_mul_ps(sv, _mm256_loadu_ps(zb.add(x * 8))), _mm256_sub_ps(*u, d));
+            }
+            store_rows8::<C>(&out, ga.as_mut_ptr().add(at));
+            let ub = products8::<C>(zb, g_hat);
+            for (x, (o, u)) in out.iter_mut().zip(&ub).enumerate() {
+                *o = _mm256_mul_ps(_mm256_mul_ps(sv, _mm256_loadu_ps(wb.add(x * 8))), _mm256_sub_ps(*u, d));
+            }
+            store_rows8::<C>(&out, gb.as_mut_ptr().add(at));
+        }
+        let done = blocks * 8 * C;
+        if done < z.len() {
+            super::backward_chunk(&z[done..], &w[done..], g_hat, C, scale, &mut ga[done..], &mut gb[done..]);
+        }
+    }
 }
 
-/// One forward chunk on the best path for this CPU.
+/// Rows per class-major block the kernels for C classes use on this CPU (`MiForward::block`):
+/// 16 with AVX-512, 8 with AVX2 + FMA, 0 (row-major, the portable kernels) otherwise or for C > 16.
+fn block_rows(c: usize) -> usize {
+    match simd::level() {
+        _ if c > LANES || !cfg!(target_arch = "x86_64") => 0,
+        simd::Level::Avx512 => 16,
+        simd::Level::Avx2 => 8,
+        simd::Level::Baseline => 0,
+    }
+}
+
+/// One forward chunk on the best path for this CPU (storing z and w as `block_rows(c)` says).
 fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if use_avx512(c) {
+    {
         assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
-        // SAFETY: `use_avx512` checked the CPU and c <= 16; the slices hold whole rows of C.
-        return unsafe { avx512::forward_chunk(a, b, c, z, w, j) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if c > LANES && simd::level() == simd::Level::Avx512 {
-        assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
-        // SAFETY: the CPU has AVX-512 (checked above); the slices hold whole rows of C.
-        unsafe { avx512::softmax_rows(a, c, z) };
-        // SAFETY: as above.
-        unsafe { avx512::softmax_rows(b, c, w) };
+        match (block_rows(c), simd::level()) {
+            // SAFETY (all four): `block_rows` and `level` checked the CPU (and c <= 16 for the
+            // blocked kernels); the slices hold whole rows of C, J is C x C (asserted above).
+            (16, _) => return unsafe { avx512::forward_chunk(a, b, c, z, w, j) },
+            (8, _) => return unsafe { avx2::forward_chunk(a, b, c, z, w, j) },
+            (_, simd::Level::Avx512) => unsafe {
+                avx512::softmax_rows(a, c, z);
+                avx512::softmax_rows(b, c, w);
+            },
+            (_, simd::Level::Avx2) => unsafe {
+                avx2::softmax_rows(a, c, z);
+                avx2::softmax_rows(b, c, w);
+            },
+            _ => return forward_chunk(a, b, c, z, w, j),
+        }
         sgemm(c, c, z.len() / c, Mat::t(z), Mat::n(w), j, false, 1);
-        return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
     forward_chunk(a, b, c, z, w, j)
 }
 
 /// One backward chunk (both views' rows in, both gradients out) on the path that matches the
 /// forward's storage order (`blocked`).
 fn backward_chunk_best(
-    blocked: bool,
+    block: usize,
     (z, w): (&[f32], &[f32]),
     g_hat: &[f32],
     c: usize,
@@ -653,12 +878,23 @@ fn backward_chunk_best(
     (ga, gb): (&mut [f32], &mut [f32]),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if blocked {
-        // Safe callers cannot break these (the fields are checked here, `blocked` is private).
-        assert!(use_avx512(c), "blocked MI storage without the AVX-512 kernels");
+    if block > 0 {
+        // Safe callers cannot break these (the fields are checked here, `block` is private).
+        assert_eq!(
+            block,
+            block_rows(c),
+            "MI storage in {block}-row blocks, but this CPU's kernels use {}",
+            block_rows(c)
+        );
         assert!(z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c);
         // SAFETY: as in `forward_chunk_best`.
-        return unsafe { avx512::backward_chunk(z, w, g_hat, c, scale, ga, gb) };
+        return unsafe {
+            if block == 16 {
+                avx512::backward_chunk(z, w, g_hat, c, scale, ga, gb)
+            } else {
+                avx2::backward_chunk(z, w, g_hat, c, scale, ga, gb)
+            }
+        };
     }
     backward_chunk(z, w, g_hat, c, scale, ga, gb)
 }
@@ -674,7 +910,7 @@ pub fn mi_bwd(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [
         .par_chunks_mut(step)
         .zip(grad_b.par_chunks_mut(step))
         .zip(views)
-        .for_each(|(grads, views)| backward_chunk_best(fwd.blocked, views, &fwd.g_hat, c, scale, grads));
+        .for_each(|(grads, views)| backward_chunk_best(fwd.block, views, &fwd.g_hat, c, scale, grads));
 }
 
 /// Row softmax in f64 (max subtracted).
