@@ -48,7 +48,8 @@ pub struct BenchArgs {
     pub profile: bool,
     /// Time one kernel instead of training steps: mi, softmax-ce, conv (the convnet's layers at
     /// --batch images) or gemm; prints time, GB/s or GFLOP/s and the fraction of the ceiling
-    /// (copy bandwidth or FMA peak) measured by the same command.
+    /// (copy bandwidth or FMA peak) measured by the same command; mi with more than 16 classes also
+    /// times the GEMM crate doing the loss's three C x C products alone.
     #[arg(long)]
     pub op: Option<String>,
     /// Rows (images) for --op mi and softmax-ce.

@@ -307,6 +307,21 @@ mod tests {
     }
 
     #[test]
+    fn wide_mi_is_held_against_the_gemm_crate_doing_its_products() {
+        let b =
+            OpBench { op: Op::Mi, rows: 256, classes: 24, mnk: (1, 1, 1), batch: 1, reps: 1, model: "convnet".into() };
+        let names = |b: &OpBench| match run(b) {
+            Ok(cases) => cases.into_iter().map(|c| c.case).collect::<Vec<_>>(),
+            Err(e) => panic!("--op mi: {e}"),
+        };
+        let wide = names(&b);
+        assert_eq!(wide.len(), 3, "{wide:?}");
+        assert!(wide[2].starts_with("gemm crate, the same 3 products n=256 C=24"), "{wide:?}");
+        let narrow = names(&OpBench { classes: 10, ..b });
+        assert_eq!(narrow.len(), 2, "C <= 16 has no GEMM products: {narrow:?}");
+    }
+
+    #[test]
     fn bad_sizes_are_usage_errors() {
         let b =
             OpBench { op: Op::Mi, rows: 0, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 1, model: "convnet".into() };
