@@ -123,7 +123,12 @@ impl Drop for MiForward {
 /// CHUNK_ROWS, so that only the last chunk of either pass ends in rows after its last whole
 /// class-major block (the blocked storage order is the same whichever pass cut the rows).
 fn forward_chunk_rows(n: usize, c: usize) -> usize {
-    let max_parts = (MAX_PARTIAL_ELEMS / (c * c)).max(1);
+    chunk_rows_under(n, c, MAX_PARTIAL_ELEMS)
+}
+
+/// `forward_chunk_rows` with the partial products capped at `max_partial_elems` f32 in all.
+fn chunk_rows_under(n: usize, c: usize, max_partial_elems: usize) -> usize {
+    let max_parts = (max_partial_elems / (c * c)).max(1);
     n.div_ceil(max_parts).next_multiple_of(CHUNK_ROWS)
 }
 
@@ -147,10 +152,22 @@ pub fn mi_fwd_reduced(
     lambda: f32,
     reduce: &dyn Fn(&mut [f64]) -> crate::error::Result<()>,
 ) -> crate::error::Result<MiForward> {
+    forward_in_chunks((logits_a, logits_b), n, c, lambda, reduce, forward_chunk_rows(n, c))
+}
+
+/// `mi_fwd_reduced` over chunks of `rows` rows.
+fn forward_in_chunks(
+    (logits_a, logits_b): (&[f32], &[f32]),
+    n: usize,
+    c: usize,
+    lambda: f32,
+    reduce: &dyn Fn(&mut [f64]) -> crate::error::Result<()>,
+    rows: usize,
+) -> crate::error::Result<MiForward> {
     debug_assert!(n >= 1 && c >= 1);
     debug_assert!(logits_a.len() == n * c && logits_b.len() == n * c);
     let (mut z, mut w) = (crate::pool::take(n * c), crate::pool::take(n * c));
-    let step = forward_chunk_rows(n, c) * c;
+    let step = rows * c;
     // One pass: each chunk's softmax is written and reduced into its partial J = Z^T W while its
     // rows are in cache; the partials are summed in f64 in chunk order.
     let partials: Vec<Vec<f32>> = z
@@ -1074,6 +1091,33 @@ mod tests {
             assert!(scale > 1e-6, "{what}: degenerate case, gradient {name} at most {scale:.3e}");
             let err = got.iter().zip(want.iter()).fold(0.0f64, |m, (g, r)| m.max((*g as f64 - r).abs()));
             assert!(err <= 1e-4 * scale, "{what}: gradient {name} off by {err:.3e} (max {scale:.3e})");
+        }
+    }
+
+    #[test]
+    fn forward_chunks_longer_than_the_backwards_keep_the_block_order() {
+        // Past 16.7M rows at C = 16 the cap on the partial products makes the forward's chunks
+        // longer than the backward's 1024 rows; a small cap gives that case at a test's size. The
+        // chunks of both passes must agree on where the class-major blocks end.
+        let (n, c) = (5000, 16);
+        let rows = chunk_rows_under(n, c, 4 * c * c);
+        assert!(rows > CHUNK_ROWS && rows.is_multiple_of(CHUNK_ROWS), "{rows} rows per forward chunk");
+        let (a, b) = (randn(n * c, 2.0, 61), randn(n * c, 2.0, 62));
+        let local = |_: &mut [f64]| Ok(());
+        let f = match forward_in_chunks((&a, &b), n, c, 1.0, &local, rows) {
+            Ok(f) => f,
+            Err(e) => panic!("forward: {e}"),
+        };
+        let (mut ga, mut gb) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+        mi_bwd(&f, n, c, 1.0, &mut ga, &mut gb);
+        let (a64, b64): (Vec<f64>, Vec<f64>) =
+            (a.iter().map(|&v| v as f64).collect(), b.iter().map(|&v| v as f64).collect());
+        let (loss, ra, rb) = mi_loss_f64(&a64, &b64, n, c, 1.0);
+        assert!((f.loss as f64 - loss).abs() <= 1e-5 * loss.abs().max(1.0), "loss {} vs {loss}", f.loss);
+        for (got, want) in [(&ga, &ra), (&gb, &rb)] {
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(want).fold(0.0f64, |m, (g, r)| m.max((*g as f64 - r).abs()));
+            assert!(scale > 1e-9 && err <= 1e-4 * scale, "gradient off by {err:.3e} (max {scale:.3e})");
         }
     }
 
