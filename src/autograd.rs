@@ -2,16 +2,25 @@
 //! backward pass runs them in reverse order and sums gradients by tensor id.
 
 use crate::error::{Error, Result};
-use crate::tensor::{fmt_shape, Tensor, TensorId};
+use crate::tensor::{fmt_shape, Recompute, Tensor, TensorId, TensorRef};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// A backward closure: given the gradient of the op's output, accumulate its inputs' gradients.
 pub type BackwardFn = Box<dyn FnOnce(&Tensor, &mut Gradients) -> Result<()>>;
 
+/// A backward closure that takes the output's gradient by value: it may write its input's
+/// gradient into the same buffer (an elementwise backward), saving one activation-sized buffer.
+pub type ConsumingBackwardFn = Box<dyn FnOnce(Tensor, &mut Gradients) -> Result<()>>;
+
+enum Backward {
+    Borrowing(BackwardFn),
+    Consuming(ConsumingBackwardFn),
+}
+
 struct Node {
     output: TensorId,
-    backward: BackwardFn,
+    backward: Backward,
 }
 
 /// Records the backward closures of a forward pass. A no-grad tape records nothing.
@@ -58,8 +67,25 @@ impl Tape {
         if !self.tracks(inputs) {
             return output;
         }
+        self.push(output, Backward::Borrowing(Box::new(backward)))
+    }
+
+    /// [`Tape::record`] for a backward that takes its output's gradient by value.
+    pub fn record_consuming(
+        &self,
+        output: Tensor,
+        inputs: &[&Tensor],
+        backward: impl FnOnce(Tensor, &mut Gradients) -> Result<()> + 'static,
+    ) -> Tensor {
+        if !self.tracks(inputs) {
+            return output;
+        }
+        self.push(output, Backward::Consuming(Box::new(backward)))
+    }
+
+    fn push(&self, output: Tensor, backward: Backward) -> Tensor {
         let output = output.set_requires_grad(true);
-        self.nodes.borrow_mut().push(Node { output: output.id(), backward: Box::new(backward) });
+        self.nodes.borrow_mut().push(Node { output: output.id(), backward });
         output
     }
 
@@ -91,7 +117,10 @@ impl Tape {
         for node in nodes.into_iter().rev() {
             // An output nobody used (or whose users took no gradient) passes nothing back.
             if let Some(g) = grads.map.remove(&node.output) {
-                (node.backward)(&g, &mut grads)?;
+                match node.backward {
+                    Backward::Borrowing(f) => f(&g, &mut grads)?,
+                    Backward::Consuming(f) => f(g, &mut grads)?,
+                }
             }
         }
         Ok(grads)
@@ -124,6 +153,14 @@ impl Gradients {
         Ok(())
     }
 
+    /// Adds `grad` to the gradient of the tensor `r` refers to, if it needs one.
+    pub fn add_to_ref(&mut self, r: &TensorRef, grad: Tensor) -> Result<()> {
+        if r.requires_grad() {
+            self.accumulate(r.id(), grad)?;
+        }
+        Ok(())
+    }
+
     /// The gradient of `t`, if any reached it.
     pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
         self.map.get(&t.id())
@@ -132,5 +169,43 @@ impl Gradients {
     /// Removes and returns the gradient of `t`.
     pub fn take(&mut self, t: &Tensor) -> Option<Tensor> {
         self.map.remove(&t.id())
+    }
+}
+
+/// An op's input as its backward will read it: the tensor itself, or, when its producer left a
+/// recipe (a batch-norm + LeakyReLU output on the CPU), only the recipe. The recipe's inputs are
+/// kept by the producer's own backward anyway, so a convolution after batch norm holds no copy
+/// of its input between the passes: the activation is recomputed bit for bit in the backward
+/// and freed after it (the convnet's step keeps one activation per layer instead of two).
+pub enum Saved {
+    /// The elements, kept.
+    Kept(Tensor),
+    /// Identity and recipe; the elements are recomputed on use.
+    Recomputed(TensorRef, Recompute),
+}
+
+impl Saved {
+    /// Saves `t` for a backward: its recipe when it has one.
+    pub fn of(t: &Tensor) -> Saved {
+        match t.recompute() {
+            Some(r) => Saved::Recomputed(t.identity(), r.clone()),
+            None => Saved::Kept(t.clone()),
+        }
+    }
+
+    /// The saved tensor (recomputed when only its recipe was kept), under its own identity.
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Saved::Kept(t) => Ok(t.clone()),
+            Saved::Recomputed(r, f) => Tensor::restore(f.run()?, r),
+        }
+    }
+
+    /// Whether the saved tensor needs a gradient.
+    pub fn requires_grad(&self) -> bool {
+        match self {
+            Saved::Kept(t) => t.requires_grad(),
+            Saved::Recomputed(r, _) => r.requires_grad(),
+        }
     }
 }

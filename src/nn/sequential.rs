@@ -15,8 +15,8 @@ use crate::tensor::Tensor;
 pub enum Layer {
     /// Convolution.
     Conv(Conv2d),
-    /// Batch norm.
-    Bn(BatchNorm2d),
+    /// Batch norm (boxed: five tensors outweigh every other variant).
+    Bn(Box<BatchNorm2d>),
     /// LeakyReLU with this slope.
     LeakyRelu(f32),
     /// k x k max-pool, stride k.
@@ -51,7 +51,7 @@ impl Sequential {
                 Block::Conv { out, k, pad } => {
                     let init = Init::torch_default(c * k * k);
                     features.push(Layer::Conv(Conv2d::new(c, out, k, 1, pad, init, rng)));
-                    features.push(Layer::Bn(BatchNorm2d::new(out, 0.1)));
+                    features.push(Layer::Bn(Box::new(BatchNorm2d::new(out, 0.1))));
                     features.push(Layer::LeakyRelu(0.1));
                     c = out;
                 }

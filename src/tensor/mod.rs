@@ -65,6 +65,50 @@ pub struct Tensor {
     shape: Vec<usize>,
     storage: Arc<Storage>,
     requires_grad: bool,
+    recompute: Option<Recompute>,
+}
+
+/// Regenerates a CPU tensor's elements bit for bit from what its producer's backward keeps
+/// anyway (batch norm's input and per-channel affine), so that an op saving this tensor for
+/// its backward can keep the recipe instead of the elements (`autograd::Saved`).
+#[derive(Clone)]
+pub struct Recompute(Arc<dyn Fn() -> Result<Vec<f32>> + Send + Sync>);
+
+impl Recompute {
+    /// The elements, computed again.
+    pub fn run(&self) -> Result<Vec<f32>> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recompute")
+    }
+}
+
+/// A tensor's identity, shape and gradient tracking without its elements: what a backward
+/// needs to hand a gradient back to an input whose values it does not read.
+#[derive(Clone, Debug)]
+pub struct TensorRef {
+    id: TensorId,
+    shape: Vec<usize>,
+    requires_grad: bool,
+}
+
+impl TensorRef {
+    /// The tensor's identity.
+    pub fn id(&self) -> TensorId {
+        self.id
+    }
+    /// The tensor's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// Whether gradients flow to the tensor.
+    pub fn requires_grad(&self) -> bool {
+        self.requires_grad
+    }
 }
 
 /// Formats a shape as `[a, b, c]`.
@@ -87,7 +131,39 @@ impl Tensor {
     }
 
     pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>, requires_grad: bool) -> Tensor {
-        Tensor { id: TensorId::fresh(), shape, storage: Arc::new(storage), requires_grad }
+        Tensor { id: TensorId::fresh(), shape, storage: Arc::new(storage), requires_grad, recompute: None }
+    }
+
+    /// `data` laid out as `r`'s shape under `r`'s identity: a saved input whose elements were
+    /// recomputed for the backward.
+    pub(crate) fn restore(data: Vec<f32>, r: &TensorRef) -> Result<Tensor> {
+        let mut t = Tensor::from_vec(data, &r.shape)?;
+        (t.id, t.requires_grad) = (r.id, r.requires_grad);
+        Ok(t)
+    }
+
+    /// The same tensor, carrying a recipe that recomputes its elements bit for bit (CPU only).
+    pub(crate) fn with_recompute(mut self, f: impl Fn() -> Result<Vec<f32>> + Send + Sync + 'static) -> Tensor {
+        if matches!(*self.storage, Storage::Cpu(_)) {
+            self.recompute = Some(Recompute(Arc::new(f)));
+        }
+        self
+    }
+
+    /// The recipe that recomputes this tensor's elements, if its producer left one.
+    pub fn recompute(&self) -> Option<&Recompute> {
+        self.recompute.as_ref()
+    }
+
+    /// A handle that tells a test whether this tensor's elements are still held by anyone.
+    #[cfg(test)]
+    pub(crate) fn storage_probe(&self) -> std::sync::Weak<Storage> {
+        Arc::downgrade(&self.storage)
+    }
+
+    /// Identity, shape and gradient tracking, without the elements.
+    pub fn identity(&self) -> TensorRef {
+        TensorRef { id: self.id, shape: self.shape.clone(), requires_grad: self.requires_grad }
     }
 
     /// An output of an op on the CPU (shape already checked by the op).
@@ -182,12 +258,12 @@ impl Tensor {
 
     /// This tensor as a trainable leaf: same values, new identity, gradients tracked.
     pub fn into_param(self) -> Tensor {
-        Tensor { id: TensorId::fresh(), requires_grad: true, ..self }
+        Tensor { id: TensorId::fresh(), requires_grad: true, recompute: None, ..self }
     }
 
     /// The same values under a new identity that the tape does not track.
     pub fn detach(&self) -> Tensor {
-        Tensor { id: TensorId::fresh(), requires_grad: false, ..self.clone() }
+        Tensor { id: TensorId::fresh(), requires_grad: false, recompute: None, ..self.clone() }
     }
 
     /// The tensor's identity.
@@ -239,6 +315,8 @@ impl Tensor {
         if let Storage::Cuda(s) = &*self.storage {
             return Err(self.not_on_host(s));
         }
+        // The recipe would recompute the values before this write.
+        self.recompute = None;
         self.unshare()?;
         let shape = fmt_shape(&self.shape);
         match Arc::get_mut(&mut self.storage) {
@@ -282,6 +360,7 @@ impl Tensor {
     /// The GPU buffer of a CUDA tensor, mutably (copied first if shared).
     #[cfg(feature = "cuda")]
     pub fn cuda_slice_mut(&mut self) -> Result<&mut crate::cuda::CudaSlice<f32>> {
+        self.recompute = None;
         self.unshare()?;
         let shape = fmt_shape(&self.shape);
         match Arc::get_mut(&mut self.storage) {
@@ -327,7 +406,7 @@ impl Tensor {
                 "--device cuda: this binary was built without the `cuda` feature (rebuild with --features cuda,cudnn)",
             )),
         };
-        Ok(Tensor { storage: Arc::new(storage), ..self.clone() })
+        Ok(Tensor { storage: Arc::new(storage), recompute: None, ..self.clone() })
     }
 
     /// Copies `src`'s values into this tensor's own storage, on this tensor's device (identity and
@@ -391,6 +470,7 @@ impl Tensor {
             shape: shape.to_vec(),
             storage: self.storage.clone(),
             requires_grad: self.requires_grad,
+            recompute: None,
         })
     }
 

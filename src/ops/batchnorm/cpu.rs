@@ -111,6 +111,10 @@ pub struct BatchStats {
     pub var: Vec<f32>,
     /// 1 / sqrt(var + eps).
     pub invstd: Vec<f32>,
+    /// gamma * invstd, as the forward applied it.
+    pub scale: Vec<f32>,
+    /// beta - mean * gamma * invstd, as the forward applied it.
+    pub shift: Vec<f32>,
 }
 
 /// running = (1 - momentum) running + momentum batch factor, per channel: batch norm's running
@@ -196,7 +200,7 @@ pub fn batchnorm_train_fwd(args: &BatchNormArgs, x: &[f32], gamma: &[f32], beta:
     let m = (n * hw) as f64;
     let yp = SyncPtr(y.as_mut_ptr());
     let cb = channel_block(c, hw);
-    let stats: Vec<(f32, f32, f32)> = (0..c.div_ceil(cb))
+    let stats: Vec<(f32, f32, f32, f32, f32)> = (0..c.div_ceil(cb))
         .into_par_iter()
         .flat_map_iter(|blk| {
             let chs = blk * cb..((blk + 1) * cb).min(c);
@@ -218,14 +222,39 @@ pub fn batchnorm_train_fwd(args: &BatchNormArgs, x: &[f32], gamma: &[f32], beta:
                     normalize_plane(&x[off..off + hw], dst, st.3, st.4, slope);
                 }
             }
-            per_ch.into_iter().map(|st| (st.0, st.1, st.2))
+            per_ch.into_iter()
         })
         .collect();
     BatchStats {
         mean: stats.iter().map(|s| s.0).collect(),
         var: stats.iter().map(|s| s.1).collect(),
         invstd: stats.iter().map(|s| s.2).collect(),
+        scale: stats.iter().map(|s| s.3).collect(),
+        shift: stats.iter().map(|s| s.4).collect(),
     }
+}
+
+/// The training forward's output again from its input and statistics: the same
+/// `normalize_plane` over every plane, so the result equals the forward's bit for bit. What a
+/// convolution's backward calls instead of keeping its batch-normalised input.
+pub fn batchnorm_apply(args: &BatchNormArgs, x: &[f32], stats: &BatchStats, y: &mut [f32]) {
+    let BatchNormArgs { n, c, hw, slope, .. } = *args;
+    let len = n * c * hw;
+    assert!(
+        x.len() >= len && y.len() >= len && stats.scale.len() >= c && stats.shift.len() >= c,
+        "batch norm apply: short buffers"
+    );
+    if hw == 0 {
+        return;
+    }
+    // Planes in parallel, in runs long enough to pay for the fork.
+    let min = (1usize << 14).div_ceil(hw);
+    y[..len].par_chunks_mut(hw).zip(x[..len].par_chunks(hw)).enumerate().with_min_len(min).for_each(
+        |(plane, (dst, src))| {
+            let ch = plane % c;
+            normalize_plane(src, dst, stats.scale[ch], stats.shift[ch], slope);
+        },
+    );
 }
 
 /// A sum over the processes of a data-parallel run (identity in a single process).
@@ -263,6 +292,8 @@ pub fn batchnorm_train_fwd_synced(
         mean: per_ch.iter().map(|s| s.0).collect(),
         var: per_ch.iter().map(|s| s.1).collect(),
         invstd: per_ch.iter().map(|s| s.2).collect(),
+        scale: per_ch.iter().map(|s| s.3).collect(),
+        shift: per_ch.iter().map(|s| s.4).collect(),
     })
 }
 
@@ -382,6 +413,60 @@ pub fn batchnorm_train_bwd(
     }
 }
 
+/// [`batchnorm_train_bwd`] with dx written over dy (`grad` holds dy on entry and dx on return),
+/// so that the backward needs no second activation-sized buffer. The same per-channel sums and
+/// the same per-plane arithmetic (each plane's dy is copied aside before its dx overwrites it):
+/// the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_bwd_in_place(
+    args: &BatchNormArgs,
+    x: &[f32],
+    grad: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &BatchStats,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let BatchNormArgs { n, c, hw, slope, .. } = *args;
+    let len = n * c * hw;
+    assert!(x.len() >= len && grad.len() >= len && gamma.len() >= c, "batch norm backward: short buffers");
+    let m = (n * hw) as f64;
+    let a = slope.unwrap_or(1.0);
+    let p: Vec<Plane> = (0..c)
+        .map(|ch| Plane { mean: stats.mean[ch], invstd: stats.invstd[ch], g: gamma[ch], b: beta[ch], a })
+        .collect();
+    // Every channel's sums first (dy only read), then every plane's dx over its dy.
+    let cb = channel_block(c, hw);
+    let dy: &[f32] = grad;
+    let sums: Vec<(f64, f64)> = (0..c.div_ceil(cb))
+        .into_par_iter()
+        .flat_map_iter(|blk| {
+            let chs = blk * cb..((blk + 1) * cb).min(c);
+            let mut sums = vec![(0.0, 0.0); chs.len()];
+            backward_sums(x, dy, n, c, hw, chs.start, &p[chs.clone()], &mut sums);
+            sums
+        })
+        .collect();
+    for (ch, &(sdz, sdzx)) in sums.iter().enumerate() {
+        dgamma[ch] = sdzx as f32;
+        dbeta[ch] = sdz as f32;
+    }
+    if len == 0 {
+        return;
+    }
+    let min = (1usize << 14).div_ceil(hw);
+    grad[..len].par_chunks_mut(hw).zip(x[..len].par_chunks(hw)).enumerate().with_min_len(min).for_each_init(
+        || vec![0.0f32; hw],
+        |dy, (plane, (g, xs))| {
+            let (q, (sdz, sdzx)) = (&p[plane % c], sums[plane % c]);
+            let (k, ma, mb) = (q.g * q.invstd, (sdz / m) as f32, (sdzx / m) as f32);
+            dy.copy_from_slice(g);
+            backward_plane(xs, dy, g, q.mean, q.invstd, q.g, q.b, q.a, k, ma, mb);
+        },
+    );
+}
+
 /// Evaluation backward (running statistics are constants): dx, dgamma, dbeta.
 pub fn batchnorm_eval_bwd(
     args: &BatchNormArgs,
@@ -474,6 +559,32 @@ mod tests {
                     let want = g * invstd * (dz - sdz / m - xh * sdzx / m);
                     assert!((dx[k] as f64 - want).abs() < 1e-4, "{n}x{c}x{hw} dx[{k}]: {} vs {want}", dx[k]);
                 }
+            }
+        }
+    }
+
+    /// The recompute a convolution's backward asks for, and the backward that writes dx over dy,
+    /// are the forward's and the backward's own arithmetic: equal bit for bit, with and without
+    /// the fused activation, on the block shapes of the f64 test.
+    #[test]
+    fn recompute_and_in_place_backward_are_bitwise_the_forward_and_backward() {
+        for &(n, c, hw) in &[(3, 21, 300), (2, 17, 16), (4, 40, 64), (2, 3, 1100), (5, 5, 9)] {
+            for slope in [Some(0.1f32), None] {
+                let x = rand(n * c * hw, 11, 1.5);
+                let dy = rand(n * c * hw, 12, 0.0);
+                let (gamma, beta) = (rand(c, 13, 0.5), rand(c, 14, 0.0));
+                let args = BatchNormArgs { n, c, hw, eps: 1e-5, slope };
+                let (mut y, mut again) = (vec![0.0; x.len()], vec![f32::NAN; x.len()]);
+                let stats = batchnorm_train_fwd(&args, &x, &gamma, &beta, &mut y);
+                batchnorm_apply(&args, &x, &stats, &mut again);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&again), "{n}x{c}x{hw} {slope:?}: recomputed output");
+                let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+                batchnorm_train_bwd(&args, &x, &dy, &gamma, &beta, &stats, Some(&mut dx), &mut dg, &mut db);
+                let (mut grad, mut dg2, mut db2) = (dy.clone(), vec![0.0; c], vec![0.0; c]);
+                batchnorm_train_bwd_in_place(&args, &x, &mut grad, &gamma, &beta, &stats, &mut dg2, &mut db2);
+                assert_eq!(bits(&dx), bits(&grad), "{n}x{c}x{hw} {slope:?}: dx");
+                assert_eq!((bits(&dg), bits(&db)), (bits(&dg2), bits(&db2)), "{n}x{c}x{hw} {slope:?}: dgamma, dbeta");
             }
         }
     }

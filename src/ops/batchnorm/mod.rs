@@ -30,15 +30,30 @@ fn check(x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
 fn add_grads(
     grads: &mut crate::autograd::Gradients,
     [x, gamma, beta]: [&Tensor; 3],
-    dx: Option<Vec<f32>>,
+    dx: Option<Tensor>,
     dg: Vec<f32>,
     db: Vec<f32>,
 ) -> Result<()> {
     if let Some(dx) = dx {
-        grads.add_to(x, Tensor::cpu(dx, x.shape().to_vec()))?;
+        grads.add_to(x, dx)?;
     }
     grads.add_to(gamma, Tensor::cpu(dg, gamma.shape().to_vec()))?;
     grads.add_to(beta, Tensor::cpu(db, beta.shape().to_vec()))
+}
+
+/// A recorded training output, carrying the recipe that recomputes it from the input and
+/// statistics its own backward keeps anyway: a convolution after it then holds no copy of it
+/// between the passes (`autograd::Saved`).
+fn recomputable(out: Tensor, x: &Tensor, args: BatchNormArgs, stats: Arc<k::BatchStats>) -> Tensor {
+    if !out.requires_grad() {
+        return out;
+    }
+    let x = x.clone();
+    out.with_recompute(move || {
+        let mut y = crate::pool::take(x.numel());
+        k::batchnorm_apply(&args, x.data()?, &stats, &mut y);
+        Ok(y)
+    })
 }
 
 /// A training batch's per-channel mean and biased variance ([c] each, on the input's device): what
@@ -78,17 +93,26 @@ pub fn batch_norm_train(
     let mut y = crate::pool::take(x.numel());
     let stats = k::batchnorm_train_fwd(&args, x.data()?, gamma.data()?, beta.data()?, &mut y);
     let out = Tensor::cpu(y, x.shape().to_vec());
-    let saved = Arc::new(stats.clone());
+    let saved = Arc::new(stats);
+    let stats = saved.clone();
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
-    let out = tape.record(out, &[x, gamma, beta], move |g, grads| {
+    // The backward takes dy by value and writes dx over it.
+    let out = tape.record_consuming(out, &[x, gamma, beta], move |mut g, grads| {
         let _p = crate::profile::scope("batch_norm.bwd");
-        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-        let (x, g, gamma, beta) = (xc.data()?, g.data()?, gc.data()?, bc.data()?);
-        k::batchnorm_train_bwd(&args, x, g, gamma, beta, &saved, dx.as_deref_mut(), &mut dg, &mut db);
+        let (x, gamma, beta) = (xc.data()?, gc.data()?, bc.data()?);
+        let dx = if xc.requires_grad() {
+            k::batchnorm_train_bwd_in_place(&args, x, g.data_mut()?, gamma, beta, &saved, &mut dg, &mut db);
+            Some(g)
+        } else {
+            k::batchnorm_train_bwd(&args, x, g.data()?, gamma, beta, &saved, None, &mut dg, &mut db);
+            None
+        };
         add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     });
-    let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
+    let out = recomputable(out, x, args, stats.clone());
+    let moments =
+        BatchMoments { mean: Tensor::cpu(stats.mean.clone(), vec![c]), var: Tensor::cpu(stats.var.clone(), vec![c]) };
     Ok((out, moments))
 }
 
@@ -130,7 +154,8 @@ pub fn batch_norm_train_across(
     let mut y = crate::pool::take(x.numel());
     let stats = k::batchnorm_train_fwd_synced(&args, xd, gamma.data()?, beta.data()?, &mut y, (&ks, rows), &reduce)?;
     let out = Tensor::cpu(y, x.shape().to_vec());
-    let saved = Arc::new(stats.clone());
+    let saved = Arc::new(stats);
+    let stats = saved.clone();
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
     let out = tape.record(out, &[x, gamma, beta], move |g, grads| {
         let _p = crate::profile::scope("batch_norm.bwd");
@@ -150,9 +175,12 @@ pub fn batch_norm_train_across(
             rows,
             &reduce,
         )?;
+        let dx = dx.map(|d| Tensor::cpu(d, xc.shape().to_vec()));
         add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     });
-    let moments = BatchMoments { mean: Tensor::cpu(stats.mean, vec![c]), var: Tensor::cpu(stats.var, vec![c]) };
+    let out = recomputable(out, x, args, stats.clone());
+    let moments =
+        BatchMoments { mean: Tensor::cpu(stats.mean.clone(), vec![c]), var: Tensor::cpu(stats.var.clone(), vec![c]) };
     Ok((out, moments))
 }
 
@@ -184,6 +212,7 @@ pub fn batch_norm_eval(
         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
         let (x, g, gamma, beta) = (xc.data()?, g.data()?, gc.data()?, bc.data()?);
         k::batchnorm_eval_bwd(&args, x, g, gamma, beta, mc.data()?, vc.data()?, dx.as_deref_mut(), &mut dg, &mut db);
+        let dx = dx.map(|d| Tensor::cpu(d, xc.shape().to_vec()));
         add_grads(grads, [&xc, &gc, &bc], dx, dg, db)
     }))
 }

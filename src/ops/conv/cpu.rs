@@ -27,45 +27,77 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
 /// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
 /// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
 pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+    if !backward_splits(s) {
+        return im2col::gemm_backward(s, x, w, dy, dw, dx);
+    }
+    weight_grad(s, x, w, dy, dw);
+    if let Some(dx) = dx {
+        input_grad(s, w, dy, dx);
+    }
+}
+
+/// Whether this geometry's backward runs as [`weight_grad`] then [`input_grad`], so that a
+/// caller can free the input between them (every 3x3 layer here); otherwise im2col + GEMM
+/// computes both in one pass over the images ([`backward`]).
+pub fn backward_splits(s: &ConvShape) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t = ConvShape { ci: s.co, co: s.ci, ..*s };
+        direct::applies(s) || direct::strided_dw_applies(s) || winograd::input_grad_applies(&t)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = s;
+        false
+    }
+}
+
+/// The weight gradient `dw` alone (overwritten): the half of the backward that reads `x`.
+pub fn weight_grad(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if direct::applies(s) {
-            if let Some(dx) = dx {
-                // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same
-                // geometry, so the forward kernels compute it.
-                let t = ConvShape { ci: s.co, co: s.ci, ..*s };
-                let w_flip = s.flip_weights(w);
-                if winograd::input_grad_applies(&t) {
-                    winograd::forward(&t, dy, &w_flip, dx);
-                } else {
-                    direct::forward(&t, dy, &w_flip, dx);
-                }
-            }
             if !direct::weight_grad(s, x, dy, dw) {
                 im2col::gemm_backward(s, x, w, dy, dw, None);
             }
             return;
         }
         if direct::strided_dw_applies(s) {
-            direct::weight_grad_channel_last(s, x, dy, dw);
-            if let Some(dx) = dx {
-                direct::input_grad_strided(s, w, dy, dx);
-            }
-            return;
-        }
-        // Without the direct kernels (AVX2): the weight gradient through im2col + GEMM, the
-        // input gradient through Winograd where it applies.
-        let t = ConvShape { ci: s.co, co: s.ci, ..*s };
-        match dx {
-            Some(dx) if winograd::input_grad_applies(&t) => {
-                im2col::gemm_backward(s, x, w, dy, dw, None);
-                winograd::forward(&t, dy, &s.flip_weights(w), dx)
-            }
-            dx => im2col::gemm_backward(s, x, w, dy, dw, dx),
+            return direct::weight_grad_channel_last(s, x, dy, dw);
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    im2col::gemm_backward(s, x, w, dy, dw, dx)
+    // Without the direct kernels (AVX2): through im2col + GEMM.
+    im2col::gemm_backward(s, x, w, dy, dw, None)
+}
+
+/// The input gradient `dx` alone (overwritten) where [`backward_splits`] holds; false (and `dx`
+/// untouched) where this geometry computes it only together with the weight gradient.
+pub fn input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry,
+        // so the forward kernels compute it.
+        let t = ConvShape { ci: s.co, co: s.ci, ..*s };
+        if direct::applies(s) {
+            let w_flip = s.flip_weights(w);
+            if winograd::input_grad_applies(&t) {
+                winograd::forward(&t, dy, &w_flip, dx);
+            } else {
+                direct::forward(&t, dy, &w_flip, dx);
+            }
+            return true;
+        }
+        if direct::strided_dw_applies(s) {
+            direct::input_grad_strided(s, w, dy, dx);
+            return true;
+        }
+        if winograd::input_grad_applies(&t) {
+            winograd::forward(&t, dy, &s.flip_weights(w), dx);
+            return true;
+        }
+    }
+    let _ = (s, w, dy, dx);
+    false
 }
 
 #[cfg(test)]

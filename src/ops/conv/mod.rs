@@ -5,7 +5,7 @@ pub mod cpu;
 #[cfg(feature = "cudnn")]
 pub mod cuda;
 
-use crate::autograd::Tape;
+use crate::autograd::{Saved, Tape};
 use crate::error::{Error, Result};
 use crate::kernel_args::ConvShape;
 use crate::tensor::{fmt_shape, Tensor};
@@ -66,15 +66,85 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
     let mut y = crate::pool::take(s.y_len());
     cpu::forward(&s, x.data()?, w.data()?, &mut y);
     let out = Tensor::cpu(y, vec![s.n, s.co, s.ho(), s.wo()]);
-    let (xc, wc) = (x.clone(), w.clone());
+    // A batch-normalised input is saved as its recipe and recomputed in the backward
+    // (autograd::Saved), then freed before dX is allocated where the two gradients are separate
+    // passes: the step's largest activations are never more than three at once.
+    let (xs, wc) = (Saved::of(x), w.clone());
     Ok(tape.record(out, &[x, w], move |g, grads| {
+        let xc = {
+            let _p = crate::profile::scope("batch_norm.recompute");
+            xs.tensor()?
+        };
         let _p = crate::profile::scope("conv2d.bwd");
+        let (w, dy) = (wc.data()?, g.data()?);
         let mut dw = crate::pool::take(wc.numel());
-        let mut dx = xc.requires_grad().then(|| crate::pool::take(xc.numel()));
-        cpu::backward(&s, xc.data()?, wc.data()?, g.data()?, &mut dw, dx.as_deref_mut());
-        if let Some(dx) = dx {
-            grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))?;
+        let xr = xc.identity();
+        if cpu::backward_splits(&s) {
+            cpu::weight_grad(&s, xc.data()?, w, dy, &mut dw);
+            drop(xc);
+            if xr.requires_grad() {
+                let mut dx = crate::pool::take(s.x_len());
+                if !cpu::input_grad(&s, w, dy, &mut dx) {
+                    return Err(Error::shape(format!("conv2d {s:?}: no separate input-gradient kernel")));
+                }
+                grads.add_to_ref(&xr, Tensor::cpu(dx, xr.shape().to_vec()))?;
+            }
+        } else {
+            let mut dx = xr.requires_grad().then(|| crate::pool::take(s.x_len()));
+            cpu::backward(&s, xc.data()?, w, dy, &mut dw, dx.as_deref_mut());
+            if let Some(dx) = dx {
+                grads.add_to_ref(&xr, Tensor::cpu(dx, xr.shape().to_vec()))?;
+            }
         }
         grads.add_to(&wc, Tensor::cpu(dw, wc.shape().to_vec()))
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops;
+    use crate::rng::normal_vec;
+
+    fn param(shape: &[usize], seed: u64, offset: f32) -> Tensor {
+        let n = shape.iter().product();
+        let v: Vec<f32> = normal_vec(n, 1.0, seed).into_iter().map(|x| x + offset).collect();
+        Tensor::from_vec(v, shape).expect("shape").into_param()
+    }
+
+    /// pool(bn(conv(bn(x)))) on a tape: neither the convolution nor the pool holds its
+    /// batch-normalised input between the passes (the recipe stands in for it), and every
+    /// gradient equals, bit for bit, the one of the same graph whose input is kept whole.
+    #[test]
+    fn batch_normalised_inputs_are_recomputed_not_kept_and_give_the_same_gradients() {
+        let x = param(&[3, 4, 8, 8], 1, 0.5);
+        let (gamma, beta) = (param(&[4], 2, 1.0), param(&[4], 3, 0.0));
+        let w = param(&[5, 4, 3, 3], 4, 0.0);
+        let (gamma2, beta2) = (param(&[5], 6, 1.0), param(&[5], 7, 0.0));
+        let p = Conv2dParams { stride: 1, pad: 1 };
+        let seed = Tensor::from_vec(normal_vec(3 * 5 * 4 * 4, 1.0, 5), &[3, 5, 4, 4]).expect("seed");
+        let run = |keep_whole: bool| -> Vec<Vec<u32>> {
+            let tape = Tape::new();
+            let (mut a, _) = ops::batch_norm_train(&tape, &x, &gamma, &beta, 1e-5, Some(0.1)).expect("bn");
+            assert!(a.recompute().is_some(), "a recorded training output carries its recipe");
+            if keep_whole {
+                a.data_mut().expect("host"); // a write drops the recipe; identity and values stay
+                assert!(a.recompute().is_none());
+            }
+            let probe = a.storage_probe();
+            let y = conv2d(&tape, &a, &w, p).expect("conv");
+            let (b, _) = ops::batch_norm_train(&tape, &y, &gamma2, &beta2, 1e-5, Some(0.1)).expect("bn");
+            let probe_b = b.storage_probe();
+            let z = ops::max_pool2d(&tape, &b, 2).expect("pool");
+            drop((a, y, b));
+            assert_eq!(probe.upgrade().is_none(), !keep_whole, "the convolution's input is held iff kept whole");
+            assert!(probe_b.upgrade().is_none(), "the max-pool holds its input");
+            let grads = tape.backward_with(&z, seed.clone()).expect("backward");
+            [&x, &gamma, &beta, &w, &gamma2, &beta2]
+                .iter()
+                .map(|t| grads.get(t).expect("gradient").data().expect("host").iter().map(|v| v.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(run(false), run(true));
+    }
 }

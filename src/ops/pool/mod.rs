@@ -25,12 +25,14 @@ pub fn max_pool2d(tape: &Tape, x: &Tensor, size: usize) -> Result<Tensor> {
     let mut arg = vec![0u8; y.len()];
     k::maxpool_fwd(x.data()?, n * c, h, w, size, &mut y, &mut arg);
     let out = Tensor::cpu(y, vec![n, c, ho, wo]);
-    let xc = x.clone();
+    // The winners' offsets are all the backward reads: holding x itself would keep the
+    // activation alive until then.
+    let xr = x.identity();
     Ok(tape.record(out, &[x], move |g, grads| {
         let _p = crate::profile::scope("max_pool.bwd");
-        let mut dx = crate::pool::take(xc.numel());
+        let mut dx = crate::pool::take(n * c * h * w);
         k::maxpool_bwd(g.data()?, &arg, n * c, h, w, size, &mut dx);
-        grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
+        grads.add_to_ref(&xr, Tensor::cpu(dx, xr.shape().to_vec()))
     }))
 }
 
@@ -47,10 +49,11 @@ pub fn global_avg_pool(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     let mut y = crate::pool::take(n * c);
     k::avgpool_fwd(x.data()?, h * w, &mut y);
     let out = Tensor::cpu(y, vec![n, c]);
-    let xc = x.clone();
+    // The backward needs only x's shape.
+    let xr = x.identity();
     Ok(tape.record(out, &[x], move |g, grads| {
-        let mut dx = crate::pool::take(xc.numel());
+        let mut dx = crate::pool::take(n * c * h * w);
         k::avgpool_bwd(g.data()?, h * w, &mut dx);
-        grads.add_to(&xc, Tensor::cpu(dx, xc.shape().to_vec()))
+        grads.add_to_ref(&xr, Tensor::cpu(dx, xr.shape().to_vec()))
     }))
 }
