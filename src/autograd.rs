@@ -201,6 +201,14 @@ impl Saved {
         }
     }
 
+    /// The saved tensor's identity, shape and gradient tracking.
+    pub fn identity(&self) -> TensorRef {
+        match self {
+            Saved::Kept(t) => t.identity(),
+            Saved::Recomputed(r, _) => r.clone(),
+        }
+    }
+
     /// Whether the saved tensor needs a gradient.
     pub fn requires_grad(&self) -> bool {
         match self {

@@ -68,15 +68,15 @@ pub struct Tensor {
     recompute: Option<Recompute>,
 }
 
-/// Regenerates a CPU tensor's elements bit for bit from what its producer's backward keeps
-/// anyway (batch norm's input and per-channel affine), so that an op saving this tensor for
+/// Regenerates a tensor's elements bit for bit, on its device, from what its producer's backward
+/// keeps anyway (batch norm's input and per-channel affine), so that an op saving this tensor for
 /// its backward can keep the recipe instead of the elements (`autograd::Saved`).
 #[derive(Clone)]
-pub struct Recompute(Arc<dyn Fn() -> Result<Vec<f32>> + Send + Sync>);
+pub struct Recompute(Arc<dyn Fn() -> Result<Tensor> + Send + Sync>);
 
 impl Recompute {
-    /// The elements, computed again.
-    pub fn run(&self) -> Result<Vec<f32>> {
+    /// The elements, computed again (a tensor of its own identity: see `Tensor::restore`).
+    pub fn run(&self) -> Result<Tensor> {
         (self.0)()
     }
 }
@@ -134,19 +134,23 @@ impl Tensor {
         Tensor { id: TensorId::fresh(), shape, storage: Arc::new(storage), requires_grad, recompute: None }
     }
 
-    /// `data` laid out as `r`'s shape under `r`'s identity: a saved input whose elements were
-    /// recomputed for the backward.
-    pub(crate) fn restore(data: Vec<f32>, r: &TensorRef) -> Result<Tensor> {
-        let mut t = Tensor::from_vec(data, &r.shape)?;
-        (t.id, t.requires_grad) = (r.id, r.requires_grad);
+    /// `t`'s elements under `r`'s identity: a saved input whose elements were recomputed for the
+    /// backward.
+    pub(crate) fn restore(mut t: Tensor, r: &TensorRef) -> Result<Tensor> {
+        if t.shape != r.shape {
+            return Err(Error::shape(format!(
+                "a recomputed tensor of shape {} stands for one of shape {}",
+                fmt_shape(&t.shape),
+                fmt_shape(&r.shape)
+            )));
+        }
+        (t.id, t.requires_grad, t.recompute) = (r.id, r.requires_grad, None);
         Ok(t)
     }
 
-    /// The same tensor, carrying a recipe that recomputes its elements bit for bit (CPU only).
-    pub(crate) fn with_recompute(mut self, f: impl Fn() -> Result<Vec<f32>> + Send + Sync + 'static) -> Tensor {
-        if matches!(*self.storage, Storage::Cpu(_)) {
-            self.recompute = Some(Recompute(Arc::new(f)));
-        }
+    /// The same tensor, carrying a recipe that recomputes its elements bit for bit.
+    pub(crate) fn with_recompute(mut self, f: impl Fn() -> Result<Tensor> + Send + Sync + 'static) -> Tensor {
+        self.recompute = Some(Recompute(Arc::new(f)));
         self
     }
 

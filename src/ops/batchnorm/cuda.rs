@@ -94,7 +94,7 @@ pub fn batchnorm_train_fwd_across(
     y: &mut F32Buf,
     world: Option<&'static World>,
 ) -> Result<BatchStatsGpu> {
-    let BatchNormArgs { n, c, hw, eps, slope } = *args;
+    let BatchNormArgs { n, c, hw, eps, .. } = *args;
     let k = "batchnorm_train_fwd";
     let s = bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &[("gamma", gamma.len()), ("beta", beta.len())])?;
     let shift = match world {
@@ -158,10 +158,26 @@ pub fn batchnorm_train_fwd_across(
         &eps,
         &given
     )?;
-    let a = slope.unwrap_or(1.0);
-    let total = s.total as usize;
-    launch!(gpu, "batchnorm_norm_fwd_f32", flat_cfg(total), x, &st.scale, &st.shift, y, &s.total, &s.c, &s.hw, &a)?;
+    batchnorm_apply(gpu, args, x, (&st.scale, &st.shift), y)?;
     Ok(st)
+}
+
+/// y = act(x scale + shift) per channel: the training forward's last launch, and what a
+/// convolution's backward runs to recompute its batch-normalised input (the same kernel on the
+/// same buffers: the same bits). CPU twin: `cpu::batchnorm_apply`.
+pub fn batchnorm_apply(
+    gpu: &Gpu,
+    args: &BatchNormArgs,
+    x: &F32Buf,
+    (scale, shift): (&F32Buf, &F32Buf),
+    y: &mut F32Buf,
+) -> Result<()> {
+    let BatchNormArgs { n, c, hw, slope, .. } = *args;
+    let k = "batchnorm_norm_fwd_f32";
+    let s =
+        bn_checks(k, n, c, hw, &[("x", x.len()), ("y", y.len())], &[("scale", scale.len()), ("shift", shift.len())])?;
+    let a = slope.unwrap_or(1.0);
+    launch!(gpu, k, flat_cfg(s.total as usize), x, scale, shift, y, &s.total, &s.c, &s.hw, &a)
 }
 
 /// Evaluation forward with running statistics `mean`, `var` (then LeakyReLU when given).
@@ -343,6 +359,12 @@ pub(crate) fn batch_norm_train(
     let stats = batchnorm_train_fwd_across(&gpu, &args, (buf(x)?, buf(gamma)?, buf(beta)?), &mut y, world)?;
     let mean = wrap(context::copy(&stats.mean)?, &[c])?;
     let var = wrap(context::copy(&stats.var)?, &[c])?;
+    // The recipe's scale and shift (the statistics themselves move into the backward).
+    let ordinal = gpu.info().ordinal;
+    let affine = match tape.tracks(&[x, gamma, beta]) {
+        true => Some((wrap(context::copy(&stats.scale)?, &[c])?, wrap(context::copy(&stats.shift)?, &[c])?)),
+        false => None,
+    };
     let (xc, gc, bc) = (x.clone(), gamma.clone(), beta.clone());
     let out = tape.record(wrap(y, x.shape())?, &[x, gamma, beta], move |g, grads| {
         let g = here(g, &gpu)?;
@@ -356,6 +378,19 @@ pub(crate) fn batch_norm_train(
         grads.add_to(&gc, wrap(dg, &[c])?)?;
         grads.add_to(&bc, wrap(db, &[c])?)
     });
+    // A recorded output carries the recipe that recomputes it (autograd::Saved), naming its
+    // device by ordinal (the handle is thread-local).
+    let out = if let Some((scale, shift)) = affine {
+        let xr = x.clone();
+        out.with_recompute(move || {
+            let gpu = context::gpu(ordinal)?;
+            let mut y = alloc(&gpu, xr.shape())?;
+            batchnorm_apply(&gpu, &args, buf(&xr)?, (buf(&scale)?, buf(&shift)?), &mut y)?;
+            wrap(y, xr.shape())
+        })
+    } else {
+        out
+    };
     Ok((out, mean, var))
 }
 

@@ -52,7 +52,7 @@ fn recomputable(out: Tensor, x: &Tensor, args: BatchNormArgs, stats: Arc<k::Batc
     out.with_recompute(move || {
         let mut y = crate::pool::take(x.numel());
         k::batchnorm_apply(&args, x.data()?, &stats, &mut y);
-        Ok(y)
+        Ok(Tensor::cpu(y, x.shape().to_vec()))
     })
 }
 

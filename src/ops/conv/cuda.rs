@@ -349,18 +349,22 @@ pub(crate) fn conv2d(gpu: GpuRef, tape: &Tape, x: &Tensor, w: &Tensor, s: ConvSh
     let y_shape = [s.n, s.co, s.ho(), s.wo()];
     let mut y = alloc(&gpu, &y_shape)?;
     conv_forward(&gpu, &s, buf(x)?, buf(w)?, &mut y)?;
-    let (xc, wc) = (x.clone(), w.clone());
+    // A batch-normalised input is kept as its recipe (autograd::Saved), recomputed for dW and
+    // freed before dX is allocated.
+    let (xs, wc) = (crate::autograd::Saved::of(x), w.clone());
     Ok(tape.record(wrap(y, &y_shape)?, &[x, w], move |g, grads| {
         let g = here(g, &gpu)?;
         if wc.requires_grad() {
+            let xc = xs.tensor()?;
             let mut dw = alloc(&gpu, wc.shape())?;
             conv_backward_filter(&gpu, &s, buf(&xc)?, buf(&g)?, &mut dw)?;
             grads.add_to(&wc, wrap(dw, wc.shape())?)?;
         }
-        if xc.requires_grad() {
-            let mut dx = alloc(&gpu, xc.shape())?;
+        if xs.requires_grad() {
+            let xr = xs.identity();
+            let mut dx = alloc(&gpu, xr.shape())?;
             conv_backward_data(&gpu, &s, buf(&wc)?, buf(&g)?, &mut dx)?;
-            grads.add_to(&xc, wrap(dx, xc.shape())?)?;
+            grads.add_to_ref(&xr, wrap(dx, xr.shape())?)?;
         }
         Ok(())
     }))

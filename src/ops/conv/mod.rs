@@ -103,33 +103,48 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Device;
     use crate::ops;
     use crate::rng::normal_vec;
 
-    fn param(shape: &[usize], seed: u64, offset: f32) -> Tensor {
+    fn param(shape: &[usize], seed: u64, offset: f32, device: Device) -> Tensor {
         let n = shape.iter().product();
         let v: Vec<f32> = normal_vec(n, 1.0, seed).into_iter().map(|x| x + offset).collect();
-        Tensor::from_vec(v, shape).expect("shape").into_param()
+        Tensor::from_vec(v, shape).expect("shape").into_param().to_device(device).expect("device")
     }
 
-    /// pool(bn(conv(bn(x)))) on a tape: neither the convolution nor the pool holds its
-    /// batch-normalised input between the passes (the recipe stands in for it), and every
+    /// A write drops the recipe; identity and values stay.
+    fn keep_whole(t: &mut Tensor) {
+        match t.device() {
+            Device::Cpu => {
+                t.data_mut().expect("host");
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                t.cuda_slice_mut().expect("device");
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("no CUDA tensors without the cuda feature"),
+        }
+        assert!(t.recompute().is_none());
+    }
+
+    /// pool(bn(conv(bn(x)))) on a tape on `device`: neither the convolution nor the pool holds
+    /// its batch-normalised input between the passes (the recipe stands in for it), and every
     /// gradient equals, bit for bit, the one of the same graph whose input is kept whole.
-    #[test]
-    fn batch_normalised_inputs_are_recomputed_not_kept_and_give_the_same_gradients() {
-        let x = param(&[3, 4, 8, 8], 1, 0.5);
-        let (gamma, beta) = (param(&[4], 2, 1.0), param(&[4], 3, 0.0));
-        let w = param(&[5, 4, 3, 3], 4, 0.0);
-        let (gamma2, beta2) = (param(&[5], 6, 1.0), param(&[5], 7, 0.0));
+    fn recomputed_inputs_give_the_same_gradients(device: Device) {
+        let x = param(&[3, 4, 8, 8], 1, 0.5, device);
+        let (gamma, beta) = (param(&[4], 2, 1.0, device), param(&[4], 3, 0.0, device));
+        let w = param(&[5, 4, 3, 3], 4, 0.0, device);
+        let (gamma2, beta2) = (param(&[5], 6, 1.0, device), param(&[5], 7, 0.0, device));
         let p = Conv2dParams { stride: 1, pad: 1 };
         let seed = Tensor::from_vec(normal_vec(3 * 5 * 4 * 4, 1.0, 5), &[3, 5, 4, 4]).expect("seed");
-        let run = |keep_whole: bool| -> Vec<Vec<u32>> {
+        let run = |whole: bool| -> Vec<Vec<u32>> {
             let tape = Tape::new();
             let (mut a, _) = ops::batch_norm_train(&tape, &x, &gamma, &beta, 1e-5, Some(0.1)).expect("bn");
             assert!(a.recompute().is_some(), "a recorded training output carries its recipe");
-            if keep_whole {
-                a.data_mut().expect("host"); // a write drops the recipe; identity and values stay
-                assert!(a.recompute().is_none());
+            if whole {
+                keep_whole(&mut a);
             }
             let probe = a.storage_probe();
             let y = conv2d(&tape, &a, &w, p).expect("conv");
@@ -137,14 +152,33 @@ mod tests {
             let probe_b = b.storage_probe();
             let z = ops::max_pool2d(&tape, &b, 2).expect("pool");
             drop((a, y, b));
-            assert_eq!(probe.upgrade().is_none(), !keep_whole, "the convolution's input is held iff kept whole");
+            assert_eq!(probe.upgrade().is_none(), !whole, "the convolution's input is held iff kept whole");
             assert!(probe_b.upgrade().is_none(), "the max-pool holds its input");
             let grads = tape.backward_with(&z, seed.clone()).expect("backward");
             [&x, &gamma, &beta, &w, &gamma2, &beta2]
                 .iter()
-                .map(|t| grads.get(t).expect("gradient").data().expect("host").iter().map(|v| v.to_bits()).collect())
+                .map(|t| {
+                    grads.get(t).expect("gradient").to_vec().expect("values").iter().map(|v| v.to_bits()).collect()
+                })
                 .collect()
         };
         assert_eq!(run(false), run(true));
+    }
+
+    #[test]
+    fn batch_normalised_inputs_are_recomputed_not_kept_and_give_the_same_gradients() {
+        recomputed_inputs_give_the_same_gradients(Device::Cpu);
+    }
+
+    /// The same on the GPU path (cuDNN's convolution, the batch-norm kernels), on the emulated
+    /// device.
+    #[cfg(all(feature = "cudnn", muscle_cuda_emu))]
+    #[test]
+    fn on_the_gpu_too() {
+        if !crate::cuda::emulation_requested() {
+            eprintln!("skipped: ops::conv: set MUSCLE_CUDA_EMU=1 for the emulated device");
+            return;
+        }
+        recomputed_inputs_give_the_same_gradients(Device::Cuda(0));
     }
 }

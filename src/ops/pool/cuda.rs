@@ -112,12 +112,13 @@ pub(crate) fn max_pool2d(
     let mut y = alloc(&gpu, &[n, c, h / 2, w / 2])?;
     let mut arg = gpu.zeros::<u8>(len.max(1))?;
     maxpool_fwd(&gpu, buf(x)?, planes, h, w, &mut y, &mut arg)?;
-    let xc = x.clone();
+    // The winners' offsets are all the backward reads (as on the CPU).
+    let xr = x.identity();
     Ok(tape.record(wrap(y, &[n, c, h / 2, w / 2])?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = alloc(&gpu, xc.shape())?;
+        let mut dx = alloc(&gpu, xr.shape())?;
         maxpool_bwd(&gpu, buf(&g)?, &arg, planes, h, w, &mut dx)?;
-        grads.add_to(&xc, wrap(dx, xc.shape())?)
+        grads.add_to_ref(&xr, wrap(dx, xr.shape())?)
     }))
 }
 
@@ -125,11 +126,11 @@ pub(crate) fn max_pool2d(
 pub(crate) fn global_avg_pool(gpu: GpuRef, tape: &Tape, x: &Tensor, [n, c, h, w]: [usize; 4]) -> Result<Tensor> {
     let mut y = alloc(&gpu, &[n, c])?;
     avgpool_fwd(&gpu, buf(x)?, n * c, h * w, &mut y)?;
-    let xc = x.clone();
+    let xr = x.identity();
     Ok(tape.record(wrap(y, &[n, c])?, &[x], move |g, grads| {
         let g = here(g, &gpu)?;
-        let mut dx = alloc(&gpu, xc.shape())?;
+        let mut dx = alloc(&gpu, xr.shape())?;
         avgpool_bwd(&gpu, buf(&g)?, n * c, h * w, &mut dx)?;
-        grads.add_to(&xc, wrap(dx, xc.shape())?)
+        grads.add_to_ref(&xr, wrap(dx, xr.shape())?)
     }))
 }
