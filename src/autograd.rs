@@ -173,10 +173,11 @@ impl Gradients {
 }
 
 /// An op's input as its backward will read it: the tensor itself, or, when its producer left a
-/// recipe (a batch-norm + LeakyReLU output on the CPU), only the recipe. The recipe's inputs are
-/// kept by the producer's own backward anyway, so a convolution after batch norm holds no copy
-/// of its input between the passes: the activation is recomputed bit for bit in the backward
-/// and freed after it (the convnet's step keeps one activation per layer instead of two).
+/// recipe (a training batch-norm output, with or without its LeakyReLU, on either device), only
+/// the recipe. The recipe's inputs are kept by the producer's own backward anyway, so a
+/// convolution after batch norm holds no copy of its input between the passes: the activation
+/// is recomputed bit for bit in the backward and freed after it (the convnet's step keeps one
+/// activation per layer instead of two).
 pub enum Saved {
     /// The elements, kept.
     Kept(Tensor),
@@ -206,14 +207,6 @@ impl Saved {
         match self {
             Saved::Kept(t) => t.identity(),
             Saved::Recomputed(r, _) => r.clone(),
-        }
-    }
-
-    /// Whether the saved tensor needs a gradient.
-    pub fn requires_grad(&self) -> bool {
-        match self {
-            Saved::Kept(t) => t.requires_grad(),
-            Saved::Recomputed(r, _) => r.requires_grad(),
         }
     }
 }

@@ -360,8 +360,8 @@ pub(crate) fn conv2d(gpu: GpuRef, tape: &Tape, x: &Tensor, w: &Tensor, s: ConvSh
             conv_backward_filter(&gpu, &s, buf(&xc)?, buf(&g)?, &mut dw)?;
             grads.add_to(&wc, wrap(dw, wc.shape())?)?;
         }
-        if xs.requires_grad() {
-            let xr = xs.identity();
+        let xr = xs.identity();
+        if xr.requires_grad() {
             let mut dx = alloc(&gpu, xr.shape())?;
             conv_backward_data(&gpu, &s, buf(&wc)?, buf(&g)?, &mut dx)?;
             grads.add_to_ref(&xr, wrap(dx, xr.shape())?)?;

@@ -71,6 +71,7 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
     // passes: the step's largest activations are never more than three at once.
     let (xs, wc) = (Saved::of(x), w.clone());
     Ok(tape.record(out, &[x, w], move |g, grads| {
+        let xr = xs.identity();
         let xc = {
             let _p = crate::profile::scope("batch_norm.recompute");
             xs.tensor()?
@@ -78,7 +79,6 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
         let _p = crate::profile::scope("conv2d.bwd");
         let (w, dy) = (wc.data()?, g.data()?);
         let mut dw = crate::pool::take(wc.numel());
-        let xr = xc.identity();
         if cpu::backward_splits(&s) {
             cpu::weight_grad(&s, xc.data()?, w, dy, &mut dw);
             drop(xc);
