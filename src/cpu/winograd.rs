@@ -12,14 +12,14 @@
 //!
 //! Numerics: each output is as close to the exact sum as the direct kernel's (max error 1.0e-6
 //! vs 2.4e-6 of the output RMS at 32 -> 16, 32 x 32), but the transformed weights' roundings
-//! repeat in every tile, so the errors are coherent across positions: whole-channel sums come
-//! out 50x further from exact (1.9e-5 vs 4e-7 relative on zero-mean input). In a forward, batch
-//! norm's statistics take such sums, and wrn-28-2's batch-norm parameter gradients then land up
-//! to 4.9e-3 from PyTorch's (direct: 1.6e-6), past the model test's 1e-3; in the input gradient
-//! nothing sums them that way, and the same gradients stay within 1.7e-6. So input gradients
-//! take Winograd by default and forwards only with `MUSCLE_CONV=winograd` (training does not
-//! mind: cuDNN picks Winograd kernels too); `MUSCLE_CONV=direct` or `gemm` turns it off. Every
-//! sum has a fixed order: results depend neither on threads nor on the instruction set.
+//! repeat in every tile, so their errors add up coherently over positions: whole-channel sums,
+//! which batch norm's statistics take, feel them. With U computed in f32 arithmetic (four
+//! roundings per entry), wrn-28-2's batch-norm parameter gradients landed up to 4.9e-3 from
+//! PyTorch's, past the model test's 1e-3; with U computed in f64 and rounded once, the worst
+//! gradient of that test is 2.0e-6 from PyTorch's (im2col + GEMM forwards: 1.6e-6). So both
+//! forwards and input gradients take Winograd by default; `MUSCLE_CONV=winograd-dx` keeps it to
+//! input gradients, `MUSCLE_CONV=direct` or `gemm` turns it off. Every sum has a fixed order:
+//! results depend neither on threads nor on the instruction set.
 
 use crate::kernel_args::ConvShape;
 use rayon::prelude::*;
@@ -43,9 +43,9 @@ const MIN_CHANNELS: usize = 16;
 enum Mode {
     /// None (`gemm` or `direct`, for comparisons; or neither AVX-512 nor AVX2 + FMA).
     Off,
-    /// Input gradients only: the default.
+    /// Input gradients only (`winograd-dx`, to compare).
     InputGrad,
-    /// Forwards too (`winograd`).
+    /// Forwards and input gradients: the default.
     All,
 }
 
@@ -57,14 +57,14 @@ fn mode() -> Mode {
         }
         match std::env::var("MUSCLE_CONV").as_deref() {
             Ok("gemm") | Ok("direct") => Mode::Off,
-            Ok("winograd") => Mode::All,
-            _ => Mode::InputGrad,
+            Ok("winograd-dx") => Mode::InputGrad,
+            _ => Mode::All,
         }
     })
 }
 
-/// Whether this forward runs here: only with `MUSCLE_CONV=winograd` (see the module's
-/// numerics), and a shape that `fits`.
+/// Whether this forward runs here: by default on AVX-512 and AVX2 machines (not with
+/// `MUSCLE_CONV=winograd-dx`), for shapes that `fit`.
 pub fn forward_applies(s: &ConvShape) -> bool {
     mode() == Mode::All && fits(s)
 }
@@ -83,25 +83,27 @@ fn fits(s: &ConvShape) -> bool {
 }
 
 /// U = G g G^T for every (output, input) channel pair, packed [XI][co / OCB][ci][OCB] (zero
-/// rows past `co`), G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+/// rows past `co`), G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]. Computed in f64
+/// and rounded once: U's rounding errors repeat in every tile, so they are the ones that add up
+/// coherently over a channel (see the module's numerics).
 fn transform_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let blocks = s.co.div_ceil(OCB);
     let mut u = vec![0.0f32; XI * blocks * s.ci * OCB];
-    let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f32]];
+    let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f64]];
     for o in 0..s.co {
         for c in 0..s.ci {
             let g = &w[(o * s.ci + c) * 9..][..9];
             // t = G g (4 x 3), then U = t G^T (4 x 4).
-            let mut t = [[0.0f32; 3]; 4];
+            let mut t = [[0.0f64; 3]; 4];
             for (k, row) in t.iter_mut().enumerate() {
                 for (b, v) in row.iter_mut().enumerate() {
-                    *v = (0..3).map(|a| gmat[k][a] * g[a * 3 + b]).sum();
+                    *v = (0..3).map(|a| gmat[k][a] * f64::from(g[a * 3 + b])).sum();
                 }
             }
             for k in 0..4 {
                 for m in 0..4 {
-                    let v: f32 = (0..3).map(|b| t[k][b] * gmat[m][b]).sum();
-                    u[((k * 4 + m) * blocks + o / OCB) * s.ci * OCB + c * OCB + o % OCB] = v;
+                    let v: f64 = (0..3).map(|b| t[k][b] * gmat[m][b]).sum();
+                    u[((k * 4 + m) * blocks + o / OCB) * s.ci * OCB + c * OCB + o % OCB] = v as f32;
                 }
             }
         }
