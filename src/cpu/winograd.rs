@@ -8,7 +8,10 @@
 //! transform point xi: M[xi] [co x tiles] = U[xi] [co x ci] V[xi] [ci x tiles], computed by the
 //! direct convolution's register tile (8 output channels x 3 vectors of 16 tiles) with ci as the
 //! only sum. The input gradient of a stride-1 layer is such a convolution too (of dY with the
-//! flipped kernel), so it runs here as well.
+//! flipped kernel), so it runs here as well. So does the weight gradient (AVX-512 only so far;
+//! AVX2 machines take im2col + GEMM for it): y is linear in U, so dL/dU = sum over tiles of
+//! (A dY A^T) . V and dW = G^T (dL/dU) G; the sums over tiles are again 16 matrix products,
+//! [co x ci] per transform point, 16 tiles per lane (`weight_grad`).
 //!
 //! Numerics: each output is as close to the exact sum as the direct kernel's (max error 1.0e-6
 //! vs 2.4e-6 of the output RMS at 32 -> 16, 32 x 32), but the transformed weights' roundings
@@ -16,10 +19,11 @@
 //! which batch norm's statistics take, feel them. With U computed in f32 arithmetic (four
 //! roundings per entry), wrn-28-2's batch-norm parameter gradients landed up to 4.9e-3 from
 //! PyTorch's, past the model test's 1e-3; with U computed in f64 and rounded once, the worst
-//! gradient of that test is 2.0e-6 from PyTorch's (im2col + GEMM forwards: 1.6e-6). So both
-//! forwards and input gradients take Winograd by default; `MUSCLE_CONV=winograd-dx` keeps it to
-//! input gradients, `MUSCLE_CONV=direct` or `gemm` turns it off. Every sum has a fixed order:
-//! results depend neither on threads nor on the instruction set.
+//! gradient of that test is 2.0e-6 from PyTorch's (im2col + GEMM forwards: 1.6e-6). So forwards,
+//! input gradients and weight gradients take Winograd by default; `MUSCLE_CONV=winograd-nodw`
+//! leaves weight gradients to the direct kernels, `winograd-dx` keeps Winograd to input gradients,
+//! `direct` or `gemm` turns it off. Every sum has a fixed order: results depend neither on
+//! threads nor (forwards, input gradients) on the instruction set.
 
 use crate::kernel_args::ConvShape;
 use rayon::prelude::*;
@@ -45,7 +49,9 @@ enum Mode {
     Off,
     /// Input gradients only (`winograd-dx`, to compare).
     InputGrad,
-    /// Forwards and input gradients: the default.
+    /// Forwards and input gradients, not weight gradients (`winograd-nodw`, to compare).
+    NoWeightGrad,
+    /// Forwards, input gradients and (AVX-512) weight gradients: the default.
     All,
 }
 
@@ -58,6 +64,7 @@ fn mode() -> Mode {
         match std::env::var("MUSCLE_CONV").as_deref() {
             Ok("gemm") | Ok("direct") => Mode::Off,
             Ok("winograd-dx") => Mode::InputGrad,
+            Ok("winograd-nodw") => Mode::NoWeightGrad,
             _ => Mode::All,
         }
     })
@@ -66,7 +73,7 @@ fn mode() -> Mode {
 /// Whether this forward runs here: by default on AVX-512 and AVX2 machines (not with
 /// `MUSCLE_CONV=winograd-dx`), for shapes that `fit`.
 pub fn forward_applies(s: &ConvShape) -> bool {
-    mode() == Mode::All && fits(s)
+    matches!(mode(), Mode::All | Mode::NoWeightGrad) && fits(s)
 }
 
 /// Whether the input gradient of a stride-1 layer, the convolution `t` of dY with the flipped
@@ -394,6 +401,234 @@ unsafe fn product<const R: usize>(v: *const f32, stride: usize, u: *const f32, c
             _mm512_storeu_ps(m.add(o * stride + 16 * r), *a);
         }
     }
+}
+
+/// Floats of V or Y' a weight-gradient group aims at: 1 MiB each. Every (output, input) channel
+/// pair's sum over a group ends in a horizontal add, so groups are larger than the forward's
+/// (the products of one transform point read only their slices); on Zen 4, 128 Ki, 256 Ki and
+/// 512 Ki floats took 4.7 / 4.1 / 4.6 ms at 64 -> 64, 16 x 16, batch 64, 6.0 / 4.8 / 5.6 at
+/// 128 -> 128, 8 x 8.
+const DW_GROUP_FLOATS: usize = 256 << 10;
+/// Image ranges whose weight-gradient sums are kept apart, then added in order: a number fixed
+/// by the shape, never by the threads, so the result is too.
+const DW_RANGES: usize = 16;
+/// Channels per side of the weight gradient's register tile (4 x 4 accumulators of 16 tiles).
+const DW_TILE: usize = 4;
+
+/// Whether the weight gradient of this layer runs here: by default on AVX-512 machines (not
+/// with `MUSCLE_CONV=winograd-dx` or `winograd-nodw`), for shapes that `fit`.
+pub fn weight_grad_applies(s: &ConvShape) -> bool {
+    mode() == Mode::All && super::simd::level() == super::simd::Level::Avx512 && fits(s)
+}
+
+/// dW [co, ci, 3, 3] (overwritten) of y = conv3x3(x) through F(2x2, 3x3): with Y' = A dY A^T of
+/// each output tile and V = B^T d B of its input patch, dL/dU = sum over tiles of Y' . V (16
+/// products [co x ci] = Y'[xi] V[xi]^T summed over tiles, 16 tiles per lane vector), and
+/// dW = G^T (dL/dU) G, computed in f64 and rounded once. Each range of images sums its groups in
+/// order; the ranges are added in order, in f64: the bits depend on the shape only.
+pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    assert!(weight_grad_applies(s), "winograd::weight_grad: {s:?} on this CPU");
+    assert!(x.len() >= s.x_len() && dy.len() >= s.y_len() && dw.len() >= s.w_len(), "winograd::weight_grad: lengths");
+    let tiles = (s.h / 2) * (s.w / 2);
+    let (ci4, co4) = (s.ci.next_multiple_of(DW_TILE), s.co.next_multiple_of(DW_TILE));
+    let imgs = (DW_GROUP_FLOATS / (XI * ci4.max(co4) * tiles)).clamp(1, s.n.max(1));
+    let stride = (imgs * tiles).next_multiple_of(16);
+    let (vpitch, ypitch) = (ci4 * stride + 16, co4 * stride + 16);
+    let (obs, cbs) = (co4 / DW_TILE, ci4 / DW_TILE);
+    let (img_in, img_out) = (s.ci * s.h * s.w, s.co * s.h * s.w);
+    let groups = s.n.div_ceil(imgs);
+    let per_range = groups.div_ceil(DW_RANGES);
+    let ranges = groups.div_ceil(per_range);
+    let partials: Vec<Vec<f32>> = (0..ranges)
+        .into_par_iter()
+        .map(|r| {
+            let mut sc = Scratch {
+                v: crate::pool::take(XI * vpitch),
+                m: crate::pool::take(XI * ypitch),
+                e: vec![0.0f32; 5 * scratch_row(s.w)],
+            };
+            // Sums per register tile: [XI][co4 / DW_TILE][ci4 / DW_TILE][DW_TILE x DW_TILE].
+            let mut part = vec![0.0f32; XI * co4 * ci4];
+            for g in r * per_range..((r + 1) * per_range).min(groups) {
+                let k0 = g * imgs;
+                let k_imgs = imgs.min(s.n - k0);
+                let ntiles = k_imgs * tiles;
+                let padded = ntiles.next_multiple_of(16);
+                for k in 0..k_imgs {
+                    let xk = &x[(k0 + k) * img_in..][..img_in];
+                    let dyk = &dy[(k0 + k) * img_out..][..img_out];
+                    // SAFETY: AVX-512 (`weight_grad_applies`); e is zero outside the columns the
+                    // transform writes; both buffers hold XI pitches of >= channels x stride
+                    // floats and k tiles + tiles <= stride.
+                    unsafe {
+                        input_transform(xk, s.ci, s.h, s.w, &mut sc.v, k * tiles, stride, vpitch, &mut sc.e);
+                        grad_transform(dyk, s.co, s.h, s.w, &mut sc.m, k * tiles, stride, ypitch);
+                    }
+                }
+                // Lanes past the last tile and the rows that pad the channels to whole register
+                // tiles must add nothing: zeros in both operands.
+                for xi in 0..XI {
+                    for (buf, pitch, ch, ch4) in [(&mut sc.v, vpitch, s.ci, ci4), (&mut sc.m, ypitch, s.co, co4)] {
+                        let rows = &mut buf[xi * pitch..][..ch4 * stride];
+                        for (c, row) in rows.chunks_exact_mut(stride).enumerate() {
+                            let from = if c < ch { ntiles } else { 0 };
+                            row[from..padded].fill(0.0);
+                        }
+                    }
+                }
+                let nvec = padded / 16;
+                for xi in 0..XI {
+                    let (vx, yx) = (&sc.v[xi * vpitch..][..ci4 * stride], &sc.m[xi * ypitch..][..co4 * stride]);
+                    for ob in 0..obs {
+                        for cb in 0..cbs {
+                            let dst = &mut part[((xi * obs + ob) * cbs + cb) * 16..][..16];
+                            // SAFETY: AVX-512; rows ob and cb x DW_TILE.. + DW_TILE lie within
+                            // the co4 and ci4 rows of `stride` >= 16 nvec floats.
+                            unsafe {
+                                dw_products(
+                                    yx.as_ptr().add(ob * DW_TILE * stride),
+                                    vx.as_ptr().add(cb * DW_TILE * stride),
+                                    stride,
+                                    nvec,
+                                    dst.as_mut_ptr(),
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+            part
+        })
+        .collect();
+    // The ranges in order, each streamed once.
+    let mut total = vec![0.0f64; XI * co4 * ci4];
+    for p in &partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += f64::from(*v);
+        }
+    }
+    let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f64]];
+    for o in 0..s.co {
+        for c in 0..s.ci {
+            let at = |xi| ((xi * obs + o / DW_TILE) * cbs + c / DW_TILE) * 16 + (o % DW_TILE) * DW_TILE + c % DW_TILE;
+            let du: [f64; XI] = std::array::from_fn(|xi| total[at(xi)]);
+            for a in 0..3 {
+                for b in 0..3 {
+                    let mut v = 0.0f64;
+                    for k in 0..4 {
+                        for m in 0..4 {
+                            v += gmat[k][a] * du[k * 4 + m] * gmat[m][b];
+                        }
+                    }
+                    dw[(o * s.ci + c) * 9 + a * 3 + b] = v as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Y' = A dY A^T of every 2 x 2 output tile of one image's gradient planes `dy` [co][h][w] into
+/// `m` [XI][co][stride] (points `pitch` apart) at tile columns t0.., A = [[1, 0], [1, 1],
+/// [1, -1], [0, -1]]: the output transform's transpose, 16 tiles per vector.
+///
+/// # Safety
+/// AVX-512F/VL/BW/DQ present; `m` holds XI x pitch >= co x stride floats with
+/// t0 + (h / 2) (w / 2) <= stride; `dy` holds co x h x w floats.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_transform(
+    dy: &[f32],
+    co: usize,
+    h: usize,
+    w: usize,
+    m: &mut [f32],
+    t0: usize,
+    stride: usize,
+    pitch: usize,
+) {
+    use std::arch::x86_64::*;
+    let (th, tw) = (h / 2, w / 2);
+    assert!(pitch >= co * stride && m.len() >= XI * pitch && t0 + th * tw <= stride && dy.len() >= co * h * w);
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mp = m.as_mut_ptr();
+    for o in 0..co {
+        for ty in 0..th {
+            for tx0 in (0..tw).step_by(16) {
+                let n = (tw - tx0).min(16);
+                let at = t0 + ty * tw + tx0;
+                // Each tile's two columns of each of its two rows, 16 tiles per vector.
+                let cols = |dr: usize| {
+                    let src = dy.as_ptr().add((o * h + 2 * ty + dr) * w + 2 * tx0);
+                    let a = _mm512_maskz_loadu_ps(first_lanes(2 * n), src);
+                    let b = if n > 8 {
+                        _mm512_maskz_loadu_ps(first_lanes(2 * n - 16), src.add(16))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    (_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(a, odds, b))
+                };
+                let (r0, r1) = (cols(0), cols(1));
+                // A over the rows, then over the columns.
+                let rows = [
+                    r0,
+                    (_mm512_add_ps(r0.0, r1.0), _mm512_add_ps(r0.1, r1.1)),
+                    (_mm512_sub_ps(r0.0, r1.0), _mm512_sub_ps(r0.1, r1.1)),
+                    (_mm512_sub_ps(_mm512_setzero_ps(), r1.0), _mm512_sub_ps(_mm512_setzero_ps(), r1.1)),
+                ];
+                for (k, (c0, c1)) in rows.into_iter().enumerate() {
+                    let out =
+                        [c0, _mm512_add_ps(c0, c1), _mm512_sub_ps(c0, c1), _mm512_sub_ps(_mm512_setzero_ps(), c1)];
+                    for (j, v) in out.into_iter().enumerate() {
+                        _mm512_mask_storeu_ps(mp.add((k * 4 + j) * pitch + o * stride + at), first_lanes(n), v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds to `out` (16 floats, [a][b]) the DW_TILE x DW_TILE sums over `nvec` vectors of 16 tiles
+/// of Y' rows `y` times V rows `v` (rows `stride` apart): each lane a running sum over its tiles,
+/// then the 16 accumulators' lanes added in one transpose-and-add tree (45 instructions, not 16
+/// horizontal sums of 8).
+///
+/// # Safety
+/// AVX-512F present; DW_TILE rows of 16 nvec floats readable at `y` and at `v`; 16 floats at `out`.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+unsafe fn dw_products(y: *const f32, v: *const f32, stride: usize, nvec: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); DW_TILE]; DW_TILE];
+    for q in 0..nvec {
+        let yv: [__m512; DW_TILE] = std::array::from_fn(|a| _mm512_loadu_ps(y.add(a * stride + 16 * q)));
+        for b in 0..DW_TILE {
+            let vv = _mm512_loadu_ps(v.add(b * stride + 16 * q));
+            for (acc_a, ya) in acc.iter_mut().zip(&yv) {
+                acc_a[b] = _mm512_fmadd_ps(*ya, vv, acc_a[b]);
+            }
+        }
+    }
+    let r: [__m512; 16] = std::array::from_fn(|i| acc[i / DW_TILE][i % DW_TILE]);
+    // Pairs: each 128-bit lane holds two partial sums of each of r[2i], r[2i + 1].
+    let p: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (r[2 * i], r[2 * i + 1]);
+        _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+    });
+    // Quads: each 128-bit lane holds one partial sum of each of r[4i .. 4i + 4].
+    let q: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (p[2 * i], p[2 * i + 1]);
+        _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b))
+    });
+    // Across the 128-bit lanes, twice: lane j of the result holds r[4j .. 4j + 4]'s totals.
+    let h: [__m512; 2] = std::array::from_fn(|i| {
+        let (a, b) = (q[2 * i], q[2 * i + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+    });
+    let t = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(h[0], h[1]),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(h[0], h[1]),
+    );
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), t));
 }
 
 /// The AVX2 + FMA kernels: 8-lane twins of the AVX-512 ones above, operation for operation
@@ -753,6 +988,36 @@ mod tests {
     fn reference_matches_direct_loops() {
         for (k, s) in shapes().iter().enumerate().step_by(2) {
             assert_forward_matches_naive(s, 40 + k as u64, |s, x, w, y| y.copy_from_slice(&forward_reference(s, x, w)));
+        }
+    }
+
+    /// The weight gradient against im2col + GEMM's, and the same bits whatever the threads (a
+    /// sum split by thread count, or a transform point or tile lost, would fail one of them).
+    #[test]
+    fn weight_grad_matches_the_gemm_path_on_any_threads() {
+        if !weight_grad_applies(&shapes()[0]) {
+            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV set to something other than winograd)");
+            return;
+        }
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
+        let (one, three) = (pool(1), pool(3));
+        let mut shapes = shapes();
+        // More groups than ranges, and a last range with fewer groups.
+        shapes.push(conv(37, 32, 28, 28, 32));
+        for (k, s) in shapes.iter().enumerate() {
+            let x = crate::rng::normal_vec(s.x_len(), 1.0, 100 + k as u64);
+            let w = crate::rng::normal_vec(s.w_len(), 1.0, 120 + k as u64);
+            let dy = crate::rng::normal_vec(s.y_len(), 1.0, 140 + k as u64);
+            let (mut dw, mut dw3) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
+            one.install(|| weight_grad(s, &x, &dy, &mut dw));
+            three.install(|| weight_grad(s, &x, &dy, &mut dw3));
+            let mut want = vec![0.0; s.w_len()];
+            crate::cpu::im2col::gemm_backward(s, &x, &w, &dy, &mut want, None);
+            let scale = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+            for (i, ((a, b), c)) in dw.iter().zip(&want).zip(&dw3).enumerate() {
+                assert!((a - b).abs() <= 2e-5 * scale, "{s:?} dw[{i}]: {a} vs {b} (rms {scale})");
+                assert_eq!(a.to_bits(), c.to_bits(), "{s:?} dw[{i}]: 1 thread {a}, 3 threads {c}");
+            }
         }
     }
 
