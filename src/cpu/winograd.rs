@@ -133,6 +133,22 @@ fn first_lanes(n: usize) -> u16 {
     }
 }
 
+/// Lane mask of lanes a..b (a <= b <= 16).
+fn lanes(a: usize, b: usize) -> u16 {
+    (((1u32 << b) - (1u32 << a)) & 0xFFFF) as u16
+}
+
+/// Rows of 8 tiles or fewer leave most lanes of a one-row vector idle, so the AVX-512
+/// transforms put 16 / (w / 2) tile rows in each vector (the tiles of an image are numbered row
+/// after row, so the lanes stay contiguous in V and M); the same values, so the same bits.
+fn packs(w: usize) -> bool {
+    w / 2 <= 8
+}
+
+/// Floats per row-combination row of the packed input transform's scratch: the rows' padded
+/// columns, (w + 2) per tile row, stay within four vectors.
+const PACKED_ROW: usize = 64;
+
 /// V = B^T d B of every tile of one image's planes `x` [ci][h][w] into `v` [XI][ci][stride]
 /// (transform points `pitch` apart) at tile columns t0.. (tiles row-major), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
 /// [0, 1, 0, -1]]: first over the patch's rows (whole image rows at once), then over its
@@ -156,6 +172,9 @@ unsafe fn input_transform(
     e: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    if packs(w) {
+        return input_transform_packed(x, ci, h, w, v, t0, stride, pitch, e);
+    }
     let (th, tw) = (h / 2, w / 2);
     let er = scratch_row(w);
     assert!(
@@ -212,6 +231,100 @@ unsafe fn input_transform(
     }
 }
 
+/// `input_transform` for `packs(w)`: the row combinations of 16 / (w / 2) tile rows side by side
+/// in the scratch (w + 2 padded columns each), then each transform point's lanes gathered from
+/// them by two permutes and a blend.
+///
+/// # Safety
+/// As `input_transform`, with `e` holding 4 PACKED_ROW floats, zero at first.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn input_transform_packed(
+    x: &[f32],
+    ci: usize,
+    h: usize,
+    w: usize,
+    v: &mut [f32],
+    t0: usize,
+    stride: usize,
+    pitch: usize,
+    e: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (th, tw) = (h / 2, w / 2);
+    let (rr, p) = (16 / tw, w + 2);
+    assert!(
+        packs(w)
+            && rr * p <= PACKED_ROW
+            && x.len() >= ci * h * w
+            && e.len() >= 4 * PACKED_ROW
+            && pitch >= ci * stride
+            && v.len() >= XI * pitch
+            && t0 + th * tw <= stride
+    );
+    // Lane r tw + tx reads padded column 2 tx + j of tile row r: scratch float r p + 2 tx + j.
+    let mut at = [[0i32; 16]; 4];
+    let mut upper = [0u16; 4];
+    for (j, (idx, up)) in at.iter_mut().zip(upper.iter_mut()).enumerate() {
+        for lane in 0..rr * tw {
+            let f = (lane / tw) * p + 2 * (lane % tw) + j;
+            idx[lane] = f as i32;
+            if f >= 32 {
+                *up |= 1 << lane;
+            }
+        }
+    }
+    let idx: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(at[j].as_ptr().cast()));
+    let ep = e.as_mut_ptr();
+    let vp = v.as_mut_ptr();
+    for c in 0..ci {
+        let plane = x.as_ptr().add(c * h * w);
+        for ty0 in (0..th).step_by(rr) {
+            let rows = rr.min(th - ty0);
+            for r in 0..rows {
+                let ty = ty0 + r;
+                let row = |k: usize| {
+                    let y = (2 * ty + k) as isize - 1;
+                    if y < 0 || y as usize >= h {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_maskz_loadu_ps(first_lanes(w), plane.add(y as usize * w))
+                    }
+                };
+                let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
+                let out = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
+                for (k, o) in out.iter().enumerate() {
+                    _mm512_mask_storeu_ps(ep.add(k * PACKED_ROW + r * p + 1), first_lanes(w), *o);
+                }
+            }
+            let m = first_lanes(rows * tw);
+            let to = t0 + ty0 * tw;
+            for k in 0..4 {
+                let q = ep.add(k * PACKED_ROW);
+                let (a, b) = (_mm512_loadu_ps(q), _mm512_loadu_ps(q.add(16)));
+                let (c2, d2) = (_mm512_loadu_ps(q.add(32)), _mm512_loadu_ps(q.add(48)));
+                // permutex2var reads the low 5 index bits: the same indices pick from c2, d2.
+                let pj: [__m512; 4] = std::array::from_fn(|j| {
+                    _mm512_mask_blend_ps(
+                        upper[j],
+                        _mm512_permutex2var_ps(a, idx[j], b),
+                        _mm512_permutex2var_ps(c2, idx[j], d2),
+                    )
+                });
+                let out = [
+                    _mm512_sub_ps(pj[0], pj[2]),
+                    _mm512_add_ps(pj[1], pj[2]),
+                    _mm512_sub_ps(pj[2], pj[1]),
+                    _mm512_sub_ps(pj[1], pj[3]),
+                ];
+                for (j, o) in out.iter().enumerate() {
+                    _mm512_mask_storeu_ps(vp.add((k * 4 + j) * pitch + c * stride + to), m, *o);
+                }
+            }
+        }
+    }
+}
+
 /// One image's outputs `y` [co][h][w] from M [XI][co][stride] (points `pitch` apart) at tile
 /// columns t0..:
 /// Y = A^T m A per tile, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], 16 tiles per vector, each
@@ -233,6 +346,9 @@ unsafe fn output_transform(
     y: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    if packs(w) {
+        return output_transform_packed(mb, co, h, w, t0, stride, pitch, y);
+    }
     let (th, tw) = (h / 2, w / 2);
     assert!(pitch >= co * stride && mb.len() >= XI * pitch && t0 + th * tw <= stride && y.len() >= co * h * w);
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -269,6 +385,65 @@ unsafe fn output_transform(
                             first_lanes(2 * n - 16),
                             _mm512_permutex2var_ps(even, hi, odd),
                         );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `output_transform` for `packs(w)`: 16 / (w / 2) tile rows per vector; each tile row's two
+/// output rows leave through masked stores whose base is shifted back by the row's first lane.
+///
+/// # Safety
+/// As `output_transform`.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_transform_packed(
+    mb: &[f32],
+    co: usize,
+    h: usize,
+    w: usize,
+    t0: usize,
+    stride: usize,
+    pitch: usize,
+    y: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (th, tw) = (h / 2, w / 2);
+    let rr = 16 / tw;
+    assert!(
+        packs(w) && pitch >= co * stride && mb.len() >= XI * pitch && t0 + th * tw <= stride && y.len() >= co * h * w
+    );
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let yp = y.as_mut_ptr();
+    for o in 0..co {
+        for ty0 in (0..th).step_by(rr) {
+            let rows = rr.min(th - ty0);
+            let at = t0 + ty0 * tw;
+            let m: [__m512; XI] = std::array::from_fn(|xi| {
+                _mm512_maskz_loadu_ps(first_lanes(rows * tw), mb.as_ptr().add(xi * pitch + o * stride + at))
+            });
+            let v = |k: usize, j: usize| m[k * 4 + j];
+            let s0: [__m512; 4] = std::array::from_fn(|j| _mm512_add_ps(_mm512_add_ps(v(0, j), v(1, j)), v(2, j)));
+            let s1: [__m512; 4] = std::array::from_fn(|j| _mm512_sub_ps(_mm512_sub_ps(v(1, j), v(2, j)), v(3, j)));
+            let out_rows = [
+                (_mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]), _mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3])),
+                (_mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]), _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3])),
+            ];
+            for (dr, (even, odd)) in out_rows.into_iter().enumerate() {
+                // Floats 2 L, 2 L + 1 of (first, second) are lane L's two columns.
+                let (first, second) = (_mm512_permutex2var_ps(even, lo, odd), _mm512_permutex2var_ps(even, hi, odd));
+                for r in 0..rows {
+                    let (a, b) = (r * w, (r + 1) * w);
+                    // Float f of the pair goes to column f - a of this output row.
+                    let base = yp.add((o * h + 2 * (ty0 + r) + dr) * w).wrapping_sub(a);
+                    if a < 16 {
+                        _mm512_mask_storeu_ps(base, lanes(a, b.min(16)), first);
+                    }
+                    if b > 16 {
+                        _mm512_mask_storeu_ps(base.wrapping_add(16), lanes(a.max(16) - 16, b - 16), second);
                     }
                 }
             }
@@ -547,6 +722,9 @@ unsafe fn grad_transform(
     pitch: usize,
 ) {
     use std::arch::x86_64::*;
+    if packs(w) {
+        return grad_transform_packed(dy, co, h, w, m, t0, stride, pitch);
+    }
     let (th, tw) = (h / 2, w / 2);
     assert!(pitch >= co * stride && m.len() >= XI * pitch && t0 + th * tw <= stride && dy.len() >= co * h * w);
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -582,6 +760,67 @@ unsafe fn grad_transform(
                     for (j, v) in out.into_iter().enumerate() {
                         _mm512_mask_storeu_ps(mp.add((k * 4 + j) * pitch + o * stride + at), first_lanes(n), v);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// `grad_transform` for `packs(w)`: 16 / (w / 2) tile rows per vector, each row's values brought
+/// into its lanes by masked loads whose base is shifted back by the row's first lane.
+///
+/// # Safety
+/// As `grad_transform`.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grad_transform_packed(
+    dy: &[f32],
+    co: usize,
+    h: usize,
+    w: usize,
+    m: &mut [f32],
+    t0: usize,
+    stride: usize,
+    pitch: usize,
+) {
+    use std::arch::x86_64::*;
+    let (th, tw) = (h / 2, w / 2);
+    let rr = 16 / tw;
+    assert!(
+        packs(w) && pitch >= co * stride && m.len() >= XI * pitch && t0 + th * tw <= stride && dy.len() >= co * h * w
+    );
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mp = m.as_mut_ptr();
+    for o in 0..co {
+        for ty0 in (0..th).step_by(rr) {
+            let rows = rr.min(th - ty0);
+            let at = t0 + ty0 * tw;
+            let cols = |dr: usize| {
+                let (mut first, mut second) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for r in 0..rows {
+                    let (a, b) = (r * w, (r + 1) * w);
+                    let base = dy.as_ptr().add((o * h + 2 * (ty0 + r) + dr) * w).wrapping_sub(a);
+                    if a < 16 {
+                        first = _mm512_mask_loadu_ps(first, lanes(a, b.min(16)), base);
+                    }
+                    if b > 16 {
+                        second = _mm512_mask_loadu_ps(second, lanes(a.max(16) - 16, b - 16), base.wrapping_add(16));
+                    }
+                }
+                (_mm512_permutex2var_ps(first, evens, second), _mm512_permutex2var_ps(first, odds, second))
+            };
+            let (r0, r1) = (cols(0), cols(1));
+            let rows4 = [
+                r0,
+                (_mm512_add_ps(r0.0, r1.0), _mm512_add_ps(r0.1, r1.1)),
+                (_mm512_sub_ps(r0.0, r1.0), _mm512_sub_ps(r0.1, r1.1)),
+                (_mm512_sub_ps(_mm512_setzero_ps(), r1.0), _mm512_sub_ps(_mm512_setzero_ps(), r1.1)),
+            ];
+            for (k, (c0, c1)) in rows4.into_iter().enumerate() {
+                let out = [c0, _mm512_add_ps(c0, c1), _mm512_sub_ps(c0, c1), _mm512_sub_ps(_mm512_setzero_ps(), c1)];
+                for (j, v) in out.into_iter().enumerate() {
+                    _mm512_mask_storeu_ps(mp.add((k * 4 + j) * pitch + o * stride + at), first_lanes(rows * tw), v);
                 }
             }
         }
