@@ -266,9 +266,9 @@ unsafe fn input_transform_packed(
     let mut at = [[0i32; 16]; 4];
     let mut upper = [0u16; 4];
     for (j, (idx, up)) in at.iter_mut().zip(upper.iter_mut()).enumerate() {
-        for lane in 0..rr * tw {
+        for (lane, i) in idx.iter_mut().enumerate().take(rr * tw) {
             let f = (lane / tw) * p + 2 * (lane % tw) + j;
-            idx[lane] = f as i32;
+            *i = f as i32;
             if f >= 32 {
                 *up |= 1 << lane;
             }
