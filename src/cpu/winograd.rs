@@ -95,26 +95,36 @@ fn fits(s: &ConvShape) -> bool {
 /// coherently over a channel (see the module's numerics).
 fn transform_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let blocks = s.co.div_ceil(OCB);
-    let mut u = vec![0.0f32; XI * blocks * s.ci * OCB];
     let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f64]];
-    for o in 0..s.co {
-        for c in 0..s.ci {
+    // Per output channel in parallel ([co][ci][XI]; f64 arithmetic is slow enough to show in a
+    // wrn-28-2 step when serial), then packed per transform point in parallel.
+    let mut per_o = vec![0.0f32; s.co * s.ci * XI];
+    per_o.par_chunks_mut(s.ci * XI).enumerate().for_each(|(o, row)| {
+        for (c, dst) in row.chunks_exact_mut(XI).enumerate() {
             let g = &w[(o * s.ci + c) * 9..][..9];
             // t = G g (4 x 3), then U = t G^T (4 x 4).
             let mut t = [[0.0f64; 3]; 4];
-            for (k, row) in t.iter_mut().enumerate() {
-                for (b, v) in row.iter_mut().enumerate() {
+            for (k, tr) in t.iter_mut().enumerate() {
+                for (b, v) in tr.iter_mut().enumerate() {
                     *v = (0..3).map(|a| gmat[k][a] * f64::from(g[a * 3 + b])).sum();
                 }
             }
             for k in 0..4 {
                 for m in 0..4 {
                     let v: f64 = (0..3).map(|b| t[k][b] * gmat[m][b]).sum();
-                    u[((k * 4 + m) * blocks + o / OCB) * s.ci * OCB + c * OCB + o % OCB] = v as f32;
+                    dst[k * 4 + m] = v as f32;
                 }
             }
         }
-    }
+    });
+    let mut u = vec![0.0f32; XI * blocks * s.ci * OCB];
+    u.par_chunks_mut(blocks * s.ci * OCB).enumerate().for_each(|(xi, ux)| {
+        for o in 0..s.co {
+            for c in 0..s.ci {
+                ux[(o / OCB) * s.ci * OCB + c * OCB + o % OCB] = per_o[(o * s.ci + c) * XI + xi];
+            }
+        }
+    });
     u
 }
 
@@ -675,15 +685,18 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
             part
         })
         .collect();
-    // The ranges in order, each streamed once.
+    // The ranges in order for every element (chunks in parallel), then G^T dU G per output
+    // channel in parallel.
     let mut total = vec![0.0f64; XI * co4 * ci4];
-    for p in &partials {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += f64::from(*v);
+    total.par_chunks_mut(4096).enumerate().for_each(|(i, chunk)| {
+        for p in &partials {
+            for (t, v) in chunk.iter_mut().zip(&p[i * 4096..]) {
+                *t += f64::from(*v);
+            }
         }
-    }
+    });
     let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f64]];
-    for o in 0..s.co {
+    dw[..s.w_len()].par_chunks_mut(s.ci * 9).enumerate().for_each(|(o, row)| {
         for c in 0..s.ci {
             let at = |xi| ((xi * obs + o / DW_TILE) * cbs + c / DW_TILE) * 16 + (o % DW_TILE) * DW_TILE + c % DW_TILE;
             let du: [f64; XI] = std::array::from_fn(|xi| total[at(xi)]);
@@ -695,11 +708,11 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                             v += gmat[k][a] * du[k * 4 + m] * gmat[m][b];
                         }
                     }
-                    dw[(o * s.ci + c) * 9 + a * 3 + b] = v as f32;
+                    row[c * 9 + a * 3 + b] = v as f32;
                 }
             }
         }
-    }
+    });
 }
 
 /// Y' = A dY A^T of every 2 x 2 output tile of one image's gradient planes `dy` [co][h][w] into
