@@ -1,6 +1,7 @@
-//! Winograd F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions with even sides (AVX-512 and
-//! AVX2 + FMA: the same operations in the same order, so both give the same bits, those of the
-//! scalar twin `forward_reference`).
+//! Winograd F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions (AVX-512 and AVX2 + FMA: the
+//! same operations in the same order, so both give the same bits, those of the scalar twin
+//! `forward_reference`; odd sides, where the last tile row or column is half outside the image,
+//! on AVX-512 only).
 //!
 //! Each 2 x 2 block of outputs ("tile") comes from a 4 x 4 patch of input: with V = B^T d B the
 //! patch's transform and U = G g G^T the kernel's, the tile is A^T (U . V) A, 16 products per
@@ -82,11 +83,23 @@ pub fn input_grad_applies(t: &ConvShape) -> bool {
     mode() != Mode::Off && fits(t)
 }
 
-/// The shapes written for: 3x3, stride 1, padding 1, even sides, 16 or more channels in and out.
+/// The shapes written for: 3x3, stride 1, padding 1, 16 or more channels in and out, sides of 2
+/// or more; odd sides (the last tile row or column half outside the image, its outputs there
+/// dropped) on AVX-512 only: the AVX2 twins are written for even sides.
 fn fits(s: &ConvShape) -> bool {
+    let even = s.h.is_multiple_of(2) && s.w.is_multiple_of(2);
+    shape_written_for(s) && (even || super::simd::level() == super::simd::Level::Avx512)
+}
+
+/// `fits` without the instruction set: the shapes the scalar twin computes.
+fn shape_written_for(s: &ConvShape) -> bool {
     let geometry = s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1;
-    let sides = s.h >= 2 && s.w >= 2 && s.h.is_multiple_of(2) && s.w.is_multiple_of(2);
-    geometry && sides && s.ci >= MIN_CHANNELS && s.co >= MIN_CHANNELS
+    geometry && s.h >= 2 && s.w >= 2 && s.ci >= MIN_CHANNELS && s.co >= MIN_CHANNELS
+}
+
+/// Tile rows and columns of an h x w plane: 2 x 2 tiles, the last half outside on an odd side.
+fn tile_grid(h: usize, w: usize) -> (usize, usize) {
+    (h.div_ceil(2), w.div_ceil(2))
 }
 
 /// U = G g G^T for every (output, input) channel pair, packed [XI][co / OCB][ci][OCB] (zero
@@ -152,7 +165,7 @@ fn lanes(a: usize, b: usize) -> u16 {
 /// transforms put 16 / (w / 2) tile rows in each vector (the tiles of an image are numbered row
 /// after row, so the lanes stay contiguous in V and M); the same values, so the same bits.
 fn packs(w: usize) -> bool {
-    w / 2 <= 8
+    w.div_ceil(2) <= 8
 }
 
 /// Floats per row-combination row of the packed input transform's scratch: the rows' padded
@@ -185,7 +198,7 @@ unsafe fn input_transform(
     if packs(w) {
         return input_transform_packed(x, ci, h, w, v, t0, stride, pitch, e);
     }
-    let (th, tw) = (h / 2, w / 2);
+    let (th, tw) = tile_grid(h, w);
     let er = scratch_row(w);
     assert!(
         x.len() >= ci * h * w
@@ -261,8 +274,8 @@ unsafe fn input_transform_packed(
     e: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let (th, tw) = (h / 2, w / 2);
-    let (rr, p) = (16 / tw, w + 2);
+    let (th, tw) = tile_grid(h, w);
+    let (rr, p) = (16 / tw, 2 * tw + 2);
     assert!(
         packs(w)
             && rr * p <= PACKED_ROW
@@ -359,7 +372,7 @@ unsafe fn output_transform(
     if packs(w) {
         return output_transform_packed(mb, co, h, w, t0, stride, pitch, y);
     }
-    let (th, tw) = (h / 2, w / 2);
+    let (th, tw) = tile_grid(h, w);
     assert!(pitch >= co * stride && mb.len() >= XI * pitch && t0 + th * tw <= stride && y.len() >= co * h * w);
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -386,13 +399,15 @@ unsafe fn output_transform(
                         _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3]),
                     ),
                 ];
-                for (dr, (even, odd)) in rows.into_iter().enumerate() {
+                // Odd sides: the last tile's second row and column lie outside.
+                let cols = (2 * n).min(w - 2 * tx0);
+                for (dr, (even, odd)) in rows.into_iter().enumerate().take(h - 2 * ty) {
                     let dst = yp.add((o * h + 2 * ty + dr) * w + 2 * tx0);
-                    _mm512_mask_storeu_ps(dst, first_lanes(2 * n), _mm512_permutex2var_ps(even, lo, odd));
-                    if n > 8 {
+                    _mm512_mask_storeu_ps(dst, first_lanes(cols), _mm512_permutex2var_ps(even, lo, odd));
+                    if cols > 16 {
                         _mm512_mask_storeu_ps(
                             dst.add(16),
-                            first_lanes(2 * n - 16),
+                            first_lanes(cols - 16),
                             _mm512_permutex2var_ps(even, hi, odd),
                         );
                     }
@@ -420,7 +435,7 @@ unsafe fn output_transform_packed(
     y: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let (th, tw) = (h / 2, w / 2);
+    let (th, tw) = tile_grid(h, w);
     let rr = 16 / tw;
     assert!(
         packs(w) && pitch >= co * stride && mb.len() >= XI * pitch && t0 + th * tw <= stride && y.len() >= co * h * w
@@ -446,7 +461,10 @@ unsafe fn output_transform_packed(
                 // Floats 2 L, 2 L + 1 of (first, second) are lane L's two columns.
                 let (first, second) = (_mm512_permutex2var_ps(even, lo, odd), _mm512_permutex2var_ps(even, hi, odd));
                 for r in 0..rows {
-                    let (a, b) = (r * w, (r + 1) * w);
+                    if 2 * (ty0 + r) + dr >= h {
+                        continue;
+                    }
+                    let (a, b) = (2 * r * tw, 2 * r * tw + w);
                     // Float f of the pair goes to column f - a of this output row.
                     let base = yp.add((o * h + 2 * (ty0 + r) + dr) * w).wrapping_sub(a);
                     if a < 16 {
@@ -468,7 +486,8 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     // SIMD code, and odd sides would leave a row and a column unwritten.
     assert!(mode() != Mode::Off && fits(s), "winograd::forward: {s:?} on this CPU");
     let avx512 = super::simd::level() == super::simd::Level::Avx512;
-    let tiles = (s.h / 2) * (s.w / 2);
+    let (th, tw) = tile_grid(s.h, s.w);
+    let tiles = th * tw;
     let imgs = (GROUP_FLOATS / (XI * s.ci.max(s.co) * tiles)).clamp(1, s.n.max(1));
     let stride = (imgs * tiles).next_multiple_of(16);
     let u = transform_weights(s, w);
@@ -614,7 +633,8 @@ pub fn weight_grad_applies(s: &ConvShape) -> bool {
 pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     assert!(weight_grad_applies(s), "winograd::weight_grad: {s:?} on this CPU");
     assert!(x.len() >= s.x_len() && dy.len() >= s.y_len() && dw.len() >= s.w_len(), "winograd::weight_grad: lengths");
-    let tiles = (s.h / 2) * (s.w / 2);
+    let (th, tw) = tile_grid(s.h, s.w);
+    let tiles = th * tw;
     let (ci4, co4) = (s.ci.next_multiple_of(DW_TILE), s.co.next_multiple_of(DW_TILE));
     let imgs = (DW_GROUP_FLOATS / (XI * ci4.max(co4) * tiles)).clamp(1, s.n.max(1));
     let stride = (imgs * tiles).next_multiple_of(16);
@@ -738,7 +758,7 @@ unsafe fn grad_transform(
     if packs(w) {
         return grad_transform_packed(dy, co, h, w, m, t0, stride, pitch);
     }
-    let (th, tw) = (h / 2, w / 2);
+    let (th, tw) = tile_grid(h, w);
     assert!(pitch >= co * stride && m.len() >= XI * pitch && t0 + th * tw <= stride && dy.len() >= co * h * w);
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -749,11 +769,16 @@ unsafe fn grad_transform(
                 let n = (tw - tx0).min(16);
                 let at = t0 + ty * tw + tx0;
                 // Each tile's two columns of each of its two rows, 16 tiles per vector.
+                // Odd sides: the last tile's second row and column lie outside (zeros).
+                let valid = (2 * n).min(w - 2 * tx0);
                 let cols = |dr: usize| {
+                    if 2 * ty + dr >= h {
+                        return (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    }
                     let src = dy.as_ptr().add((o * h + 2 * ty + dr) * w + 2 * tx0);
-                    let a = _mm512_maskz_loadu_ps(first_lanes(2 * n), src);
-                    let b = if n > 8 {
-                        _mm512_maskz_loadu_ps(first_lanes(2 * n - 16), src.add(16))
+                    let a = _mm512_maskz_loadu_ps(first_lanes(valid), src);
+                    let b = if valid > 16 {
+                        _mm512_maskz_loadu_ps(first_lanes(valid - 16), src.add(16))
                     } else {
                         _mm512_setzero_ps()
                     };
@@ -797,7 +822,7 @@ unsafe fn grad_transform_packed(
     pitch: usize,
 ) {
     use std::arch::x86_64::*;
-    let (th, tw) = (h / 2, w / 2);
+    let (th, tw) = tile_grid(h, w);
     let rr = 16 / tw;
     assert!(
         packs(w) && pitch >= co * stride && m.len() >= XI * pitch && t0 + th * tw <= stride && dy.len() >= co * h * w
@@ -812,7 +837,10 @@ unsafe fn grad_transform_packed(
             let cols = |dr: usize| {
                 let (mut first, mut second) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for r in 0..rows {
-                    let (a, b) = (r * w, (r + 1) * w);
+                    if 2 * (ty0 + r) + dr >= h {
+                        continue;
+                    }
+                    let (a, b) = (2 * r * tw, 2 * r * tw + w);
                     let base = dy.as_ptr().add((o * h + 2 * (ty0 + r) + dr) * w).wrapping_sub(a);
                     if a < 16 {
                         first = _mm512_mask_loadu_ps(first, lanes(a, b.min(16)), base);
@@ -1132,15 +1160,16 @@ mod avx2 {
 /// and its output transform in the SIMD kernels' order, one value at a time. Both SIMD paths
 /// must give its bits (tests); it runs on any CPU, slowly, as the reference.
 pub fn forward_reference(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-    assert!(fits(s) && x.len() >= s.n * s.ci * s.h * s.w, "winograd::forward_reference: {s:?}");
+    assert!(shape_written_for(s) && x.len() >= s.n * s.ci * s.h * s.w, "winograd::forward_reference: {s:?}");
     let blocks = s.co.div_ceil(OCB);
     let u = transform_weights(s, w);
     let (h, wd) = (s.h as isize, s.w as isize);
     let mut y = vec![0.0f32; s.n * s.co * s.h * s.w];
     let mut v = vec![0.0f32; XI * s.ci];
     for n in 0..s.n {
-        for ty in 0..s.h / 2 {
-            for tx in 0..s.w / 2 {
+        let (th, tw) = tile_grid(s.h, s.w);
+        for ty in 0..th {
+            for tx in 0..tw {
                 for c in 0..s.ci {
                     let plane = &x[(n * s.ci + c) * s.h * s.w..][..s.h * s.w];
                     let px = |r: isize, q: isize| {
@@ -1177,10 +1206,12 @@ pub fn forward_reference(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
                         s0[j] = (m[j] + m[4 + j]) + m[8 + j];
                         s1[j] = (m[4 + j] - m[8 + j]) - m[12 + j];
                     }
-                    for (dr, sr) in [s0, s1].iter().enumerate() {
+                    for (dr, sr) in [s0, s1].iter().enumerate().take(s.h - 2 * ty) {
                         let at = ((n * s.co + o) * s.h + 2 * ty + dr) * s.w + 2 * tx;
                         y[at] = (sr[0] + sr[1]) + sr[2];
-                        y[at + 1] = (sr[1] - sr[2]) - sr[3];
+                        if 2 * tx + 1 < s.w {
+                            y[at + 1] = (sr[1] - sr[2]) - sr[3];
+                        }
                     }
                 }
             }
@@ -1222,15 +1253,42 @@ mod tests {
         ]
     }
 
+    /// Odd sides (AVX-512 only): the convnet's 7 x 7, packed and one-row vectors, odd in one
+    /// direction only, a last tile row half outside, a second vector of columns.
+    fn odd_shapes() -> Vec<ConvShape> {
+        vec![
+            conv(3, 16, 7, 7, 32),
+            conv(4, 64, 7, 7, 128),
+            conv(2, 32, 5, 9, 16),
+            conv(2, 16, 3, 3, 16),
+            conv(2, 16, 15, 13, 17),
+            conv(2, 16, 8, 7, 16),
+            conv(2, 16, 7, 8, 20),
+            conv(2, 16, 5, 33, 16),
+            conv(40, 16, 7, 7, 16),
+        ]
+    }
+
+    /// `shapes`, and `odd_shapes` where this CPU takes them.
+    fn shapes_here() -> Vec<ConvShape> {
+        let mut all = shapes();
+        if super::super::simd::level() == super::super::simd::Level::Avx512 {
+            all.extend(odd_shapes());
+        }
+        all
+    }
+
     #[test]
     fn forward_matches_direct_loops() {
         if mode() == Mode::Off {
             eprintln!("skipped: no AVX-512 or AVX2 (or MUSCLE_CONV=gemm / direct)");
             return;
         }
-        assert!(shapes().iter().all(fits));
-        assert!(!fits(&conv(1, 16, 7, 8, 16)) && !fits(&conv(1, 8, 8, 8, 16)) && !fits(&conv(1, 16, 8, 8, 8)));
-        for (k, s) in shapes().iter().enumerate() {
+        assert!(shapes_here().iter().all(fits));
+        assert!(!fits(&conv(1, 8, 8, 8, 16)) && !fits(&conv(1, 16, 8, 8, 8)) && !fits(&conv(1, 16, 1, 8, 16)));
+        let avx512 = super::super::simd::level() == super::super::simd::Level::Avx512;
+        assert_eq!(fits(&conv(1, 16, 7, 8, 16)), avx512, "odd sides on AVX-512 only");
+        for (k, s) in shapes_here().iter().enumerate() {
             assert_forward_matches_naive(s, k as u64, forward);
         }
     }
@@ -1238,7 +1296,7 @@ mod tests {
     /// The scalar twin is a Winograd convolution (on every CPU).
     #[test]
     fn reference_matches_direct_loops() {
-        for (k, s) in shapes().iter().enumerate().step_by(2) {
+        for (k, s) in shapes().iter().chain(&odd_shapes()).enumerate().step_by(2) {
             assert_forward_matches_naive(s, 40 + k as u64, |s, x, w, y| y.copy_from_slice(&forward_reference(s, x, w)));
         }
     }
@@ -1253,7 +1311,7 @@ mod tests {
         }
         let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
         let (one, three) = (pool(1), pool(3));
-        let mut shapes = shapes();
+        let mut shapes = shapes_here();
         // More groups than ranges, and a last range with fewer groups.
         shapes.push(conv(37, 32, 28, 28, 32));
         for (k, s) in shapes.iter().enumerate() {
@@ -1281,7 +1339,7 @@ mod tests {
             eprintln!("skipped: no AVX-512 or AVX2 (or MUSCLE_CONV=gemm / direct)");
             return;
         }
-        for (k, s) in shapes().iter().enumerate() {
+        for (k, s) in shapes_here().iter().enumerate() {
             let x = crate::rng::normal_vec(s.x_len(), 1.0, 60 + k as u64);
             let w = crate::rng::normal_vec(s.w_len(), 1.0, 80 + k as u64);
             let mut y = vec![f32::NAN; s.y_len()];
