@@ -43,6 +43,9 @@ const GROUP_FLOATS: usize = 128 << 10;
 /// they save (per channel pair): wrn-28-2's 3 -> 16 layer ran 2.4x slower than direct.
 const MIN_CHANNELS: usize = 16;
 
+/// G of U = G g G^T (f64: U is rounded once, see the module's numerics).
+const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+
 /// Which convolutions take Winograd on this machine, from `MUSCLE_CONV`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -108,7 +111,6 @@ fn tile_grid(h: usize, w: usize) -> (usize, usize) {
 /// coherently over a channel (see the module's numerics).
 fn transform_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let blocks = s.co.div_ceil(OCB);
-    let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f64]];
     // Per output channel in parallel ([co][ci][XI]; f64 arithmetic is slow enough to show in a
     // wrn-28-2 step when serial), then packed per transform point in parallel.
     let mut per_o = vec![0.0f32; s.co * s.ci * XI];
@@ -119,12 +121,12 @@ fn transform_weights(s: &ConvShape, w: &[f32]) -> Vec<f32> {
             let mut t = [[0.0f64; 3]; 4];
             for (k, tr) in t.iter_mut().enumerate() {
                 for (b, v) in tr.iter_mut().enumerate() {
-                    *v = (0..3).map(|a| gmat[k][a] * f64::from(g[a * 3 + b])).sum();
+                    *v = (0..3).map(|a| G[k][a] * f64::from(g[a * 3 + b])).sum();
                 }
             }
             for k in 0..4 {
                 for m in 0..4 {
-                    let v: f64 = (0..3).map(|b| t[k][b] * gmat[m][b]).sum();
+                    let v: f64 = (0..3).map(|b| t[k][b] * G[m][b]).sum();
                     dst[k * 4 + m] = v as f32;
                 }
             }
@@ -171,6 +173,58 @@ fn packs(w: usize) -> bool {
 /// Floats per row-combination row of the packed input transform's scratch: the rows' padded
 /// columns, (w + 2) per tile row, stay within four vectors.
 const PACKED_ROW: usize = 64;
+
+/// B^T applied to four vectors (patch rows, or patch columns): B^T = [[1, 0, -1, 0],
+/// [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[inline]
+unsafe fn b_t(d: [std::arch::x86_64::__m512; 4]) -> [std::arch::x86_64::__m512; 4] {
+    use std::arch::x86_64::*;
+    [_mm512_sub_ps(d[0], d[2]), _mm512_add_ps(d[1], d[2]), _mm512_sub_ps(d[2], d[1]), _mm512_sub_ps(d[1], d[3])]
+}
+
+/// A^T m A of 16 tiles' products m[xi], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: the two output
+/// rows, each as (even column, odd column).
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[inline]
+unsafe fn a_t_m_a(m: &[std::arch::x86_64::__m512; XI]) -> [(std::arch::x86_64::__m512, std::arch::x86_64::__m512); 2] {
+    use std::arch::x86_64::*;
+    let v = |k: usize, j: usize| m[k * 4 + j];
+    // A^T over k, then over j.
+    let s0: [__m512; 4] = std::array::from_fn(|j| _mm512_add_ps(_mm512_add_ps(v(0, j), v(1, j)), v(2, j)));
+    let s1: [__m512; 4] = std::array::from_fn(|j| _mm512_sub_ps(_mm512_sub_ps(v(1, j), v(2, j)), v(3, j)));
+    [s0, s1].map(|r| (_mm512_add_ps(_mm512_add_ps(r[0], r[1]), r[2]), _mm512_sub_ps(_mm512_sub_ps(r[1], r[2]), r[3])))
+}
+
+/// A dY A^T of 16 tiles from their two gradient rows, each as (even column, odd column),
+/// A = [[1, 0], [1, 1], [1, -1], [0, -1]]: the 16 transform points, xi = 4 k + j.
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[inline]
+unsafe fn a_dy_a_t(
+    r0: (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+    r1: (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+) -> [std::arch::x86_64::__m512; XI] {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    // A over the rows, then over the columns.
+    let rows = [
+        r0,
+        (_mm512_add_ps(r0.0, r1.0), _mm512_add_ps(r0.1, r1.1)),
+        (_mm512_sub_ps(r0.0, r1.0), _mm512_sub_ps(r0.1, r1.1)),
+        (_mm512_sub_ps(z, r1.0), _mm512_sub_ps(z, r1.1)),
+    ];
+    let out = rows.map(|(c0, c1)| [c0, _mm512_add_ps(c0, c1), _mm512_sub_ps(c0, c1), _mm512_sub_ps(z, c1)]);
+    std::array::from_fn(|xi| out[xi / 4][xi % 4])
+}
 
 /// V = B^T d B of every tile of one image's planes `x` [ci][h][w] into `v` [XI][ci][stride]
 /// (transform points `pitch` apart) at tile columns t0.. (tiles row-major), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
@@ -225,8 +279,7 @@ unsafe fn input_transform(
                         _mm512_maskz_loadu_ps(m, plane.add(r as usize * w + col))
                     }
                 };
-                let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
-                let out = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
+                let out = b_t([row(0), row(1), row(2), row(3)]);
                 for (k, o) in out.iter().enumerate() {
                     _mm512_mask_storeu_ps(ep.add(k * er + 1 + col), m, *o);
                 }
@@ -243,8 +296,7 @@ unsafe fn input_transform(
                     let p1 = _mm512_permutex2var_ps(a, odds, b);
                     let p2 = _mm512_permutex2var_ps(c2, evens, d2);
                     let p3 = _mm512_permutex2var_ps(c2, odds, d2);
-                    let out =
-                        [_mm512_sub_ps(p0, p2), _mm512_add_ps(p1, p2), _mm512_sub_ps(p2, p1), _mm512_sub_ps(p1, p3)];
+                    let out = b_t([p0, p1, p2, p3]);
                     for (j, o) in out.iter().enumerate() {
                         _mm512_mask_storeu_ps(vp.add((k * 4 + j) * pitch + c * stride + at), m, *o);
                     }
@@ -314,8 +366,7 @@ unsafe fn input_transform_packed(
                         _mm512_maskz_loadu_ps(first_lanes(w), plane.add(y as usize * w))
                     }
                 };
-                let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
-                let out = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
+                let out = b_t([row(0), row(1), row(2), row(3)]);
                 for (k, o) in out.iter().enumerate() {
                     _mm512_mask_storeu_ps(ep.add(k * PACKED_ROW + r * p + 1), first_lanes(w), *o);
                 }
@@ -334,12 +385,7 @@ unsafe fn input_transform_packed(
                         _mm512_permutex2var_ps(c2, idx[j], d2),
                     )
                 });
-                let out = [
-                    _mm512_sub_ps(pj[0], pj[2]),
-                    _mm512_add_ps(pj[1], pj[2]),
-                    _mm512_sub_ps(pj[2], pj[1]),
-                    _mm512_sub_ps(pj[1], pj[3]),
-                ];
+                let out = b_t(pj);
                 for (j, o) in out.iter().enumerate() {
                     _mm512_mask_storeu_ps(vp.add((k * 4 + j) * pitch + c * stride + to), m, *o);
                 }
@@ -385,20 +431,7 @@ unsafe fn output_transform(
                 let m: [__m512; XI] = std::array::from_fn(|xi| {
                     _mm512_maskz_loadu_ps(first_lanes(n), mb.as_ptr().add(xi * pitch + o * stride + at))
                 });
-                let v = |k: usize, j: usize| m[k * 4 + j];
-                // A^T over k, then over j.
-                let s0: [__m512; 4] = std::array::from_fn(|j| _mm512_add_ps(_mm512_add_ps(v(0, j), v(1, j)), v(2, j)));
-                let s1: [__m512; 4] = std::array::from_fn(|j| _mm512_sub_ps(_mm512_sub_ps(v(1, j), v(2, j)), v(3, j)));
-                let rows = [
-                    (
-                        _mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]),
-                        _mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3]),
-                    ),
-                    (
-                        _mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]),
-                        _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3]),
-                    ),
-                ];
+                let rows = a_t_m_a(&m);
                 // Odd sides: the last tile's second row and column lie outside.
                 let cols = (2 * n).min(w - 2 * tx0);
                 for (dr, (even, odd)) in rows.into_iter().enumerate().take(h - 2 * ty) {
@@ -450,13 +483,7 @@ unsafe fn output_transform_packed(
             let m: [__m512; XI] = std::array::from_fn(|xi| {
                 _mm512_maskz_loadu_ps(first_lanes(rows * tw), mb.as_ptr().add(xi * pitch + o * stride + at))
             });
-            let v = |k: usize, j: usize| m[k * 4 + j];
-            let s0: [__m512; 4] = std::array::from_fn(|j| _mm512_add_ps(_mm512_add_ps(v(0, j), v(1, j)), v(2, j)));
-            let s1: [__m512; 4] = std::array::from_fn(|j| _mm512_sub_ps(_mm512_sub_ps(v(1, j), v(2, j)), v(3, j)));
-            let out_rows = [
-                (_mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]), _mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3])),
-                (_mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]), _mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3])),
-            ];
+            let out_rows = a_t_m_a(&m);
             for (dr, (even, odd)) in out_rows.into_iter().enumerate() {
                 // Floats 2 L, 2 L + 1 of (first, second) are lane L's two columns.
                 let (first, second) = (_mm512_permutex2var_ps(even, lo, odd), _mm512_permutex2var_ps(even, hi, odd));
@@ -496,11 +523,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     // One cache line between transform points: XI rows a multiple of 4 KiB apart would share
     // L1 sets, and the transforms touch all XI at once.
     let (vpitch, mpitch) = (s.ci * stride + 16, s.co * stride + 16);
-    let init = || Scratch {
-        v: crate::pool::take(XI * vpitch),
-        m: crate::pool::take(XI * mpitch),
-        e: vec![0.0f32; 5 * scratch_row(s.w)],
-    };
+    let init = || Scratch::new(vpitch, mpitch, s.w);
     y.par_chunks_mut(imgs * img_out).zip(x.par_chunks(imgs * img_in)).for_each_init(init, |sc, (yg, xg)| {
         let (vb, mb, e) = (&mut sc.v, &mut sc.m, &mut sc.e);
         let k_imgs = xg.len() / img_in;
@@ -571,6 +594,17 @@ struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
     e: Vec<f32>,
+}
+
+impl Scratch {
+    /// XI rows of `vpitch` and of `mpitch` floats, and the row scratch of a plane `w` wide.
+    fn new(vpitch: usize, mpitch: usize, w: usize) -> Self {
+        Scratch {
+            v: crate::pool::take(XI * vpitch),
+            m: crate::pool::take(XI * mpitch),
+            e: vec![0.0f32; 5 * scratch_row(w)],
+        }
+    }
 }
 
 impl Drop for Scratch {
@@ -647,11 +681,7 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let partials: Vec<Vec<f32>> = (0..ranges)
         .into_par_iter()
         .map(|r| {
-            let mut sc = Scratch {
-                v: crate::pool::take(XI * vpitch),
-                m: crate::pool::take(XI * ypitch),
-                e: vec![0.0f32; 5 * scratch_row(s.w)],
-            };
+            let mut sc = Scratch::new(vpitch, ypitch, s.w);
             // Sums per register tile: [XI][co4 / DW_TILE][ci4 / DW_TILE][DW_TILE x DW_TILE].
             let mut part = vec![0.0f32; XI * co4 * ci4];
             for g in r * per_range..((r + 1) * per_range).min(groups) {
@@ -715,7 +745,6 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
             }
         }
     });
-    let gmat = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f64]];
     dw[..s.w_len()].par_chunks_mut(s.ci * 9).enumerate().for_each(|(o, row)| {
         for c in 0..s.ci {
             let at = |xi| ((xi * obs + o / DW_TILE) * cbs + c / DW_TILE) * 16 + (o % DW_TILE) * DW_TILE + c % DW_TILE;
@@ -725,7 +754,7 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     let mut v = 0.0f64;
                     for k in 0..4 {
                         for m in 0..4 {
-                            v += gmat[k][a] * du[k * 4 + m] * gmat[m][b];
+                            v += G[k][a] * du[k * 4 + m] * G[m][b];
                         }
                     }
                     row[c * 9 + a * 3 + b] = v as f32;
@@ -784,20 +813,8 @@ unsafe fn grad_transform(
                     };
                     (_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(a, odds, b))
                 };
-                let (r0, r1) = (cols(0), cols(1));
-                // A over the rows, then over the columns.
-                let rows = [
-                    r0,
-                    (_mm512_add_ps(r0.0, r1.0), _mm512_add_ps(r0.1, r1.1)),
-                    (_mm512_sub_ps(r0.0, r1.0), _mm512_sub_ps(r0.1, r1.1)),
-                    (_mm512_sub_ps(_mm512_setzero_ps(), r1.0), _mm512_sub_ps(_mm512_setzero_ps(), r1.1)),
-                ];
-                for (k, (c0, c1)) in rows.into_iter().enumerate() {
-                    let out =
-                        [c0, _mm512_add_ps(c0, c1), _mm512_sub_ps(c0, c1), _mm512_sub_ps(_mm512_setzero_ps(), c1)];
-                    for (j, v) in out.into_iter().enumerate() {
-                        _mm512_mask_storeu_ps(mp.add((k * 4 + j) * pitch + o * stride + at), first_lanes(n), v);
-                    }
+                for (xi, v) in a_dy_a_t(cols(0), cols(1)).into_iter().enumerate() {
+                    _mm512_mask_storeu_ps(mp.add(xi * pitch + o * stride + at), first_lanes(n), v);
                 }
             }
         }
@@ -851,18 +868,8 @@ unsafe fn grad_transform_packed(
                 }
                 (_mm512_permutex2var_ps(first, evens, second), _mm512_permutex2var_ps(first, odds, second))
             };
-            let (r0, r1) = (cols(0), cols(1));
-            let rows4 = [
-                r0,
-                (_mm512_add_ps(r0.0, r1.0), _mm512_add_ps(r0.1, r1.1)),
-                (_mm512_sub_ps(r0.0, r1.0), _mm512_sub_ps(r0.1, r1.1)),
-                (_mm512_sub_ps(_mm512_setzero_ps(), r1.0), _mm512_sub_ps(_mm512_setzero_ps(), r1.1)),
-            ];
-            for (k, (c0, c1)) in rows4.into_iter().enumerate() {
-                let out = [c0, _mm512_add_ps(c0, c1), _mm512_sub_ps(c0, c1), _mm512_sub_ps(_mm512_setzero_ps(), c1)];
-                for (j, v) in out.into_iter().enumerate() {
-                    _mm512_mask_storeu_ps(mp.add((k * 4 + j) * pitch + o * stride + at), first_lanes(rows * tw), v);
-                }
+            for (xi, v) in a_dy_a_t(cols(0), cols(1)).into_iter().enumerate() {
+                _mm512_mask_storeu_ps(mp.add(xi * pitch + o * stride + at), first_lanes(rows * tw), v);
             }
         }
     }
