@@ -7,7 +7,9 @@
 //! alignment match) and handed back to the next request of that shape, so that a training step
 //! after warm-up asks the system for no large block: no mmap/munmap, no page faults, no zeroing.
 //! `muscle bench` reports both counts per step. Smaller blocks go straight to the system
-//! allocator at the cost of one comparison.
+//! allocator at the cost of one comparison. Large blocks start on a cache line (glibc's large
+//! blocks start 16 bytes past a page): a whole-vector load or store of a tensor then never
+//! splits across two lines (wrn-28-2's 8 x 8 Winograd forward, one thread: 6.7 -> 5.9 ms).
 //!
 //! It also keeps the bytes live (allocated and not yet freed, blocks of every size) and their
 //! high-water mark, so that the memory estimate (`train::estimate`) can measure what a small
@@ -103,6 +105,17 @@ impl Cache {
     }
 }
 
+/// Alignment of every large block: a cache line, so that a kernel's 64-byte vector loads and
+/// stores at multiples of 16 floats from a buffer's start never straddle two lines.
+const LARGE_ALIGN: usize = 64;
+
+/// The layout a large block is asked of (and returned to) the system allocator with.
+fn system_layout(layout: Layout) -> Layout {
+    // A larger power-of-two alignment of a valid layout is valid while the size does not overflow
+    // isize rounded up to it (large blocks are far from that).
+    layout.align_to(LARGE_ALIGN).unwrap_or(layout)
+}
+
 /// The system allocator with the large-block cache and counters.
 pub struct CountingAlloc;
 
@@ -118,6 +131,7 @@ impl CountingAlloc {
             return p;
         }
         SYSTEM.fetch_add(1, Ordering::Relaxed);
+        let layout = system_layout(layout);
         // SAFETY: layout has a non-zero size (it is large).
         unsafe {
             if zeroed {
@@ -129,7 +143,8 @@ impl CountingAlloc {
     }
 }
 
-// SAFETY: every block comes from the system allocator with the layout it is later freed with:
+// SAFETY: every block comes from the system allocator with the layout it is later freed with
+// (a large block's `system_layout`, a function of the caller's layout, on both sides):
 // cached blocks are only handed out for an identical (size, align) layout, and a block is either
 // in the cache or held by one owner, never both.
 unsafe impl GlobalAlloc for CountingAlloc {
@@ -147,10 +162,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
     unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        if layout.size() >= LARGE_BYTES && CACHE.put(p, layout) {
-            return;
+        if layout.size() < LARGE_BYTES {
+            return System.dealloc(p, layout);
         }
-        System.dealloc(p, layout)
+        if !CACHE.put(p, layout) {
+            System.dealloc(p, system_layout(layout))
+        }
     }
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if layout.size() < LARGE_BYTES && new_size < LARGE_BYTES {
@@ -208,7 +225,7 @@ pub fn release_cache() {
     });
     for s in blocks {
         // SAFETY: the block came from System with this layout and is no longer in the cache.
-        unsafe { System.dealloc(s.ptr, Layout::from_size_align_unchecked(s.size, s.align)) };
+        unsafe { System.dealloc(s.ptr, system_layout(Layout::from_size_align_unchecked(s.size, s.align))) };
     }
 }
 
@@ -244,5 +261,26 @@ mod tests {
         }
         let (req, sys) = (large_allocations().unwrap_or(0), large_system_allocations().unwrap_or(0));
         assert!(req >= 4 && sys < req, "requests {req}, system {sys}");
+    }
+
+    /// A large Vec<f32> (4-byte layout) starts on a cache line, fresh and from the cache, and
+    /// goes back through realloc; small blocks keep the system's alignment.
+    #[test]
+    fn large_blocks_start_on_a_cache_line() {
+        let a = CountingAlloc;
+        let l = Layout::from_size_align(LARGE_BYTES + 12, 4).expect("layout");
+        // SAFETY: every block is used within its layout and freed with it exactly once.
+        unsafe {
+            let p = a.alloc(l);
+            assert!(!p.is_null() && p as usize % LARGE_ALIGN == 0, "fresh block at {p:?}");
+            a.dealloc(p, l);
+            let q = a.alloc(l);
+            assert!(q as usize % LARGE_ALIGN == 0, "cached block at {q:?}");
+            let r = a.realloc(q, l, 2 * LARGE_BYTES);
+            assert!(!r.is_null() && r as usize % LARGE_ALIGN == 0, "grown block at {r:?}");
+            let small = a.realloc(r, Layout::from_size_align(2 * LARGE_BYTES, 4).expect("layout"), 100);
+            assert!(!small.is_null());
+            a.dealloc(small, Layout::from_size_align(100, 4).expect("layout"));
+        }
     }
 }
