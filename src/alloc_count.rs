@@ -272,12 +272,12 @@ mod tests {
         // SAFETY: every block is used within its layout and freed with it exactly once.
         unsafe {
             let p = a.alloc(l);
-            assert!(!p.is_null() && p as usize % LARGE_ALIGN == 0, "fresh block at {p:?}");
+            assert!(!p.is_null() && (p as usize).is_multiple_of(LARGE_ALIGN), "fresh block at {p:?}");
             a.dealloc(p, l);
             let q = a.alloc(l);
-            assert!(q as usize % LARGE_ALIGN == 0, "cached block at {q:?}");
+            assert!((q as usize).is_multiple_of(LARGE_ALIGN), "cached block at {q:?}");
             let r = a.realloc(q, l, 2 * LARGE_BYTES);
-            assert!(!r.is_null() && r as usize % LARGE_ALIGN == 0, "grown block at {r:?}");
+            assert!(!r.is_null() && (r as usize).is_multiple_of(LARGE_ALIGN), "grown block at {r:?}");
             let small = a.realloc(r, Layout::from_size_align(2 * LARGE_BYTES, 4).expect("layout"), 100);
             assert!(!small.is_null());
             a.dealloc(small, Layout::from_size_align(100, 4).expect("layout"));
