@@ -202,6 +202,15 @@ impl Saved {
         }
     }
 
+    /// The affine recipe, when only a recipe that is one was kept (a kernel may then read its
+    /// input instead of recomputing the tensor).
+    pub fn affine(&self) -> Option<&crate::tensor::AffineRecipe> {
+        match self {
+            Saved::Kept(_) => None,
+            Saved::Recomputed(_, f) => f.affine(),
+        }
+    }
+
     /// The saved tensor's identity, shape and gradient tracking.
     pub fn identity(&self) -> TensorRef {
         match self {

@@ -182,3 +182,17 @@ impl SyncPtr {
         std::slice::from_raw_parts_mut(self.0.add(offset), len)
     }
 }
+
+/// A per-channel affine and LeakyReLU of a convolution's input, applied as a kernel reads x
+/// (the Winograd weight gradient's input transform): act(x scale[c] + shift[c]), batch norm's `normalize_plane` arithmetic (a
+/// product, then a sum, each rounded; then `slope` z where z <= 0), so the transform sees the
+/// bits of the batch-normalised tensor without anyone writing that tensor out.
+#[derive(Clone, Copy, Debug)]
+pub struct InputAffine<'a> {
+    /// Per input channel factor.
+    pub scale: &'a [f32],
+    /// Per input channel offset.
+    pub shift: &'a [f32],
+    /// LeakyReLU slope, when the activation is fused.
+    pub slope: Option<f32>,
+}

@@ -26,7 +26,7 @@
 //! `direct` or `gemm` turns it off. Every sum has a fixed order: results depend neither on
 //! threads nor (forwards, input gradients) on the instruction set.
 
-use crate::kernel_args::ConvShape;
+use crate::kernel_args::{ConvShape, InputAffine};
 use rayon::prelude::*;
 
 /// Output channels per register tile (broadcast U values).
@@ -198,6 +198,40 @@ unsafe fn prefetch_ahead<const WRITE: bool>(p: *const f32, len: usize) {
     }
 }
 
+/// Channel c of an affine as vectors: (scale, shift, slope).
+type ChannelAffine = Option<(std::arch::x86_64::__m512, std::arch::x86_64::__m512, Option<std::arch::x86_64::__m512>)>;
+
+/// `affine`'s channel `c` broadcast.
+///
+/// # Safety
+/// AVX-512F present; c < the affine's lengths.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[inline]
+unsafe fn channel_affine(affine: Option<InputAffine>, c: usize) -> ChannelAffine {
+    use std::arch::x86_64::*;
+    affine.map(|a| (_mm512_set1_ps(a.scale[c]), _mm512_set1_ps(a.shift[c]), a.slope.map(|k| _mm512_set1_ps(k))))
+}
+
+/// `v` through a channel's affine and activation, lanes outside `m` zero (they are padding).
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+#[inline]
+unsafe fn apply_affine(v: std::arch::x86_64::__m512, m: u16, a: ChannelAffine) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let Some((scale, shift, slope)) = a else { return v };
+    let z = _mm512_add_ps(_mm512_mul_ps(v, scale), shift);
+    let z = match slope {
+        // Where z > 0 is false (z <= 0, or NaN) the activation scales, as `act` does.
+        Some(k) => {
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps()), _mm512_mul_ps(z, k), z)
+        }
+        None => z,
+    };
+    _mm512_maskz_mov_ps(m, z)
+}
+
 /// B^T applied to four vectors (patch rows, or patch columns): B^T = [[1, 0, -1, 0],
 /// [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
 ///
@@ -271,10 +305,11 @@ unsafe fn input_transform(
     stride: usize,
     pitch: usize,
     e: &mut [f32],
+    affine: Option<InputAffine>,
 ) {
     use std::arch::x86_64::*;
     if packs(w) {
-        return input_transform_packed(x, ci, h, w, v, t0, stride, pitch, e);
+        return input_transform_packed(x, ci, h, w, v, t0, stride, pitch, e, affine);
     }
     let (th, tw) = tile_grid(h, w);
     let er = scratch_row(w);
@@ -291,6 +326,7 @@ unsafe fn input_transform(
     let vp = v.as_mut_ptr();
     for c in 0..ci {
         let plane = x.as_ptr().add(c * h * w);
+        let aff = channel_affine(affine, c);
         for ty in 0..th {
             prefetch_ahead::<false>(plane.add(2 * ty * w), 2 * w);
             // Patch rows 2 ty - 1 .. 2 ty + 2 (zero outside the image) combined by B^T's rows.
@@ -301,7 +337,7 @@ unsafe fn input_transform(
                     if r < 0 || r as usize >= h {
                         _mm512_setzero_ps()
                     } else {
-                        _mm512_maskz_loadu_ps(m, plane.add(r as usize * w + col))
+                        apply_affine(_mm512_maskz_loadu_ps(m, plane.add(r as usize * w + col)), m, aff)
                     }
                 };
                 let out = b_t([row(0), row(1), row(2), row(3)]);
@@ -349,6 +385,7 @@ unsafe fn input_transform_packed(
     stride: usize,
     pitch: usize,
     e: &mut [f32],
+    affine: Option<InputAffine>,
 ) {
     use std::arch::x86_64::*;
     let (th, tw) = tile_grid(h, w);
@@ -379,6 +416,7 @@ unsafe fn input_transform_packed(
     let vp = v.as_mut_ptr();
     for c in 0..ci {
         let plane = x.as_ptr().add(c * h * w);
+        let aff = channel_affine(affine, c);
         for ty0 in (0..th).step_by(rr) {
             let rows = rr.min(th - ty0);
             prefetch_ahead::<false>(plane.add(2 * ty0 * w), 2 * rows * w);
@@ -389,7 +427,11 @@ unsafe fn input_transform_packed(
                     if y < 0 || y as usize >= h {
                         _mm512_setzero_ps()
                     } else {
-                        _mm512_maskz_loadu_ps(first_lanes(w), plane.add(y as usize * w))
+                        apply_affine(
+                            _mm512_maskz_loadu_ps(first_lanes(w), plane.add(y as usize * w)),
+                            first_lanes(w),
+                            aff,
+                        )
                     }
                 };
                 let out = b_t([row(0), row(1), row(2), row(3)]);
@@ -562,7 +604,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             // k tiles + tiles <= stride.
             unsafe {
                 if avx512 {
-                    input_transform(xk, s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e)
+                    input_transform(xk, s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e, None)
                 } else {
                     avx2::input_transform(xk, s.ci, s.h, s.w, vb, k * tiles, stride, vpitch, e)
                 }
@@ -692,9 +734,15 @@ pub fn weight_grad_applies(s: &ConvShape) -> bool {
 /// products [co x ci] = Y'[xi] V[xi]^T summed over tiles, 16 tiles per lane vector), and
 /// dW = G^T (dL/dU) G, computed in f64 and rounded once. Each range of images sums its groups in
 /// order; the ranges are added in order, in f64: the bits depend on the shape only.
-pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+pub fn weight_grad(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f32], dw: &mut [f32]) {
     assert!(weight_grad_applies(s), "winograd::weight_grad: {s:?} on this CPU");
     assert!(x.len() >= s.x_len() && dy.len() >= s.y_len() && dw.len() >= s.w_len(), "winograd::weight_grad: lengths");
+    assert!(
+        affine.is_none_or(|a| a.scale.len() >= s.ci && a.shift.len() >= s.ci),
+        "winograd::weight_grad: {} channels, affine of {:?}",
+        s.ci,
+        affine.map(|a| (a.scale.len(), a.shift.len()))
+    );
     let (th, tw) = tile_grid(s.h, s.w);
     let tiles = th * tw;
     let (ci4, co4) = (s.ci.next_multiple_of(DW_TILE), s.co.next_multiple_of(DW_TILE));
@@ -724,7 +772,7 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     // transform writes; both buffers hold XI pitches of >= channels x stride
                     // floats and k tiles + tiles <= stride.
                     unsafe {
-                        input_transform(xk, s.ci, s.h, s.w, &mut sc.v, k * tiles, stride, vpitch, &mut sc.e);
+                        input_transform(xk, s.ci, s.h, s.w, &mut sc.v, k * tiles, stride, vpitch, &mut sc.e, affine);
                         grad_transform(dyk, s.co, s.h, s.w, &mut sc.m, k * tiles, stride, ypitch);
                     }
                 }
@@ -1315,6 +1363,42 @@ mod tests {
         all
     }
 
+    /// dW read through a batch norm's affine (with and without its LeakyReLU) is, bit for bit,
+    /// dW of the tensor batch norm's own `batchnorm_apply` writes: the recompute it replaces.
+    #[test]
+    fn weight_grad_through_an_affine_is_that_of_the_normalised_input() {
+        use crate::kernel_args::BatchNormArgs;
+        use crate::ops::batchnorm::cpu::{batchnorm_apply, BatchStats};
+        if !weight_grad_applies(&shapes()[0]) {
+            eprintln!("skipped: no AVX-512 (or MUSCLE_CONV set to something other than winograd)");
+            return;
+        }
+        for (k, s) in shapes_here().iter().enumerate() {
+            let x = crate::rng::normal_vec(s.x_len(), 1.0, 200 + k as u64);
+            let dy = crate::rng::normal_vec(s.y_len(), 1.0, 220 + k as u64);
+            let scale = crate::rng::normal_vec(s.ci, 1.0, 240 + k as u64);
+            let shift = crate::rng::normal_vec(s.ci, 0.5, 260 + k as u64);
+            let stats = BatchStats {
+                mean: vec![0.0; s.ci],
+                var: vec![1.0; s.ci],
+                invstd: vec![1.0; s.ci],
+                scale: scale.clone(),
+                shift: shift.clone(),
+            };
+            for slope in [Some(0.1f32), None] {
+                let args = BatchNormArgs { n: s.n, c: s.ci, hw: s.h * s.w, eps: 1e-5, slope };
+                let mut normalised = vec![0.0; s.x_len()];
+                batchnorm_apply(&args, &x, &stats, &mut normalised);
+                let (mut want, mut got) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
+                weight_grad(s, &normalised, None, &dy, &mut want);
+                let affine = InputAffine { scale: &scale, shift: &shift, slope };
+                weight_grad(s, &x, Some(affine), &dy, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{s:?} slope {slope:?}");
+            }
+        }
+    }
+
     #[test]
     fn forward_matches_direct_loops() {
         if mode() == Mode::Off {
@@ -1356,8 +1440,8 @@ mod tests {
             let w = crate::rng::normal_vec(s.w_len(), 1.0, 120 + k as u64);
             let dy = crate::rng::normal_vec(s.y_len(), 1.0, 140 + k as u64);
             let (mut dw, mut dw3) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
-            one.install(|| weight_grad(s, &x, &dy, &mut dw));
-            three.install(|| weight_grad(s, &x, &dy, &mut dw3));
+            one.install(|| weight_grad(s, &x, None, &dy, &mut dw));
+            three.install(|| weight_grad(s, &x, None, &dy, &mut dw3));
             let mut want = vec![0.0; s.w_len()];
             crate::cpu::im2col::gemm_backward(s, &x, &w, &dy, &mut want, None);
             let scale = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();

@@ -72,12 +72,35 @@ pub struct Tensor {
 /// keeps anyway (batch norm's input and per-channel affine), so that an op saving this tensor for
 /// its backward can keep the recipe instead of the elements (`autograd::Saved`).
 #[derive(Clone)]
-pub struct Recompute(Arc<dyn Fn() -> Result<Tensor> + Send + Sync>);
+pub struct Recompute {
+    run: Arc<dyn Fn() -> Result<Tensor> + Send + Sync>,
+    affine: Option<Arc<AffineRecipe>>,
+}
+
+/// What a recipe computes when it is a per-channel affine and activation of one tensor (a
+/// training batch norm's output): for a kernel that applies it as it reads `x`
+/// (`kernel_args::InputAffine`), so that not even the backward writes the output out.
+#[derive(Debug)]
+pub struct AffineRecipe {
+    /// The input, NCHW (on the CPU).
+    pub x: Tensor,
+    /// Per channel factor.
+    pub scale: Vec<f32>,
+    /// Per channel offset.
+    pub shift: Vec<f32>,
+    /// LeakyReLU slope, when fused.
+    pub slope: Option<f32>,
+}
 
 impl Recompute {
     /// The elements, computed again (a tensor of its own identity: see `Tensor::restore`).
     pub fn run(&self) -> Result<Tensor> {
-        (self.0)()
+        (self.run)()
+    }
+
+    /// The affine the recipe applies, when it is one.
+    pub fn affine(&self) -> Option<&AffineRecipe> {
+        self.affine.as_deref()
     }
 }
 
@@ -149,8 +172,20 @@ impl Tensor {
     }
 
     /// The same tensor, carrying a recipe that recomputes its elements bit for bit.
+    #[cfg(feature = "cuda")]
     pub(crate) fn with_recompute(mut self, f: impl Fn() -> Result<Tensor> + Send + Sync + 'static) -> Tensor {
-        self.recompute = Some(Recompute(Arc::new(f)));
+        self.recompute = Some(Recompute { run: Arc::new(f), affine: None });
+        self
+    }
+
+    /// The same tensor, carrying a recipe that recomputes its elements bit for bit and is
+    /// `affine` (which `f` computes as `kernel_args::InputAffine` documents).
+    pub(crate) fn with_affine_recompute(
+        mut self,
+        f: impl Fn() -> Result<Tensor> + Send + Sync + 'static,
+        affine: AffineRecipe,
+    ) -> Tensor {
+        self.recompute = Some(Recompute { run: Arc::new(f), affine: Some(Arc::new(affine)) });
         self
     }
 

@@ -48,12 +48,20 @@ fn recomputable(out: Tensor, x: &Tensor, args: BatchNormArgs, stats: Arc<k::Batc
     if !out.requires_grad() {
         return out;
     }
+    let affine = crate::tensor::AffineRecipe {
+        x: x.clone(),
+        scale: stats.scale.clone(),
+        shift: stats.shift.clone(),
+        slope: args.slope,
+    };
     let x = x.clone();
-    out.with_recompute(move || {
+    // `batchnorm_apply` is `normalize_plane`, the arithmetic `InputAffine` names.
+    let recipe = move || {
         let mut y = crate::pool::take(x.numel());
         k::batchnorm_apply(&args, x.data()?, &stats, &mut y);
         Ok(Tensor::cpu(y, x.shape().to_vec()))
-    })
+    };
+    out.with_affine_recompute(recipe, affine)
 }
 
 /// A training batch's per-channel mean and biased variance ([c] each, on the input's device): what

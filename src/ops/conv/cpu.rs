@@ -4,7 +4,7 @@
 //! im2col + GEMM for every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths
 //! on one machine).
 
-use crate::kernel_args::ConvShape;
+use crate::kernel_args::{ConvShape, InputAffine};
 
 use crate::cpu::im2col;
 #[cfg(target_arch = "x86_64")]
@@ -52,12 +52,26 @@ pub fn backward_splits(s: &ConvShape) -> bool {
     }
 }
 
+/// The weight gradient `dw` (overwritten) of a convolution whose input is act(x scale[c] +
+/// shift[c]) (a training batch norm's output), read from `x` itself so that the input is never
+/// written out: true when a kernel here does that for `s` on this CPU (Winograd's weight
+/// gradient), false (`dw` untouched) when the caller must recompute the input.
+pub fn weight_grad_of_affine(s: &ConvShape, x: &[f32], affine: InputAffine, dy: &[f32], dw: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if winograd::weight_grad_applies(s) {
+        winograd::weight_grad(s, x, Some(affine), dy, dw);
+        return true;
+    }
+    let _ = (s, x, affine, dy, dw);
+    false
+}
+
 /// The weight gradient `dw` alone (overwritten): the half of the backward that reads `x`.
 pub fn weight_grad(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if winograd::weight_grad_applies(s) {
-            return winograd::weight_grad(s, x, dy, dw);
+            return winograd::weight_grad(s, x, None, dy, dw);
         }
         if direct::applies(s) {
             if !direct::weight_grad(s, x, dy, dw) {
