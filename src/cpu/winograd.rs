@@ -9,8 +9,9 @@
 //! transform point xi: M[xi] [co x tiles] = U[xi] [co x ci] V[xi] [ci x tiles], computed by the
 //! direct convolution's register tile (8 output channels x 3 vectors of 16 tiles) with ci as the
 //! only sum. The input gradient of a stride-1 layer is such a convolution too (of dY with the
-//! flipped kernel), so it runs here as well. So does the weight gradient (AVX-512 only so far;
-//! AVX2 machines take im2col + GEMM for it): y is linear in U, so dL/dU = sum over tiles of
+//! flipped kernel), so it runs here as well. So does the weight gradient (on AVX2 through 8-lane
+//! twins of the same bits; only the AVX-512 transform reads x through batch norm's affine): y is
+//! linear in U, so dL/dU = sum over tiles of
 //! (A dY A^T) . V and dW = G^T (dL/dU) G; the sums over tiles are again 16 matrix products,
 //! [co x ci] per transform point, 16 tiles per lane (`weight_grad`).
 //!
@@ -55,7 +56,7 @@ enum Mode {
     InputGrad,
     /// Forwards and input gradients, not weight gradients (`winograd-nodw`, to compare).
     NoWeightGrad,
-    /// Forwards, input gradients and (AVX-512) weight gradients: the default.
+    /// Forwards, input gradients and weight gradients: the default.
     All,
 }
 
@@ -723,10 +724,16 @@ const DW_RANGES: usize = 16;
 /// Channels per side of the weight gradient's register tile (4 x 4 accumulators of 16 tiles).
 const DW_TILE: usize = 4;
 
-/// Whether the weight gradient of this layer runs here: by default on AVX-512 machines (not
-/// with `MUSCLE_CONV=winograd-dx` or `winograd-nodw`), for shapes that `fit`.
+/// Whether the weight gradient of this layer runs here: by default on AVX-512 and AVX2 machines
+/// (not with `MUSCLE_CONV=winograd-dx` or `winograd-nodw`), for shapes that `fit`.
 pub fn weight_grad_applies(s: &ConvShape) -> bool {
-    mode() == Mode::All && super::simd::level() == super::simd::Level::Avx512 && fits(s)
+    mode() == Mode::All && fits(s)
+}
+
+/// Whether `weight_grad` can read its input through an `InputAffine` here: the AVX-512
+/// transform applies it; the AVX2 one does not (the caller recomputes the input instead).
+pub fn weight_grad_reads_affine(s: &ConvShape) -> bool {
+    weight_grad_applies(s) && super::simd::level() == super::simd::Level::Avx512
 }
 
 /// dW [co, ci, 3, 3] (overwritten) of y = conv3x3(x) through F(2x2, 3x3): with Y' = A dY A^T of
@@ -736,6 +743,14 @@ pub fn weight_grad_applies(s: &ConvShape) -> bool {
 /// order; the ranges are added in order, in f64: the bits depend on the shape only.
 pub fn weight_grad(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f32], dw: &mut [f32]) {
     assert!(weight_grad_applies(s), "winograd::weight_grad: {s:?} on this CPU");
+    let avx512 = super::simd::level() == super::simd::Level::Avx512;
+    assert!(affine.is_none() || avx512, "winograd::weight_grad: an input affine needs AVX-512");
+    weight_grad_on(s, x, affine, dy, dw, avx512)
+}
+
+/// `weight_grad` with the AVX-512 kernels or their AVX2 twins (the same bits; tests compare
+/// them on one machine).
+fn weight_grad_on(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f32], dw: &mut [f32], avx512: bool) {
     assert!(x.len() >= s.x_len() && dy.len() >= s.y_len() && dw.len() >= s.w_len(), "winograd::weight_grad: lengths");
     assert!(
         affine.is_none_or(|a| a.scale.len() >= s.ci && a.shift.len() >= s.ci),
@@ -768,12 +783,19 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[
                 for k in 0..k_imgs {
                     let xk = &x[(k0 + k) * img_in..][..img_in];
                     let dyk = &dy[(k0 + k) * img_out..][..img_out];
-                    // SAFETY: AVX-512 (`weight_grad_applies`); e is zero outside the columns the
-                    // transform writes; both buffers hold XI pitches of >= channels x stride
-                    // floats and k tiles + tiles <= stride.
+                    // SAFETY: the instruction set of the branch taken (`weight_grad_applies`:
+                    // AVX-512, or AVX2 with even sides); e is zero outside the columns the
+                    // transform writes (and in its fifth row); both buffers hold XI pitches of >=
+                    // channels x stride floats and k tiles + tiles <= stride.
                     unsafe {
-                        input_transform(xk, s.ci, s.h, s.w, &mut sc.v, k * tiles, stride, vpitch, &mut sc.e, affine);
-                        grad_transform(dyk, s.co, s.h, s.w, &mut sc.m, k * tiles, stride, ypitch);
+                        let (v, m, e) = (&mut sc.v, &mut sc.m, &mut sc.e);
+                        if avx512 {
+                            input_transform(xk, s.ci, s.h, s.w, v, k * tiles, stride, vpitch, e, affine);
+                            grad_transform(dyk, s.co, s.h, s.w, m, k * tiles, stride, ypitch);
+                        } else {
+                            avx2::input_transform(xk, s.ci, s.h, s.w, v, k * tiles, stride, vpitch, e);
+                            avx2::grad_transform(dyk, s.co, s.h, s.w, m, k * tiles, stride, ypitch);
+                        }
                     }
                 }
                 // Lanes past the last tile and the rows that pad the channels to whole register
@@ -793,16 +815,18 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[
                     for ob in 0..obs {
                         for cb in 0..cbs {
                             let dst = &mut part[((xi * obs + ob) * cbs + cb) * 16..][..16];
-                            // SAFETY: AVX-512; rows ob and cb x DW_TILE.. + DW_TILE lie within
-                            // the co4 and ci4 rows of `stride` >= 16 nvec floats.
+                            let (yp, vp) = (yx.as_ptr(), vx.as_ptr());
+                            let (yp, vp) =
+                                (yp.wrapping_add(ob * DW_TILE * stride), vp.wrapping_add(cb * DW_TILE * stride));
+                            // SAFETY: the instruction set of the branch taken; rows ob and cb x
+                            // DW_TILE.. + DW_TILE lie within the co4 and ci4 rows of `stride` >=
+                            // 16 nvec floats.
                             unsafe {
-                                dw_products(
-                                    yx.as_ptr().add(ob * DW_TILE * stride),
-                                    vx.as_ptr().add(cb * DW_TILE * stride),
-                                    stride,
-                                    nvec,
-                                    dst.as_mut_ptr(),
-                                )
+                                if avx512 {
+                                    dw_products(yp, vp, stride, nvec, dst.as_mut_ptr())
+                                } else {
+                                    avx2::dw_products(yp, vp, stride, nvec, dst.as_mut_ptr())
+                                }
                             };
                         }
                     }
@@ -1115,6 +1139,123 @@ mod avx2 {
         }
     }
 
+    /// `super::grad_transform` on 8 tiles per vector (even sides): each tile's two gradient
+    /// rows split into even and odd columns, then `super::a_dy_a_t`'s operations.
+    ///
+    /// # Safety
+    /// AVX2 + FMA present; `m` holds XI x pitch >= co x stride floats with t0 + (h / 2) (w / 2)
+    /// <= stride; `dy` holds co x h x w floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn grad_transform(
+        dy: &[f32],
+        co: usize,
+        h: usize,
+        w: usize,
+        m: &mut [f32],
+        t0: usize,
+        stride: usize,
+        pitch: usize,
+    ) {
+        let (th, tw) = (h / 2, w / 2);
+        assert!(pitch >= co * stride && m.len() >= XI * pitch && t0 + th * tw <= stride && dy.len() >= co * h * w);
+        let mp = m.as_mut_ptr();
+        let z = _mm256_setzero_ps();
+        for o in 0..co {
+            for ty in 0..th {
+                for tx0 in (0..tw).step_by(8) {
+                    let n = (tw - tx0).min(8);
+                    let at = t0 + ty * tw + tx0;
+                    // A row's 2 n values from column 2 tx0: whole vectors, or through a zeroed
+                    // copy at the row's end.
+                    let cols = |dr: usize| {
+                        let src = &dy[(o * h + 2 * ty + dr) * w + 2 * tx0..][..2 * n];
+                        let mut t = [0.0f32; 16];
+                        t[..2 * n].copy_from_slice(src);
+                        deinterleave(_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8)))
+                    };
+                    let (r0, r1) = (cols(0), cols(1));
+                    // A over the rows, then over the columns: `super::a_dy_a_t`'s operations.
+                    let rows = [
+                        r0,
+                        (_mm256_add_ps(r0.0, r1.0), _mm256_add_ps(r0.1, r1.1)),
+                        (_mm256_sub_ps(r0.0, r1.0), _mm256_sub_ps(r0.1, r1.1)),
+                        (_mm256_sub_ps(z, r1.0), _mm256_sub_ps(z, r1.1)),
+                    ];
+                    for (k, (c0, c1)) in rows.into_iter().enumerate() {
+                        let out = [c0, _mm256_add_ps(c0, c1), _mm256_sub_ps(c0, c1), _mm256_sub_ps(z, c1)];
+                        for (j, v) in out.into_iter().enumerate() {
+                            store_first(mp.add((k * 4 + j) * pitch + o * stride + at), n, v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 512-bit value x = [X0 X1 X2 X3] (128-bit lanes; as its 256-bit halves) to [X0 + X1,
+    /// X2 + X3]: one half of `_mm512_shuffle_f32x4` 0b10_00_10_00 plus 0b11_01_11_01 of x and
+    /// another value.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn lane_pairs(x: [__m256; 2]) -> __m256 {
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(x[0], x[1]), _mm256_permute2f128_ps::<0x31>(x[0], x[1]))
+    }
+
+    /// `super::dw_products` with 8-lane vectors: each AVX-512 accumulator is two halves (tiles
+    /// 0 - 7 and 8 - 15 of every vector of 16) with the same FMA chains, run a half and two
+    /// rows of Y' at a time (8 accumulators; the 32 halves would not fit 16 registers), then the
+    /// same transpose-and-add tree, its 256-bit lane moves standing in for the 512-bit ones:
+    /// the same bits.
+    ///
+    /// # Safety
+    /// AVX2 + FMA present; as `super::dw_products`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dw_products(y: *const f32, v: *const f32, stride: usize, nvec: usize, out: *mut f32) {
+        const T: usize = super::DW_TILE;
+        // acc[half][a][b]: lanes 8 half .. 8 half + 8 of the AVX-512 accumulator (a, b).
+        let mut acc = [[[_mm256_setzero_ps(); T]; T]; 2];
+        for (half, acc_h) in acc.iter_mut().enumerate() {
+            for a0 in (0..T).step_by(2) {
+                let mut t = [[_mm256_setzero_ps(); T]; 2];
+                for q in 0..nvec {
+                    let off = 16 * q + 8 * half;
+                    let yv =
+                        [_mm256_loadu_ps(y.add(a0 * stride + off)), _mm256_loadu_ps(y.add((a0 + 1) * stride + off))];
+                    for b in 0..T {
+                        let vv = _mm256_loadu_ps(v.add(b * stride + off));
+                        for (ta, ya) in t.iter_mut().zip(&yv) {
+                            ta[b] = _mm256_fmadd_ps(*ya, vv, ta[b]);
+                        }
+                    }
+                }
+                acc_h[a0..a0 + 2].copy_from_slice(&t);
+            }
+        }
+        // (lo, hi) halves of the AVX-512 tree's values.
+        let r: [[__m256; 2]; 16] = std::array::from_fn(|i| [acc[0][i / T][i % T], acc[1][i / T][i % T]]);
+        let mut p = [[_mm256_setzero_ps(); 2]; 8];
+        for (i, pi) in p.iter_mut().enumerate() {
+            for (h, ph) in pi.iter_mut().enumerate() {
+                let (a, b) = (r[2 * i][h], r[2 * i + 1][h]);
+                *ph = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            }
+        }
+        let mut q = [[_mm256_setzero_ps(); 2]; 4];
+        for (i, qi) in q.iter_mut().enumerate() {
+            for (h, qh) in qi.iter_mut().enumerate() {
+                let (a, b) = (p[2 * i][h], p[2 * i + 1][h]);
+                *qh = _mm256_add_ps(_mm256_shuffle_ps::<0x44>(a, b), _mm256_shuffle_ps::<0xEE>(a, b));
+            }
+        }
+        let h = [[lane_pairs(q[0]), lane_pairs(q[1])], [lane_pairs(q[2]), lane_pairs(q[3])]];
+        let t = [lane_pairs(h[0]), lane_pairs(h[1])];
+        for (half, th) in t.into_iter().enumerate() {
+            let o = out.add(8 * half);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), th));
+        }
+    }
+
     /// `super::output_transform` on 8 tiles per vector.
     ///
     /// # Safety
@@ -1363,13 +1504,33 @@ mod tests {
         all
     }
 
+    /// The AVX2 weight gradient (8-lane transforms, the products' FMA chains in halves, the same
+    /// reduction tree) gives the AVX-512 one's bits, on every even shape: run both here when the
+    /// CPU has both.
+    #[test]
+    fn avx2_weight_grad_gives_the_avx512_bits() {
+        if !weight_grad_applies(&shapes()[0]) || super::super::simd::level() != super::super::simd::Level::Avx512 {
+            eprintln!("skipped: needs AVX-512 (and MUSCLE_CONV unset) to run both");
+            return;
+        }
+        for (k, s) in shapes().iter().enumerate() {
+            let x = crate::rng::normal_vec(s.x_len(), 1.0, 400 + k as u64);
+            let dy = crate::rng::normal_vec(s.y_len(), 1.0, 420 + k as u64);
+            let (mut a, mut b) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
+            weight_grad_on(s, &x, None, &dy, &mut a, true);
+            weight_grad_on(s, &x, None, &dy, &mut b, false);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "{s:?}");
+        }
+    }
+
     /// dW read through an affine (with and without its LeakyReLU) is, bit for bit, dW of the
     /// tensor `InputAffine` describes, written out first with that arithmetic (a product, then a
     /// sum, then the slope where z <= 0). That this is batch norm's own output is the conv tape
     /// test's (`ops::conv`), which compares the gradients against a kept batch-norm output.
     #[test]
     fn weight_grad_through_an_affine_is_that_of_the_affine_input() {
-        if !weight_grad_applies(&shapes()[0]) {
+        if !weight_grad_reads_affine(&shapes()[0]) {
             eprintln!("skipped: no AVX-512 (or MUSCLE_CONV set to something other than winograd)");
             return;
         }

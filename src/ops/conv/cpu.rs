@@ -1,6 +1,6 @@
 //! The CPU convolution: which algorithm runs each layer, in one place. The kernels themselves are
 //! shared CPU code (`cpu::direct_conv`, `cpu::winograd`, `cpu::im2col`); this file only chooses:
-//! Winograd (AVX-512 or AVX2; weight gradients AVX-512 only), then the direct AVX-512 kernels, where they apply on this CPU,
+//! Winograd (AVX-512 or AVX2), then the direct AVX-512 kernels, where they apply on this CPU,
 //! im2col + GEMM for every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths
 //! on one machine).
 
@@ -58,7 +58,7 @@ pub fn backward_splits(s: &ConvShape) -> bool {
 /// gradient), false (`dw` untouched) when the caller must recompute the input.
 pub fn weight_grad_of_affine(s: &ConvShape, x: &[f32], affine: InputAffine, dy: &[f32], dw: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if winograd::weight_grad_applies(s) {
+    if winograd::weight_grad_reads_affine(s) {
         winograd::weight_grad(s, x, Some(affine), dy, dw);
         return true;
     }
