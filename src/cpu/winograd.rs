@@ -180,25 +180,6 @@ const PACKED_ROW: usize = 64;
 /// of x or dy (streamed from L3 or memory) stalled a fifth of the 32 x 32 input transform.
 const PREFETCH_AHEAD: usize = 512;
 
-/// Prefetches the `len` floats `PREFETCH_AHEAD` past `p` (one hint per cache line; past the
-/// buffer's end, a hint is harmless).
-///
-/// # Safety
-/// AVX-512F present (the transforms' target; a prefetch itself reads nothing).
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-#[inline]
-unsafe fn prefetch_ahead<const WRITE: bool>(p: *const f32, len: usize) {
-    use std::arch::x86_64::*;
-    for i in (0..len).step_by(16) {
-        let q = p.wrapping_add(PREFETCH_AHEAD + i).cast();
-        if WRITE {
-            _mm_prefetch::<_MM_HINT_ET0>(q);
-        } else {
-            _mm_prefetch::<_MM_HINT_T0>(q);
-        }
-    }
-}
-
 /// Channel c of an affine as vectors: (scale, shift, slope).
 type ChannelAffine = Option<(std::arch::x86_64::__m512, std::arch::x86_64::__m512, Option<std::arch::x86_64::__m512>)>;
 
@@ -329,7 +310,7 @@ unsafe fn input_transform(
         let plane = x.as_ptr().add(c * h * w);
         let aff = channel_affine(affine, c);
         for ty in 0..th {
-            prefetch_ahead::<false>(plane.add(2 * ty * w), 2 * w);
+            super::simd::prefetch::<false>(plane.wrapping_add(2 * ty * w + PREFETCH_AHEAD), 2 * w);
             // Patch rows 2 ty - 1 .. 2 ty + 2 (zero outside the image) combined by B^T's rows.
             for col in (0..w).step_by(16) {
                 let m = first_lanes(w - col);
@@ -420,7 +401,7 @@ unsafe fn input_transform_packed(
         let aff = channel_affine(affine, c);
         for ty0 in (0..th).step_by(rr) {
             let rows = rr.min(th - ty0);
-            prefetch_ahead::<false>(plane.add(2 * ty0 * w), 2 * rows * w);
+            super::simd::prefetch::<false>(plane.wrapping_add(2 * ty0 * w + PREFETCH_AHEAD), 2 * rows * w);
             for r in 0..rows {
                 let ty = ty0 + r;
                 let row = |k: usize| {
@@ -494,7 +475,7 @@ unsafe fn output_transform(
     let yp = y.as_mut_ptr();
     for o in 0..co {
         for ty in 0..th {
-            prefetch_ahead::<true>(yp.add((o * h + 2 * ty) * w), 2 * w);
+            super::simd::prefetch::<true>(yp.wrapping_add((o * h + 2 * ty) * w + PREFETCH_AHEAD), 2 * w);
             for tx0 in (0..tw).step_by(16) {
                 let n = (tw - tx0).min(16);
                 let at = t0 + ty * tw + tx0;
@@ -549,7 +530,7 @@ unsafe fn output_transform_packed(
     for o in 0..co {
         for ty0 in (0..th).step_by(rr) {
             let rows = rr.min(th - ty0);
-            prefetch_ahead::<true>(yp.add((o * h + 2 * ty0) * w), 2 * rows * w);
+            super::simd::prefetch::<true>(yp.wrapping_add((o * h + 2 * ty0) * w + PREFETCH_AHEAD), 2 * rows * w);
             let at = t0 + ty0 * tw;
             let m: [__m512; XI] = std::array::from_fn(|xi| {
                 _mm512_maskz_loadu_ps(first_lanes(rows * tw), mb.as_ptr().add(xi * pitch + o * stride + at))
@@ -894,7 +875,7 @@ unsafe fn grad_transform(
     let mp = m.as_mut_ptr();
     for o in 0..co {
         for ty in 0..th {
-            prefetch_ahead::<false>(dy.as_ptr().add((o * h + 2 * ty) * w), 2 * w);
+            super::simd::prefetch::<false>(dy.as_ptr().wrapping_add((o * h + 2 * ty) * w + PREFETCH_AHEAD), 2 * w);
             for tx0 in (0..tw).step_by(16) {
                 let n = (tw - tx0).min(16);
                 let at = t0 + ty * tw + tx0;
@@ -951,7 +932,10 @@ unsafe fn grad_transform_packed(
     for o in 0..co {
         for ty0 in (0..th).step_by(rr) {
             let rows = rr.min(th - ty0);
-            prefetch_ahead::<false>(dy.as_ptr().add((o * h + 2 * ty0) * w), 2 * rows * w);
+            super::simd::prefetch::<false>(
+                dy.as_ptr().wrapping_add((o * h + 2 * ty0) * w + PREFETCH_AHEAD),
+                2 * rows * w,
+            );
             let at = t0 + ty0 * tw;
             let cols = |dr: usize| {
                 let (mut first, mut second) = (_mm512_setzero_ps(), _mm512_setzero_ps());
