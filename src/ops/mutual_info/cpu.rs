@@ -23,6 +23,9 @@ use crate::cpu::simd;
 use crate::multiversion;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod wide;
+
 /// The clamp floor of P and of the marginals: f64 machine epsilon, as in IIC.
 pub const EPS: f64 = f64::EPSILON;
 
@@ -170,15 +173,21 @@ fn forward_in_chunks(
     let step = rows * c;
     // One pass: each chunk's softmax is written and reduced into its partial J = Z^T W while its
     // rows are in cache; the partials are summed in f64 in chunk order.
+    // The wide-head kernels' scratch: one per thread, not per chunk (a fresh one per chunk cost
+    // page faults whenever the allocator had given its pages back).
+    let scratch_len = if wide_heads(c) { wide_scratch_len(c) } else { 0 };
     let partials: Vec<Vec<f32>> = z
         .par_chunks_mut(step)
         .zip(w.par_chunks_mut(step))
         .zip(logits_a.par_chunks(step).zip(logits_b.par_chunks(step)))
-        .map(|((zc, wc), (ac, bc))| {
-            let mut j = vec![0.0f32; c * c];
-            forward_chunk_best(ac, bc, c, zc, wc, &mut j);
-            j
-        })
+        .map_init(
+            || vec![0.0f32; scratch_len],
+            |scratch, ((zc, wc), (ac, bc))| {
+                let mut j = vec![0.0f32; c * c];
+                forward_chunk_best(ac, bc, c, (zc, wc), &mut j, scratch);
+                j
+            },
+        )
         .collect();
     let mut j = vec![0.0f64; c * c];
     for part in &partials {
@@ -848,24 +857,54 @@ mod avx2 {
 }
 
 /// Rows per class-major block the kernels for C classes use on this CPU (`MiForward::block`):
-/// 16 with AVX-512, 8 with AVX2 + FMA, 0 (row-major, the portable kernels) otherwise or for C > 16.
+/// 16 with AVX-512 (C <= 16, and wide heads: `wide_heads`), 8 with AVX2 + FMA (C <= 16), 0
+/// (row-major: the portable kernels, or the GEMM crate for wide heads) otherwise.
 fn block_rows(c: usize) -> usize {
     match simd::level() {
-        _ if c > LANES || !cfg!(target_arch = "x86_64") => 0,
-        simd::Level::Avx512 => 16,
-        simd::Level::Avx2 => 8,
-        simd::Level::Baseline => 0,
+        _ if !cfg!(target_arch = "x86_64") => 0,
+        simd::Level::Avx512 if c <= LANES || wide_heads(c) => 16,
+        simd::Level::Avx2 if c <= LANES => 8,
+        _ => 0,
     }
 }
 
-/// One forward chunk on the best path for this CPU (storing z and w as `block_rows(c)` says).
-fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f32], j: &mut [f32]) {
+/// Whether C classes take the AVX-512 wide-head kernels (`wide`): 16 < C <= `wide::MAX_C`.
+fn wide_heads(c: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd::level() == simd::Level::Avx512 && wide::applies(c);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Floats of the per-thread scratch the wide-head kernels need for C classes (both passes).
+fn wide_scratch_len(c: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    return wide::forward_scratch_len(c).max(wide::backward_scratch_len(c));
+    #[cfg(not(target_arch = "x86_64"))]
+    0
+}
+
+/// One forward chunk on the best path for this CPU (storing z and w as `block_rows(c)` says);
+/// `scratch` holds `wide_scratch_len(c)` floats.
+fn forward_chunk_best(
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    (z, w): (&mut [f32], &mut [f32]),
+    j: &mut [f32],
+    scratch: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(a.len().is_multiple_of(c) && [b.len(), z.len(), w.len()] == [a.len(); 3] && j.len() == c * c);
         match (block_rows(c), simd::level()) {
-            // SAFETY (all four): `block_rows` and `level` checked the CPU (and c <= 16 for the
-            // blocked kernels); the slices hold whole rows of C, J is C x C (asserted above).
+            // SAFETY (all five): `block_rows` and `level` checked the CPU (and C: 16-row blocks
+            // of C > 16 are the wide kernels'); the slices hold whole rows of C, J is C x C and
+            // the scratch as long as the wide kernels ask (asserted).
+            (16, _) if c > LANES => {
+                assert_eq!(scratch.len(), wide_scratch_len(c), "MI scratch for C = {c}");
+                return unsafe { wide::forward_chunk(a, b, c, (z, w), j, scratch) };
+            }
             (16, _) => return unsafe { avx512::forward_chunk(a, b, c, z, w, j) },
             (8, _) => return unsafe { avx2::forward_chunk(a, b, c, z, w, j) },
             (_, simd::Level::Avx512) => unsafe {
@@ -881,7 +920,10 @@ fn forward_chunk_best(a: &[f32], b: &[f32], c: usize, z: &mut [f32], w: &mut [f3
         sgemm(c, c, z.len() / c, Mat::t(z), Mat::n(w), j, false, 1);
     }
     #[cfg(not(target_arch = "x86_64"))]
-    forward_chunk(a, b, c, z, w, j)
+    {
+        let _ = scratch;
+        forward_chunk(a, b, c, z, w, j)
+    }
 }
 
 /// One backward chunk (both views' rows in, both gradients out) on the path that matches the
@@ -893,6 +935,7 @@ fn backward_chunk_best(
     c: usize,
     scale: f32,
     (ga, gb): (&mut [f32], &mut [f32]),
+    scratch: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if block > 0 {
@@ -904,9 +947,12 @@ fn backward_chunk_best(
             block_rows(c)
         );
         assert!(z.len().is_multiple_of(c) && [w.len(), ga.len(), gb.len()] == [z.len(); 3] && g_hat.len() == c * c);
+        assert_eq!(scratch.len(), if c > LANES { wide_scratch_len(c) } else { 0 }, "MI scratch for C = {c}");
         // SAFETY: as in `forward_chunk_best`.
         return unsafe {
-            if block == 16 {
+            if block == 16 && c > LANES {
+                wide::backward_chunk((z, w), g_hat, c, scale, (ga, gb), scratch)
+            } else if block == 16 {
                 avx512::backward_chunk(z, w, g_hat, c, scale, ga, gb)
             } else {
                 avx2::backward_chunk(z, w, g_hat, c, scale, ga, gb)
@@ -923,11 +969,11 @@ pub fn mi_bwd(fwd: &MiForward, n: usize, c: usize, upstream: f32, grad_a: &mut [
     let scale = (upstream as f64 / fwd.s) as f32;
     let step = CHUNK_ROWS * c;
     let views = fwd.z.par_chunks(step).zip(fwd.w.par_chunks(step));
-    grad_a
-        .par_chunks_mut(step)
-        .zip(grad_b.par_chunks_mut(step))
-        .zip(views)
-        .for_each(|(grads, views)| backward_chunk_best(fwd.block, views, &fwd.g_hat, c, scale, grads));
+    let scratch_len = if fwd.block == 16 && c > LANES { wide_scratch_len(c) } else { 0 };
+    grad_a.par_chunks_mut(step).zip(grad_b.par_chunks_mut(step)).zip(views).for_each_init(
+        || vec![0.0f32; scratch_len],
+        |scratch, (grads, views)| backward_chunk_best(fwd.block, views, &fwd.g_hat, c, scale, grads, scratch),
+    );
 }
 
 /// Row softmax in f64 (max subtracted).
@@ -1209,6 +1255,35 @@ mod tests {
         let (f, ga, gb) = run(&randn(37, 2.0, 901), &randn(37, 2.0, 951), 37, 1, 1.0);
         assert_eq!(f.loss, 0.0);
         assert!(ga.iter().chain(&gb).all(|&g| g == 0.0), "C 1: {ga:?} {gb:?}");
+    }
+
+    #[test]
+    fn every_wide_class_count_matches_the_reference() {
+        // 181 rows: 16-row blocks in groups of 4, 4 and 3, then 5 rows after the last whole block;
+        // C on both sides of each multiple of 16, and the widest the AVX-512 wide kernels take.
+        for c in [17usize, 31, 32, 33, 47, 64, 100, 127, 128, 129] {
+            let (a, b) = (randn(181 * c, 2.0, 300 + c as u64), randn(181 * c, 2.0, 400 + c as u64));
+            assert_matches_reference(&a, &b, 181, c, 1.5, &format!("n 181 C {c}"));
+            let (f, _, _) = run(&a, &b, 181, c, 1.0);
+            assert_eq!(f.blocked(), simd::level() == simd::Level::Avx512 && c <= 128, "C {c}: storage order");
+            let want = softmax_f64(&a.iter().map(|&v| v as f64).collect::<Vec<_>>(), c);
+            let got = f.z_rows();
+            assert!(got.iter().zip(&want).all(|(g, w)| (*g as f64 - w).abs() < 1e-6), "C {c}: z_rows");
+        }
+    }
+
+    #[test]
+    fn wide_heads_over_several_chunks_do_not_depend_on_the_thread_count() {
+        let (n, c) = (2 * CHUNK_ROWS + 37, 100);
+        let (a, b) = (randn(n * c, 2.0, 71), randn(n * c, 2.0, 72));
+        let on = |t: usize| match rayon::ThreadPoolBuilder::new().num_threads(t).build() {
+            Ok(pool) => pool.install(|| run(&a, &b, n, c, 1.0)),
+            Err(e) => panic!("thread pool: {e}"),
+        };
+        let ((f1, ga1, gb1), (f2, ga2, gb2)) = (on(1), on(2));
+        assert_eq!(f1.loss.to_bits(), f2.loss.to_bits());
+        assert!(ga1 == ga2 && gb1 == gb2 && f1.z == f2.z);
+        assert_matches_reference(&a, &b, n, c, 1.0, "C 100, several chunks");
     }
 
     #[test]
