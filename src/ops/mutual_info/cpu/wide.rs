@@ -200,9 +200,15 @@ unsafe fn store_block(src: *const f32, c: usize, dst: *mut f32, stream: bool) {
 /// The tiles of J's rows x0 .. x0 + XJ over the first `vecs` vectors of columns.
 #[inline(always)]
 unsafe fn joint_tiles(z: *const f32, w: *const f32, c: usize, (x0, vecs, nr): (usize, usize, usize), j: *mut f32) {
-    for v0 in (0..vecs).step_by(VJ) {
+    // As few tiles as VJ allows, their widths within one of each other (at C = 128 two of 4
+    // vectors, not 6 + 2: a 2-vector tile does a third of the FMAs per load).
+    let tiles = vecs.div_ceil(VJ);
+    let mut v0 = 0;
+    for t in 0..tiles {
+        let width = vecs / tiles + usize::from(t < vecs % tiles);
         let tile = (x0, v0, nr);
-        match (vecs - v0).min(VJ) {
+        v0 += width;
+        match width {
             1 => joint_tile::<1>(z, w, c, tile, j),
             2 => joint_tile::<2>(z, w, c, tile, j),
             3 => joint_tile::<3>(z, w, c, tile, j),
