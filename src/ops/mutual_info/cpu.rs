@@ -172,29 +172,29 @@ fn forward_in_chunks(
     let (mut z, mut w) = (crate::pool::take(n * c), crate::pool::take(n * c));
     let step = rows * c;
     // One pass: each chunk's softmax is written and reduced into its partial J = Z^T W while its
-    // rows are in cache; the partials are summed in f64 in chunk order.
-    // The wide-head kernels' scratch: one per thread, not per chunk (a fresh one per chunk cost
-    // page faults whenever the allocator had given its pages back).
+    // rows are in cache; the partials are summed in f64 in chunk order. The partials come from
+    // the pool and the wide-head kernels' scratch is one per thread, not per chunk: fresh
+    // buffers per chunk cost page faults whenever the allocator had given their pages back.
     let scratch_len = if wide_heads(c) { wide_scratch_len(c) } else { 0 };
-    let partials: Vec<Vec<f32>> = z
-        .par_chunks_mut(step)
-        .zip(w.par_chunks_mut(step))
+    let mut partials = crate::pool::take(n.div_ceil(rows) * c * c);
+    partials
+        .par_chunks_mut(c * c)
+        .zip(z.par_chunks_mut(step).zip(w.par_chunks_mut(step)))
         .zip(logits_a.par_chunks(step).zip(logits_b.par_chunks(step)))
-        .map_init(
+        .for_each_init(
             || vec![0.0f32; scratch_len],
-            |scratch, ((zc, wc), (ac, bc))| {
-                let mut j = vec![0.0f32; c * c];
-                forward_chunk_best(ac, bc, c, (zc, wc), &mut j, scratch);
-                j
+            |scratch, ((j, (zc, wc)), (ac, bc))| {
+                j.fill(0.0);
+                forward_chunk_best(ac, bc, c, (zc, wc), j, scratch);
             },
-        )
-        .collect();
+        );
     let mut j = vec![0.0f64; c * c];
-    for part in &partials {
+    for part in partials.chunks_exact(c * c) {
         for (acc, &v) in j.iter_mut().zip(part) {
             *acc += v as f64;
         }
     }
+    crate::pool::give(partials);
     reduce(&mut j)?;
     let mut out = joint_terms(&j, c, lambda as f64);
     out.z = z;

@@ -115,7 +115,7 @@ pub fn forward_scratch_len(c: usize) -> usize {
 
 /// Floats of the scratch `backward_chunk` needs for C classes.
 pub fn backward_scratch_len(c: usize) -> usize {
-    NB * B * c + B * c
+    NB * B * c + B * c + c * c
 }
 
 /// `super::forward_chunk` for wide C: z and w (the softmaxes of a and b) in class-major blocks,
@@ -260,7 +260,8 @@ unsafe fn joint_tile<const V: usize>(
 }
 
 /// `super::backward_chunk` for wide C, reading z and w as `forward_chunk` stored them: with
-/// u = G^ w_i, grad_a_i = scale z_i (u - <z_i, u>), and b's with z and w swapped.
+/// u = (scale G^) w_i, grad_a_i = z_i (u - <z_i, u>), and b's with z and w swapped (the scale
+/// in G^'s copy: one product per element fewer than the narrow kernels' rounding).
 ///
 /// # Safety
 /// As for `forward_chunk`; g_hat is c x c and symmetric; ga, gb hold the rows of z; `scratch`
@@ -276,10 +277,14 @@ pub unsafe fn backward_chunk(
 ) {
     let rows = z.len() / c;
     let blocks = rows / B;
-    // u of NB blocks, class-major (25.6 KiB at C = 100), and one block's gradient rows on their
-    // way out.
+    // u of NB blocks, class-major (25.6 KiB at C = 100), one block's gradient rows on their way
+    // out, and scale G^.
     let (us, rest) = scratch.split_at_mut(NB * B * c);
-    let rows_out = &mut rest[..B * c];
+    let (rows_out, rest) = rest.split_at_mut(B * c);
+    let g_scaled = &mut rest[..c * c];
+    for (gs, &g) in g_scaled.iter_mut().zip(g_hat) {
+        *gs = scale * g;
+    }
     // A block's 16 rows are 64 c contiguous bytes: on a cache line when the chunk's start is, and
     // then they go out as streaming stores of whole lines (no read of the lines they replace).
     let stream = (ga.as_ptr() as usize | gb.as_ptr() as usize).is_multiple_of(64);
@@ -294,7 +299,7 @@ pub unsafe fn backward_chunk(
         let (zb, wb) = (z.as_ptr().add(at), w.as_ptr().add(at));
         let (gab, gbb) = (ga.as_mut_ptr().add(at), gb.as_mut_ptr().add(at));
         let out = Out { rows: rows_out.as_mut_ptr(), stream };
-        let args = (c, g_hat, scale, us.as_mut_ptr(), out);
+        let args = (c, &*g_scaled, us.as_mut_ptr(), out);
         match n {
             1 => group::<1>(zb, wb, gab, gbb, args),
             2 => group::<2>(zb, wb, gab, gbb, args),
@@ -321,17 +326,17 @@ struct Out {
     stream: bool,
 }
 
-/// The gradients of N blocks of rows: u = G^ w and a's gradient z (u - <z, u>) scale, then
-/// u = G^ z and b's gradient w (u - <z, G^ w>) scale (G^ symmetric: <w, G^ z> = <z, G^ w>).
+/// The gradients of N blocks of rows with G = scale G^: u = G w and a's gradient z (u - <z, u>),
+/// then u = G z and b's gradient w (u - <z, G w>) (G symmetric: <w, G z> = <z, G w>).
 #[inline(always)]
 unsafe fn group<const N: usize>(
     z: *const f32,
     w: *const f32,
     ga: *mut f32,
     gb: *mut f32,
-    (c, g_hat, scale, u, out): (usize, &[f32], f32, *mut f32, Out),
+    (c, g, u, out): (usize, &[f32], *mut f32, Out),
 ) {
-    products::<N>(w, g_hat, c, u);
+    products::<N>(w, g, c, u);
     let mut d = [_mm512_setzero_ps(); N];
     for (n, dn) in d.iter_mut().enumerate() {
         let (zn, un) = (z.add(n * B * c), u.add(n * B * c));
@@ -339,13 +344,12 @@ unsafe fn group<const N: usize>(
             *dn = _mm512_fmadd_ps(_mm512_loadu_ps(zn.add(x * B)), _mm512_loadu_ps(un.add(x * B)), *dn);
         }
     }
-    let sv = _mm512_set1_ps(scale);
     for (n, &dn) in d.iter().enumerate() {
-        gradient_rows(z.add(n * B * c), u.add(n * B * c), dn, sv, c, ga.add(n * B * c), out);
+        gradient_rows(z.add(n * B * c), u.add(n * B * c), dn, c, ga.add(n * B * c), out);
     }
-    products::<N>(z, g_hat, c, u);
+    products::<N>(z, g, c, u);
     for (n, &dn) in d.iter().enumerate() {
-        gradient_rows(w.add(n * B * c), u.add(n * B * c), dn, sv, c, gb.add(n * B * c), out);
+        gradient_rows(w.add(n * B * c), u.add(n * B * c), dn, c, gb.add(n * B * c), out);
     }
 }
 
@@ -356,12 +360,12 @@ fn tile_starts(c: usize, width: usize) -> impl Iterator<Item = usize> {
     (0..c.div_ceil(width)).map(move |t| (t * width).min(c - width))
 }
 
-/// u = G^ v for N class-major blocks at `v` (each 16 x c) into `u` (same order): for each tile
+/// u = G v for N class-major blocks at `v` (each 16 x c) into `u` (same order): for each tile
 /// of XU classes x, N x XU accumulators take one rank-1 update per class y (v_y of each block
-/// times G^_yx broadcast), the classes y in order.
+/// times G_yx broadcast), the classes y in order.
 #[inline(always)]
-unsafe fn products<const N: usize>(v: *const f32, g_hat: &[f32], c: usize, u: *mut f32) {
-    let g = g_hat.as_ptr();
+unsafe fn products<const N: usize>(v: *const f32, g: &[f32], c: usize, u: *mut f32) {
+    let g = g.as_ptr();
     for x0 in tile_starts(c, XU) {
         let mut acc = [[_mm512_setzero_ps(); XU]; N];
         for y in 0..c {
@@ -382,11 +386,10 @@ unsafe fn products<const N: usize>(v: *const f32, g_hat: &[f32], c: usize, u: *m
     }
 }
 
-/// One block's gradient rows: scale p_x (u_x - d) per class (as the narrow kernels round it),
-/// back to 16 rows of c through in-register transposes, into `dst` (64-byte aligned when
-/// streamed).
+/// One block's gradient rows: p_x (u_x - d) per class, back to 16 rows of c through in-register
+/// transposes, into `dst` (64-byte aligned when streamed).
 #[inline(always)]
-unsafe fn gradient_rows(p: *const f32, u: *const f32, d: __m512, sv: __m512, c: usize, dst: *mut f32, buf: Out) {
+unsafe fn gradient_rows(p: *const f32, u: *const f32, d: __m512, c: usize, dst: *mut f32, buf: Out) {
     let out = if buf.stream { buf.rows } else { dst };
     for g in 0..c.div_ceil(B) {
         let cols = (c - B * g).min(B);
@@ -394,7 +397,7 @@ unsafe fn gradient_rows(p: *const f32, u: *const f32, d: __m512, sv: __m512, c: 
         for (k, tk) in t.iter_mut().enumerate().take(cols) {
             let x = B * g + k;
             let px = _mm512_loadu_ps(p.add(x * B));
-            *tk = _mm512_mul_ps(_mm512_mul_ps(sv, px), _mm512_sub_ps(_mm512_loadu_ps(u.add(x * B)), d));
+            *tk = _mm512_mul_ps(px, _mm512_sub_ps(_mm512_loadu_ps(u.add(x * B)), d));
         }
         transpose16(&mut t);
         for (r, row) in t.iter().enumerate() {
