@@ -361,7 +361,7 @@ macro_rules! for_classes {
 /// (the auto-vectorised body above spends most of its time padding rows and reducing lanes).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use crate::cpu::simd::avx512::{exp16, transpose16};
+    use crate::cpu::simd::avx512::{exp16_nonpositive, transpose16};
     use std::arch::x86_64::*;
 
     /// 16 rows of c <= 16 floats at `p` as class registers: lane r of the result's element x is
@@ -417,7 +417,7 @@ mod avx512 {
     unsafe fn softmax16(p: *const f32, mask: __mmask16) -> __m512 {
         let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, p);
         let m = _mm512_reduce_max_ps(v);
-        let e = exp16(_mm512_sub_ps(v, _mm512_set1_ps(m)));
+        let e = exp16_nonpositive(_mm512_sub_ps(v, _mm512_set1_ps(m)));
         _mm512_mul_ps(e, _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(e)))
     }
 
@@ -435,7 +435,7 @@ mod avx512 {
         }
         let mut s = _mm512_setzero_ps();
         for v in col.iter_mut().take(c) {
-            *v = exp16(_mm512_sub_ps(*v, m));
+            *v = exp16_nonpositive(_mm512_sub_ps(*v, m));
             s = _mm512_add_ps(s, *v);
         }
         let inv = _mm512_div_ps(_mm512_set1_ps(1.0), s);

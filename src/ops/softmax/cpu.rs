@@ -95,7 +95,7 @@ multiversion! {
 /// AVX-512 fused softmax-CE for C <= 16: one masked register per row.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use crate::cpu::simd::avx512::exp16;
+    use crate::cpu::simd::avx512::exp16_nonpositive;
     use std::arch::x86_64::*;
 
     /// `super::cross_entropy_hard_rows` for C <= 16.
@@ -110,7 +110,7 @@ mod avx512 {
         for (r, &y) in labels.iter().enumerate() {
             let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, x.as_ptr().add(r * c));
             let m = _mm512_reduce_max_ps(v);
-            let e = exp16(_mm512_sub_ps(v, _mm512_set1_ps(m)));
+            let e = exp16_nonpositive(_mm512_sub_ps(v, _mm512_set1_ps(m)));
             let s = _mm512_reduce_add_ps(e);
             total += (m + s.ln() - x[r * c + y]) as f64;
             let g = _mm512_mul_ps(e, _mm512_set1_ps(inv_n / s));

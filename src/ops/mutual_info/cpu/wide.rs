@@ -18,7 +18,7 @@
 //! Numerics: every J element is one f32 sum over a chunk's rows in order, every u element one f32
 //! sum over the classes in order: a function of (n, C) only, never of the thread count.
 
-use crate::cpu::simd::avx512::{exp16, transpose16};
+use crate::cpu::simd::avx512::{exp16_nonpositive, transpose16};
 use crate::cpu::simd::prefetch;
 use std::arch::x86_64::*;
 
@@ -95,7 +95,7 @@ unsafe fn softmax_rows<const R: usize>(x: [*const f32; R], c: usize, y: [*mut f3
     let mut s = [_mm512_setzero_ps(); R];
     for k in 0..vecs {
         for i in 0..R {
-            let e = exp16(_mm512_sub_ps(load(x[i], k), m[i]));
+            let e = exp16_nonpositive(_mm512_sub_ps(load(x[i], k), m[i]));
             store(y[i], k, e);
             s[i] = _mm512_add_ps(s[i], e);
         }
