@@ -300,7 +300,8 @@ pub mod avx512 {
 
     /// `exp16` for lanes that are at most 0 or NaN (a softmax row less its max), with its bits:
     /// such lanes never reach the upper clamp, so it is left out (one instruction of 16 in the
-    /// softmaxes' hottest loop).
+    /// softmaxes' hottest loop). A lane above 0 (only from a row with a NaN, whose max can miss
+    /// a larger value) may give inf where exp16 gives its clamp's 2e38.
     ///
     /// # Safety
     /// The CPU must support AVX-512F (call it from a function that enables it).
@@ -325,7 +326,8 @@ pub mod avx512 {
         let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
         // e * 2^n in one instruction (n is integral and in [-126, 127] after the clamp, so this is
         // the scalar twin's exponent-bits product, rounding included); its zero-masking gives
-        // the underflowing lanes their 0 (NaN compares false and keeps its lane).
+        // the underflowing lanes their 0. A NaN lane is not NaN here: the clamp's max returns
+        // -87.3 for it, so it comes out e^-87.3 (the scalar twin gives NaN).
         let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.3));
         _mm512_maskz_scalef_ps(keep, e, n)
     }

@@ -53,9 +53,9 @@ pub struct MiForward {
     /// softmax(logits_b), stored as `z`.
     pub w: Vec<f32>,
     // Rows per class-major block of z and w (`blocked()`), 0 for row-major: the AVX-512 (16)
-    // and AVX2 (8) kernels keep a block's classes in registers, one row per lane, so this order
-    // spares the forward and the backward a transpose each. Private: the backward's unsafe path
-    // relies on it.
+    // and AVX2 (8) kernels keep a block's classes in registers, one row per lane (for C <= 16
+    // this order spares the backward a transpose; the wide kernels' forward transposes into it
+    // once). Private: the backward's unsafe path relies on it.
     block: usize,
     /// The joint P = S / s before the clamp, C x C.
     pub p: Vec<f64>,
@@ -173,8 +173,8 @@ fn forward_in_chunks(
     let step = rows * c;
     // One pass: each chunk's softmax is written and reduced into its partial J = Z^T W while its
     // rows are in cache; the partials are summed in f64 in chunk order. The partials come from
-    // the pool and the wide-head kernels' scratch is one per thread, not per chunk: fresh
-    // buffers per chunk cost page faults whenever the allocator had given their pages back.
+    // the pool and the wide-head kernels' scratch is one per rayon work split, not per chunk:
+    // fresh buffers per chunk cost page faults whenever the allocator had given their pages back.
     let scratch_len = if wide_heads(c) { wide_scratch_len(c) } else { 0 };
     let mut partials = crate::pool::take(n.div_ceil(rows) * c * c);
     partials
@@ -959,6 +959,8 @@ fn backward_chunk_best(
             }
         };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (block, scratch);
     backward_chunk(z, w, g_hat, c, scale, ga, gb)
 }
 

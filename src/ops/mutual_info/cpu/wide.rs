@@ -9,11 +9,12 @@
 //! - Forward: rows are softmaxed row-major `ROWS` at a time into a scratch, J's register tiles
 //!   (4 classes x of z broadcast x 6 vectors of classes y of w) take one rank-1 update per row,
 //!   J itself the tiles' home between row blocks; J's last C mod 16 columns are computed as J^T's
-//!   rows, so that no tile carries a mostly empty vector. The rows then go out class-major, as
-//!   streaming stores of whole lines.
-//! - Backward: lanes over rows, as in the narrow kernels: u = G^ v is a rank-1 update per class
-//!   (G^'s entries broadcast), <z, u> and the gradient are lane-wise, and each block's gradient
-//!   rows go out as streaming stores.
+//!   rows, so that no tile carries a mostly empty vector. The rows then go out class-major (as
+//!   streaming stores of whole lines when the chunk starts on a cache line, as the `muscle`
+//!   binary's allocator places large buffers; plain stores otherwise).
+//! - Backward: lanes over rows, as in the narrow kernels: u = (scale G^) v is a rank-1 update per
+//!   class (its entries broadcast), <z, u> and the gradient are lane-wise, and each block's
+//!   gradient rows go out as the forward's blocks do.
 //!
 //! Numerics: every J element is one f32 sum over a chunk's rows in order, every u element one f32
 //! sum over the classes in order: a function of (n, C) only, never of the thread count.
@@ -261,11 +262,12 @@ unsafe fn joint_tile<const V: usize>(
 
 /// `super::backward_chunk` for wide C, reading z and w as `forward_chunk` stored them: with
 /// u = (scale G^) w_i, grad_a_i = z_i (u - <z_i, u>), and b's with z and w swapped (the scale
-/// in G^'s copy: one product per element fewer than the narrow kernels' rounding).
+/// goes into a copy of G^ once, where the narrow kernels multiply every element by it).
 ///
 /// # Safety
-/// As for `forward_chunk`; g_hat is c x c and symmetric; ga, gb hold the rows of z; `scratch`
-/// holds at least `backward_scratch_len(c)` floats.
+/// As for `forward_chunk`; g_hat is c x c (and symmetric, up to its rounding, for the result to
+/// be the gradient); ga, gb hold the rows of z; `scratch` holds at least `backward_scratch_len(c)`
+/// floats.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
 pub unsafe fn backward_chunk(
     (z, w): (&[f32], &[f32]),
@@ -277,7 +279,7 @@ pub unsafe fn backward_chunk(
 ) {
     let rows = z.len() / c;
     let blocks = rows / B;
-    // u of NB blocks, class-major (25.6 KiB at C = 100), one block's gradient rows on their way
+    // u of NB blocks, class-major (25 KiB at C = 100), one block's gradient rows on their way
     // out, and scale G^.
     let (us, rest) = scratch.split_at_mut(NB * B * c);
     let (rows_out, rest) = rest.split_at_mut(B * c);
@@ -458,7 +460,8 @@ mod tests {
 
     #[test]
     fn streamed_and_plain_stores_give_the_same_bits() {
-        if !std::arch::is_x86_feature_detected!("avx512dq") {
+        if crate::cpu::simd::level() != crate::cpu::simd::Level::Avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
             return;
         }
         // 181 rows: groups of 4, 4 and 3 blocks, and 5 rows after the last whole block.
