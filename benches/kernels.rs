@@ -8,7 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use muscle::cpu::gemm::{sgemm, Mat};
-use muscle::kernel_args::ConvShape;
+use muscle::kernel_args::{ConvShape, Precision};
 use muscle::ops::conv::cpu::{backward as conv2d_backward, forward as conv2d_forward};
 use muscle::testing::randn;
 use std::hint::black_box;
@@ -48,15 +48,25 @@ fn conv(c: &mut Criterion) {
     g.sample_size(10);
     // Forward is one product; backward is two (weights and input): 3 x 2 x MACs in all.
     g.throughput(Throughput::Elements((3 * 2 * s.macs()) as u64));
-    for threads in [1, 2] {
-        g.bench_function(BenchmarkId::new("fwd+bwd", format!("{threads}t")), |bch| {
-            with_threads(threads, || {
-                bch.iter(|| {
-                    conv2d_forward(&s, &x, &w, black_box(&mut y));
-                    conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
-                })
-            })
-        });
+    // bf16 products where the CPU has them (`--precision bf16`).
+    let precisions = if muscle::ops::conv::bf16_available() { &Precision::ALL[..] } else { &[Precision::F32] };
+    for &p in precisions {
+        for threads in [1, 2] {
+            g.bench_function(
+                BenchmarkId::new(
+                    if p == Precision::F32 { "fwd+bwd".to_string() } else { format!("fwd+bwd {p}") },
+                    format!("{threads}t"),
+                ),
+                |bch| {
+                    with_threads(threads, || {
+                        bch.iter(|| {
+                            conv2d_forward(&s, &x, &w, black_box(&mut y), p);
+                            conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx), p);
+                        })
+                    })
+                },
+            );
+        }
     }
     g.finish();
 }

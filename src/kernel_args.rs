@@ -1,6 +1,25 @@
 //! Plain argument types that kernels of both devices take: a leaf, so
 //! that CPU kernels, CUDA launchers and ops import them without importing each other.
 
+crate::error::choice! {
+    /// What a convolution's products multiply: f32, or bf16 operands with f32 sums (the 3x3,
+    /// stride-1 layers' Winograd products on CPUs with AVX512-BF16; `--precision`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(into = "String", try_from = "String")]
+    pub enum Precision {
+        /// f32 operands (the default).
+        #[default]
+        F32 = "f32",
+        /// bf16 operands rounded to nearest even, f32 accumulation; weights stay f32 (master
+        /// weights) and every other op stays f32.
+        Bf16 = "bf16",
+    }
+    unknown(s) = crate::error::Error::usage(format!(
+        "--precision: unknown precision '{s}' (expected {})",
+        crate::error::or_list(&Precision::NAMES)
+    ));
+}
+
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvShape {

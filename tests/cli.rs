@@ -50,6 +50,43 @@ fn bad_arguments_exit_2_and_name_the_argument() {
     expect_error(&["train", "--dataset", "cifar10"], 2, "--data");
 }
 
+/// `--precision bf16`: refused with a one-line usage error where the CPU (or `MUSCLE_SIMD`)
+/// lacks AVX512-BF16 and on a GPU; where it has it, a run whose 3x3 layers compute bf16 products
+/// is reproducible to the byte, records its precision, and is not the f32 run.
+#[test]
+fn bf16_precision_is_refused_without_avx512_bf16_and_reproducible_with_it() {
+    expect_error(&["train", "--precision", "f16"], 2, "--precision");
+    let o = Command::new(env!("CARGO_BIN_EXE_muscle"))
+        .env_remove("MUSCLE_CUDA_EMU")
+        .env("MUSCLE_SIMD", "avx2")
+        .args(["train", "--precision", "bf16", "--steps", "1"])
+        .output()
+        .expect("run muscle");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--precision bf16") && err.contains("AVX512-BF16") && !err.contains("panicked"), "{err}");
+    expect_error(&["train", "--precision", "bf16", "--device", "cuda", "--steps", "1"], 2, "--precision bf16");
+    if !muscle::ops::conv::bf16_available() {
+        eprintln!("skipped (the bf16 runs): this CPU has no AVX512-BF16");
+        return;
+    }
+    let d = scratch("cli-bf16");
+    let run = |name: &str, precision: &str| {
+        let out = d.join(name);
+        // Width 16: 16 channels and more, so every 3x3 layer but the first is Winograd's.
+        let args = ["train", "--steps", "3", "--batch", "16", "--unlabeled-batch", "32", "--width", "16"];
+        let o = muscle(&[&args[..], &["--precision", precision, "--out", out.to_str().expect("utf8")]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
+        assert_eq!(config["precision"], precision);
+        std::fs::read(out.join("checkpoint.safetensors")).expect("checkpoint")
+    };
+    let (a, b, f32_run) = (run("a", "bf16"), run("b", "bf16"), run("f32", "f32"));
+    assert!(a == b, "two bf16 runs differ");
+    assert!(a != f32_run, "the bf16 run is the f32 run");
+}
+
 #[test]
 fn missing_or_corrupt_files_exit_1_and_name_the_file() {
     let d = scratch("cli-corrupt");

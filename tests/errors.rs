@@ -20,15 +20,33 @@ fn every_op_rejects_mismatched_shapes() {
     expect_shape_err(ops::add(&t, &randn(&[3, 4], 1), &randn(&[4, 3], 2)), &["[3, 4]", "[4, 3]"]);
     expect_shape_err(ops::linear(&t, &randn(&[2, 5], 1), &randn(&[3, 4], 2), None), &["[2, 5]", "[3, 4]"]);
     expect_shape_err(
-        ops::conv2d(&t, &randn(&[1, 3, 8, 8], 1), &randn(&[4, 2, 3, 3], 2), Conv2dParams { stride: 1, pad: 1 }),
+        ops::conv2d(
+            &t,
+            &randn(&[1, 3, 8, 8], 1),
+            &randn(&[4, 2, 3, 3], 2),
+            Conv2dParams { stride: 1, pad: 1 },
+            Default::default(),
+        ),
         &["[1, 3, 8, 8]", "[4, 2, 3, 3]"],
     );
     expect_shape_err(
-        ops::conv2d(&t, &randn(&[1, 2, 2, 2], 1), &randn(&[4, 2, 3, 3], 2), Conv2dParams { stride: 1, pad: 0 }),
+        ops::conv2d(
+            &t,
+            &randn(&[1, 2, 2, 2], 1),
+            &randn(&[4, 2, 3, 3], 2),
+            Conv2dParams { stride: 1, pad: 0 },
+            Default::default(),
+        ),
         &["[1, 2, 2, 2]", "[4, 2, 3, 3]"],
     );
     expect_shape_err(
-        ops::conv2d(&t, &randn(&[3, 8, 8], 1), &randn(&[4, 3, 3, 3], 2), Conv2dParams { stride: 1, pad: 1 }),
+        ops::conv2d(
+            &t,
+            &randn(&[3, 8, 8], 1),
+            &randn(&[4, 3, 3, 3], 2),
+            Conv2dParams { stride: 1, pad: 1 },
+            Default::default(),
+        ),
         &["[3, 8, 8]"],
     );
     expect_shape_err(

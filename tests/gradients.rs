@@ -35,7 +35,10 @@ fn linear() {
 fn conv2d_stride_and_padding() {
     for &(stride, pad, k) in &[(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 0, 1), (1, 0, 1)] {
         let p = Conv2dParams { stride, pad };
-        check(&|t, x| ops::conv2d(t, &x[0], &x[1], p), &[randn(&[3, 2, 6, 5], 1), randn(&[4, 2, k, k], 2)]);
+        check(
+            &|t, x| ops::conv2d(t, &x[0], &x[1], p, Default::default()),
+            &[randn(&[3, 2, 6, 5], 1), randn(&[4, 2, k, k], 2)],
+        );
     }
 }
 
@@ -161,7 +164,7 @@ fn a_small_network_end_to_end() {
     // conv -> BN(train) -> LReLU -> max-pool -> GAP -> linear -> CE: the tape chains them all.
     let labels = [1usize, 0, 2];
     let f = |t: &Tape, x: &[Tensor]| -> Result<Tensor> {
-        let h = ops::conv2d(t, &x[0], &x[1], Conv2dParams { stride: 1, pad: 1 })?;
+        let h = ops::conv2d(t, &x[0], &x[1], Conv2dParams { stride: 1, pad: 1 }, Default::default())?;
         let (h, _) = ops::batch_norm_train(t, &h, &x[2], &x[3], 1e-5, None)?;
         let h = ops::leaky_relu(t, &h, 0.1)?;
         let h = ops::max_pool2d(t, &h, 2)?;

@@ -65,6 +65,7 @@ fn mi_on_labeled_views_pairs_the_right_rows() {
         tau: 0.95,
         world: muscle::dist::world(),
         sync_bn: false,
+        precision: Default::default(),
         temperature: 0.5,
         mixup_alpha: 0.75,
     };
@@ -113,6 +114,7 @@ fn mixmatch_muscle_adds_the_weighted_mi_term_and_the_guess_has_no_gradient() {
             tau: 0.95,
             world: muscle::dist::world(),
             sync_bn: false,
+            precision: Default::default(),
             temperature: 0.5,
             mixup_alpha: 0.75,
         };
@@ -161,6 +163,7 @@ fn fixmatch_muscle_adds_the_weighted_mi_term_to_fixmatch() {
             tau,
             world: muscle::dist::world(),
             sync_bn: false,
+            precision: Default::default(),
             temperature: 0.5,
             mixup_alpha: 0.75,
         };

@@ -117,6 +117,7 @@ fn objective(ramp_steps: u64) -> ObjectiveConfig {
         tau: 0.95,
         world: muscle::dist::world(),
         sync_bn: false,
+        precision: Default::default(),
         temperature: 0.5,
         mixup_alpha: 0.75,
     }

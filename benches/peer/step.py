@@ -12,8 +12,13 @@ the whole step compiled (forward + losses, the AdamW step and the EMA update, ea
 function: backward stays autograd's). Prints every variant's ms/step, ours, and the ratio muscle /
 fastest variant (below 1: muscle is faster).
 
+With `--precision bf16`, muscle runs `--precision bf16` (its 3x3 layers' products in bf16, f32
+sums and master weights) and PyTorch the bf16 variants: the forward under
+torch.autocast("cpu", torch.bfloat16) (oneDNN's bf16 convolutions and matmuls, f32 weights), the
+losses on f32 logits; eager, channels_last, and the model compiled.
+
 Usage: benches/peer/run.sh [--threads 2] [--steps 20] [--rounds 2] [--case convnet|wrn|all]
-                           [--variants eager,channels_last,...]
+                           [--variants eager,channels_last,...] [--precision f32|bf16]
 """
 import argparse
 import contextlib
@@ -182,6 +187,7 @@ def resident(field):
 
 
 VARIANTS = ["eager", "channels_last", "no-mkldnn", "compile-model", "compile-step"]
+BF16_VARIANTS = ["bf16", "bf16-channels_last", "bf16-compile-model"]
 # torch.backends.mkldnn.flags() warns about Intel GPUs' TF32 on every use.
 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 
@@ -202,17 +208,23 @@ def torch_times(case, threads, warmup, steps, memory=None, variant="eager"):
         aug = Augmenter(images, 4, True, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], gen)
         model, b, u = WideResNet(), 64, 0
     model.train()
-    layout = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    layout = torch.channels_last if variant in ("channels_last", "bf16-channels_last") else torch.contiguous_format
     model = model.to(memory_format=layout)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
     # The floating-point parameters and buffers, listed once (state_dict's tensors share storage).
     cur = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
     ema = [t.detach().clone() for t in cur]
-    net = torch.compile(model) if variant == "compile-model" else model
+    net = torch.compile(model) if variant in ("compile-model", "bf16-compile-model") else model
+    autocast = variant in BF16_VARIANTS
 
     def losses(x, yl):
-        logits = net(x)
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = net(x)
+            logits = logits.float()
+        else:
+            logits = net(x)
         loss = F.cross_entropy(logits[:b], yl)
         if u:
             loss = loss + iic_loss(logits[b:b + u], logits[b + u:])
@@ -261,11 +273,11 @@ def one_step(aug, gen, b, u, layout, losses, opt, opt_step, ema_step):
     ema_step()
 
 
-def muscle_times(binary, case, threads, warmup, steps):
+def muscle_times(binary, case, threads, warmup, steps, precision="f32"):
     model, method = ("convnet", "muscle") if case == "convnet" else ("wrn-28-2", "supervised")
     out = subprocess.run(
         [binary, "bench", "--model", model, "--method", method, "--threads", str(threads), "--steps", str(steps),
-         "--warmup", str(warmup), "--json"],
+         "--warmup", str(warmup), "--precision", precision, "--json"],
         check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     return r["ms_per_step"], r["parameters"]
@@ -279,8 +291,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the engines (every variant and muscle); medians over rounds")
     ap.add_argument("--case", choices=["convnet", "wrn", "all"], default="all")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"PyTorch variants to time, comma-separated, of {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default=None,
+                    help=f"PyTorch variants to time, comma-separated, of {','.join(VARIANTS + BF16_VARIANTS)} "
+                         "[default: those of --precision]")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="f32: muscle in f32 against the f32 variants; bf16: muscle --precision bf16 against the "
+                         "autocast variants")
     ap.add_argument("--memory", action="store_true",
                     help="peak resident memory of each engine's steps, each in a fresh process, instead of times")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -308,11 +324,13 @@ def main():
                                         ("muscle", m["resident_after_build_bytes"], m["peak_resident_bytes"])]:
                 print(f"{case:<26} {engine:<8} {built / mib:>8.0f} {peak / mib:>8.0f} {(peak - built) / mib:>10.0f}")
         return
-    variants = a.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    default = BF16_VARIANTS if a.precision == "bf16" else VARIANTS
+    variants = a.variants.split(",") if a.variants else default
+    unknown = [v for v in variants if v not in VARIANTS + BF16_VARIANTS]
     if unknown:
-        sys.exit(f"--variants: unknown {unknown}; choose from {VARIANTS}")
-    print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps after {a.warmup}, {a.rounds} rounds")
+        sys.exit(f"--variants: unknown {unknown}; choose from {VARIANTS + BF16_VARIANTS}")
+    print(f"torch {torch.__version__}, {a.threads} threads, {a.steps} timed steps after {a.warmup}, {a.rounds} rounds, "
+          f"muscle --precision {a.precision}")
     for case in (["convnet", "wrn"] if a.case == "all" else [a.case]):
         pytorch = [f"PyTorch {v}" for v in variants]
         engines = pytorch + ["muscle"]
@@ -322,7 +340,7 @@ def main():
             # Alternate the order, so drift in the machine's speed hits every engine alike.
             for e in (engines if r % 2 == 0 else engines[::-1]):
                 if e == "muscle":
-                    ms, p = muscle_times(a.muscle, case, a.threads, a.warmup, a.steps)
+                    ms, p = muscle_times(a.muscle, case, a.threads, a.warmup, a.steps, a.precision)
                 else:
                     ms, p = torch_times(case, a.threads, a.warmup, a.steps, variant=e.split(" ", 1)[1])
                 times[e].append(ms)

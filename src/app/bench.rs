@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Device: cpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What the convolutions' products multiply: f32, or bf16 (CPUs with AVX512-BF16; steps and
+    /// --op conv).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Print one JSON object per case instead of text.
     #[arg(long)]
     pub json: bool,
@@ -80,7 +84,13 @@ pub fn command(a: &BenchArgs) -> Result<()> {
             batch: a.batch,
             reps: a.steps,
             model: a.model.clone(),
+            precision: a.precision.parse()?,
         };
+        if b.precision == crate::kernel_args::Precision::Bf16 && !crate::ops::conv::bf16_available() {
+            return Err(Error::usage(
+                "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD lowered the level)",
+            ));
+        }
         return op_command(&b, a.device.parse()?, a.threads, a.json);
     }
     let cfg = TrainConfig {
@@ -90,6 +100,7 @@ pub fn command(a: &BenchArgs) -> Result<()> {
         unlabeled_batch: Some(a.unlabeled_batch),
         threads: a.threads,
         device: a.device.parse()?,
+        precision: a.precision.parse()?,
         steps: (a.steps + a.warmup).max(1) as u64,
         ..TrainConfig::default()
     };

@@ -45,6 +45,8 @@ pub struct OpBench {
     pub model: String,
     /// Timed repetitions (the median is reported).
     pub reps: usize,
+    /// What `--op conv`'s Winograd products multiply.
+    pub precision: crate::kernel_args::Precision,
 }
 
 /// One timed case.
@@ -171,7 +173,7 @@ pub fn run(b: &OpBench) -> Result<Vec<OpResult>> {
             for (layer, (s, count)) in conv_shapes(&b.model, b.batch)?.into_iter().enumerate() {
                 // Training never needs the input image's gradient: the first layer's backward is dW only.
                 let need_dx = layer > 0;
-                let (fwd, bwd) = ops::conv::bench::cpu_times(&s, need_dx, b.reps);
+                let (fwd, bwd) = ops::conv::bench::cpu_times(&s, need_dx, b.reps, b.precision);
                 let name = conv_case_name(&s, count);
                 let macs = s.macs() as f64;
                 out.push(compute_case(format!("{name} forward"), fwd, 2.0 * macs, peak));
@@ -308,8 +310,16 @@ mod tests {
 
     #[test]
     fn wide_mi_is_held_against_the_gemm_crate_doing_its_products() {
-        let b =
-            OpBench { op: Op::Mi, rows: 256, classes: 24, mnk: (1, 1, 1), batch: 1, reps: 1, model: "convnet".into() };
+        let b = OpBench {
+            op: Op::Mi,
+            rows: 256,
+            classes: 24,
+            mnk: (1, 1, 1),
+            batch: 1,
+            reps: 1,
+            model: "convnet".into(),
+            precision: Default::default(),
+        };
         let names = |b: &OpBench| match run(b) {
             Ok(cases) => cases.into_iter().map(|c| c.case).collect::<Vec<_>>(),
             Err(e) => panic!("--op mi: {e}"),
@@ -323,8 +333,16 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_usage_errors() {
-        let b =
-            OpBench { op: Op::Mi, rows: 0, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 1, model: "convnet".into() };
+        let b = OpBench {
+            op: Op::Mi,
+            rows: 0,
+            classes: 10,
+            mnk: (1, 1, 1),
+            batch: 1,
+            reps: 1,
+            model: "convnet".into(),
+            precision: Default::default(),
+        };
         assert!(run(&b).is_err_and(|e| e.to_string().contains("--rows")));
         let b = OpBench { op: Op::Mi, rows: 4, classes: 1, ..b };
         assert!(run(&b).is_err_and(|e| e.to_string().contains("--classes")));
@@ -333,8 +351,16 @@ mod tests {
 
     #[test]
     fn mi_case_reports_consistent_floor() -> Result<()> {
-        let b =
-            OpBench { op: Op::Mi, rows: 4096, classes: 10, mnk: (1, 1, 1), batch: 1, reps: 2, model: "convnet".into() };
+        let b = OpBench {
+            op: Op::Mi,
+            rows: 4096,
+            classes: 10,
+            mnk: (1, 1, 1),
+            batch: 1,
+            reps: 2,
+            model: "convnet".into(),
+            precision: Default::default(),
+        };
         let r = run(&b)?;
         assert_eq!(r.len(), 2);
         for case in &r {

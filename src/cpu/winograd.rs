@@ -27,8 +27,10 @@
 //! `direct` or `gemm` turns it off. Every sum has a fixed order: results depend neither on
 //! threads nor (forwards, input gradients) on the instruction set.
 
-use crate::kernel_args::{ConvShape, InputAffine};
+use crate::kernel_args::{ConvShape, InputAffine, Precision};
 use rayon::prelude::*;
+
+pub mod bf16;
 
 /// Output channels per register tile (broadcast U values).
 const OCB: usize = 8;
@@ -559,23 +561,29 @@ unsafe fn output_transform_packed(
 }
 
 /// y [n, co, h, w] = conv3x3(x [n, ci, h, w], w [co, ci, 3, 3]), stride 1, padding 1, through
-/// F(2x2, 3x3). Callers check `forward_applies` or `input_grad_applies` (or AVX-512 and `fits`)
-/// first.
-pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+/// F(2x2, 3x3), its products in `precision` (bf16: `bf16::available` holds). Callers check
+/// `forward_applies` or `input_grad_applies` (or AVX-512 and `fits`) first.
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32], precision: Precision) {
     // SIMD code, and odd sides would leave a row and a column unwritten.
     assert!(mode() != Mode::Off && fits(s), "winograd::forward: {s:?} on this CPU");
+    let in_bf16 = precision == Precision::Bf16;
+    assert!(!in_bf16 || bf16::available(), "winograd::forward: bf16 products on a CPU without AVX512-BF16");
     let avx512 = super::simd::level() == super::simd::Level::Avx512;
     let (th, tw) = tile_grid(s.h, s.w);
     let tiles = th * tw;
     let imgs = (GROUP_FLOATS / (XI * s.ci.max(s.co) * tiles)).clamp(1, s.n.max(1));
     let stride = (imgs * tiles).next_multiple_of(16);
     let u = transform_weights(s, w);
+    let u_bf16 = if in_bf16 { bf16::pack_weights(&u, s.ci, OCB) } else { Vec::new() };
+    let pairs = s.ci.div_ceil(2);
     let (img_in, img_out) = (s.ci * s.h * s.w, s.co * s.h * s.w);
     let blocks = s.co.div_ceil(OCB);
     // One cache line between transform points: XI rows a multiple of 4 KiB apart would share
     // L1 sets, and the transforms touch all XI at once.
     let (vpitch, mpitch) = (s.ci * stride + 16, s.co * stride + 16);
-    let init = || Scratch::new(vpitch, mpitch, s.w);
+    // bf16: one transform point's V at a time, as channel pairs (u16, in f32 storage).
+    let bf16_floats = if in_bf16 { pairs * bf16::pair_row(stride) / 2 } else { 0 };
+    let init = || Scratch::new(vpitch, mpitch, s.w).with_bf16(bf16_floats);
     y.par_chunks_mut(imgs * img_out).zip(x.par_chunks(imgs * img_in)).for_each_init(init, |sc, (yg, xg)| {
         let (vb, mb, e) = (&mut sc.v, &mut sc.m, &mut sc.e);
         let k_imgs = xg.len() / img_in;
@@ -596,6 +604,12 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
         // land in M's padding and are never read.
         let ntiles = k_imgs * tiles;
         for xi in 0..XI {
+            if in_bf16 {
+                let vh: &mut [u16] = bytemuck::cast_slice_mut(&mut sc.bf16[..]);
+                let (vx, mx) = (&vb[xi * vpitch..][..s.ci * stride], &mut mb[xi * mpitch..][..s.co * stride]);
+                products_bf16(vx, vh, &u_bf16, xi, s, stride, ntiles, mx);
+                continue;
+            }
             for b in 0..blocks {
                 let valid = (s.co - b * OCB).min(OCB);
                 let ub = &u[(xi * blocks + b) * s.ci * OCB..][..s.ci * OCB];
@@ -638,14 +652,57 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     });
 }
 
+/// The bf16 products of one transform point `xi` of a forward group: V's `ci` rows (`stride`
+/// floats apart) rounded and interleaved in channel pairs into `vh`, then every block of output
+/// channels of M (`co` rows) from the packed pairs of U (`bf16::pack_weights`).
+#[allow(clippy::too_many_arguments)]
+fn products_bf16(
+    v: &[f32],
+    vh: &mut [u16],
+    u: &[u32],
+    xi: usize,
+    s: &ConvShape,
+    stride: usize,
+    ntiles: usize,
+    m: &mut [f32],
+) {
+    let (pairs, blocks, nvec) = (s.ci.div_ceil(2), s.co.div_ceil(OCB), ntiles.div_ceil(16));
+    let row = bf16::pair_row(stride);
+    assert!(
+        v.len() >= s.ci * stride && vh.len() >= pairs * row && m.len() >= s.co * stride && 16 * nvec <= stride,
+        "winograd::products_bf16: {s:?}, {ntiles} tiles of {stride}"
+    );
+    assert!(u.len() >= (xi + 1) * blocks * pairs * OCB, "winograd::products_bf16: packed weights");
+    let whole = nvec / RV * RV;
+    // SAFETY: `forward` checked `bf16::available`; the asserts bound the ci rows of nvec vectors
+    // read in v, the pair rows written in vh and read back, the `valid` rows of M written and
+    // the pairs x OCB words of U per block.
+    unsafe {
+        bf16::interleave_rows(v.as_ptr(), stride, s.ci, nvec, vh.as_mut_ptr());
+        for b in 0..blocks {
+            let valid = (s.co - b * OCB).min(OCB);
+            let ub = u.as_ptr().add((xi * blocks + b) * pairs * OCB);
+            let mp = m.as_mut_ptr().add(b * OCB * stride);
+            for q in (0..whole).step_by(RV) {
+                bf16::product::<RV, OCB>(vh.as_ptr().add(32 * q), row, ub, pairs, mp.add(16 * q), stride, valid);
+            }
+            for q in whole..nvec {
+                bf16::product::<1, OCB>(vh.as_ptr().add(32 * q), row, ub, pairs, mp.add(16 * q), stride, valid);
+            }
+        }
+    }
+}
+
 /// One task's buffers: V and M from the tensor pool (stale values: every element read is
 /// written first, but for padding lanes whose products are never read), returned on drop, so
 /// the task splits of every call do not zero megabytes; the row-transform scratch (four rows,
-/// and a fifth that stays zero: the AVX2 transform's rows above and below the image).
+/// and a fifth that stays zero: the AVX2 transform's rows above and below the image); with bf16
+/// products, their operands (u16 pairs in f32 storage, from the pool too).
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
     e: Vec<f32>,
+    bf16: Vec<f32>,
 }
 
 impl Scratch {
@@ -655,7 +712,16 @@ impl Scratch {
             v: crate::pool::take(XI * vpitch),
             m: crate::pool::take(XI * mpitch),
             e: vec![0.0f32; 5 * scratch_row(w)],
+            bf16: Vec::new(),
         }
+    }
+
+    /// With `floats` of bf16 operand storage (none for 0).
+    fn with_bf16(mut self, floats: usize) -> Self {
+        if floats > 0 {
+            self.bf16 = crate::pool::take(floats);
+        }
+        self
     }
 }
 
@@ -663,6 +729,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         crate::pool::give(std::mem::take(&mut self.v));
         crate::pool::give(std::mem::take(&mut self.m));
+        crate::pool::give(std::mem::take(&mut self.bf16));
     }
 }
 
@@ -722,17 +789,37 @@ pub fn weight_grad_reads_affine(s: &ConvShape) -> bool {
 /// products [co x ci] = Y'[xi] V[xi]^T summed over tiles, 16 tiles per lane vector), and
 /// dW = G^T (dL/dU) G, computed in f64 and rounded once. Each range of images sums its groups in
 /// order; the ranges are added in order, in f64: the bits depend on the shape only.
-pub fn weight_grad(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f32], dw: &mut [f32]) {
+pub fn weight_grad(
+    s: &ConvShape,
+    x: &[f32],
+    affine: Option<InputAffine>,
+    dy: &[f32],
+    dw: &mut [f32],
+    precision: Precision,
+) {
     assert!(weight_grad_applies(s), "winograd::weight_grad: {s:?} on this CPU");
     let avx512 = super::simd::level() == super::simd::Level::Avx512;
     assert!(affine.is_none() || avx512, "winograd::weight_grad: an input affine needs AVX-512");
-    weight_grad_on(s, x, affine, dy, dw, avx512)
+    weight_grad_on(s, x, affine, dy, dw, avx512, precision)
 }
 
 /// `weight_grad` with the AVX-512 kernels or their AVX2 twins (the same bits; tests compare
-/// them on one machine).
-fn weight_grad_on(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f32], dw: &mut [f32], avx512: bool) {
+/// them on one machine), the products in `precision` (bf16: AVX-512 with `bf16::available`).
+fn weight_grad_on(
+    s: &ConvShape,
+    x: &[f32],
+    affine: Option<InputAffine>,
+    dy: &[f32],
+    dw: &mut [f32],
+    avx512: bool,
+    precision: Precision,
+) {
     assert!(x.len() >= s.x_len() && dy.len() >= s.y_len() && dw.len() >= s.w_len(), "winograd::weight_grad: lengths");
+    let in_bf16 = precision == Precision::Bf16;
+    assert!(
+        !in_bf16 || (avx512 && bf16::available()),
+        "winograd::weight_grad: bf16 products on a CPU without AVX512-BF16"
+    );
     assert!(
         affine.is_none_or(|a| a.scale.len() >= s.ci && a.shift.len() >= s.ci),
         "winograd::weight_grad: {} channels, affine of {:?}",
@@ -753,7 +840,10 @@ fn weight_grad_on(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f
     let partials: Vec<Vec<f32>> = (0..ranges)
         .into_par_iter()
         .map(|r| {
-            let mut sc = Scratch::new(vpitch, ypitch, s.w);
+            // bf16: one transform point's V and Y' rows at a time, in whole 32-tile vectors.
+            let bf_stride = stride.next_multiple_of(32);
+            let mut sc =
+                Scratch::new(vpitch, ypitch, s.w).with_bf16(if in_bf16 { (ci4 + co4) * bf_stride / 2 } else { 0 });
             // Sums per register tile: [XI][co4 / DW_TILE][ci4 / DW_TILE][DW_TILE x DW_TILE].
             let mut part = vec![0.0f32; XI * co4 * ci4];
             for g in r * per_range..((r + 1) * per_range).min(groups) {
@@ -793,6 +883,19 @@ fn weight_grad_on(s: &ConvShape, x: &[f32], affine: Option<InputAffine>, dy: &[f
                 let nvec = padded / 16;
                 for xi in 0..XI {
                     let (vx, yx) = (&sc.v[xi * vpitch..][..ci4 * stride], &sc.m[xi * ypitch..][..co4 * stride]);
+                    if in_bf16 {
+                        let sums = &mut part[xi * obs * cbs * 16..][..obs * cbs * 16];
+                        dw_point_bf16(
+                            vx,
+                            yx,
+                            stride,
+                            nvec,
+                            bytemuck::cast_slice_mut(&mut sc.bf16[..]),
+                            bf_stride,
+                            sums,
+                        );
+                        continue;
+                    }
                     for ob in 0..obs {
                         for cb in 0..cbs {
                             let dst = &mut part[((xi * obs + ob) * cbs + cb) * 16..][..16];
@@ -981,6 +1084,68 @@ unsafe fn dw_products(y: *const f32, v: *const f32, stride: usize, nvec: usize, 
             }
         }
     }
+    add_tile_totals(acc, out)
+}
+
+/// The bf16 weight-gradient sums of one transform point: V's and Y''s rows (`stride` floats
+/// apart; `v` and `y` hold whole register tiles of them, 16 nvec tiles each, zeros past the
+/// group's last tile) rounded to bf16 into `scratch` (rows `bf_stride` u16 apart, V's first),
+/// then every DW_TILE x DW_TILE tile of (output, input) channels added to its 16 sums in
+/// `sums` ([co / DW_TILE][ci / DW_TILE][16]).
+fn dw_point_bf16(
+    v: &[f32],
+    y: &[f32],
+    stride: usize,
+    nvec: usize,
+    scratch: &mut [u16],
+    bf_stride: usize,
+    sums: &mut [f32],
+) {
+    let (ci4, co4, nbf) = (v.len() / stride, y.len() / stride, nvec.div_ceil(2));
+    let (obs, cbs) = (co4 / DW_TILE, ci4 / DW_TILE);
+    assert!(
+        ci4 % DW_TILE == 0 && co4 % DW_TILE == 0 && 16 * nvec <= stride && 32 * nbf <= bf_stride,
+        "winograd::dw_point_bf16: {ci4} x {co4} rows of {stride}, {nvec} vectors"
+    );
+    assert!(
+        scratch.len() >= (ci4 + co4) * bf_stride && sums.len() >= obs * cbs * 16,
+        "winograd::dw_point_bf16: buffers"
+    );
+    assert!(bf16::available(), "winograd::dw_point_bf16: a CPU without AVX512-BF16");
+    let (vh, yh) = scratch.split_at_mut(ci4 * bf_stride);
+    // SAFETY: AVX512-BF16 (asserted); the asserts bound the ci4 and co4 rows of 16 nvec floats
+    // read, the rows of 32 nbf u16 written to and read from vh and yh, and the 16 sums per tile.
+    unsafe {
+        bf16::convert_rows(v.as_ptr(), stride, ci4, nvec, vh.as_mut_ptr(), bf_stride);
+        bf16::convert_rows(y.as_ptr(), stride, co4, nvec, yh.as_mut_ptr(), bf_stride);
+        for ob in 0..obs {
+            for cb in 0..cbs {
+                let yp = yh.as_ptr().add(ob * DW_TILE * bf_stride);
+                let vp = vh.as_ptr().add(cb * DW_TILE * bf_stride);
+                dw_products_bf16(yp, vp, bf_stride, nbf, sums.as_mut_ptr().add((ob * cbs + cb) * 16));
+            }
+        }
+    }
+}
+
+/// `dw_products` of bf16 rows (`bf16::convert_rows`): `nbf` vectors of 32 tiles, rows
+/// `stride` u16 apart.
+///
+/// # Safety
+/// AVX-512F and BF16 present; DW_TILE rows of 32 nbf u16 readable at `y` and at `v`; 16 floats
+/// at `out`.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx512bf16")]
+unsafe fn dw_products_bf16(y: *const u16, v: *const u16, stride: usize, nbf: usize, out: *mut f32) {
+    add_tile_totals(bf16::dw_sums::<DW_TILE>(y, v, stride, nbf), out)
+}
+
+/// Adds to `out` (16 floats, [a][b]) the lane totals of the DW_TILE x DW_TILE accumulators.
+///
+/// # Safety
+/// AVX-512F present; 16 floats at `out`.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+unsafe fn add_tile_totals(acc: [[std::arch::x86_64::__m512; DW_TILE]; DW_TILE], out: *mut f32) {
+    use std::arch::x86_64::*;
     let r: [__m512; 16] = std::array::from_fn(|i| acc[i / DW_TILE][i % DW_TILE]);
     // Pairs: each 128-bit lane holds two partial sums of each of r[2i], r[2i + 1].
     let p: [__m512; 8] = std::array::from_fn(|i| {
@@ -1370,6 +1535,17 @@ mod avx2 {
 /// and its output transform in the SIMD kernels' order, one value at a time. Both SIMD paths
 /// must give its bits (tests); it runs on any CPU, slowly, as the reference.
 pub fn forward_reference(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    forward_reference_in(s, x, w, Precision::F32)
+}
+
+/// `forward_reference` with the products' operands in `precision`: with bf16, U and V rounded
+/// to bf16 before each (exact) product, summed in f32 one channel at a time (the SIMD kernel adds
+/// channel pairs: the same terms, the sum's rounding apart).
+pub fn forward_reference_in(s: &ConvShape, x: &[f32], w: &[f32], precision: Precision) -> Vec<f32> {
+    let operand = |v: f32| match precision {
+        Precision::F32 => v,
+        Precision::Bf16 => f32::from_bits(u32::from(bf16::round(v)) << 16),
+    };
     assert!(shape_written_for(s) && x.len() >= s.n * s.ci * s.h * s.w, "winograd::forward_reference: {s:?}");
     let blocks = s.co.div_ceil(OCB);
     let u = transform_weights(s, w);
@@ -1408,7 +1584,9 @@ pub fn forward_reference(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
                     let mut m = [0.0f32; XI];
                     for (xi, mv) in m.iter_mut().enumerate() {
                         let ub = &u[(xi * blocks + o / OCB) * s.ci * OCB..];
-                        *mv = (0..s.ci).fold(0.0f32, |acc, c| ub[c * OCB + o % OCB].mul_add(v[xi * s.ci + c], acc));
+                        *mv = (0..s.ci).fold(0.0f32, |acc, c| {
+                            operand(ub[c * OCB + o % OCB]).mul_add(operand(v[xi * s.ci + c]), acc)
+                        });
                     }
                     let mut s0 = [0.0f32; 4];
                     let mut s1 = [0.0f32; 4];
@@ -1501,8 +1679,8 @@ mod tests {
             let x = crate::rng::normal_vec(s.x_len(), 1.0, 400 + k as u64);
             let dy = crate::rng::normal_vec(s.y_len(), 1.0, 420 + k as u64);
             let (mut a, mut b) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
-            weight_grad_on(s, &x, None, &dy, &mut a, true);
-            weight_grad_on(s, &x, None, &dy, &mut b, false);
+            weight_grad_on(s, &x, None, &dy, &mut a, true, Precision::F32);
+            weight_grad_on(s, &x, None, &dy, &mut b, false, Precision::F32);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b), "{s:?}");
         }
@@ -1538,9 +1716,9 @@ mod tests {
                     })
                     .collect();
                 let (mut want, mut got) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
-                weight_grad(s, &affine_input, None, &dy, &mut want);
+                weight_grad(s, &affine_input, None, &dy, &mut want, Precision::F32);
                 let affine = InputAffine { scale: &scale, shift: &shift, slope };
-                weight_grad(s, &x, Some(affine), &dy, &mut got);
+                weight_grad(s, &x, Some(affine), &dy, &mut got, Precision::F32);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{s:?} slope {slope:?}");
             }
@@ -1558,7 +1736,7 @@ mod tests {
         let avx512 = super::super::simd::level() == super::super::simd::Level::Avx512;
         assert_eq!(fits(&conv(1, 16, 7, 8, 16)), avx512, "odd sides on AVX-512 only");
         for (k, s) in shapes_here().iter().enumerate() {
-            assert_forward_matches_naive(s, k as u64, forward);
+            assert_forward_matches_naive(s, k as u64, |s, x, w, y| forward(s, x, w, y, Precision::F32));
         }
     }
 
@@ -1588,8 +1766,8 @@ mod tests {
             let w = crate::rng::normal_vec(s.w_len(), 1.0, 120 + k as u64);
             let dy = crate::rng::normal_vec(s.y_len(), 1.0, 140 + k as u64);
             let (mut dw, mut dw3) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
-            one.install(|| weight_grad(s, &x, None, &dy, &mut dw));
-            three.install(|| weight_grad(s, &x, None, &dy, &mut dw3));
+            one.install(|| weight_grad(s, &x, None, &dy, &mut dw, Precision::F32));
+            three.install(|| weight_grad(s, &x, None, &dy, &mut dw3, Precision::F32));
             let mut want = vec![0.0; s.w_len()];
             crate::cpu::im2col::gemm_backward(s, &x, &w, &dy, &mut want, None);
             let scale = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
@@ -1597,6 +1775,77 @@ mod tests {
                 assert!((a - b).abs() <= 2e-5 * scale, "{s:?} dw[{i}]: {a} vs {b} (rms {scale})");
                 assert_eq!(a.to_bits(), c.to_bits(), "{s:?} dw[{i}]: 1 thread {a}, 3 threads {c}");
             }
+        }
+    }
+
+    /// bf16 products (forward, and so input gradients): within the f32 sums' rounding of the twin
+    /// that rounds U and V to bf16, and so clearly apart from the f32 path (which a missing or
+    /// misplaced rounding, or pairs of the wrong channels, would not be); the same bits on 1 and
+    /// 3 threads.
+    #[test]
+    fn bf16_forward_is_the_twin_of_rounded_operands_on_any_threads() {
+        if !bf16::available() || mode() == Mode::Off {
+            eprintln!("skipped: this CPU has no AVX512-BF16 (or MUSCLE_CONV / MUSCLE_SIMD turned Winograd off)");
+            return;
+        }
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
+        let (one, three) = (pool(1), pool(3));
+        let mut shapes = shapes_here();
+        // An odd channel count: a last pair with a zero.
+        shapes.push(conv(3, 17, 8, 8, 16));
+        for (k, s) in shapes.iter().enumerate() {
+            let x = crate::rng::normal_vec(s.x_len(), 1.0, 500 + k as u64);
+            let w = crate::rng::normal_vec(s.w_len(), 1.0, 520 + k as u64);
+            let (mut y, mut y3) = (vec![f32::NAN; s.y_len()], vec![f32::NAN; s.y_len()]);
+            one.install(|| forward(s, &x, &w, &mut y, Precision::Bf16));
+            three.install(|| forward(s, &x, &w, &mut y3, Precision::Bf16));
+            let twin = forward_reference_in(s, &x, &w, Precision::Bf16);
+            let f32_twin = forward_reference(s, &x, &w);
+            let rms = (twin.iter().map(|v| v * v).sum::<f32>() / twin.len() as f32).sqrt();
+            let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            let (err, rounding) = (max_diff(&y, &twin), max_diff(&twin, &f32_twin));
+            assert!(err <= 2e-5 * rms, "{s:?}: {err} from the bf16 twin (rms {rms})");
+            assert!(rounding >= 1e-3 * rms, "{s:?}: bf16 only {rounding} from f32 (rms {rms})");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&y3), "{s:?}: 1 and 3 threads");
+        }
+    }
+
+    /// bf16 weight gradients: near the GEMM path's (each transformed operand rounded to 8
+    /// significant bits), further than the f32 path's, the same bits on 1 and 3 threads.
+    #[test]
+    fn bf16_weight_grad_is_near_the_f32_one_on_any_threads() {
+        if !bf16::available() || !weight_grad_applies(&shapes()[0]) {
+            eprintln!("skipped: this CPU has no AVX512-BF16 (or MUSCLE_CONV / MUSCLE_SIMD turned Winograd off)");
+            return;
+        }
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool");
+        let (one, three) = (pool(1), pool(3));
+        let mut shapes = shapes_here();
+        // Several groups, and an odd number of 16-tile vectors in a group (7 x 7: 16 tiles).
+        shapes.push(conv(37, 32, 28, 28, 32));
+        shapes.push(conv(3, 16, 7, 7, 16));
+        for (k, s) in shapes.iter().enumerate() {
+            let x = crate::rng::normal_vec(s.x_len(), 1.0, 540 + k as u64);
+            let w = crate::rng::normal_vec(s.w_len(), 1.0, 560 + k as u64);
+            let dy = crate::rng::normal_vec(s.y_len(), 1.0, 580 + k as u64);
+            let (mut dw, mut dw3) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.w_len()]);
+            one.install(|| weight_grad(s, &x, None, &dy, &mut dw, Precision::Bf16));
+            three.install(|| weight_grad(s, &x, None, &dy, &mut dw3, Precision::Bf16));
+            let mut want = vec![0.0; s.w_len()];
+            crate::cpu::im2col::gemm_backward(s, &x, &w, &dy, &mut want, None);
+            let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+            let diffs: Vec<f32> = dw.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+            let max = diffs.iter().fold(0.0f32, |m, d| m.max(*d));
+            let rms_err = (diffs.iter().map(|d| d * d).sum::<f32>() / diffs.len() as f32).sqrt();
+            // On these shapes: rms 0.34 - 0.50%, max 1.4 - 2.6% of the gradient's rms.
+            assert!(
+                max <= 5e-2 * rms && rms_err <= 1e-2 * rms,
+                "{s:?}: bf16 dW max {max}, rms {rms_err} off (rms {rms})"
+            );
+            assert!(rms_err >= 1e-4 * rms, "{s:?}: bf16 dW only {rms_err} from f32's (rms {rms})");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dw), bits(&dw3), "{s:?}: 1 and 3 threads");
         }
     }
 
@@ -1612,7 +1861,7 @@ mod tests {
             let x = crate::rng::normal_vec(s.x_len(), 1.0, 60 + k as u64);
             let w = crate::rng::normal_vec(s.w_len(), 1.0, 80 + k as u64);
             let mut y = vec![f32::NAN; s.y_len()];
-            forward(s, &x, &w, &mut y);
+            forward(s, &x, &w, &mut y, Precision::F32);
             let want = forward_reference(s, &x, &w);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{s:?} output {i}: {a} vs {b}");

@@ -38,16 +38,18 @@ pub struct ForwardCtx {
     /// Batch norm's statistics over the whole batch of these processes (`--sync-bn`; None: this
     /// process's rows).
     pub sync_bn: Option<&'static crate::dist::World>,
+    /// What the convolutions' products multiply (`--precision`; evaluation: f32).
+    pub precision: crate::kernel_args::Precision,
 }
 
 impl ForwardCtx {
     /// Evaluation: running statistics, no dropout.
     pub fn eval() -> ForwardCtx {
-        ForwardCtx { train: false, seed: 0, step: 0, pass: 0, sync_bn: None }
+        ForwardCtx { train: false, seed: 0, step: 0, pass: 0, sync_bn: None, precision: Default::default() }
     }
     /// Training at `step` of a run seeded `seed`.
     pub fn train(seed: u64, step: u64) -> ForwardCtx {
-        ForwardCtx { train: true, seed, step, pass: 0, sync_bn: None }
+        ForwardCtx { train: true, seed, step, pass: 0, sync_bn: None, precision: Default::default() }
     }
 }
 
@@ -65,9 +67,9 @@ impl Conv2d {
     pub fn new(ci: usize, co: usize, k: usize, stride: usize, pad: usize, init: Init, rng: &mut Rng) -> Conv2d {
         Conv2d { weight: init.param(&[co, ci, k, k], rng), params: ops::Conv2dParams { stride, pad } }
     }
-    /// Applies the convolution.
-    pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(tape, x, &self.weight, self.params)
+    /// Applies the convolution, its products in `ctx.precision`.
+    pub fn forward(&self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        ops::conv2d(tape, x, &self.weight, self.params, ctx.precision)
     }
     visit_fields!(weight: Weight);
 }

@@ -78,7 +78,7 @@ impl Sequential {
                 _ => None,
             };
             h = match &mut self.features[i] {
-                Layer::Conv(c) => c.forward(tape, &h)?,
+                Layer::Conv(c) => c.forward(tape, &h, ctx)?,
                 // BN followed by LeakyReLU runs as one fused pass.
                 Layer::Bn(b) => {
                     fused_next = next_slope.is_some();

@@ -85,11 +85,11 @@ impl BasicBlock {
             // The ports compute bn1 here and never use it: skip the dead work, keep the weights.
             Some(_) => (x.clone(), x.clone()),
         };
-        let h = self.conv1.forward(tape, &conv_in)?;
+        let h = self.conv1.forward(tape, &conv_in, ctx)?;
         let h = self.bn2.forward_act(tape, &h, ctx, Some(SLOPE))?;
-        let h = self.conv2.forward(tape, &h)?;
+        let h = self.conv2.forward(tape, &h, ctx)?;
         let skip = match &self.shortcut {
-            Some(s) => s.forward(tape, &residual_in)?,
+            Some(s) => s.forward(tape, &residual_in, ctx)?,
             None => residual_in,
         };
         ops::add(tape, &skip, &h)
@@ -131,7 +131,7 @@ impl WideResNet {
 
     /// Forward to logits.
     pub fn forward(&mut self, tape: &Tape, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let mut h = self.conv1.forward(tape, x)?;
+        let mut h = self.conv1.forward(tape, x, ctx)?;
         for stage in self.blocks.iter_mut() {
             for b in stage.iter_mut() {
                 h = b.forward(tape, &h, ctx)?;

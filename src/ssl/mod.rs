@@ -90,6 +90,8 @@ pub struct ObjectiveConfig {
     pub world: &'static crate::dist::World,
     /// Batch norm's statistics over the whole batch of the processes (`--sync-bn`).
     pub sync_bn: bool,
+    /// What the training forward's (and backward's) convolution products multiply.
+    pub precision: crate::kernel_args::Precision,
     /// MixMatch's sharpening temperature T.
     pub temperature: f32,
     /// MixMatch's Beta(alpha, alpha) for MixUp.
@@ -101,7 +103,7 @@ impl ObjectiveConfig {
     /// over when `sync_bn` is set and there are several).
     pub fn forward_ctx(&self, seed: u64, step: u64) -> ForwardCtx {
         let sync_bn = Some(self.world).filter(|w| self.sync_bn && w.size() > 1);
-        ForwardCtx { sync_bn, ..ForwardCtx::train(seed, step) }
+        ForwardCtx { sync_bn, precision: self.precision, ..ForwardCtx::train(seed, step) }
     }
 }
 

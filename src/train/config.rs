@@ -9,6 +9,7 @@
 use crate::data::{BatchPlan, DatasetKind};
 use crate::device::Device;
 use crate::error::{choice, or_list, Error, Result};
+use crate::kernel_args::Precision;
 use crate::nn::ModelKind;
 use crate::ssl::Method;
 use serde::{Deserialize, Serialize};
@@ -206,6 +207,12 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub sync_bn: bool,
+    /// What the training step's convolution products multiply: f32, or bf16 (operands rounded to
+    /// bf16, f32 sums, f32 master weights: the 3x3 stride-1 layers on CPUs with AVX512-BF16;
+    /// evaluation stays f32).
+    #[arg(long, default_value_t = TrainConfig::DEFAULT.precision)]
+    #[serde(default)]
+    pub precision: Precision,
     /// FixMatch: confidence threshold of the pseudo-labels, in (0, 1].
     #[arg(long, default_value_t = TrainConfig::DEFAULT.tau)]
     #[serde(default = "default_tau")]
@@ -350,6 +357,7 @@ impl TrainConfig {
         mi_labeled: false,
         w_u: None,
         sync_bn: false,
+        precision: Precision::F32,
         tau: 0.95,
         temperature: 0.5,
         mixup_alpha: 0.75,
@@ -458,6 +466,19 @@ impl TrainConfig {
         }
         if let ModelKind::ConvNet { width: 0 } = self.model_kind() {
             return Err(Error::usage("--width: must be positive"));
+        }
+        if self.precision == Precision::Bf16 {
+            if self.device != Device::Cpu {
+                return Err(Error::usage(format!(
+                    "--precision bf16: the CPU's (AVX512-BF16) products; on --device {} the step computes in f32",
+                    self.device
+                )));
+            }
+            if !crate::ops::conv::bf16_available() {
+                return Err(Error::usage(
+                    "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD lowered the level); use f32",
+                ));
+            }
         }
         Ok(())
     }

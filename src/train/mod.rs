@@ -558,6 +558,7 @@ impl Trainer {
                 tau: cfg.tau,
                 world: crate::dist::world(),
                 sync_bn: cfg.sync_bn,
+                precision: cfg.precision,
                 temperature: cfg.temperature,
                 mixup_alpha: cfg.mixup_alpha,
             },

@@ -21,9 +21,9 @@ fn cudnn_convolution_matches_the_cpu_conv() {
             let w = randv(s.w_len(), 0.5, 22);
             let dy = randv(s.y_len(), 1.0, 23);
             let mut y = vec![0.0; s.y_len()];
-            cpu::forward(&s, &x, &w, &mut y);
+            cpu::forward(&s, &x, &w, &mut y, Default::default());
             let (mut dw, mut dx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-            cpu::backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+            cpu::backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx), Default::default());
 
             let (xg, wg, dyg) = (up(gpu, &x), up(gpu, &w), up(gpu, &dy));
             let mut yg = zeros(gpu, y.len());

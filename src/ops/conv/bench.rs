@@ -2,21 +2,21 @@
 //! (dW, plus dX when `need_dx`: a network's first layer needs no input gradient).
 
 use super::cpu;
-use crate::kernel_args::ConvShape;
+use crate::kernel_args::{ConvShape, Precision};
 use crate::profile::median_secs;
 use crate::rng::normal_vec;
 use std::hint::black_box;
 
-/// Median seconds of the CPU forward and backward of `s`.
-pub fn cpu_times(s: &ConvShape, need_dx: bool, reps: usize) -> (f64, f64) {
+/// Median seconds of the CPU forward and backward of `s`, Winograd's products in `precision`.
+pub fn cpu_times(s: &ConvShape, need_dx: bool, reps: usize, precision: Precision) -> (f64, f64) {
     let x = normal_vec(s.x_len(), 1.0, 6);
     let w = normal_vec(s.w_len(), 0.1, 7);
     let dy = normal_vec(s.y_len(), 1.0, 8);
     let mut y = vec![0.0f32; dy.len()];
     let mut dw = vec![0.0f32; w.len()];
     let mut dx = vec![0.0f32; x.len()];
-    let fwd = median_secs(reps, || cpu::forward(s, &x, &w, black_box(&mut y)));
-    let bwd = median_secs(reps, || cpu::backward(s, &x, &w, &dy, &mut dw, need_dx.then_some(&mut dx[..])));
+    let fwd = median_secs(reps, || cpu::forward(s, &x, &w, black_box(&mut y), precision));
+    let bwd = median_secs(reps, || cpu::backward(s, &x, &w, &dy, &mut dw, need_dx.then_some(&mut dx[..]), precision));
     (fwd, bwd)
 }
 

@@ -4,35 +4,55 @@
 //! im2col + GEMM for every other geometry (`MUSCLE_CONV` overrides the choice, to compare paths
 //! on one machine).
 
-use crate::kernel_args::{ConvShape, InputAffine};
+use crate::kernel_args::{ConvShape, InputAffine, Precision};
 
 use crate::cpu::im2col;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::{direct_conv as direct, winograd};
 
-/// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]).
-pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+/// Forward: y [n, co, ho, wo] = conv(x [n, ci, h, w], w [co, ci, kh, kw]), Winograd's products
+/// in `precision` (every other kernel computes in f32; bf16 needs [`bf16_available`]).
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32], precision: Precision) {
     #[cfg(target_arch = "x86_64")]
     {
         if winograd::forward_applies(s) {
-            return winograd::forward(s, x, w, y);
+            return winograd::forward(s, x, w, y, precision);
         }
         if direct::forward_applies(s) {
             return direct::forward(s, x, w, y);
         }
     }
+    let _ = precision;
     im2col::gemm_forward(s, x, w, y)
 }
 
+/// Whether this CPU computes bf16 products (`Precision::Bf16`): AVX512-BF16, not lowered by
+/// `MUSCLE_SIMD`.
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return winograd::bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Backward: the weight gradient `dw` [co, ci, kh, kw] (overwritten) and, when given, the input
-/// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`.
-pub fn backward(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+/// gradient `dx` [n, ci, h, w] (overwritten), from the output gradient `dy`; Winograd's products
+/// in `precision`.
+pub fn backward(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    dx: Option<&mut [f32]>,
+    precision: Precision,
+) {
     if !backward_splits(s) {
         return im2col::gemm_backward(s, x, w, dy, dw, dx);
     }
-    weight_grad(s, x, w, dy, dw);
+    weight_grad(s, x, w, dy, dw, precision);
     if let Some(dx) = dx {
-        input_grad(s, w, dy, dx);
+        input_grad(s, w, dy, dx, precision);
     }
 }
 
@@ -56,22 +76,29 @@ pub fn backward_splits(s: &ConvShape) -> bool {
 /// shift[c]) (a training batch norm's output), read from `x` itself so that the input is never
 /// written out: true when a kernel here does that for `s` on this CPU (Winograd's weight
 /// gradient), false (`dw` untouched) when the caller must recompute the input.
-pub fn weight_grad_of_affine(s: &ConvShape, x: &[f32], affine: InputAffine, dy: &[f32], dw: &mut [f32]) -> bool {
+pub fn weight_grad_of_affine(
+    s: &ConvShape,
+    x: &[f32],
+    affine: InputAffine,
+    dy: &[f32],
+    dw: &mut [f32],
+    precision: Precision,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if winograd::weight_grad_reads_affine(s) {
-        winograd::weight_grad(s, x, Some(affine), dy, dw);
+        winograd::weight_grad(s, x, Some(affine), dy, dw, precision);
         return true;
     }
-    let _ = (s, x, affine, dy, dw);
+    let _ = (s, x, affine, dy, dw, precision);
     false
 }
 
 /// The weight gradient `dw` alone (overwritten): the half of the backward that reads `x`.
-pub fn weight_grad(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32]) {
+pub fn weight_grad(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], precision: Precision) {
     #[cfg(target_arch = "x86_64")]
     {
         if winograd::weight_grad_applies(s) {
-            return winograd::weight_grad(s, x, None, dy, dw);
+            return winograd::weight_grad(s, x, None, dy, dw, precision);
         }
         if direct::applies(s) {
             if !direct::weight_grad(s, x, dy, dw) {
@@ -84,12 +111,13 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f3
         }
     }
     // Without the direct kernels (AVX2): through im2col + GEMM.
+    let _ = precision;
     im2col::gemm_backward(s, x, w, dy, dw, None)
 }
 
 /// The input gradient `dx` alone (overwritten) where [`backward_splits`] holds; false (and `dx`
 /// untouched) where this geometry computes it only together with the weight gradient.
-pub fn input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> bool {
+pub fn input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32], precision: Precision) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         // dX = conv(dY, W') with W' the taps flipped and channels swapped: the same geometry,
@@ -98,7 +126,7 @@ pub fn input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> bool 
         if direct::applies(s) {
             let w_flip = s.flip_weights(w);
             if winograd::input_grad_applies(&t) {
-                winograd::forward(&t, dy, &w_flip, dx);
+                winograd::forward(&t, dy, &w_flip, dx, precision);
             } else {
                 direct::forward(&t, dy, &w_flip, dx);
             }
@@ -109,11 +137,11 @@ pub fn input_grad(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> bool 
             return true;
         }
         if winograd::input_grad_applies(&t) {
-            winograd::forward(&t, dy, &s.flip_weights(w), dx);
+            winograd::forward(&t, dy, &s.flip_weights(w), dx, precision);
             return true;
         }
     }
-    let _ = (s, w, dy, dx);
+    let _ = (s, w, dy, dx, precision);
     false
 }
 
@@ -134,7 +162,7 @@ mod tests {
             conv(2, 32, 7, 7, 8, 3, 1, 1),
         ];
         for (k, s) in shapes.iter().enumerate() {
-            im2col::assert_forward_matches_naive(s, 80 + k as u64, forward);
+            im2col::assert_forward_matches_naive(s, 80 + k as u64, |s, x, w, y| forward(s, x, w, y, Precision::F32));
         }
     }
 
@@ -157,7 +185,7 @@ mod tests {
             let w = normal_vec(s.w_len(), 1.0, 50 + k as u64);
             let dy = normal_vec(s.y_len(), 1.0, 60 + k as u64);
             let (mut dw, mut dx) = (vec![f32::NAN; w.len()], vec![f32::NAN; x.len()]);
-            backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx));
+            backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx), Precision::F32);
             let (mut dw_ref, mut dx_ref) = (vec![0.0; w.len()], vec![0.0; x.len()]);
             im2col::gemm_backward(&s, &x, &w, &dy, &mut dw_ref, Some(&mut dx_ref));
             for (name, got, want) in [("dw", &dw, &dw_ref), ("dx", &dx, &dx_ref)] {

@@ -7,7 +7,7 @@ pub mod cuda;
 
 use crate::autograd::{Saved, Tape};
 use crate::error::{Error, Result};
-use crate::kernel_args::{ConvShape, InputAffine};
+use crate::kernel_args::{ConvShape, InputAffine, Precision};
 use crate::tensor::{fmt_shape, Tensor};
 
 /// Stride and zero padding of a convolution (the same on both axes).
@@ -44,8 +44,15 @@ pub(crate) fn conv_shape(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Conv
     Ok(ConvShape { n, ci, h, w: wd, co, kh, kw, stride: p.stride, pad: p.pad })
 }
 
-/// Convolution of NCHW `x` by OIHW `w`.
-pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+/// Whether this CPU computes `Precision::Bf16` products (AVX512-BF16, not lowered by
+/// `MUSCLE_SIMD`).
+pub fn bf16_available() -> bool {
+    cpu::bf16_available()
+}
+
+/// Convolution of NCHW `x` by OIHW `w`, the products of its forward and backward in
+/// `precision` (bf16: the CPU's Winograd layers on AVX512-BF16; an error elsewhere).
+pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams, precision: Precision) -> Result<Tensor> {
     let s = conv_shape(x, w, p)?;
     // The direct count of a training step's share: forward, weight gradient, and the input
     // gradient when the input needs one (counted here, so both devices count the same).
@@ -53,6 +60,11 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
     crate::profile::add_flops(fwd * if x.requires_grad() { 3 } else { 2 });
     #[cfg(feature = "cuda")]
     if let Some(gpu) = crate::ops::gpu::on_gpu("conv2d", &[x, w])? {
+        if precision != Precision::F32 {
+            return Err(Error::usage(format!(
+                "conv2d {s:?}: --precision {precision} is the CPU's (AVX512-BF16); the GPU path computes in f32"
+            )));
+        }
         #[cfg(feature = "cudnn")]
         return cuda::conv2d(gpu, tape, x, w, s);
         #[cfg(not(feature = "cudnn"))]
@@ -62,9 +74,14 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
             gpu.info().ordinal
         )));
     }
+    if precision == Precision::Bf16 && !cpu::bf16_available() {
+        return Err(Error::usage(format!(
+            "conv2d {s:?}: --precision bf16 needs a CPU with AVX512-BF16 (and MUSCLE_SIMD unset); this one has none"
+        )));
+    }
     let _p = crate::profile::scope("conv2d.fwd");
     let mut y = crate::pool::take(s.y_len());
-    cpu::forward(&s, x.data()?, w.data()?, &mut y);
+    cpu::forward(&s, x.data()?, w.data()?, &mut y, precision);
     let out = Tensor::cpu(y, vec![s.n, s.co, s.ho(), s.wo()]);
     // A batch-normalised input is saved as its recipe and recomputed in the backward
     // (autograd::Saved), then freed before dX is allocated where the two gradients are separate
@@ -85,19 +102,19 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
                 Some(a) => {
                     let _p = crate::profile::scope("conv2d.bwd");
                     let affine = InputAffine { scale: &a.scale, shift: &a.shift, slope: a.slope };
-                    cpu::weight_grad_of_affine(&s, a.x.data()?, affine, dy, &mut dw)
+                    cpu::weight_grad_of_affine(&s, a.x.data()?, affine, dy, &mut dw, precision)
                 }
                 None => false,
             };
             if !read_through {
                 let xc = recompute()?;
                 let _p = crate::profile::scope("conv2d.bwd");
-                cpu::weight_grad(&s, xc.data()?, w, dy, &mut dw);
+                cpu::weight_grad(&s, xc.data()?, w, dy, &mut dw, precision);
             }
             let _p = crate::profile::scope("conv2d.bwd");
             if xr.requires_grad() {
                 let mut dx = crate::pool::take(s.x_len());
-                if !cpu::input_grad(&s, w, dy, &mut dx) {
+                if !cpu::input_grad(&s, w, dy, &mut dx, precision) {
                     return Err(Error::shape(format!("conv2d {s:?}: no separate input-gradient kernel")));
                 }
                 grads.add_to_ref(&xr, Tensor::cpu(dx, xr.shape().to_vec()))?;
@@ -106,7 +123,7 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Te
             let xc = recompute()?;
             let _p = crate::profile::scope("conv2d.bwd");
             let mut dx = xr.requires_grad().then(|| crate::pool::take(s.x_len()));
-            cpu::backward(&s, xc.data()?, w, dy, &mut dw, dx.as_deref_mut());
+            cpu::backward(&s, xc.data()?, w, dy, &mut dw, dx.as_deref_mut(), precision);
             if let Some(dx) = dx {
                 grads.add_to_ref(&xr, Tensor::cpu(dx, xr.shape().to_vec()))?;
             }
@@ -165,7 +182,7 @@ mod tests {
                 keep_whole(&mut a);
             }
             let probe = a.storage_probe();
-            let y = conv2d(&tape, &a, &w, p).expect("conv");
+            let y = conv2d(&tape, &a, &w, p, Precision::F32).expect("conv");
             let (b, _) = ops::batch_norm_train(&tape, &y, &gamma2, &beta2, 1e-5, Some(0.1)).expect("bn");
             let probe_b = b.storage_probe();
             let z = ops::max_pool2d(&tape, &b, 2).expect("pool");
