@@ -13,8 +13,9 @@
 //!   neighbouring tiles (`convert_rows`: 32 tiles per vector).
 //!
 //! The sums' order is fixed by the shape, as in f32: results depend neither on the thread count
-//! nor on the run. They are not the f32 path's bits, and bitwise agreement with another CPU's
-//! `vdpbf16ps` (whose intermediate rounding Intel and AMD document differently) is not claimed.
+//! nor on the run. They are not the f32 path's bits, and bitwise agreement across CPU models is
+//! not claimed: how `vdpbf16ps` rounds within a pair is the hardware's (the tests hold the sums
+//! to f64 sums of the same rounded operands, to the f32 sums' rounding).
 
 use std::arch::x86_64::*;
 
