@@ -66,6 +66,7 @@ fn bf16_precision_is_refused_without_avx512_bf16_and_reproducible_with_it() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--precision bf16") && err.contains("AVX512-BF16") && !err.contains("panicked"), "{err}");
     expect_error(&["train", "--precision", "bf16", "--device", "cuda", "--steps", "1"], 2, "--precision bf16");
+    expect_error(&["bench", "--op", "conv", "--precision", "bf16", "--device", "cuda"], 2, "--precision bf16");
     // `muscle info` says whether this CPU takes it (and not when MUSCLE_SIMD lowers the level).
     let info = |simd: Option<&str>| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_muscle"));

@@ -86,12 +86,20 @@ pub fn command(a: &BenchArgs) -> Result<()> {
             model: a.model.clone(),
             precision: a.precision.parse()?,
         };
-        if b.precision == crate::kernel_args::Precision::Bf16 && !crate::ops::conv::bf16_available() {
-            return Err(Error::usage(
-                "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD lowered the level)",
-            ));
+        let device: Device = a.device.parse()?;
+        if b.precision == crate::kernel_args::Precision::Bf16 {
+            if device != Device::Cpu {
+                return Err(Error::usage(format!(
+                    "--precision bf16: the CPU's (AVX512-BF16) products; on --device {device} the kernels compute in f32"
+                )));
+            }
+            if !crate::ops::conv::bf16_available() {
+                return Err(Error::usage(
+                    "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD lowered the level)",
+                ));
+            }
         }
-        return op_command(&b, a.device.parse()?, a.threads, a.json);
+        return op_command(&b, device, a.threads, a.json);
     }
     let cfg = TrainConfig {
         model: a.model.parse()?,
