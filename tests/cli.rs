@@ -67,6 +67,7 @@ fn bf16_precision_is_refused_without_avx512_bf16_and_reproducible_with_it() {
     assert!(err.contains("--precision bf16") && err.contains("AVX512-BF16") && !err.contains("panicked"), "{err}");
     expect_error(&["train", "--precision", "bf16", "--device", "cuda", "--steps", "1"], 2, "--precision bf16");
     expect_error(&["bench", "--op", "conv", "--precision", "bf16", "--device", "cuda"], 2, "--precision bf16");
+    expect_error(&["bench", "--op", "mi", "--precision", "bf16"], 2, "--op mi");
     // `muscle info` says whether this CPU takes it (and not when MUSCLE_SIMD lowers the level).
     let info = |simd: Option<&str>| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_muscle"));
@@ -78,7 +79,7 @@ fn bf16_precision_is_refused_without_avx512_bf16_and_reproducible_with_it() {
         assert!(o.status.success(), "{}", stderr(&o));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert!(info(Some("avx2")).contains("--precision bf16: not on this CPU"), "{}", info(Some("avx2")));
+    assert!(info(Some("avx2")).contains("--precision bf16: not here"), "{}", info(Some("avx2")));
     assert_eq!(info(None).contains("--precision bf16: available"), muscle::ops::conv::bf16_available());
     if !muscle::ops::conv::bf16_available() {
         eprintln!("skipped (the bf16 runs): this CPU has no AVX512-BF16");

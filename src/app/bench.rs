@@ -93,9 +93,14 @@ pub fn command(a: &BenchArgs) -> Result<()> {
                     "--precision bf16: the CPU's (AVX512-BF16) products; on --device {device} the kernels compute in f32"
                 )));
             }
+            if b.op != bench_op::Op::Conv {
+                return Err(Error::usage(format!(
+                    "--precision bf16: --op {op} has no bf16 products (--op conv and the training steps have)"
+                )));
+            }
             if !crate::ops::conv::bf16_available() {
                 return Err(Error::usage(
-                    "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD lowered the level)",
+                    "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD / MUSCLE_CONV turned it off)",
                 ));
             }
         }
@@ -286,6 +291,7 @@ impl StepRunner {
     pub fn new(cfg: &TrainConfig) -> Result<StepRunner> {
         cfg.validate()?;
         cfg.device.check_available()?;
+        cfg.check_precision_available()?;
         crate::cpu::set_threads(cfg.threads())?;
         let (train, synthetic) = match cfg.model {
             ModelKind::ConvNet { .. } => (data::embedded()?.train, false),

@@ -17,7 +17,11 @@ pub fn command() -> Result<()> {
         crate::cpu::simd::Level::Avx2 => "AVX2 + FMA",
         crate::cpu::simd::Level::Baseline => "baseline (no AVX2)",
     };
-    let bf16 = if crate::ops::conv::bf16_available() { "available" } else { "not on this CPU (no AVX512-BF16)" };
+    let bf16 = if crate::ops::conv::bf16_available() {
+        "available"
+    } else {
+        "not here (no AVX512-BF16, or MUSCLE_SIMD / MUSCLE_CONV turned it off)"
+    };
     println!("cpu kernels: {simd}; --precision bf16: {bf16}");
     #[cfg(feature = "cuda")]
     match crate::cuda::device::probe() {

@@ -77,6 +77,13 @@ fn mode() -> Mode {
     })
 }
 
+/// Whether `Precision::Bf16` runs here: AVX512-BF16 (`bf16::available`) and Winograd on (not
+/// `MUSCLE_CONV=gemm` or `direct`; with `winograd-dx` or `winograd-nodw` the passes that stay
+/// Winograd's take it).
+pub fn bf16_runs() -> bool {
+    mode() != Mode::Off && bf16::available()
+}
+
 /// Whether this forward runs here: by default on AVX-512 and AVX2 machines (not with
 /// `MUSCLE_CONV=winograd-dx`), for shapes that `fit`.
 pub fn forward_applies(s: &ConvShape) -> bool {

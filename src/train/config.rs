@@ -467,18 +467,23 @@ impl TrainConfig {
         if let ModelKind::ConvNet { width: 0 } = self.model_kind() {
             return Err(Error::usage("--width: must be positive"));
         }
-        if self.precision == Precision::Bf16 {
-            if self.device != Device::Cpu {
-                return Err(Error::usage(format!(
-                    "--precision bf16: the CPU's (AVX512-BF16) products; on --device {} the step computes in f32",
-                    self.device
-                )));
-            }
-            if !crate::ops::conv::bf16_available() {
-                return Err(Error::usage(
-                    "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD lowered the level); use f32",
-                ));
-            }
+        if self.precision == Precision::Bf16 && self.device != Device::Cpu {
+            return Err(Error::usage(format!(
+                "--precision bf16: the CPU's (AVX512-BF16) products; on --device {} the step computes in f32",
+                self.device
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this machine runs the precision asked for (bf16: AVX512-BF16 and Winograd on): a
+    /// fact of the machine, not of the options, so it is checked where a run starts, not by
+    /// `validate` (which reading an old run's config.json on another machine also calls).
+    pub fn check_precision_available(&self) -> Result<()> {
+        if self.precision == Precision::Bf16 && !crate::ops::conv::bf16_available() {
+            return Err(Error::usage(
+                "--precision bf16: this CPU has no AVX512-BF16 (or MUSCLE_SIMD / MUSCLE_CONV turned it off); use f32",
+            ));
         }
         Ok(())
     }
@@ -580,6 +585,27 @@ mod tests {
         for bad in [0.0, -0.1, 1.01, f32::NAN] {
             assert!(tau(bad).is_err_and(|m| m.starts_with("--tau")), "tau {bad}");
         }
+    }
+
+    /// Options are valid or not on every machine alike: a bf16 run's config.json loads (for
+    /// sweep tables, `eval`, a look) on a CPU without AVX512-BF16, and only starting a run there
+    /// is refused, as a usage error naming the option.
+    #[test]
+    fn bf16_options_are_valid_anywhere_and_refused_only_where_a_run_starts() {
+        let cfg = TrainConfig { precision: Precision::Bf16, ..TrainConfig::default() };
+        cfg.validate().expect("bf16 options are valid options");
+        let dir = std::env::temp_dir().join(format!("muscle-config-bf16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("config.json");
+        std::fs::write(&path, cfg.to_json().expect("json")).expect("write");
+        assert_eq!(TrainConfig::load(&path).expect("load").precision, Precision::Bf16);
+        let _ = std::fs::remove_dir_all(&dir);
+        match cfg.check_precision_available() {
+            Ok(()) => assert!(crate::ops::conv::bf16_available()),
+            Err(e) => assert!(!crate::ops::conv::bf16_available() && e.message().contains("--precision bf16"), "{e}"),
+        }
+        let gpu = TrainConfig { device: Device::Cuda(0), ..cfg };
+        assert!(gpu.validate().is_err_and(|e| e.message().contains("--precision bf16")));
     }
 
     #[test]

@@ -282,6 +282,7 @@ fn run(
     cfg.device = cfg.device.for_local_rank(world.local_rank());
     let cfg = &cfg;
     cfg.device.check_available()?;
+    cfg.check_precision_available()?;
     crate::cpu::set_threads(cfg.threads())?;
     let TrainTest { train, test } = load_data(cfg)?;
     let split = data::split(&train, cfg.labels, cfg.val, cfg.label_imbalance, cfg.split_seed())?;

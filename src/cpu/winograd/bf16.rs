@@ -28,7 +28,8 @@ pub fn available() -> bool {
     })
 }
 
-/// `x` rounded to bf16, to nearest even (what `vcvtne2ps2bf16` does; NaNs stay NaN).
+/// `x` rounded to bf16, to nearest even, NaNs kept (what `vcvtne2ps2bf16` does to normal values;
+/// the instruction flushes subnormal inputs to zero, as `vdpbf16ps` does its operands).
 pub fn round(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }

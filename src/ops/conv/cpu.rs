@@ -27,10 +27,10 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32], precision: Pr
 }
 
 /// Whether this CPU computes bf16 products (`Precision::Bf16`): AVX512-BF16, not lowered by
-/// `MUSCLE_SIMD`.
+/// `MUSCLE_SIMD`, and Winograd not turned off by `MUSCLE_CONV`.
 pub fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return winograd::bf16::available();
+    return winograd::bf16_runs();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }

@@ -45,7 +45,7 @@ pub(crate) fn conv_shape(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Conv
 }
 
 /// Whether this CPU computes `Precision::Bf16` products (AVX512-BF16, not lowered by
-/// `MUSCLE_SIMD`).
+/// `MUSCLE_SIMD`; Winograd not turned off by `MUSCLE_CONV`).
 pub fn bf16_available() -> bool {
     cpu::bf16_available()
 }
@@ -76,7 +76,7 @@ pub fn conv2d(tape: &Tape, x: &Tensor, w: &Tensor, p: Conv2dParams, precision: P
     }
     if precision == Precision::Bf16 && !cpu::bf16_available() {
         return Err(Error::usage(format!(
-            "conv2d {s:?}: --precision bf16 needs a CPU with AVX512-BF16 (and MUSCLE_SIMD unset); this one has none"
+            "conv2d {s:?}: --precision bf16 needs a CPU with AVX512-BF16 (and MUSCLE_SIMD, MUSCLE_CONV unset)"
         )));
     }
     let _p = crate::profile::scope("conv2d.fwd");
