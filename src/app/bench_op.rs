@@ -280,6 +280,12 @@ pub(crate) fn convnet_shapes(n: usize) -> Vec<ConvShape> {
 mod tests {
     use super::*;
 
+    /// `--op mi` at `rows` x `classes`, timed `reps` times.
+    fn mi_bench(rows: usize, classes: usize, reps: usize) -> OpBench {
+        let (mnk, batch, model, precision) = ((1, 1, 1), 1, "convnet".into(), Default::default());
+        OpBench { op: Op::Mi, rows, classes, mnk, batch, reps, model, precision }
+    }
+
     #[test]
     fn convnet_shapes_follow_the_plan() {
         let s = convnet_shapes(4);
@@ -310,16 +316,7 @@ mod tests {
 
     #[test]
     fn wide_mi_is_held_against_the_gemm_crate_doing_its_products() {
-        let b = OpBench {
-            op: Op::Mi,
-            rows: 256,
-            classes: 24,
-            mnk: (1, 1, 1),
-            batch: 1,
-            reps: 1,
-            model: "convnet".into(),
-            precision: Default::default(),
-        };
+        let b = mi_bench(256, 24, 1);
         let names = |b: &OpBench| match run(b) {
             Ok(cases) => cases.into_iter().map(|c| c.case).collect::<Vec<_>>(),
             Err(e) => panic!("--op mi: {e}"),
@@ -333,16 +330,7 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_usage_errors() {
-        let b = OpBench {
-            op: Op::Mi,
-            rows: 0,
-            classes: 10,
-            mnk: (1, 1, 1),
-            batch: 1,
-            reps: 1,
-            model: "convnet".into(),
-            precision: Default::default(),
-        };
+        let b = mi_bench(0, 10, 1);
         assert!(run(&b).is_err_and(|e| e.to_string().contains("--rows")));
         let b = OpBench { op: Op::Mi, rows: 4, classes: 1, ..b };
         assert!(run(&b).is_err_and(|e| e.to_string().contains("--classes")));
@@ -351,16 +339,7 @@ mod tests {
 
     #[test]
     fn mi_case_reports_consistent_floor() -> Result<()> {
-        let b = OpBench {
-            op: Op::Mi,
-            rows: 4096,
-            classes: 10,
-            mnk: (1, 1, 1),
-            batch: 1,
-            reps: 2,
-            model: "convnet".into(),
-            precision: Default::default(),
-        };
+        let b = mi_bench(4096, 10, 2);
         let r = run(&b)?;
         assert_eq!(r.len(), 2);
         for case in &r {
